@@ -1,0 +1,21 @@
+//! Compiles the contract with protox, so no system `protoc` is needed, and
+//! keeps the file descriptor set for gRPC server reflection.
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/bucket/v1/bucket.proto";
+    println!("cargo:rerun-if-changed={proto}");
+
+    let fds = protox::compile([proto], ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("bucket_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! The application: what every front door calls.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::config::{Config, DeliveryConfig};
+use crate::delivery::{ConsumerInfo, Delivery, Dispatcher, SubscribeOptions, Subscription};
+use crate::domain::packet::{MAX_RAW_SIGNALS_BYTES, MAX_STRING_BYTES, parse_uuid};
+use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, json};
+use crate::error::Error;
+use crate::queue::Queue;
+use crate::store::{Counts, Inserted, Mark, MarkOutcome, Store, StoredPacket, UserQuery};
+
+pub const MAX_LEASE_SECONDS: u32 = 3600;
+pub const MAX_IN_FLIGHT: u32 = 10_000;
+pub const DEFAULT_USER_LIMIT: u32 = 50;
+pub const MAX_USER_LIMIT: u32 = 500;
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+
+pub struct Bucket {
+    store: Store,
+    queue: Arc<dyn Queue>,
+    dispatcher: Arc<Dispatcher>,
+    delivery: DeliveryConfig,
+    max_batch: usize,
+}
+
+/// What MarkProcessed did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marked {
+    pub packet_id: Uuid,
+    pub success: bool,
+    pub already_processed: bool,
+}
+
+/// A page of one user's packets, newest first.
+#[derive(Debug, Clone)]
+pub struct UserPage {
+    pub packets: Vec<StoredPacket>,
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatusReport {
+    pub queue_size: u64,
+    pub redis_connected: bool,
+    pub counts: Counts,
+    pub consumers: Vec<ConsumerInfo>,
+}
+
+impl Bucket {
+    pub fn new(
+        store: Store,
+        queue: Arc<dyn Queue>,
+        dispatcher: Arc<Dispatcher>,
+        config: &Config,
+    ) -> Self {
+        Bucket {
+            store,
+            queue,
+            dispatcher,
+            delivery: config.delivery.clone(),
+            max_batch: config.max_batch,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stores one packet; answers only once it is committed.
+    pub async fn ingest(&self, draft: PacketDraft) -> Result<Inserted, Error> {
+        let started = Instant::now();
+        let packet = parse(draft)?;
+        let receipt = self.store.insert(packet).await?;
+        if receipt.created {
+            self.dispatcher.requeue(&[receipt.packet_id]).await;
+        }
+        metrics::counter!("bucket_packets_ingested_total").increment(1);
+        metrics::histogram!("bucket_ingest_seconds").record(started.elapsed().as_secs_f64());
+        Ok(receipt)
+    }
+
+    /// Stores the valid packets of a batch; every item gets its own answer.
+    pub async fn ingest_batch(
+        &self,
+        drafts: Vec<PacketDraft>,
+    ) -> Result<Vec<Result<Inserted, Error>>, Error> {
+        if drafts.len() > self.max_batch {
+            return Err(Error::invalid(
+                "packets",
+                format!(
+                    "a batch holds at most {} packets, got {}",
+                    self.max_batch,
+                    drafts.len()
+                ),
+            ));
+        }
+        let started = Instant::now();
+        let mut results: Vec<Option<Result<Inserted, Error>>> = Vec::with_capacity(drafts.len());
+        let mut valid = Vec::new();
+        let mut valid_at = Vec::new();
+        for (i, draft) in drafts.into_iter().enumerate() {
+            match parse(draft) {
+                Ok(packet) => {
+                    valid.push(packet);
+                    valid_at.push(i);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let stored = self.store.insert_many(valid).await;
+        let mut created = Vec::new();
+        for (i, result) in valid_at.into_iter().zip(stored) {
+            if let Ok(receipt) = &result {
+                if receipt.created {
+                    created.push(receipt.packet_id);
+                }
+                metrics::counter!("bucket_packets_ingested_total").increment(1);
+            }
+            results[i] = Some(result.map_err(Error::from));
+        }
+        self.dispatcher.requeue(&created).await;
+        metrics::histogram!("bucket_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect())
+    }
+
+    /// Subscribes to pending packets. Zero means "the default".
+    pub fn subscribe(
+        &self,
+        consumer: &str,
+        max_in_flight: u32,
+        lease_seconds: u32,
+    ) -> Result<Subscription, Error> {
+        let mut violations = Vec::new();
+        if consumer.len() > MAX_STRING_BYTES {
+            violations.push(FieldViolation::new(
+                "consumer",
+                format!("consumer is over {MAX_STRING_BYTES} bytes"),
+            ));
+        }
+        if max_in_flight > MAX_IN_FLIGHT {
+            violations.push(FieldViolation::new(
+                "max_in_flight",
+                format!("max_in_flight must be at most {MAX_IN_FLIGHT}, got {max_in_flight}"),
+            ));
+        }
+        let lease = self.lease_seconds("lease_seconds", lease_seconds, &mut violations);
+        if !violations.is_empty() {
+            return Err(Error::InvalidInput(violations));
+        }
+        let consumer = if consumer.is_empty() { "anonymous" } else { consumer };
+        Ok(self.dispatcher.subscribe(SubscribeOptions {
+            consumer: consumer.to_owned(),
+            max_in_flight: or_default(max_in_flight, self.delivery.max_in_flight),
+            lease,
+        }))
+    }
+
+    /// Leases up to `limit` pending packets now (the JSON gateway's poll).
+    pub async fn lease_pending(&self, limit: u32, lease_seconds: u32) -> Result<Vec<Delivery>, Error> {
+        let mut violations = Vec::new();
+        let lease = self.lease_seconds("lease_seconds", lease_seconds, &mut violations);
+        if !violations.is_empty() {
+            return Err(Error::InvalidInput(violations));
+        }
+        self.dispatcher.lease_now(limit as usize, lease).await
+    }
+
+    fn lease_seconds(
+        &self,
+        field: &str,
+        seconds: u32,
+        violations: &mut Vec<FieldViolation>,
+    ) -> Duration {
+        if seconds > MAX_LEASE_SECONDS {
+            violations.push(FieldViolation::new(
+                field,
+                format!("{field} must be at most {MAX_LEASE_SECONDS}, got {seconds}"),
+            ));
+        }
+        Duration::from_secs(u64::from(or_default(seconds, self.delivery.lease_seconds).max(1)))
+    }
+
+    pub async fn mark_processed(
+        &self,
+        packet_id: &str,
+        success: bool,
+        karma_actions: Vec<Value>,
+        error_message: Option<String>,
+    ) -> Result<Marked, Error> {
+        let mut violations = Vec::new();
+        let id = parse_uuid(packet_id)
+            .map_err(|why| violations.push(FieldViolation::new("packet_id", why)))
+            .ok();
+        let actions_len = json::encoded_len(&Value::Array(karma_actions.clone()));
+        if actions_len > MAX_RAW_SIGNALS_BYTES {
+            violations.push(FieldViolation::new(
+                "karma_actions",
+                format!("karma_actions is {actions_len} bytes encoded, over {MAX_RAW_SIGNALS_BYTES}"),
+            ));
+        }
+        let error_message = error_message.filter(|m| !m.is_empty());
+        if error_message
+            .as_ref()
+            .is_some_and(|m| m.len() > MAX_ERROR_MESSAGE_BYTES)
+        {
+            violations.push(FieldViolation::new(
+                "error_message",
+                format!("error_message is over {MAX_ERROR_MESSAGE_BYTES} bytes"),
+            ));
+        }
+        let Some(packet_id) = id.filter(|_| violations.is_empty()) else {
+            return Err(Error::InvalidInput(violations));
+        };
+        let outcome = self
+            .store
+            .mark(Mark {
+                packet_id,
+                success,
+                karma_actions,
+                error_message,
+                at: Utc::now(),
+            })
+            .await?;
+        match outcome {
+            MarkOutcome::NotFound => Err(Error::NotFound(format!("packet {packet_id}"))),
+            MarkOutcome::AlreadyProcessed => Ok(Marked {
+                packet_id,
+                success,
+                already_processed: true,
+            }),
+            MarkOutcome::Applied { lease_owner } => {
+                if let Some(owner) = lease_owner {
+                    self.dispatcher.settled(&owner, packet_id);
+                }
+                let label = if success { "processed" } else { "failed" };
+                metrics::counter!("bucket_packets_marked_total", "outcome" => label).increment(1);
+                Ok(Marked {
+                    packet_id,
+                    success,
+                    already_processed: false,
+                })
+            }
+        }
+    }
+
+    pub async fn user_packets(
+        &self,
+        user_id: &str,
+        limit: u32,
+        status: Option<DeliveryStatus>,
+        page_token: &str,
+    ) -> Result<UserPage, Error> {
+        let mut violations = Vec::new();
+        if user_id.is_empty() || user_id.len() > MAX_STRING_BYTES {
+            violations.push(FieldViolation::new(
+                "user_id",
+                format!("user_id must be 1 to {MAX_STRING_BYTES} bytes"),
+            ));
+        }
+        if limit > MAX_USER_LIMIT {
+            violations.push(FieldViolation::new(
+                "limit",
+                format!("limit must be at most {MAX_USER_LIMIT}, got {limit}"),
+            ));
+        }
+        let before_seq = match page_token {
+            "" => None,
+            token => match token.parse::<i64>() {
+                Ok(seq) if seq > 0 => Some(seq),
+                _ => {
+                    violations.push(FieldViolation::new(
+                        "page_token",
+                        "page_token is not one this server gave",
+                    ));
+                    None
+                }
+            },
+        };
+        if !violations.is_empty() {
+            return Err(Error::InvalidInput(violations));
+        }
+        let limit = or_default(limit, DEFAULT_USER_LIMIT);
+        // One extra row tells whether another page follows.
+        let mut packets = self
+            .store
+            .user_packets(&UserQuery {
+                user_id: user_id.to_owned(),
+                status,
+                limit: limit + 1,
+                before_seq,
+            })
+            .await?;
+        let next_page_token = if packets.len() > limit as usize {
+            packets.truncate(limit as usize);
+            packets.last().map(|p| p.seq.to_string())
+        } else {
+            None
+        };
+        Ok(UserPage {
+            packets,
+            next_page_token,
+        })
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, Error> {
+        let counts = self.store.counts().await?;
+        let queue_size = self.queue.len().await.unwrap_or(0);
+        Ok(StatusReport {
+            queue_size,
+            redis_connected: self.queue.redis_connected(),
+            counts,
+            consumers: self.dispatcher.consumers(),
+        })
+    }
+}
+
+fn parse(draft: PacketDraft) -> Result<Packet, Error> {
+    Packet::parse(draft, Utc::now()).map_err(|violations| {
+        for v in &violations {
+            metrics::counter!("bucket_packets_rejected_total", "field" => v.field.clone())
+                .increment(1);
+        }
+        Error::InvalidInput(violations)
+    })
+}
+
+fn or_default(value: u32, default: u32) -> u32 {
+    if value == 0 { default } else { value }
+}

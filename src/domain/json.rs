@@ -1,0 +1,47 @@
+//! JSON limits shared by the front doors: how deep and how large a value is.
+
+/// Nesting depth: a scalar is 0, `{}` is 1, `{"a": {}}` is 2.
+pub fn depth(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Bytes of the compact JSON encoding.
+pub fn encoded_len(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a Value to a counter cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn depth_counts_containers() {
+        assert_eq!(depth(&json!(1)), 0);
+        assert_eq!(depth(&json!({})), 1);
+        assert_eq!(depth(&json!({"a": [{"b": 1}]})), 3);
+    }
+
+    #[test]
+    fn encoded_len_matches_to_string() {
+        let v = json!({"dwell_time_ms": 1200, "s": "é"});
+        assert_eq!(encoded_len(&v), v.to_string().len());
+    }
+}

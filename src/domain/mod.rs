@@ -1,0 +1,7 @@
+//! Types that can only hold valid values.
+pub mod delivery;
+pub mod json;
+pub mod packet;
+
+pub use delivery::DeliveryStatus;
+pub use packet::{FieldViolation, Packet, PacketDraft};

@@ -1,0 +1,42 @@
+//! The application's one error type. It reaches the wire through exactly two
+//! mappings: `From<Error> for tonic::Status` (grpc/status.rs) and
+//! `IntoResponse for Error` (http/error.rs).
+use crate::domain::FieldViolation;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller sent something invalid; every violated field is named.
+    #[error("invalid input: {}", summary(.0))]
+    InvalidInput(Vec<FieldViolation>),
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Storage (or another dependency) cannot serve now; retrying may work.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: &str, description: impl Into<String>) -> Self {
+        Error::InvalidInput(vec![FieldViolation::new(field, description)])
+    }
+}
+
+fn summary(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| v.description.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(msg) => Error::Unavailable(msg),
+            StoreError::Internal(msg) => Error::Internal(msg),
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Proto messages to and from the domain.
+use crate::bucket::StatusReport;
+use crate::delivery::{ConsumerInfo, Delivery};
+use crate::domain::packet::TimestampInput;
+use crate::domain::{DeliveryStatus, FieldViolation, PacketDraft};
+use crate::error::Error;
+use crate::proto::bucket::v1 as pb;
+use crate::proto::{action_to_struct, from_timestamp, json_to_struct, struct_to_json, timestamp};
+use crate::store::{Inserted, StoredPacket};
+use serde_json::Value;
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+pub fn draft(p: pb::PacketInput) -> PacketDraft {
+    let system_type = match pb::SystemType::try_from(p.system_type) {
+        Ok(pb::SystemType::Unspecified) => None,
+        Ok(pb::SystemType::Gurukul) => Some("gurukul".to_owned()),
+        Ok(pb::SystemType::Ems) => Some("ems".to_owned()),
+        Err(_) => Some(p.system_type.to_string()),
+    };
+    let role = match pb::Role::try_from(p.role) {
+        Ok(pb::Role::Unspecified) => None,
+        Ok(pb::Role::Student) => Some("student".to_owned()),
+        Ok(pb::Role::Employee) => Some("employee".to_owned()),
+        Err(_) => Some(p.role.to_string()),
+    };
+    PacketDraft {
+        packet_id: non_empty(p.packet_id),
+        user_id: non_empty(p.user_id),
+        employee_id: non_empty(p.employee_id),
+        session_id: non_empty(p.session_id),
+        lesson_id: non_empty(p.lesson_id),
+        system_type,
+        role,
+        timestamp: p.timestamp.map(|ts| match from_timestamp(&ts) {
+            Ok(at) => TimestampInput::At(at),
+            Err(why) => TimestampInput::Invalid(why),
+        }),
+        cognitive_state: non_empty(p.cognitive_state),
+        state: non_empty(p.state),
+        active_seconds: Some(p.active_seconds),
+        idle_seconds: Some(p.idle_seconds),
+        away_seconds: Some(p.away_seconds),
+        focus_score: p.focus_score,
+        integrity_score: p.integrity_score,
+        raw_signals: p.raw_signals.map(|s| Value::Object(struct_to_json(s))),
+    }
+}
+
+/// Names violated fields by their path in the request, e.g. `packet.focus_score`.
+pub fn prefixed(e: Error, prefix: &str) -> Error {
+    match e {
+        Error::InvalidInput(vs) => Error::InvalidInput(
+            vs.into_iter()
+                .map(|v| FieldViolation::new(format!("{prefix}{}", v.field), v.description))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+pub fn receipt(r: Inserted) -> pb::IngestResponse {
+    pb::IngestResponse {
+        status: "ingested".to_owned(),
+        packet_id: r.packet_id.to_string(),
+        received_at: Some(timestamp(r.received_at)),
+        created: r.created,
+    }
+}
+
+pub fn ingest_error(e: &Error) -> pb::IngestError {
+    pb::IngestError {
+        code: super::code_of(e) as i32,
+        message: e.to_string(),
+        field_violations: match e {
+            Error::InvalidInput(vs) => vs
+                .iter()
+                .map(|v| pb::FieldViolation {
+                    field: v.field.clone(),
+                    description: v.description.clone(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
+    }
+}
+
+pub fn status_to_pb(s: DeliveryStatus) -> pb::PacketStatus {
+    match s {
+        DeliveryStatus::Pending => pb::PacketStatus::Pending,
+        DeliveryStatus::Leased => pb::PacketStatus::Leased,
+        DeliveryStatus::Processed => pb::PacketStatus::Processed,
+        DeliveryStatus::Failed => pb::PacketStatus::Failed,
+        DeliveryStatus::DeadLetter => pb::PacketStatus::DeadLetter,
+    }
+}
+
+/// A status filter: unspecified is every status.
+pub fn status_filter(raw: i32) -> Result<Option<DeliveryStatus>, Error> {
+    match pb::PacketStatus::try_from(raw) {
+        Ok(pb::PacketStatus::Unspecified) => Ok(None),
+        Ok(pb::PacketStatus::Pending) => Ok(Some(DeliveryStatus::Pending)),
+        Ok(pb::PacketStatus::Leased) => Ok(Some(DeliveryStatus::Leased)),
+        Ok(pb::PacketStatus::Processed) => Ok(Some(DeliveryStatus::Processed)),
+        Ok(pb::PacketStatus::Failed) => Ok(Some(DeliveryStatus::Failed)),
+        Ok(pb::PacketStatus::DeadLetter) => Ok(Some(DeliveryStatus::DeadLetter)),
+        Err(_) => Err(Error::invalid(
+            "status_filter",
+            format!("{raw} is not a PacketStatus"),
+        )),
+    }
+}
+
+pub fn packet(s: StoredPacket) -> pb::Packet {
+    let p = s.packet;
+    let system_type = match p.system_type.as_deref() {
+        Some("gurukul") => pb::SystemType::Gurukul,
+        Some("ems") => pb::SystemType::Ems,
+        _ => pb::SystemType::Unspecified,
+    };
+    let role = match p.role.as_deref() {
+        Some("student") => pb::Role::Student,
+        Some("employee") => pb::Role::Employee,
+        _ => pb::Role::Unspecified,
+    };
+    pb::Packet {
+        packet_id: p.packet_id.to_string(),
+        user_id: p.user_id,
+        employee_id: p.employee_id.unwrap_or_default(),
+        session_id: p.session_id.unwrap_or_default(),
+        lesson_id: p.lesson_id.unwrap_or_default(),
+        system_type: system_type as i32,
+        role: role as i32,
+        client_timestamp: Some(timestamp(p.client_timestamp)),
+        cognitive_state: p.cognitive_state,
+        state: p.state.unwrap_or_default(),
+        active_seconds: p.active_seconds,
+        idle_seconds: p.idle_seconds,
+        away_seconds: p.away_seconds,
+        focus_score: p.focus_score,
+        integrity_score: p.integrity_score,
+        raw_signals: Some(json_to_struct(&p.raw_signals)),
+        received_at: Some(timestamp(s.received_at)),
+        status: status_to_pb(s.status) as i32,
+        delivery_attempts: s.delivery_attempts,
+        processed_at: s.processed_at.map(timestamp),
+        processed_by_karma: s.processed_by_karma,
+        karma_actions: s.karma_actions.iter().map(action_to_struct).collect(),
+        error_message: s.error_message.unwrap_or_default(),
+    }
+}
+
+pub fn delivery(d: Delivery) -> pb::StreamPendingResponse {
+    pb::StreamPendingResponse {
+        delivery_attempt: d.attempt(),
+        lease_expires_at: Some(timestamp(d.lease_expires_at)),
+        packet: Some(packet(d.stored)),
+    }
+}
+
+fn consumer(c: ConsumerInfo) -> pb::ConsumerInfo {
+    pb::ConsumerInfo {
+        consumer: c.consumer,
+        in_flight: c.in_flight,
+        max_in_flight: c.max_in_flight,
+        connected_at: Some(timestamp(c.connected_at)),
+    }
+}
+
+pub fn status(s: StatusReport) -> pb::StatusResponse {
+    pb::StatusResponse {
+        queue_size: s.queue_size,
+        redis_connected: s.redis_connected,
+        model_available: false,
+        total_packets: s.counts.total(),
+        processed_packets: s.counts.processed,
+        pending_packets: s.counts.pending,
+        leased_packets: s.counts.leased,
+        failed_packets: s.counts.failed,
+        dead_letter_packets: s.counts.dead_letter,
+        consumers: s.consumers.into_iter().map(consumer).collect(),
+    }
+}

@@ -1,0 +1,7 @@
+//! The gRPC front door (also served as gRPC-web): translate only.
+mod convert;
+mod service;
+mod status;
+
+pub use service::BucketGrpc;
+pub use status::code_of;

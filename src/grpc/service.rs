@@ -1,0 +1,142 @@
+//! BucketService: parse the request, call the application, map the answer.
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use serde_json::Value;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::bucket::Bucket;
+use crate::error::Error;
+use crate::proto::bucket::v1 as pb;
+use crate::proto::bucket::v1::bucket_service_server::BucketService;
+use crate::proto::struct_to_json;
+
+pub struct BucketGrpc {
+    bucket: Arc<Bucket>,
+}
+
+impl BucketGrpc {
+    pub fn new(bucket: Arc<Bucket>) -> Self {
+        Self { bucket }
+    }
+}
+
+type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::StreamPendingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl BucketService for BucketGrpc {
+    async fn ingest(
+        &self,
+        request: Request<pb::IngestRequest>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        let packet = request
+            .into_inner()
+            .packet
+            .ok_or_else(|| Error::invalid("packet", "packet is required"))?;
+        let receipt = self
+            .bucket
+            .ingest(convert::draft(packet))
+            .await
+            .map_err(|e| convert::prefixed(e, "packet."))?;
+        Ok(Response::new(convert::receipt(receipt)))
+    }
+
+    async fn ingest_batch(
+        &self,
+        request: Request<pb::IngestBatchRequest>,
+    ) -> Result<Response<pb::IngestBatchResponse>, Status> {
+        let drafts = request
+            .into_inner()
+            .packets
+            .into_iter()
+            .map(convert::draft)
+            .collect();
+        let results = self.bucket.ingest_batch(drafts).await?;
+        let mut response = pb::IngestBatchResponse::default();
+        for (index, result) in results.into_iter().enumerate() {
+            let outcome = match result {
+                Ok(receipt) => {
+                    response.ingested += 1;
+                    pb::ingest_batch_result::Outcome::Ingested(convert::receipt(receipt))
+                }
+                Err(e) => {
+                    response.rejected += 1;
+                    pb::ingest_batch_result::Outcome::Error(convert::ingest_error(&e))
+                }
+            };
+            response.results.push(pb::IngestBatchResult {
+                index: index as u32,
+                outcome: Some(outcome),
+            });
+        }
+        Ok(Response::new(response))
+    }
+
+    type StreamPendingStream = DeliveryStream;
+
+    async fn stream_pending(
+        &self,
+        request: Request<pb::StreamPendingRequest>,
+    ) -> Result<Response<Self::StreamPendingStream>, Status> {
+        let req = request.into_inner();
+        let subscription =
+            self.bucket
+                .subscribe(&req.consumer, req.max_in_flight, req.lease_seconds)?;
+        let stream = ReceiverStream::new(subscription)
+            .map(|item| item.map(convert::delivery).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn mark_processed(
+        &self,
+        request: Request<pb::MarkProcessedRequest>,
+    ) -> Result<Response<pb::MarkProcessedResponse>, Status> {
+        let req = request.into_inner();
+        let actions = req
+            .karma_actions
+            .into_iter()
+            .map(|s| Value::Object(struct_to_json(s)))
+            .collect();
+        let marked = self
+            .bucket
+            .mark_processed(&req.packet_id, req.success, actions, Some(req.error_message))
+            .await?;
+        let message = match (marked.already_processed, marked.success) {
+            (true, _) => "Packet already processed",
+            (false, true) => "Packet marked as processed",
+            (false, false) => "Packet marked as failed",
+        };
+        Ok(Response::new(pb::MarkProcessedResponse {
+            status: "ok".to_owned(),
+            message: message.to_owned(),
+            packet_id: marked.packet_id.to_string(),
+            already_processed: marked.already_processed,
+        }))
+    }
+
+    async fn user_packets(
+        &self,
+        request: Request<pb::UserPacketsRequest>,
+    ) -> Result<Response<pb::UserPacketsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = convert::status_filter(req.status_filter)?;
+        let page = self
+            .bucket
+            .user_packets(&req.user_id, req.limit, filter, &req.page_token)
+            .await?;
+        Ok(Response::new(pb::UserPacketsResponse {
+            packets: page.packets.into_iter().map(convert::packet).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(convert::status(self.bucket.status().await?)))
+    }
+}

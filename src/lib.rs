@@ -1,0 +1,13 @@
+//! The PRANA bucket: durable ingest of PRANA telemetry packets and their
+//! leased, at-least-once delivery to the Karma Tracker.
+pub mod bucket;
+pub mod config;
+pub mod delivery;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod proto;
+pub mod queue;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

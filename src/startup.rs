@@ -1,0 +1,119 @@
+//! Builds the application and serves every front door on one listener.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::Server;
+
+use crate::bucket::Bucket;
+use crate::config::Config;
+use crate::delivery::Dispatcher;
+use crate::grpc::BucketGrpc;
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
+use crate::queue::Queue;
+use crate::queue::memory::MemoryQueue;
+use crate::store::Store;
+
+pub struct Application {
+    listener: TcpListener,
+    config: Config,
+    store: Store,
+    dispatcher: Arc<Dispatcher>,
+    bucket: Arc<Bucket>,
+}
+
+impl Application {
+    /// Connects storage and queue, rebuilds the queue from the database, and
+    /// binds the listener (port 0 picks a free port, for tests).
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let store = Store::connect(&config.database_url, config.max_commit)
+            .await
+            .with_context(|| format!("opening {}", redact(&config.database_url)))?;
+        let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        let pending = store.pending_ids().await?;
+        queue.push(&pending).await?;
+        tracing::info!(pending = pending.len(), "queue rebuilt from the database");
+
+        let dispatcher = Dispatcher::new(store.clone(), queue.clone(), config.delivery.max_deliveries);
+        dispatcher.start(config.delivery.sweep_interval());
+        let bucket = Arc::new(Bucket::new(store.clone(), queue, dispatcher.clone(), &config));
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        Ok(Application {
+            listener,
+            config,
+            store,
+            dispatcher,
+            bucket,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops gracefully: streams end
+    /// (their leases released), in-flight requests finish, queued writes
+    /// commit.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = self.local_addr();
+        let routes = self.routes()?;
+        let dispatcher = self.dispatcher.clone();
+        let stop = async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            dispatcher.begin_shutdown();
+        };
+        tracing::info!(%addr, database = %redact(&self.config.database_url), "bucket listening");
+        Server::builder()
+            .accept_http1(true)
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), stop)
+            .await
+            .context("serving")?;
+        self.dispatcher.shutdown().await;
+        self.store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    fn routes(&self) -> anyhow::Result<Routes> {
+        let bucket = BucketServiceServer::new(BucketGrpc::new(self.bucket.clone()))
+            .max_decoding_message_size(self.config.max_body_bytes);
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let mut builder = RoutesBuilder::default();
+        builder
+            .add_service(bucket)
+            .add_service(reflection)
+            .add_service(reflection_alpha);
+        Ok(builder.routes())
+    }
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match url.split_once('@') {
+        Some((creds, host)) if creds.contains("://") => {
+            let scheme = creds.split("://").next().unwrap_or_default();
+            format!("{scheme}://…@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}

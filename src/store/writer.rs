@@ -1,0 +1,149 @@
+//! The writer task: group commit.
+//!
+//! Every write waits in one channel. A writer takes whatever is waiting (up
+//! to `max_commit`) and applies it in one transaction, so N concurrent
+//! ingests cost one fsync, not N. Each waiter gets its own result: when a
+//! batch fails as a whole it is retried one write at a time, so a single bad
+//! write cannot fail its neighbours.
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use super::{Backend, Inserted, Mark, MarkOutcome, Released, StoreError, StoredPacket};
+use crate::domain::Packet;
+
+/// One write.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    Insert(Box<Packet>),
+    /// Lease those of `ids` still pending to `owner`, counting a delivery.
+    Lease {
+        ids: Vec<Uuid>,
+        owner: String,
+        expires_at: DateTime<Utc>,
+    },
+    Mark(Mark),
+    /// Leases expired by `now` end: pending again, or dead_letter once the
+    /// packet was delivered `max_deliveries` times.
+    ExpireLeases {
+        now: DateTime<Utc>,
+        max_deliveries: u32,
+    },
+    /// Every lease `owner` holds ends, as above.
+    ReleaseOwner {
+        owner: String,
+        max_deliveries: u32,
+    },
+}
+
+/// The answer to one write, in the order of the ops.
+#[derive(Debug)]
+pub enum WriteReply {
+    Inserted(Inserted),
+    Leased(Vec<StoredPacket>),
+    Marked(MarkOutcome),
+    Released(Vec<Released>),
+}
+
+type Job = (WriteOp, oneshot::Sender<Result<WriteReply, StoreError>>);
+
+/// Handle to the writer tasks.
+#[derive(Clone)]
+pub struct Writer {
+    tx: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Job>>>>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+impl Writer {
+    pub fn start(backend: Arc<dyn Backend>, max_commit: usize) -> Writer {
+        let (tx, rx) = mpsc::unbounded_channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut tasks = JoinSet::new();
+        for _ in 0..backend.writers().max(1) {
+            tasks.spawn(run(backend.clone(), rx.clone(), max_commit.max(1)));
+        }
+        Writer {
+            tx: Arc::new(std::sync::Mutex::new(Some(tx))),
+            tasks: Arc::new(Mutex::new(tasks)),
+        }
+    }
+
+    /// Queues a write and waits for its commit.
+    pub async fn submit(&self, op: WriteOp) -> Result<WriteReply, StoreError> {
+        self.enqueue(op).await
+    }
+
+    /// Queues a write now; the returned future resolves after its commit.
+    pub fn enqueue(
+        &self,
+        op: WriteOp,
+    ) -> impl Future<Output = Result<WriteReply, StoreError>> + use<> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let sent = match &*self.tx.lock().expect("writer lock poisoned") {
+            Some(tx) => tx.send((op, reply_tx)).is_ok(),
+            None => false,
+        };
+        async move {
+            if !sent {
+                return Err(StoreError::Unavailable("the bucket is shutting down".into()));
+            }
+            reply_rx
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Internal("the writer task stopped".into())))
+        }
+    }
+
+    /// Refuses new writes, commits every write already queued, and waits
+    /// for the writer tasks to finish.
+    pub async fn close(&self) {
+        self.tx.lock().expect("writer lock poisoned").take();
+        let mut tasks = self.tasks.lock().await;
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn run(
+    backend: Arc<dyn Backend>,
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>,
+    max_commit: usize,
+) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(max_commit);
+    loop {
+        {
+            // One writer at a time gathers a batch; others wait their turn
+            // and then gather what arrived meanwhile.
+            let mut rx = rx.lock().await;
+            if rx.recv_many(&mut jobs, max_commit).await == 0 {
+                return; // closed and drained
+            }
+        }
+        commit(backend.as_ref(), &mut jobs).await;
+    }
+}
+
+async fn commit(backend: &dyn Backend, jobs: &mut Vec<Job>) {
+    let (ops, senders): (Vec<WriteOp>, Vec<_>) = jobs.drain(..).unzip();
+    match backend.write_batch(&ops).await {
+        Ok(replies) => {
+            for (reply_tx, reply) in senders.into_iter().zip(replies) {
+                let _ = reply_tx.send(Ok(reply));
+            }
+        }
+        Err(e) if ops.len() == 1 => {
+            let _ = senders.into_iter().next().expect("one job").send(Err(e));
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, batch = ops.len(), "batch failed; retrying one by one");
+            for (op, reply_tx) in ops.iter().zip(senders) {
+                let result = backend
+                    .write_batch(std::slice::from_ref(op))
+                    .await
+                    .map(|mut replies| replies.pop().expect("one reply per op"));
+                let _ = reply_tx.send(result);
+            }
+        }
+    }
+}
