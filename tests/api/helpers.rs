@@ -1,0 +1,307 @@
+//! Starts the real server on port 0 with a fresh database, and talks to it
+//! over the wire.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bucket::config::Config;
+use bucket::proto::bucket::v1 as pb;
+use bucket::proto::bucket::v1::bucket_service_client::BucketServiceClient;
+use bucket::startup::Application;
+use sqlx::Row;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one test per backend from `async fn name(backend: Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// A database that exists for one test and is dropped after it.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_name: Option<String>,
+}
+
+/// The PostgreSQL server the tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("BUCKET_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Arc<TestDb> {
+        Arc::new(match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                TestDb {
+                    url: format!("sqlite://{}/bucket.db", dir.path().display()),
+                    _dir: Some(dir),
+                    pg_name: None,
+                }
+            }
+            Backend::Postgres => {
+                let admin = postgres_admin_url();
+                let name = format!("bucket_test_{}", uuid::Uuid::new_v4().simple());
+                let pool = sqlx::PgPool::connect(&admin)
+                    .await
+                    .expect("PostgreSQL for tests (BUCKET_TEST_POSTGRES_URL)");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&pool)
+                    .await
+                    .expect("create test database");
+                pool.close().await;
+                let base = admin.rsplit_once('/').expect("URL with a database").0;
+                TestDb {
+                    url: format!("{base}/{name}"),
+                    _dir: None,
+                    pg_name: Some(name),
+                }
+            }
+        })
+    }
+
+    /// Packets per status, read straight from the database.
+    pub async fn status_counts(&self) -> std::collections::HashMap<String, i64> {
+        let sql = "SELECT status, COUNT(*) AS n FROM packets GROUP BY status";
+        let rows: Vec<(String, i64)> = if self.pg_name.is_some() {
+            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
+            let rows = sqlx::query(sql).fetch_all(&pool).await.unwrap();
+            pool.close().await;
+            rows.iter().map(|r| (r.get("status"), r.get("n"))).collect()
+        } else {
+            let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
+            let rows = sqlx::query(sql).fetch_all(&pool).await.unwrap();
+            pool.close().await;
+            rows.iter().map(|r| (r.get("status"), r.get("n"))).collect()
+        };
+        rows.into_iter().collect()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else { return };
+        // Drop runs outside any runtime we may block; use a thread of its own.
+        let admin = postgres_admin_url();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&pool)
+                        .await;
+                    pool.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Test defaults: a quick sweeper so lease expiry shows within a second.
+pub fn test_config(db: &TestDb) -> Config {
+    let mut config = Config::defaults();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.database_url = db.url.clone();
+    config.redis.redis_url = None;
+    config.redis.redis_host = None;
+    config.delivery.sweep_ms = 50;
+    config
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db: Arc<TestDb>,
+    pub config: Config,
+    stop: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        let db = TestDb::new(backend).await;
+        let config = test_config(&db);
+        TestApp::spawn_with(db, config).await
+    }
+
+    pub async fn spawn_with(db: Arc<TestDb>, config: Config) -> TestApp {
+        if std::env::var_os("RUST_LOG").is_some() {
+            bucket::telemetry::init_logs(false);
+        }
+        let app = Application::build(config.clone()).await.expect("app builds");
+        let addr = app.local_addr();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(app.run(stop.clone().cancelled_owned()));
+        TestApp {
+            addr,
+            db,
+            config,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> BucketServiceClient<Channel> {
+        BucketServiceClient::connect(self.url()).await.expect("connect")
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) -> Arc<TestDb> {
+        self.shutdown().await;
+        self.db.clone()
+    }
+
+    async fn shutdown(&mut self) {
+        self.stop.cancel();
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(20), handle)
+                .await
+                .expect("server stops within 20 s")
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+
+    /// Stops and starts again on the same database.
+    pub async fn restart(self) -> TestApp {
+        let config = self.config.clone();
+        let db = self.stop().await;
+        TestApp::spawn_with(db, config).await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The seed document's example packet.
+pub fn seed_packet() -> pb::PacketInput {
+    pb::PacketInput {
+        user_id: "user_123".into(),
+        session_id: "session_456".into(),
+        lesson_id: "lesson_789".into(),
+        system_type: pb::SystemType::Gurukul as i32,
+        role: pb::Role::Student as i32,
+        timestamp: Some(prost_types::Timestamp {
+            seconds: 1_705_746_600, // 2024-01-20T10:30:00Z
+            nanos: 0,
+        }),
+        cognitive_state: "ON_TASK".into(),
+        active_seconds: 4.5,
+        idle_seconds: 0.3,
+        away_seconds: 0.2,
+        focus_score: Some(85.0),
+        raw_signals: Some(bucket::proto::json_to_struct(
+            serde_json::json!({"dwell_time_ms": 1200, "mouse_velocity": 0.5})
+                .as_object()
+                .unwrap(),
+        )),
+        ..Default::default()
+    }
+}
+
+/// The seed packet for `user`.
+pub fn packet_for(user: &str) -> pb::PacketInput {
+    pb::PacketInput {
+        user_id: user.into(),
+        ..seed_packet()
+    }
+}
+
+pub async fn ingest(client: &mut BucketServiceClient<Channel>, packet: pb::PacketInput) -> String {
+    client
+        .ingest(pb::IngestRequest {
+            packet: Some(packet),
+        })
+        .await
+        .expect("ingest")
+        .into_inner()
+        .packet_id
+}
+
+pub async fn subscribe(
+    client: &mut BucketServiceClient<Channel>,
+    consumer: &str,
+    max_in_flight: u32,
+    lease_seconds: u32,
+) -> Streaming<pb::StreamPendingResponse> {
+    client
+        .stream_pending(pb::StreamPendingRequest {
+            consumer: consumer.into(),
+            max_in_flight,
+            lease_seconds,
+        })
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
+/// The next delivery, failing the test after 10 s.
+pub async fn next(stream: &mut Streaming<pb::StreamPendingResponse>) -> pb::StreamPendingResponse {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+/// Asserts nothing is delivered for `ms` milliseconds.
+pub async fn assert_quiet(stream: &mut Streaming<pb::StreamPendingResponse>, ms: u64) {
+    if let Ok(msg) = tokio::time::timeout(Duration::from_millis(ms), stream.message()).await {
+        panic!("expected no delivery, got {msg:?}");
+    }
+}
+
+pub async fn mark(client: &mut BucketServiceClient<Channel>, packet_id: &str) -> pb::MarkProcessedResponse {
+    client
+        .mark_processed(pb::MarkProcessedRequest {
+            packet_id: packet_id.into(),
+            success: true,
+            ..Default::default()
+        })
+        .await
+        .expect("mark processed")
+        .into_inner()
+}
+
+pub async fn status(client: &mut BucketServiceClient<Channel>) -> pb::StatusResponse {
+    client
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}

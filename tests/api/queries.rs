@@ -1,0 +1,110 @@
+//! UserPackets and Status.
+use bucket::proto::bucket::v1 as pb;
+use tonic::Code;
+
+use crate::helpers::{Backend, TestApp, ingest, mark, next, packet_for, status, subscribe};
+use crate::on_both_backends;
+
+on_both_backends!(user_packets_pages_newest_first_and_filters, status_counts_match_the_database,);
+
+async fn user_packets_pages_newest_first_and_filters(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut client = app.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        ids.push(ingest(&mut client, packet_for("alice")).await);
+    }
+    ingest(&mut client, packet_for("bob")).await;
+    mark(&mut client, &ids[0]).await;
+    mark(&mut client, &ids[3]).await;
+
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .user_packets(pb::UserPacketsRequest {
+                user_id: "alice".into(),
+                limit: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(page.packets.iter().map(|p| p.packet_id.clone()).collect::<Vec<_>>());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(pages.concat(), newest_first);
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 1]);
+
+    let processed = client
+        .user_packets(pb::UserPacketsRequest {
+            user_id: "alice".into(),
+            status_filter: pb::PacketStatus::Processed as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<_> = processed.packets.iter().map(|p| p.packet_id.clone()).collect();
+    assert_eq!(got, [ids[3].clone(), ids[0].clone()]);
+
+    let pending = client
+        .user_packets(pb::UserPacketsRequest {
+            user_id: "alice".into(),
+            status_filter: pb::PacketStatus::Pending as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pending.packets.len(), 5);
+
+    for bad in [
+        pb::UserPacketsRequest { user_id: String::new(), ..Default::default() },
+        pb::UserPacketsRequest { user_id: "alice".into(), limit: 501, ..Default::default() },
+        pb::UserPacketsRequest { user_id: "alice".into(), page_token: "zz".into(), ..Default::default() },
+        pb::UserPacketsRequest { user_id: "alice".into(), status_filter: 42, ..Default::default() },
+    ] {
+        assert_eq!(client.user_packets(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    }
+}
+
+async fn status_counts_match_the_database(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut client = app.client().await;
+    for i in 0..6 {
+        ingest(&mut client, packet_for(&format!("u{i}"))).await;
+    }
+    let mut stream = subscribe(&mut client, "karma", 3, 0).await;
+    let a = next(&mut stream).await.packet.unwrap().packet_id;
+    let b = next(&mut stream).await.packet.unwrap().packet_id;
+    next(&mut stream).await;
+    mark(&mut client, &a).await;
+    client
+        .mark_processed(pb::MarkProcessedRequest { packet_id: b, success: false, ..Default::default() })
+        .await
+        .unwrap();
+    // Two slots freed: two more leased.
+    next(&mut stream).await;
+    next(&mut stream).await;
+
+    let s = status(&mut client).await;
+    let db = app.db.status_counts().await;
+    let n = |k: &str| *db.get(k).unwrap_or(&0) as u64;
+    assert_eq!(s.total_packets, 6);
+    assert_eq!(s.total_packets, db.values().sum::<i64>() as u64);
+    assert_eq!(s.processed_packets, n("processed"));
+    assert_eq!(s.failed_packets, n("failed"));
+    assert_eq!(s.leased_packets, n("leased"));
+    assert_eq!(s.pending_packets, n("pending"));
+    assert_eq!((s.processed_packets, s.failed_packets, s.leased_packets, s.pending_packets), (1, 1, 3, 1));
+    assert_eq!(s.queue_size, 1);
+    assert!(!s.redis_connected);
+    assert!(!s.model_available);
+    assert_eq!(s.consumers[0].consumer, "karma");
+}
