@@ -156,7 +156,11 @@ impl Bucket {
         if !violations.is_empty() {
             return Err(Error::InvalidInput(violations));
         }
-        let consumer = if consumer.is_empty() { "anonymous" } else { consumer };
+        let consumer = if consumer.is_empty() {
+            "anonymous"
+        } else {
+            consumer
+        };
         Ok(self.dispatcher.subscribe(SubscribeOptions {
             consumer: consumer.to_owned(),
             max_in_flight: or_default(max_in_flight, self.delivery.max_in_flight),
@@ -165,7 +169,11 @@ impl Bucket {
     }
 
     /// Leases up to `limit` pending packets now (the JSON gateway's poll).
-    pub async fn lease_pending(&self, limit: u32, lease_seconds: u32) -> Result<Vec<Delivery>, Error> {
+    pub async fn lease_pending(
+        &self,
+        limit: u32,
+        lease_seconds: u32,
+    ) -> Result<Vec<Delivery>, Error> {
         let mut violations = Vec::new();
         let lease = self.lease_seconds("lease_seconds", lease_seconds, &mut violations);
         if !violations.is_empty() {
@@ -186,7 +194,9 @@ impl Bucket {
                 format!("{field} must be at most {MAX_LEASE_SECONDS}, got {seconds}"),
             ));
         }
-        Duration::from_secs(u64::from(or_default(seconds, self.delivery.lease_seconds).max(1)))
+        Duration::from_secs(u64::from(
+            or_default(seconds, self.delivery.lease_seconds).max(1),
+        ))
     }
 
     pub async fn mark_processed(
@@ -204,7 +214,9 @@ impl Bucket {
         if actions_len > MAX_RAW_SIGNALS_BYTES {
             violations.push(FieldViolation::new(
                 "karma_actions",
-                format!("karma_actions is {actions_len} bytes encoded, over {MAX_RAW_SIGNALS_BYTES}"),
+                format!(
+                    "karma_actions is {actions_len} bytes encoded, over {MAX_RAW_SIGNALS_BYTES}"
+                ),
             ));
         }
         let error_message = error_message.filter(|m| !m.is_empty());
@@ -313,7 +325,7 @@ impl Bucket {
 
     pub async fn status(&self) -> Result<StatusReport, Error> {
         let counts = self.store.counts().await?;
-        let queue_size = self.queue.len().await.unwrap_or(0);
+        let queue_size = self.queue.depth().await.unwrap_or(0);
         Ok(StatusReport {
             queue_size,
             redis_connected: self.queue.redis_connected(),

@@ -34,7 +34,12 @@ pub struct Config {
     pub max_body_bytes: usize,
 
     /// Browser origins allowed to call gRPC-web and the JSON gateway, comma-separated; `*` for any.
-    #[arg(long, env = "BUCKET_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    #[arg(
+        long,
+        env = "BUCKET_CORS_ORIGINS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
     pub cors_origins: Vec<String>,
 
     /// Log as JSON lines instead of text.

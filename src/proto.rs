@@ -92,7 +92,9 @@ mod tests {
     #[test]
     fn json_round_trips_through_struct() {
         let v = json!({"dwell_time_ms": 1200, "mouse_velocity": 0.5, "tags": ["a", null, true], "n": {"x": -3}});
-        let Value::Object(map) = v.clone() else { unreachable!() };
+        let Value::Object(map) = v.clone() else {
+            unreachable!()
+        };
         assert_eq!(Value::Object(struct_to_json(json_to_struct(&map))), v);
     }
 
@@ -100,6 +102,12 @@ mod tests {
     fn timestamps_round_trip_and_reject_bad_nanos() {
         let at: DateTime<Utc> = "2024-01-20T10:30:00.25Z".parse().unwrap();
         assert_eq!(from_timestamp(&timestamp(at)).unwrap(), at);
-        assert!(from_timestamp(&prost_types::Timestamp { seconds: 0, nanos: -1 }).is_err());
+        assert!(
+            from_timestamp(&prost_types::Timestamp {
+                seconds: 0,
+                nanos: -1
+            })
+            .is_err()
+        );
     }
 }

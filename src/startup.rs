@@ -39,9 +39,15 @@ impl Application {
         queue.push(&pending).await?;
         tracing::info!(pending = pending.len(), "queue rebuilt from the database");
 
-        let dispatcher = Dispatcher::new(store.clone(), queue.clone(), config.delivery.max_deliveries);
+        let dispatcher =
+            Dispatcher::new(store.clone(), queue.clone(), config.delivery.max_deliveries);
         dispatcher.start(config.delivery.sweep_interval());
-        let bucket = Arc::new(Bucket::new(store.clone(), queue, dispatcher.clone(), &config));
+        let bucket = Arc::new(Bucket::new(
+            store.clone(),
+            queue,
+            dispatcher.clone(),
+            &config,
+        ));
 
         let listener = TcpListener::bind(config.listen)
             .await
@@ -56,7 +62,9 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves, then stops gracefully: streams end

@@ -57,8 +57,11 @@ impl Dispatcher {
 
     /// Starts the lease sweeper.
     pub fn start(self: &Arc<Self>, sweep_interval: Duration) {
-        self.tasks
-            .spawn(sweeper::run(self.clone(), sweep_interval, self.shutdown.clone()));
+        self.tasks.spawn(sweeper::run(
+            self.clone(),
+            sweep_interval,
+            self.shutdown.clone(),
+        ));
     }
 
     /// Tells every stream and the sweeper to end, without waiting.
@@ -110,11 +113,7 @@ impl Dispatcher {
 
     /// Leases up to `limit` queued packets at once, without a stream: the
     /// JSON gateway's poll. They come back if not marked within `lease`.
-    pub async fn lease_now(
-        &self,
-        limit: usize,
-        lease: Duration,
-    ) -> Result<Vec<Delivery>, Error> {
+    pub async fn lease_now(&self, limit: usize, lease: Duration) -> Result<Vec<Delivery>, Error> {
         let ids = self
             .queue
             .try_take(limit)

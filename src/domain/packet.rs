@@ -269,7 +269,10 @@ impl Violations {
         if value.len() > MAX_STRING_BYTES {
             self.add(
                 field,
-                format!("{field} is {} bytes, over the limit of {MAX_STRING_BYTES}", value.len()),
+                format!(
+                    "{field} is {} bytes, over the limit of {MAX_STRING_BYTES}",
+                    value.len()
+                ),
             );
             return None;
         }
@@ -281,7 +284,10 @@ impl Violations {
         if !allowed.contains(&value.as_str()) {
             self.add(
                 field,
-                format!("{field} must be one of {}, got {value:?}", allowed.join(", ")),
+                format!(
+                    "{field} must be one of {}, got {value:?}",
+                    allowed.join(", ")
+                ),
             );
             return None;
         }
@@ -305,7 +311,10 @@ impl Violations {
     fn in_range(&mut self, field: &str, value: Option<f64>, lo: f64, hi: f64) -> Option<f64> {
         let x = value?;
         if !x.is_finite() || x < lo || x > hi {
-            self.add(field, format!("{field} must be between {lo} and {hi}, got {x}"));
+            self.add(
+                field,
+                format!("{field} must be between {lo} and {hi}, got {x}"),
+            );
             return None;
         }
         Some(x)
@@ -354,7 +363,10 @@ mod tests {
         assert_eq!(p.user_id, "user_123");
         assert_eq!(p.cognitive_state, "ON_TASK");
         assert_eq!(p.integrity_score, 0.85);
-        assert_eq!(p.client_timestamp, "2024-01-20T10:30:00Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(
+            p.client_timestamp,
+            "2024-01-20T10:30:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
     }
 
     #[test]

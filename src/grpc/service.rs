@@ -102,7 +102,12 @@ impl BucketService for BucketGrpc {
             .collect();
         let marked = self
             .bucket
-            .mark_processed(&req.packet_id, req.success, actions, Some(req.error_message))
+            .mark_processed(
+                &req.packet_id,
+                req.success,
+                actions,
+                Some(req.error_message),
+            )
             .await?;
         let message = match (marked.already_processed, marked.success) {
             (true, _) => "Packet already processed",

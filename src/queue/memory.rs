@@ -87,7 +87,7 @@ impl Queue for MemoryQueue {
         Ok(self.lock().take(max))
     }
 
-    async fn len(&self) -> Result<u64, QueueError> {
+    async fn depth(&self) -> Result<u64, QueueError> {
         Ok(self.lock().order.len() as u64)
     }
 
@@ -108,7 +108,7 @@ mod tests {
         let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
         q.push(&ids).await.unwrap();
         q.push(&ids[..1]).await.unwrap();
-        assert_eq!(q.len().await.unwrap(), 3);
+        assert_eq!(q.depth().await.unwrap(), 3);
         assert_eq!(q.take(2).await.unwrap(), ids[..2]);
         assert_eq!(q.try_take(5).await.unwrap(), ids[2..]);
         assert!(q.try_take(5).await.unwrap().is_empty());
@@ -124,7 +124,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let id = Uuid::new_v4();
         q.push(&[id]).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got, vec![id]);
     }
 }

@@ -21,8 +21,8 @@ pub trait Queue: Send + Sync + 'static {
     async fn take(&self, max: usize) -> Result<Vec<Uuid>, QueueError>;
     /// Takes up to `max` ids without waiting.
     async fn try_take(&self, max: usize) -> Result<Vec<Uuid>, QueueError>;
-    /// Ids waiting to be handed out.
-    async fn len(&self) -> Result<u64, QueueError>;
+    /// How many ids wait to be handed out.
+    async fn depth(&self) -> Result<u64, QueueError>;
     /// Whether a Redis queue answers right now (false for memory).
     fn redis_connected(&self) -> bool;
 }

@@ -39,8 +39,10 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 /// Database error codes that mean "not now" rather than "never".
 fn transient_code(code: &str) -> bool {
     // PostgreSQL: 08 connection exceptions, 53 insufficient resources,
-    // 57P0x shutdown, 40001/40P01 serialization failure and deadlock.
+    // 57P0x shutdown, 40001/40P01 serialization failure and deadlock,
+    // 55000 "database is not currently accepting connections".
     code.starts_with("08")
+        || code == "55000"
         || code.starts_with("53")
         || code.starts_with("57P0")
         || code == "40001"

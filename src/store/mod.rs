@@ -58,7 +58,9 @@ pub struct Mark {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MarkOutcome {
     /// Recorded; `lease_owner` held the packet until now.
-    Applied { lease_owner: Option<String> },
+    Applied {
+        lease_owner: Option<String>,
+    },
     AlreadyProcessed,
     NotFound,
 }
@@ -122,17 +124,16 @@ pub struct Store {
 impl Store {
     /// Connects to `database_url`, applies migrations and starts the writer.
     pub async fn connect(database_url: &str, max_commit: usize) -> Result<Store, StoreError> {
-        let backend: Arc<dyn Backend> = if database_url.starts_with("postgres:")
-            || database_url.starts_with("postgresql:")
-        {
-            Arc::new(postgres::PgBackend::connect(database_url).await?)
-        } else if database_url.starts_with("sqlite:") {
-            Arc::new(sqlite::SqliteBackend::connect(database_url).await?)
-        } else {
-            return Err(StoreError::Internal(format!(
-                "DATABASE_URL must start with sqlite: or postgres:, got {database_url:?}"
-            )));
-        };
+        let backend: Arc<dyn Backend> =
+            if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
+                Arc::new(postgres::PgBackend::connect(database_url).await?)
+            } else if database_url.starts_with("sqlite:") {
+                Arc::new(sqlite::SqliteBackend::connect(database_url).await?)
+            } else {
+                return Err(StoreError::Internal(format!(
+                    "DATABASE_URL must start with sqlite: or postgres:, got {database_url:?}"
+                )));
+            };
         let writer = Writer::start(backend.clone(), max_commit);
         Ok(Store { backend, writer })
     }
@@ -143,7 +144,11 @@ impl Store {
     }
 
     pub async fn insert(&self, packet: Packet) -> Result<Inserted, StoreError> {
-        match self.writer.submit(WriteOp::Insert(Box::new(packet))).await? {
+        match self
+            .writer
+            .submit(WriteOp::Insert(Box::new(packet)))
+            .await?
+        {
             WriteReply::Inserted(receipt) => Ok(receipt),
             other => Err(unexpected(other)),
         }

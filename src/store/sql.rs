@@ -60,8 +60,8 @@ macro_rules! sql_backend {
         use async_trait::async_trait;
         use chrono::{DateTime, Utc};
         use serde_json::Value;
-        use sqlx::types::Json;
         use sqlx::Row;
+        use sqlx::types::Json;
         use uuid::Uuid;
 
         use $crate::domain::{DeliveryStatus, Packet};
@@ -202,7 +202,9 @@ macro_rules! sql_backend {
                         .bind(*max_deliveries as i32)
                         .fetch_all(&mut *conn)
                         .await?;
-                    WriteReply::Released(rows.iter().map(decode_released).collect::<Result<_, _>>()?)
+                    WriteReply::Released(
+                        rows.iter().map(decode_released).collect::<Result<_, _>>()?,
+                    )
                 }
                 WriteOp::ReleaseOwner {
                     owner,
@@ -213,7 +215,9 @@ macro_rules! sql_backend {
                         .bind(*max_deliveries as i32)
                         .fetch_all(&mut *conn)
                         .await?;
-                    WriteReply::Released(rows.iter().map(decode_released).collect::<Result<_, _>>()?)
+                    WriteReply::Released(
+                        rows.iter().map(decode_released).collect::<Result<_, _>>()?,
+                    )
                 }
             })
         }

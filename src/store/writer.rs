@@ -88,7 +88,9 @@ impl Writer {
         };
         async move {
             if !sent {
-                return Err(StoreError::Unavailable("the bucket is shutting down".into()));
+                return Err(StoreError::Unavailable(
+                    "the bucket is shutting down".into(),
+                ));
             }
             reply_rx
                 .await

@@ -39,7 +39,11 @@ async fn backlog_oldest_first_then_live(backend: Backend) {
     let started = std::time::Instant::now();
     let live = ingest(&mut client, packet_for("live")).await;
     assert_eq!(next(&mut stream).await.packet.unwrap().packet_id, live);
-    assert!(started.elapsed() < Duration::from_secs(2), "live delivery took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "live delivery took {:?}",
+        started.elapsed()
+    );
 }
 
 async fn max_in_flight_bounds_unmarked_packets(backend: Backend) {
@@ -54,7 +58,10 @@ async fn max_in_flight_bounds_unmarked_packets(backend: Backend) {
     assert_quiet(&mut stream, 400).await;
     let s = status(&mut client).await;
     assert_eq!(s.consumers.len(), 1);
-    assert_eq!((s.consumers[0].in_flight, s.consumers[0].max_in_flight), (2, 2));
+    assert_eq!(
+        (s.consumers[0].in_flight, s.consumers[0].max_in_flight),
+        (2, 2)
+    );
     assert_eq!(s.leased_packets, 2);
 
     mark(&mut client, &first).await;
@@ -67,7 +74,10 @@ async fn two_streams_never_hold_the_same_packet(backend: Backend) {
     let mut client = app.client().await;
     const N: usize = 200;
     let packets = (0..N).map(|i| packet_for(&format!("u{i}"))).collect();
-    client.ingest_batch(pb::IngestBatchRequest { packets }).await.unwrap();
+    client
+        .ingest_batch(pb::IngestBatchRequest { packets })
+        .await
+        .unwrap();
 
     let mut consumers = Vec::new();
     for name in ["karma-a", "karma-b"] {
@@ -76,7 +86,9 @@ async fn two_streams_never_hold_the_same_packet(backend: Backend) {
             let mut stream = subscribe(&mut client, name, 8, 0).await;
             let mut got = Vec::new();
             while let Ok(Some(Ok(d))) =
-                tokio::time::timeout(Duration::from_secs(2), stream.message()).await.map(|m| m.transpose())
+                tokio::time::timeout(Duration::from_secs(2), stream.message())
+                    .await
+                    .map(|m| m.transpose())
             {
                 let id = d.packet.unwrap().packet_id;
                 assert_eq!(d.delivery_attempt, 1, "redelivered without a lease ending");
@@ -96,9 +108,18 @@ async fn two_streams_never_hold_the_same_packet(backend: Backend) {
         }
     }
     assert_eq!(seen.len(), N, "every packet delivered");
-    assert!(seen.values().all(|n| *n == 1), "a packet reached two streams");
-    assert!(per_stream.iter().all(|n| *n > 0), "both streams shared the work: {per_stream:?}");
-    assert_eq!(app.db.status_counts().await.get("processed"), Some(&(N as i64)));
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "a packet reached two streams"
+    );
+    assert!(
+        per_stream.iter().all(|n| *n > 0),
+        "both streams shared the work: {per_stream:?}"
+    );
+    assert_eq!(
+        app.db.status_counts().await.get("processed"),
+        Some(&(N as i64))
+    );
 }
 
 async fn expired_lease_redelivers_with_attempt_two(backend: Backend) {
@@ -145,7 +166,10 @@ async fn max_deliveries_dead_letters(backend: Backend) {
     assert_quiet(&mut stream, 2000).await;
 
     let s = status(&mut client).await;
-    assert_eq!((s.dead_letter_packets, s.pending_packets, s.leased_packets), (1, 0, 0));
+    assert_eq!(
+        (s.dead_letter_packets, s.pending_packets, s.leased_packets),
+        (1, 0, 0)
+    );
     let page = client
         .user_packets(pb::UserPacketsRequest {
             user_id: "u".into(),
@@ -181,12 +205,23 @@ async fn mark_processed_is_idempotent_and_checks_the_id(backend: Backend) {
     assert_eq!(unknown.code(), Code::NotFound);
 
     let malformed = client
-        .mark_processed(pb::MarkProcessedRequest { packet_id: "42".into(), success: true, ..Default::default() })
+        .mark_processed(pb::MarkProcessedRequest {
+            packet_id: "42".into(),
+            success: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(malformed.code(), Code::InvalidArgument);
     use tonic_types::StatusExt;
-    assert_eq!(malformed.get_details_bad_request().unwrap().field_violations[0].field, "packet_id");
+    assert_eq!(
+        malformed
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "packet_id"
+    );
 }
 
 async fn mark_failure_keeps_the_error(backend: Backend) {
@@ -207,7 +242,10 @@ async fn mark_failure_keeps_the_error(backend: Backend) {
         .into_inner();
     assert_eq!(failed.message, "Packet marked as failed");
     let page = client
-        .user_packets(pb::UserPacketsRequest { user_id: "u".into(), ..Default::default() })
+        .user_packets(pb::UserPacketsRequest {
+            user_id: "u".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -11,8 +11,8 @@ use bucket::startup::Application;
 use sqlx::Row;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::Streaming;
+use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -106,13 +106,61 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Takes storage away from the server: PostgreSQL refuses connections
+    /// (and drops the open ones); SQLite loses its table.
+    pub async fn break_storage(&self) {
+        self.admin_sql(
+            &[
+                "ALTER DATABASE {db} ALLOW_CONNECTIONS false",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'",
+            ],
+            "ALTER TABLE packets RENAME TO packets_away",
+        )
+        .await;
+    }
+
+    pub async fn mend_storage(&self) {
+        self.admin_sql(
+            &["ALTER DATABASE {db} ALLOW_CONNECTIONS true"],
+            "ALTER TABLE packets_away RENAME TO packets",
+        )
+        .await;
+    }
+
+    async fn admin_sql(&self, pg: &[&str], sqlite: &str) {
+        match &self.pg_name {
+            Some(name) => {
+                let pool = sqlx::PgPool::connect(&postgres_admin_url()).await.unwrap();
+                for sql in pg {
+                    sqlx::query(&sql.replace("{db}", name))
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                }
+                pool.close().await;
+            }
+            None => {
+                let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
+                sqlx::query(sqlite).execute(&pool).await.unwrap();
+                pool.close().await;
+            }
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some(name) = self.pg_name.take() else { return };
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
         // Drop runs outside any runtime we may block; use a thread of its own.
         let admin = postgres_admin_url();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -156,7 +204,9 @@ impl TestApp {
         if std::env::var_os("RUST_LOG").is_some() {
             bucket::telemetry::init_logs(false);
         }
-        let app = Application::build(config.clone()).await.expect("app builds");
+        let app = Application::build(config.clone())
+            .await
+            .expect("app builds");
         let addr = app.local_addr();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run(stop.clone().cancelled_owned()));
@@ -174,7 +224,9 @@ impl TestApp {
     }
 
     pub async fn client(&self) -> BucketServiceClient<Channel> {
-        BucketServiceClient::connect(self.url()).await.expect("connect")
+        BucketServiceClient::connect(self.url())
+            .await
+            .expect("connect")
     }
 
     /// Stops the server gracefully and waits for it.
@@ -286,7 +338,10 @@ pub async fn assert_quiet(stream: &mut Streaming<pb::StreamPendingResponse>, ms:
     }
 }
 
-pub async fn mark(client: &mut BucketServiceClient<Channel>, packet_id: &str) -> pb::MarkProcessedResponse {
+pub async fn mark(
+    client: &mut BucketServiceClient<Channel>,
+    packet_id: &str,
+) -> pb::MarkProcessedResponse {
     client
         .mark_processed(pb::MarkProcessedRequest {
             packet_id: packet_id.into(),

@@ -5,7 +5,10 @@ use tonic::Code;
 use crate::helpers::{Backend, TestApp, ingest, mark, next, packet_for, status, subscribe};
 use crate::on_both_backends;
 
-on_both_backends!(user_packets_pages_newest_first_and_filters, status_counts_match_the_database,);
+on_both_backends!(
+    user_packets_pages_newest_first_and_filters,
+    status_counts_match_the_database,
+);
 
 async fn user_packets_pages_newest_first_and_filters(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -31,7 +34,12 @@ async fn user_packets_pages_newest_first_and_filters(backend: Backend) {
             .await
             .unwrap()
             .into_inner();
-        pages.push(page.packets.iter().map(|p| p.packet_id.clone()).collect::<Vec<_>>());
+        pages.push(
+            page.packets
+                .iter()
+                .map(|p| p.packet_id.clone())
+                .collect::<Vec<_>>(),
+        );
         if page.next_page_token.is_empty() {
             break;
         }
@@ -50,7 +58,11 @@ async fn user_packets_pages_newest_first_and_filters(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let got: Vec<_> = processed.packets.iter().map(|p| p.packet_id.clone()).collect();
+    let got: Vec<_> = processed
+        .packets
+        .iter()
+        .map(|p| p.packet_id.clone())
+        .collect();
     assert_eq!(got, [ids[3].clone(), ids[0].clone()]);
 
     let pending = client
@@ -65,12 +77,30 @@ async fn user_packets_pages_newest_first_and_filters(backend: Backend) {
     assert_eq!(pending.packets.len(), 5);
 
     for bad in [
-        pb::UserPacketsRequest { user_id: String::new(), ..Default::default() },
-        pb::UserPacketsRequest { user_id: "alice".into(), limit: 501, ..Default::default() },
-        pb::UserPacketsRequest { user_id: "alice".into(), page_token: "zz".into(), ..Default::default() },
-        pb::UserPacketsRequest { user_id: "alice".into(), status_filter: 42, ..Default::default() },
+        pb::UserPacketsRequest {
+            user_id: String::new(),
+            ..Default::default()
+        },
+        pb::UserPacketsRequest {
+            user_id: "alice".into(),
+            limit: 501,
+            ..Default::default()
+        },
+        pb::UserPacketsRequest {
+            user_id: "alice".into(),
+            page_token: "zz".into(),
+            ..Default::default()
+        },
+        pb::UserPacketsRequest {
+            user_id: "alice".into(),
+            status_filter: 42,
+            ..Default::default()
+        },
     ] {
-        assert_eq!(client.user_packets(bad).await.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(
+            client.user_packets(bad).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
     }
 }
 
@@ -86,7 +116,11 @@ async fn status_counts_match_the_database(backend: Backend) {
     next(&mut stream).await;
     mark(&mut client, &a).await;
     client
-        .mark_processed(pb::MarkProcessedRequest { packet_id: b, success: false, ..Default::default() })
+        .mark_processed(pb::MarkProcessedRequest {
+            packet_id: b,
+            success: false,
+            ..Default::default()
+        })
         .await
         .unwrap();
     // Two slots freed: two more leased.
@@ -102,7 +136,15 @@ async fn status_counts_match_the_database(backend: Backend) {
     assert_eq!(s.failed_packets, n("failed"));
     assert_eq!(s.leased_packets, n("leased"));
     assert_eq!(s.pending_packets, n("pending"));
-    assert_eq!((s.processed_packets, s.failed_packets, s.leased_packets, s.pending_packets), (1, 1, 3, 1));
+    assert_eq!(
+        (
+            s.processed_packets,
+            s.failed_packets,
+            s.leased_packets,
+            s.pending_packets
+        ),
+        (1, 1, 3, 1)
+    );
     assert_eq!(s.queue_size, 1);
     assert!(!s.redis_connected);
     assert!(!s.model_available);

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The one test command: every test, including the PostgreSQL and Redis
+# suites against real servers. Where those servers are not running it
+# installs them (apt-get) and starts them. Usage: bash tests/run.sh [filter…]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+apt_updated=""
+need_pkg() { # need_pkg COMMAND PACKAGE…: install PACKAGEs unless COMMAND exists
+  local cmd=$1; shift
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  ls /usr/lib/postgresql/*/bin/"$cmd" >/dev/null 2>&1 && return 0
+  if [ -z "$apt_updated" ]; then
+    echo "== apt-get update"; $SUDO apt-get update -qq; apt_updated=1
+  fi
+  echo "== installing $*"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+# --- PostgreSQL on 127.0.0.1:5432 --------------------------------------------
+PG_URL=${BUCKET_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+pg_ok() { psql "$1" -Atqc 'select 1' >/dev/null 2>&1; }
+need_pkg psql postgresql postgresql-client
+need_pkg initdb postgresql
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  echo "== starting PostgreSQL"
+  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1)
+  if [ -z "$version" ]; then
+    version=$(ls /usr/lib/postgresql | sort -V | tail -n1)
+    $SUDO pg_createcluster "$version" main >/dev/null
+  fi
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+fi
+if ! pg_ok "$PG_URL"; then
+  # A fresh Debian cluster wants a password over TCP: give postgres one.
+  echo "== setting a password for the postgres role (tests only)"
+  $SUDO -u postgres psql -qc "ALTER USER postgres PASSWORD 'postgres'" >/dev/null 2>&1 \
+    || su postgres -c "psql -qc \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null
+  PG_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres
+fi
+pg_ok "$PG_URL" || { echo "PostgreSQL is not reachable at $PG_URL" >&2; exit 1; }
+export BUCKET_TEST_POSTGRES_URL=$PG_URL
+# Databases left by an interrupted run.
+for db in $(psql "$PG_URL" -Atqc "select datname from pg_database where datname like 'bucket_test_%'"); do
+  psql "$PG_URL" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
+done
+
+# --- Redis on 127.0.0.1:6379 (tests also start their own redis-server) -------
+need_pkg redis-server redis-server
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "== starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --logfile /tmp/bucket-test-redis.log
+  for _ in $(seq 1 30); do redis-cli -p 6379 ping >/dev/null 2>&1 && break; sleep 0.2; done
+fi
+export BUCKET_TEST_REDIS_URL=${BUCKET_TEST_REDIS_URL:-redis://127.0.0.1:6379}
+
+# --- the tests ---------------------------------------------------------------
+cargo fmt --check
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --all-targets --no-fail-fast "$@"
+else
+  cargo test --all-targets --no-fail-fast -- "$@"
+fi
