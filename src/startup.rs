@@ -31,6 +31,7 @@ impl Application {
     /// Connects storage and queue, rebuilds the queue from the database, and
     /// binds the listener (port 0 picks a free port, for tests).
     pub async fn build(config: Config) -> anyhow::Result<Application> {
+        crate::telemetry::metrics();
         let store = Store::connect(&config.database_url, config.max_commit)
             .await
             .with_context(|| format!("opening {}", redact(&config.database_url)))?;

@@ -4,7 +4,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 pub struct PgBackend {
-    pool: PgPool,
+    writes: PgPool,
+    reads: PgPool,
 }
 
 impl PgBackend {
@@ -15,7 +16,10 @@ impl PgBackend {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            writes: pool.clone(),
+            reads: pool,
+        })
     }
 }
 

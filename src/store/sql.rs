@@ -15,18 +15,17 @@ macro_rules! packet_columns {
     };
 }
 
-pub(super) const INSERT: &str = "INSERT INTO packets (packet_id, user_id, employee_id, \
+pub(super) const INSERT_HEAD: &str = "INSERT INTO packets (packet_id, user_id, employee_id, \
      session_id, lesson_id, system_type, role, client_timestamp, cognitive_state, state, \
      active_seconds, idle_seconds, away_seconds, focus_score, integrity_score, raw_signals, \
-     received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-     $17) ON CONFLICT (packet_id) DO NOTHING RETURNING received_at";
+     received_at) ";
+pub(super) const INSERT_TAIL: &str =
+    " ON CONFLICT (packet_id) DO NOTHING RETURNING packet_id, received_at";
 pub(super) const RECEIVED_AT: &str = "SELECT received_at FROM packets WHERE packet_id = $1";
-pub(super) const LEASE: &str = concat!(
-    "UPDATE packets SET status = 'leased', lease_owner = $1, lease_expires_at = $2, \
-     delivery_attempts = delivery_attempts + 1 WHERE packet_id = $3 AND status = 'pending' \
-     RETURNING ",
-    packet_columns!()
-);
+pub(super) const LEASE_HEAD: &str = "UPDATE packets SET status = 'leased', lease_owner = ";
+pub(super) const LEASE_MID: &str = ", delivery_attempts = delivery_attempts + 1 \
+     WHERE status = 'pending' AND packet_id IN (";
+pub(super) const LEASE_TAIL: &str = concat!(") RETURNING ", packet_columns!());
 pub(super) const MARK_LOOKUP: &str = "SELECT status, lease_owner FROM packets WHERE packet_id = $1";
 pub(super) const MARK: &str = "UPDATE packets SET status = $2, processed_by_karma = $3, \
      processed_at = $4, karma_actions = $5, processing_error = $6, lease_owner = NULL, \
@@ -53,7 +52,25 @@ pub(super) const GET: &str = concat!(
 );
 pub(super) const COUNTS: &str = "SELECT status, COUNT(*) AS n FROM packets GROUP BY status";
 
-/// Implements `Backend` for `$backend`, a struct with a `pool: $pool` field.
+/// Most rows one statement carries. Statements are built for power-of-two
+/// row counts only, so each connection prepares at most nine shapes.
+pub(super) const MAX_ROWS_PER_STATEMENT: usize = 256;
+
+/// Splits `items` into power-of-two chunks of at most `MAX_ROWS_PER_STATEMENT`.
+pub(super) fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let n = MAX_ROWS_PER_STATEMENT.min(1 << items.len().ilog2());
+        let (head, rest) = items.split_at(n);
+        items = rest;
+        Some(head)
+    })
+}
+
+/// Implements `Backend` for `$backend`, a struct with pools `writes` (for
+/// the writer tasks) and `reads`.
 /// `$id` is how the engine stores a UUID; `$to_id` / `$from_id` convert.
 macro_rules! sql_backend {
     ($backend:ty, $db:ty, $id:ty, $to_id:expr, $from_id:expr, writers = $writers:expr) => {
@@ -135,61 +152,30 @@ macro_rules! sql_backend {
             now: DateTime<Utc>,
         ) -> Result<WriteReply, sqlx::Error> {
             Ok(match op {
-                WriteOp::Insert(p) => {
-                    let id = to_id(p.packet_id);
-                    let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(sql::INSERT)
-                        .bind(id)
-                        .bind(&p.user_id)
-                        .bind(&p.employee_id)
-                        .bind(&p.session_id)
-                        .bind(&p.lesson_id)
-                        .bind(&p.system_type)
-                        .bind(&p.role)
-                        .bind(p.client_timestamp)
-                        .bind(&p.cognitive_state)
-                        .bind(&p.state)
-                        .bind(p.active_seconds)
-                        .bind(p.idle_seconds)
-                        .bind(p.away_seconds)
-                        .bind(p.focus_score)
-                        .bind(p.integrity_score)
-                        .bind(Json(&p.raw_signals))
-                        .bind(now)
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                    let (received_at, created) = match inserted {
-                        Some(at) => (at, true),
-                        None => (
-                            sqlx::query_scalar(sql::RECEIVED_AT)
-                                .bind(to_id(p.packet_id))
-                                .fetch_one(&mut *conn)
-                                .await?,
-                            false,
-                        ),
-                    };
-                    WriteReply::Inserted(Inserted {
-                        packet_id: p.packet_id,
-                        received_at,
-                        created,
-                    })
-                }
+                WriteOp::Insert(_) => unreachable!("inserts are applied together by insert_all"),
                 WriteOp::Lease {
                     ids,
                     owner,
                     expires_at,
                 } => {
                     let mut leased = Vec::with_capacity(ids.len());
-                    for id in ids {
-                        let row = sqlx::query(sql::LEASE)
-                            .bind(owner)
-                            .bind(expires_at.timestamp_millis())
-                            .bind(to_id(*id))
-                            .fetch_optional(&mut *conn)
-                            .await?;
-                        if let Some(row) = row {
+                    for chunk in sql::chunks(ids) {
+                        let mut qb = sqlx::QueryBuilder::<$db>::new(sql::LEASE_HEAD);
+                        qb.push_bind(owner)
+                            .push(", lease_expires_at = ")
+                            .push_bind(expires_at.timestamp_millis())
+                            .push(sql::LEASE_MID);
+                        let mut list = qb.separated(", ");
+                        for id in chunk {
+                            list.push_bind(to_id(*id));
+                        }
+                        qb.push(sql::LEASE_TAIL);
+                        for row in qb.build().fetch_all(&mut *conn).await? {
                             leased.push(decode_row(&row)?);
                         }
                     }
+                    // RETURNING has no order; hand out oldest first.
+                    leased.sort_by_key(|p| p.seq);
                     WriteReply::Leased(leased)
                 }
                 WriteOp::Mark(mark) => WriteReply::Marked(apply_mark(conn, mark).await?),
@@ -220,6 +206,64 @@ macro_rules! sql_backend {
                     )
                 }
             })
+        }
+
+        /// Inserts every packet of a batch with multi-row statements; a
+        /// packet whose id is already stored gets the stored receipt.
+        async fn insert_all(
+            conn: &mut Conn,
+            packets: &[&Packet],
+            now: DateTime<Utc>,
+        ) -> Result<Vec<Inserted>, sqlx::Error> {
+            let mut created = std::collections::HashMap::with_capacity(packets.len());
+            for chunk in sql::chunks(packets) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(sql::INSERT_HEAD);
+                qb.push_values(chunk, |mut row, p| {
+                    row.push_bind(to_id(p.packet_id))
+                        .push_bind(&p.user_id)
+                        .push_bind(&p.employee_id)
+                        .push_bind(&p.session_id)
+                        .push_bind(&p.lesson_id)
+                        .push_bind(&p.system_type)
+                        .push_bind(&p.role)
+                        .push_bind(p.client_timestamp)
+                        .push_bind(&p.cognitive_state)
+                        .push_bind(&p.state)
+                        .push_bind(p.active_seconds)
+                        .push_bind(p.idle_seconds)
+                        .push_bind(p.away_seconds)
+                        .push_bind(p.focus_score)
+                        .push_bind(p.integrity_score)
+                        .push_bind(Json(&p.raw_signals))
+                        .push_bind(now);
+                });
+                qb.push(sql::INSERT_TAIL);
+                for row in qb.build().fetch_all(&mut *conn).await? {
+                    let id = ($from_id)(row.try_get::<$id, _>("packet_id")?);
+                    created.insert(id, row.try_get::<DateTime<Utc>, _>("received_at")?);
+                }
+            }
+            let mut receipts = Vec::with_capacity(packets.len());
+            for p in packets {
+                // The first of several equal ids in a batch creates it.
+                let receipt = match created.remove(&p.packet_id) {
+                    Some(received_at) => Inserted {
+                        packet_id: p.packet_id,
+                        received_at,
+                        created: true,
+                    },
+                    None => Inserted {
+                        packet_id: p.packet_id,
+                        received_at: sqlx::query_scalar(sql::RECEIVED_AT)
+                            .bind(to_id(p.packet_id))
+                            .fetch_one(&mut *conn)
+                            .await?,
+                        created: false,
+                    },
+                };
+                receipts.push(receipt);
+            }
+            Ok(receipts)
         }
 
         async fn apply_mark(conn: &mut Conn, mark: &Mark) -> Result<MarkOutcome, sqlx::Error> {
@@ -260,10 +304,25 @@ macro_rules! sql_backend {
         impl Backend for $backend {
             async fn write_batch(&self, ops: &[WriteOp]) -> Result<Vec<WriteReply>, StoreError> {
                 let now = Utc::now();
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writes.begin().await?;
+                let packets: Vec<&Packet> = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        WriteOp::Insert(p) => Some(p.as_ref()),
+                        _ => None,
+                    })
+                    .collect();
+                // Inserts first, together: no other write of a batch can
+                // concern a packet whose insert is not yet acknowledged.
+                let mut inserted = insert_all(&mut tx, &packets, now).await?.into_iter();
                 let mut replies = Vec::with_capacity(ops.len());
                 for op in ops {
-                    replies.push(apply(&mut tx, op, now).await?);
+                    replies.push(match op {
+                        WriteOp::Insert(_) => {
+                            WriteReply::Inserted(inserted.next().expect("one receipt per insert"))
+                        }
+                        other => apply(&mut tx, other, now).await?,
+                    });
                 }
                 tx.commit().await?;
                 Ok(replies)
@@ -271,7 +330,7 @@ macro_rules! sql_backend {
 
             async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError> {
                 let ids: Vec<$id> = sqlx::query_scalar(sql::PENDING_IDS)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&self.reads)
                     .await?;
                 Ok(ids.into_iter().map($from_id).collect())
             }
@@ -285,7 +344,7 @@ macro_rules! sql_backend {
                     .bind(query.status.map(DeliveryStatus::as_str))
                     .bind(query.before_seq.unwrap_or(i64::MAX))
                     .bind(i64::from(query.limit))
-                    .fetch_all(&self.pool)
+                    .fetch_all(&self.reads)
                     .await?;
                 Ok(rows.iter().map(decode_row).collect::<Result<_, _>>()?)
             }
@@ -293,13 +352,13 @@ macro_rules! sql_backend {
             async fn get(&self, packet_id: Uuid) -> Result<Option<StoredPacket>, StoreError> {
                 let row = sqlx::query(sql::GET)
                     .bind(to_id(packet_id))
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.reads)
                     .await?;
                 Ok(row.as_ref().map(decode_row).transpose()?)
             }
 
             async fn counts(&self) -> Result<Counts, StoreError> {
-                let rows = sqlx::query(sql::COUNTS).fetch_all(&self.pool).await?;
+                let rows = sqlx::query(sql::COUNTS).fetch_all(&self.reads).await?;
                 let mut counts = Counts::default();
                 for row in rows {
                     let status: String = row.try_get("status")?;
@@ -317,7 +376,7 @@ macro_rules! sql_backend {
             }
 
             async fn ping(&self) -> Result<(), StoreError> {
-                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                sqlx::query("SELECT 1").execute(&self.reads).await?;
                 Ok(())
             }
 
@@ -329,3 +388,22 @@ macro_rules! sql_backend {
 }
 
 pub(super) use sql_backend;
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_ROWS_PER_STATEMENT, chunks};
+
+    #[test]
+    fn chunks_are_powers_of_two_covering_everything() {
+        for n in [0, 1, 3, 64, 300, 1000] {
+            let items: Vec<usize> = (0..n).collect();
+            let parts: Vec<&[usize]> = chunks(&items).collect();
+            assert_eq!(parts.concat(), items);
+            assert!(
+                parts
+                    .iter()
+                    .all(|c| c.len().is_power_of_two() && c.len() <= MAX_ROWS_PER_STATEMENT)
+            );
+        }
+    }
+}

@@ -7,7 +7,10 @@ use sqlx::sqlite::{
 };
 
 pub struct SqliteBackend {
-    pool: SqlitePool,
+    /// One connection: SQLite has one writer anyway, and a connection that
+    /// always writes keeps its page cache warm.
+    writes: SqlitePool,
+    reads: SqlitePool,
 }
 
 impl SqliteBackend {
@@ -20,12 +23,16 @@ impl SqliteBackend {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
+        let writes = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writes).await?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { writes, reads })
     }
 }
 

@@ -128,7 +128,16 @@ async fn run(
 
 async fn commit(backend: &dyn Backend, jobs: &mut Vec<Job>) {
     let (ops, senders): (Vec<WriteOp>, Vec<_>) = jobs.drain(..).unzip();
-    match backend.write_batch(&ops).await {
+    let started = std::time::Instant::now();
+    let result = backend.write_batch(&ops).await;
+    metrics::histogram!("bucket_commit_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("bucket_commit_writes").record(ops.len() as f64);
+    tracing::trace!(
+        writes = ops.len(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "commit"
+    );
+    match result {
         Ok(replies) => {
             for (reply_tx, reply) in senders.into_iter().zip(replies) {
                 let _ = reply_tx.send(Ok(reply));

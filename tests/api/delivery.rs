@@ -22,6 +22,7 @@ on_both_backends!(
     mark_processed_is_idempotent_and_checks_the_id,
     mark_failure_keeps_the_error,
     pending_packets_survive_a_restart,
+    shutdown_ends_streams_and_releases_their_leases,
 );
 
 async fn backlog_oldest_first_then_live(backend: Backend) {
@@ -275,4 +276,31 @@ async fn pending_packets_survive_a_restart(backend: Backend) {
         got.insert(next(&mut stream).await.packet.unwrap().packet_id);
     }
     assert_eq!(got, sent);
+}
+
+async fn shutdown_ends_streams_and_releases_their_leases(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut client = app.client().await;
+    let id = ingest(&mut client, packet_for("u")).await;
+    let mut stream = subscribe(&mut client, "karma", 0, 600).await;
+    assert_eq!(next(&mut stream).await.delivery_attempt, 1);
+
+    let config = app.config.clone();
+    let db = app.stop().await;
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("stream ends at shutdown");
+    assert_eq!(
+        end.unwrap_err().code(),
+        Code::Unavailable,
+        "told to reconnect"
+    );
+
+    // The 10-minute lease was released at shutdown: redelivered at once.
+    let app = TestApp::spawn_with(db, config).await;
+    let mut client = app.client().await;
+    let mut stream = subscribe(&mut client, "karma", 0, 0).await;
+    let again = next(&mut stream).await;
+    assert_eq!(again.packet.unwrap().packet_id, id);
+    assert_eq!(again.delivery_attempt, 2);
 }
