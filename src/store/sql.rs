@@ -146,11 +146,7 @@ macro_rules! sql_backend {
             })
         }
 
-        async fn apply(
-            conn: &mut Conn,
-            op: &WriteOp,
-            now: DateTime<Utc>,
-        ) -> Result<WriteReply, sqlx::Error> {
+        async fn apply(conn: &mut Conn, op: &WriteOp) -> Result<WriteReply, sqlx::Error> {
             Ok(match op {
                 WriteOp::Insert(_) => unreachable!("inserts are applied together by insert_all"),
                 WriteOp::Lease {
@@ -321,7 +317,7 @@ macro_rules! sql_backend {
                         WriteOp::Insert(_) => {
                             WriteReply::Inserted(inserted.next().expect("one receipt per insert"))
                         }
-                        other => apply(&mut tx, other, now).await?,
+                        other => apply(&mut tx, other).await?,
                     });
                 }
                 tx.commit().await?;
