@@ -251,7 +251,7 @@ impl Bucket {
             }),
             MarkOutcome::Applied { lease_owner } => {
                 if let Some(owner) = lease_owner {
-                    self.dispatcher.settled(&owner, packet_id);
+                    self.dispatcher.settled(&owner, packet_id).await;
                 }
                 let label = if success { "processed" } else { "failed" };
                 metrics::counter!("bucket_packets_marked_total", "outcome" => label).increment(1);

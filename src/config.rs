@@ -64,6 +64,10 @@ pub struct RedisConfig {
     /// Prefix of every Redis key, so one Redis can serve several deployments.
     #[arg(long, env = "BUCKET_REDIS_PREFIX", default_value = "bucket:")]
     pub redis_prefix: String,
+    /// How often the Redis queue is checked against the database's pending
+    /// packets (also on every reconnect), in seconds.
+    #[arg(long, env = "BUCKET_RECONCILE_SECONDS", default_value_t = 30)]
+    pub reconcile_seconds: u64,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -11,13 +11,15 @@ use tonic::transport::Server;
 
 use crate::bucket::Bucket;
 use crate::config::Config;
-use crate::delivery::Dispatcher;
+use crate::delivery::{Dispatcher, reconciler};
 use crate::grpc::BucketGrpc;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
 use crate::queue::Queue;
 use crate::queue::memory::MemoryQueue;
+use crate::queue::redis::{RedisQueue, redis_url};
 use crate::store::Store;
+use uuid::Uuid;
 
 pub struct Application {
     listener: TcpListener,
@@ -35,14 +37,45 @@ impl Application {
         let store = Store::connect(&config.database_url, config.max_commit)
             .await
             .with_context(|| format!("opening {}", redact(&config.database_url)))?;
-        let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
-        let pending = store.pending_ids().await?;
-        queue.push(&pending).await?;
-        tracing::info!(pending = pending.len(), "queue rebuilt from the database");
+        let node = Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let (queue, redis) = match redis_url(&config.redis) {
+            None => {
+                tracing::info!("no REDIS_URL: in-memory queue (one node)");
+                (Arc::new(MemoryQueue::new()) as Arc<dyn Queue>, None)
+            }
+            Some(url) => {
+                let redis = RedisQueue::connect(&url, &config.redis, &node)?;
+                if tokio::time::timeout(Duration::from_secs(2), redis.wait_connected())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(redis = %redact(&url), "Redis does not answer; serving from memory and reconnecting");
+                }
+                (redis.clone() as Arc<dyn Queue>, Some(redis))
+            }
+        };
 
-        let dispatcher =
-            Dispatcher::new(store.clone(), queue.clone(), config.delivery.max_deliveries);
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            queue.clone(),
+            node,
+            config.delivery.max_deliveries,
+        );
+        match reconciler::reconcile(&dispatcher).await {
+            Ok(queued) => tracing::info!(queued, "queue rebuilt from the database"),
+            // Redis away: pushes fell back to memory or will come with the reconnect.
+            Err(e) => {
+                tracing::warn!(error = %e, "queue not fully rebuilt; will retry on reconnect")
+            }
+        }
         dispatcher.start(config.delivery.sweep_interval());
+        if let Some(redis) = &redis {
+            redis.start(dispatcher.shutdown_token());
+            dispatcher.start_reconciler(
+                redis.reconnections(),
+                Duration::from_secs(config.redis.reconcile_seconds.max(1)),
+            );
+        }
         let bucket = Arc::new(Bucket::new(
             store.clone(),
             queue,

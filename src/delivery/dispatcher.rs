@@ -16,6 +16,12 @@ use crate::error::Error;
 use crate::queue::Queue;
 use crate::store::{Released, Store, StoredPacket};
 
+/// The node part of a lease owner `consumer@node#stream`.
+fn owner_node(owner: &str) -> Option<&str> {
+    let (_, rest) = owner.rsplit_once('@')?;
+    Some(rest.split_once('#').map_or(rest, |(node, _)| node))
+}
+
 pub struct Dispatcher {
     store: Store,
     queue: Arc<dyn Queue>,
@@ -41,8 +47,13 @@ struct Entry {
 pub type Subscription = mpsc::Receiver<Result<Delivery, Error>>;
 
 impl Dispatcher {
-    pub fn new(store: Store, queue: Arc<dyn Queue>, max_deliveries: u32) -> Arc<Self> {
-        let node = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    /// `node` names this process in lease owners and in the Redis group.
+    pub fn new(
+        store: Store,
+        queue: Arc<dyn Queue>,
+        node: String,
+        max_deliveries: u32,
+    ) -> Arc<Self> {
         Arc::new(Dispatcher {
             store,
             queue,
@@ -55,13 +66,54 @@ impl Dispatcher {
         })
     }
 
-    /// Starts the lease sweeper.
+    /// Starts the lease sweeper, and listens for lease ends on other nodes.
     pub fn start(self: &Arc<Self>, sweep_interval: Duration) {
         self.tasks.spawn(sweeper::run(
             self.clone(),
             sweep_interval,
             self.shutdown.clone(),
         ));
+        if let Some(mut events) = self.queue.settled_events() {
+            let dispatcher = self.clone();
+            let shutdown = self.shutdown.clone();
+            self.tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        event = events.recv() => match event {
+                            Ok((owner, id)) => {
+                                dispatcher.settle_local(&owner, id);
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        },
+                    }
+                }
+            });
+        }
+    }
+
+    /// Starts reconciling the queue with the database on every Redis
+    /// (re)connection and every `every`.
+    pub fn start_reconciler<T: Clone + Send + 'static>(
+        self: &Arc<Self>,
+        connected: tokio::sync::broadcast::Receiver<T>,
+        every: Duration,
+    ) {
+        self.tasks.spawn(super::reconciler::run(
+            self.clone(),
+            connected,
+            every,
+            self.shutdown.clone(),
+        ));
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub(super) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Tells every stream and the sweeper to end, without waiting.
@@ -155,10 +207,19 @@ impl Dispatcher {
         }
     }
 
-    /// A packet's lease ended by MarkProcessed: free the holder's slot.
-    pub fn settled(&self, lease_owner: &str, packet_id: Uuid) {
-        if let Some(entry) = self.lock().get(lease_owner) {
-            let _ = entry.settled.send(packet_id);
+    /// A packet's lease ended by MarkProcessed: free the holder's slot,
+    /// here or, through the queue, on the node that holds it.
+    pub async fn settled(&self, lease_owner: &str, packet_id: Uuid) {
+        if !self.settle_local(lease_owner, packet_id) && owner_node(lease_owner) != Some(&self.node)
+        {
+            self.queue.publish_settled(lease_owner, packet_id).await;
+        }
+    }
+
+    fn settle_local(&self, lease_owner: &str, packet_id: Uuid) -> bool {
+        match self.lock().get(lease_owner) {
+            Some(entry) => entry.settled.send(packet_id).is_ok(),
+            None => false,
         }
     }
 

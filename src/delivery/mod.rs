@@ -7,6 +7,7 @@
 //! unmarked packet is then pending again, or dead_letter after
 //! `max_deliveries` deliveries.
 mod dispatcher;
+pub mod reconciler;
 mod subscriber;
 mod sweeper;
 

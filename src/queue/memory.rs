@@ -36,6 +36,11 @@ impl MemoryQueue {
         Self::default()
     }
 
+    /// How many ids wait, without the async trait's ceremony.
+    pub fn depth_now(&self) -> usize {
+        self.lock().order.len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("queue lock poisoned")
     }
@@ -88,7 +93,11 @@ impl Queue for MemoryQueue {
     }
 
     async fn depth(&self) -> Result<u64, QueueError> {
-        Ok(self.lock().order.len() as u64)
+        Ok(self.depth_now() as u64)
+    }
+
+    async fn queued_ids(&self) -> Result<HashSet<Uuid>, QueueError> {
+        Ok(self.lock().queued.clone())
     }
 
     fn redis_connected(&self) -> bool {

@@ -10,9 +10,9 @@ use crate::helpers::{
     Backend, TestApp, TestDb, assert_quiet, ingest, mark, next, packet_for, status, subscribe,
     test_config,
 };
-use crate::on_both_backends;
+use crate::on_every_backend;
 
-on_both_backends!(
+on_every_backend!(
     backlog_oldest_first_then_live,
     max_in_flight_bounds_unmarked_packets,
     two_streams_never_hold_the_same_packet,

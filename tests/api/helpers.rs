@@ -18,11 +18,13 @@ use tonic::transport::Channel;
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// PostgreSQL with the Redis queue (keys under a prefix of the test's own).
+    Redis,
 }
 
 /// Generates one test per backend from `async fn name(backend: Backend)`.
 #[macro_export]
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
             $(
@@ -40,12 +42,22 @@ macro_rules! on_both_backends {
                 }
             )*
         }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Redis).await
+                }
+            )*
+        }
     };
 }
 
 /// A database that exists for one test and is dropped after it.
 pub struct TestDb {
     pub url: String,
+    /// The Redis queue's URL and key prefix, for `Backend::Redis`.
+    pub redis: Option<(String, String)>,
     _dir: Option<tempfile::TempDir>,
     pg_name: Option<String>,
 }
@@ -56,6 +68,11 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// The shared Redis server of the tests.
+pub fn redis_url() -> String {
+    std::env::var("BUCKET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
 impl TestDb {
     pub async fn new(backend: Backend) -> Arc<TestDb> {
         Arc::new(match backend {
@@ -63,11 +80,12 @@ impl TestDb {
                 let dir = tempfile::tempdir().expect("tempdir");
                 TestDb {
                     url: format!("sqlite://{}/bucket.db", dir.path().display()),
+                    redis: None,
                     _dir: Some(dir),
                     pg_name: None,
                 }
             }
-            Backend::Postgres => {
+            Backend::Postgres | Backend::Redis => {
                 let admin = postgres_admin_url();
                 let name = format!("bucket_test_{}", uuid::Uuid::new_v4().simple());
                 let pool = sqlx::PgPool::connect(&admin)
@@ -79,8 +97,15 @@ impl TestDb {
                     .expect("create test database");
                 pool.close().await;
                 let base = admin.rsplit_once('/').expect("URL with a database").0;
+                let redis = (backend == Backend::Redis).then(|| {
+                    (
+                        redis_url(),
+                        format!("bucket-test-{}:", uuid::Uuid::new_v4().simple()),
+                    )
+                });
                 TestDb {
                     url: format!("{base}/{name}"),
+                    redis,
                     _dir: None,
                     pg_name: Some(name),
                 }
@@ -151,9 +176,11 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some(name) = self.pg_name.take() else {
+        let pg_name = self.pg_name.take();
+        let redis = self.redis.take();
+        if pg_name.is_none() && redis.is_none() {
             return;
-        };
+        }
         // Drop runs outside any runtime we may block; use a thread of its own.
         let admin = postgres_admin_url();
         let _ = std::thread::spawn(move || {
@@ -162,11 +189,25 @@ impl Drop for TestDb {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&pool)
-                        .await;
-                    pool.close().await;
+                if let Some(name) = pg_name {
+                    if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&pool)
+                                .await;
+                        pool.close().await;
+                    }
+                }
+                if let Some((url, prefix)) = redis {
+                    use fred::prelude::*;
+                    if let Ok(client) =
+                        Builder::from_config(Config::from_url(&url).unwrap()).build()
+                    {
+                        if client.init().await.is_ok() {
+                            let _: Result<(), _> = client.del(format!("{prefix}pending")).await;
+                            let _ = client.quit().await;
+                        }
+                    }
                 }
             });
         })
@@ -179,8 +220,11 @@ pub fn test_config(db: &TestDb) -> Config {
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.database_url = db.url.clone();
-    config.redis.redis_url = None;
+    config.redis.redis_url = db.redis.as_ref().map(|(url, _)| url.clone());
     config.redis.redis_host = None;
+    if let Some((_, prefix)) = &db.redis {
+        config.redis.redis_prefix = prefix.clone();
+    }
     config.delivery.sweep_ms = 50;
     config
 }

@@ -6,9 +6,9 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::helpers::{Backend, TestApp, ingest, next, packet_for, seed_packet, status, subscribe};
-use crate::on_both_backends;
+use crate::on_every_backend;
 
-on_both_backends!(
+on_every_backend!(
     seed_packet_round_trips_through_stream_and_user_packets,
     every_rule_is_rejected_naming_the_field_and_nothing_is_stored,
     ingest_with_a_client_id_is_idempotent,

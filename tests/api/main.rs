@@ -4,3 +4,4 @@ mod helpers;
 mod delivery;
 mod ingest;
 mod queries;
+mod redis_queue;

@@ -1,0 +1,261 @@
+//! The Redis queue: several nodes, outages, a Redis that comes late.
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bucket::proto::bucket::v1 as pb;
+use fred::prelude::*;
+
+use crate::helpers::{
+    Backend, TestApp, TestDb, ingest, mark, next, packet_for, status, subscribe, test_config,
+};
+
+/// A redis-server of the test's own, on a free port, that it can kill.
+struct OwnRedis {
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn url(port: u16) -> String {
+        format!("redis://127.0.0.1:{port}")
+    }
+
+    async fn start(port: u16) -> OwnRedis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (tests/run.sh installs it)");
+        let redis = OwnRedis { child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        redis
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn wait_for_redis(
+    client: &mut pb::bucket_service_client::BucketServiceClient<tonic::transport::Channel>,
+    connected: bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(client).await.redis_connected != connected {
+        assert!(
+            Instant::now() < deadline,
+            "redis_connected never became {connected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Receives and marks (through `marker`) until nothing comes for `quiet`.
+async fn consume(
+    app: &TestApp,
+    marker: &TestApp,
+    name: &str,
+    quiet: Duration,
+    seen: Arc<Mutex<HashMap<String, u32>>>,
+) {
+    let mut client = app.client().await;
+    let mut marks = marker.client().await;
+    let mut stream = subscribe(&mut client, name, 16, 0).await;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(quiet, stream.message())
+        .await
+        .map(|m| m.transpose())
+    {
+        let id = d.packet.unwrap().packet_id;
+        *seen.lock().unwrap().entry(id.clone()).or_insert(0) += 1;
+        let marked = mark(&mut marks, &id).await;
+        assert!(!marked.already_processed, "{id} processed twice");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_database_and_one_redis() {
+    let db = TestDb::new(Backend::Redis).await;
+    let a = TestApp::spawn_with(db.clone(), test_config(&db)).await;
+    let b = TestApp::spawn_with(db.clone(), test_config(&db)).await;
+
+    // Promptly across nodes: ingested on B, delivered to a stream on A.
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let mut stream = subscribe(&mut on_a, "probe", 1, 0).await;
+    let started = Instant::now();
+    let id = ingest(&mut on_b, packet_for("probe")).await;
+    assert_eq!(next(&mut stream).await.packet.unwrap().packet_id, id);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    mark(&mut on_b, &id).await; // marked through the other node
+    drop(stream);
+
+    const N: usize = 2000;
+    for chunk in 0..N / 100 {
+        let packets = (0..100)
+            .map(|i| packet_for(&format!("u{}", chunk * 100 + i)))
+            .collect();
+        let node = if chunk % 2 == 0 { &mut on_a } else { &mut on_b };
+        let response = node
+            .ingest_batch(pb::IngestBatchRequest { packets })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.ingested, 100);
+    }
+
+    // Two consumers per node, each marking through the other node.
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let a = Arc::new(a);
+    let b = Arc::new(b);
+    let mut consumers = Vec::new();
+    for (i, (node, other)) in [(&a, &b), (&a, &b), (&b, &a), (&b, &a)]
+        .into_iter()
+        .enumerate()
+    {
+        let (node, other, seen) = (node.clone(), other.clone(), seen.clone());
+        consumers.push(tokio::spawn(async move {
+            consume(
+                &node,
+                &other,
+                &format!("karma-{i}"),
+                Duration::from_secs(3),
+                seen,
+            )
+            .await
+        }));
+    }
+    for consumer in consumers {
+        consumer.await.unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), N, "every packet delivered");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "a packet reached two streams"
+    );
+    let counts = db.status_counts().await;
+    assert_eq!(counts.get("processed"), Some(&(N as i64 + 1)));
+    assert_eq!(
+        counts.len(),
+        1,
+        "nothing left pending or leased: {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_loses_nothing() {
+    let port = OwnRedis::free_port();
+    let mut redis = OwnRedis::start(port).await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.redis.redis_url = Some(OwnRedis::url(port));
+    let app = TestApp::spawn_with(db.clone(), config).await;
+    let mut client = app.client().await;
+    wait_for_redis(&mut client, true).await;
+
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(ingest(&mut client, packet_for(&format!("before{i}"))).await);
+    }
+    redis.kill();
+    wait_for_redis(&mut client, false).await;
+    for i in 0..20 {
+        let started = Instant::now();
+        sent.push(ingest(&mut client, packet_for(&format!("during{i}"))).await);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "ingest stalled without Redis"
+        );
+    }
+
+    // Back, empty: the stream and the group are gone.
+    let _redis = OwnRedis::start(port).await;
+    wait_for_redis(&mut client, true).await;
+    for i in 0..20 {
+        sent.push(ingest(&mut client, packet_for(&format!("after{i}"))).await);
+    }
+
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    consume(&app, &app, "karma", Duration::from_secs(5), seen.clone()).await;
+    let seen = seen.lock().unwrap();
+    for id in &sent {
+        assert!(seen.contains_key(id), "{id} never delivered");
+    }
+    assert_eq!(db.status_counts().await.get("processed"), Some(&60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_with_redis_down_then_uses_it() {
+    let port = OwnRedis::free_port();
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.redis.redis_url = Some(OwnRedis::url(port));
+    config.redis.redis_prefix = "late:".into();
+    let app = TestApp::spawn_with(db.clone(), config).await;
+    let mut client = app.client().await;
+    assert!(!status(&mut client).await.redis_connected);
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        sent.push(ingest(&mut client, packet_for(&format!("early{i}"))).await);
+    }
+
+    let _redis = OwnRedis::start(port).await;
+    wait_for_redis(&mut client, true).await;
+    for i in 0..10 {
+        sent.push(ingest(&mut client, packet_for(&format!("late{i}"))).await);
+    }
+    let redis = Builder::from_config(Config::from_url(&OwnRedis::url(port)).unwrap())
+        .build()
+        .unwrap();
+    redis.init().await.unwrap();
+    let len: u64 = redis.xlen("late:pending").await.unwrap();
+    assert!(
+        len >= 10,
+        "packets ingested after Redis came up are in its stream ({len})"
+    );
+
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    consume(&app, &app, "karma", Duration::from_secs(3), seen.clone()).await;
+    let seen = seen.lock().unwrap();
+    for id in &sent {
+        assert!(seen.contains_key(id), "{id} never delivered");
+    }
+}
