@@ -189,24 +189,21 @@ impl Drop for TestDb {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                if let Some(name) = pg_name {
-                    if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
-                        let _ =
-                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                                .execute(&pool)
-                                .await;
-                        pool.close().await;
-                    }
+                if let Some(name) = pg_name
+                    && let Ok(pool) = sqlx::PgPool::connect(&admin).await
+                {
+                    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(&drop).execute(&pool).await;
+                    pool.close().await;
                 }
                 if let Some((url, prefix)) = redis {
                     use fred::prelude::*;
-                    if let Ok(client) =
-                        Builder::from_config(Config::from_url(&url).unwrap()).build()
+                    let client = Builder::from_config(Config::from_url(&url).unwrap()).build();
+                    if let Ok(client) = client
+                        && client.init().await.is_ok()
                     {
-                        if client.init().await.is_ok() {
-                            let _: Result<(), _> = client.del(format!("{prefix}pending")).await;
-                            let _ = client.quit().await;
-                        }
+                        let _: Result<(), _> = client.del(format!("{prefix}pending")).await;
+                        let _ = client.quit().await;
                     }
                 }
             });

@@ -215,7 +215,7 @@ async fn redis_outage_loses_nothing() {
 
     let seen = Arc::new(Mutex::new(HashMap::new()));
     consume(&app, &app, "karma", Duration::from_secs(5), seen.clone()).await;
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     for id in &sent {
         assert!(seen.contains_key(id), "{id} never delivered");
     }
