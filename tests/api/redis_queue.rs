@@ -165,7 +165,7 @@ async fn two_nodes_share_one_database_and_one_redis() {
     for consumer in consumers {
         consumer.await.unwrap();
     }
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), N, "every packet delivered");
     assert!(
         seen.values().all(|n| *n == 1),
