@@ -22,6 +22,19 @@ impl Error {
     pub fn invalid(field: &str, description: impl Into<String>) -> Self {
         Error::InvalidInput(vec![FieldViolation::new(field, description)])
     }
+
+    /// Names violated fields by their path in the request, e.g.
+    /// `packet.focus_score` (gRPC) or `body.focus_score` (JSON).
+    pub fn prefixed(self, prefix: &str) -> Self {
+        match self {
+            Error::InvalidInput(vs) => Error::InvalidInput(
+                vs.into_iter()
+                    .map(|v| FieldViolation::new(format!("{prefix}{}", v.field), v.description))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
 }
 
 fn summary(violations: &[FieldViolation]) -> String {

@@ -6,6 +6,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod http;
 pub mod proto;
 pub mod queue;
 pub mod startup;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::{Routes, RoutesBuilder};
+use tonic::service::Routes;
 use tonic::transport::Server;
 
 use crate::bucket::Bucket;
@@ -121,6 +121,8 @@ impl Application {
             .accept_http1(true)
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // CORS outside everything, so preflights and errors carry it too.
+            .layer(crate::http::cors::layer(&self.config.cors_origins))
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), stop)
             .await
@@ -136,16 +138,63 @@ impl Application {
             .max_decoding_message_size(self.config.max_body_bytes);
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let reflection_alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        let mut builder = RoutesBuilder::default();
-        builder
-            .add_service(bucket)
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(report_health(
+            self.bucket.clone(),
+            health_reporter,
+            self.dispatcher.shutdown_token(),
+        ));
+        // gRPC-web (binary and text, over HTTP/1.1 too) on the gRPC routes
+        // only: tonic-web refuses every other HTTP/1.1 request.
+        let grpc = Routes::new(bucket)
+            .add_service(health)
             .add_service(reflection)
-            .add_service(reflection_alpha);
-        Ok(builder.routes())
+            .add_service(reflection_alpha)
+            .into_axum_router()
+            .layer(tonic_web::GrpcWebLayer::new());
+        let http = crate::http::router(self.bucket.clone(), self.config.max_body_bytes);
+        Ok(Routes::from(
+            grpc.merge(http).fallback(crate::http::not_found),
+        ))
+    }
+}
+
+/// `grpc.health.v1.Health`: SERVING while the database answers, for the
+/// whole server ("") and for `bucket.v1.BucketService`.
+async fn report_health(
+    bucket: Arc<Bucket>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    const SERVICE: &str = "bucket.v1.BucketService";
+    let mut last = None;
+    loop {
+        let serving = bucket.store().ping().await.is_ok();
+        if last != Some(serving) {
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tracing::warn!("database unreachable: health NOT_SERVING");
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status(SERVICE, status).await;
+            last = Some(serving);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                reporter.set_service_status(SERVICE, tonic_health::ServingStatus::NotServing).await;
+                return;
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 use crate::bucket::StatusReport;
 use crate::delivery::{ConsumerInfo, Delivery};
 use crate::domain::packet::TimestampInput;
-use crate::domain::{DeliveryStatus, FieldViolation, PacketDraft};
+use crate::domain::{DeliveryStatus, PacketDraft};
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
 use crate::proto::{action_to_struct, from_timestamp, json_to_struct, struct_to_json, timestamp};
@@ -46,18 +46,6 @@ pub fn draft(p: pb::PacketInput) -> PacketDraft {
         focus_score: p.focus_score,
         integrity_score: p.integrity_score,
         raw_signals: p.raw_signals.map(|s| Value::Object(struct_to_json(s))),
-    }
-}
-
-/// Names violated fields by their path in the request, e.g. `packet.focus_score`.
-pub fn prefixed(e: Error, prefix: &str) -> Error {
-    match e {
-        Error::InvalidInput(vs) => Error::InvalidInput(
-            vs.into_iter()
-                .map(|v| FieldViolation::new(format!("{prefix}{}", v.field), v.description))
-                .collect(),
-        ),
-        other => other,
     }
 }
 

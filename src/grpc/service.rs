@@ -40,7 +40,7 @@ impl BucketService for BucketGrpc {
             .bucket
             .ingest(convert::draft(packet))
             .await
-            .map_err(|e| convert::prefixed(e, "packet."))?;
+            .map_err(|e| e.prefixed("packet."))?;
         Ok(Response::new(convert::receipt(receipt)))
     }
 

@@ -1,0 +1,37 @@
+//! CORS for browsers (PRANA): gRPC-web and the JSON gateway from pages of
+//! other origins. tonic-web has no CORS of its own since 0.12.
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+pub fn layer(origins: &[String]) -> CorsLayer {
+    let base = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers(Any)
+        // Browsers hide response headers unless told; gRPC-web clients need these.
+        .expose_headers([
+            HeaderName::from_static("grpc-status"),
+            HeaderName::from_static("grpc-message"),
+            HeaderName::from_static("grpc-status-details-bin"),
+        ])
+        .max_age(Duration::from_secs(24 * 3600));
+    if origins.iter().any(|o| o.trim() == "*") {
+        tracing::warn!("CORS is open to every origin (BUCKET_CORS_ORIGINS=*)");
+        return base.allow_origin(Any);
+    }
+    let allowed: Vec<HeaderValue> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .filter_map(|o| match HeaderValue::from_str(o) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                tracing::warn!(origin = o, "ignoring an invalid CORS origin");
+                None
+            }
+        })
+        .collect();
+    tracing::info!(origins = ?origins, "CORS allowed origins");
+    base.allow_origin(AllowOrigin::list(allowed))
+}

@@ -1,0 +1,26 @@
+//! The plain-HTTP front doors: the seed's JSON gateway and operations.
+pub mod cors;
+mod error;
+mod gateway;
+mod ops;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+
+use crate::bucket::Bucket;
+
+/// `/api/v1/...` (the seed's paths), `/healthz`, `/readyz`, `/metrics`.
+pub fn router(bucket: Arc<Bucket>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .nest("/api/v1", gateway::router(bucket.clone()))
+        .merge(ops::router(bucket))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// Any other path: FastAPI's 404 (a gRPC client reads it as UNIMPLEMENTED).
+pub async fn not_found() -> axum::response::Response {
+    error::detail(StatusCode::NOT_FOUND, "Not Found")
+}
