@@ -33,9 +33,8 @@ type Body = Result<Json<Value>, JsonRejection>;
 
 /// Malformed JSON (400), wrong content type (415), too large (413): the
 /// extractor knows which; answer in FastAPI's `{"detail": ...}` shape.
-fn body(body: Body) -> Result<Value, Response> {
-    body.map(|Json(v)| v)
-        .map_err(|rejection| detail(rejection.status(), rejection.body_text()))
+fn rejected_body(rejection: JsonRejection) -> Response {
+    detail(rejection.status(), rejection.body_text())
 }
 
 fn time(at: DateTime<Utc>) -> String {
@@ -52,9 +51,9 @@ fn receipt(r: &Inserted) -> Value {
 
 /// One packet or (ours) a JSON array of packets, answered item by item.
 async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
-    let value = match body(raw) {
-        Ok(value) => value,
-        Err(response) => return response,
+    let value = match raw {
+        Ok(Json(value)) => value,
+        Err(rejection) => return rejected_body(rejection),
     };
     match value {
         Value::Array(items) => {
@@ -217,9 +216,9 @@ fn yes() -> Value {
 }
 
 async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
-    let value = match body(raw) {
-        Ok(value) => value,
-        Err(response) => return response,
+    let value = match raw {
+        Ok(Json(value)) => value,
+        Err(rejection) => return rejected_body(rejection),
     };
     let request: MarkBody = match serde_json::from_value(value) {
         Ok(r) => r,
