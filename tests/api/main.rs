@@ -2,6 +2,8 @@
 mod helpers;
 
 mod delivery;
+mod gateway;
 mod ingest;
+mod ops;
 mod queries;
 mod redis_queue;

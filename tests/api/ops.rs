@@ -1,0 +1,429 @@
+//! gRPC-web, CORS, reflection, health, metrics, and the example consumer.
+use std::time::{Duration, Instant};
+
+use bucket::proto::bucket::v1 as pb;
+use prost::Message;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::helpers::{Backend, TestApp, TestDb, ingest, packet_for, status, test_config};
+
+/// One gRPC-web frame: flag, big-endian length, message.
+fn frame(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// Splits a gRPC-web response body into its data message and trailer text.
+fn unframe(mut body: &[u8]) -> (Option<Vec<u8>>, String) {
+    let (mut data, mut trailers) = (None, String::new());
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+        let payload = body[5..5 + len].to_vec();
+        if body[0] & 0x80 != 0 {
+            trailers = String::from_utf8(payload).unwrap();
+        } else {
+            data = Some(payload);
+        }
+        body = &body[5 + len..];
+    }
+    (data, trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_binary_and_text_over_http1() {
+    use base64::Engine;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/bucket.v1.BucketService/Ingest", app.url());
+    let request = pb::IngestRequest {
+        packet: Some(packet_for("web")),
+    }
+    .encode_to_vec();
+
+    let response = http
+        .post(&url)
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("origin", "http://prana.example")
+        .body(frame(&request))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    let (data, trailers) = unframe(&response.bytes().await.unwrap());
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let receipt = pb::IngestResponse::decode(data.unwrap().as_slice()).unwrap();
+    assert_eq!(receipt.status, "ingested");
+
+    // grpc-web-text: the same frames, base64.
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let response = http
+        .post(&url)
+        .header("content-type", "application/grpc-web-text")
+        .header("accept", "application/grpc-web-text")
+        .body(
+            b64.encode(frame(
+                &pb::IngestRequest {
+                    packet: Some(packet_for("web")),
+                }
+                .encode_to_vec(),
+            )),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.unwrap();
+    // A response may be several base64 chunks, each padded on its own:
+    // decode quantum by quantum.
+    let mut bytes = Vec::new();
+    for quantum in text.trim().as_bytes().chunks(4) {
+        bytes.extend(b64.decode(quantum).unwrap());
+    }
+    let (data, trailers) = unframe(&bytes);
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    assert!(pb::IngestResponse::decode(data.unwrap().as_slice()).is_ok());
+
+    // An error reaches a browser as a grpc-status it can read.
+    let response = http
+        .post(&url)
+        .header("content-type", "application/grpc-web+proto")
+        .body(frame(&pb::IngestRequest { packet: None }.encode_to_vec()))
+        .send()
+        .await
+        .unwrap();
+    let header_status = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let (_, trailers) = unframe(&response.bytes().await.unwrap());
+    assert!(header_status.as_deref() == Some("3") || trailers.contains("grpc-status:3"));
+
+    let mut client = app.client().await;
+    assert_eq!(status(&mut client).await.total_packets, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_for_open_and_listed_origins() {
+    let preflight = |app: &TestApp, origin: &'static str| {
+        reqwest::Client::new()
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{}/bucket.v1.BucketService/Ingest", app.url()),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,x-grpc-web,x-user-agent",
+            )
+            .send()
+    };
+    let open = TestApp::spawn(Backend::Sqlite).await;
+    let response = preflight(&open, "http://anywhere.example").await.unwrap();
+    assert!(response.status().is_success());
+    let h = response.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    assert!(h.contains_key("access-control-allow-headers"));
+
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.cors_origins = vec![
+        "http://prana.example".into(),
+        "http://localhost:5173".into(),
+    ];
+    let listed = TestApp::spawn_with(db, config).await;
+    let ok = preflight(&listed, "http://prana.example").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "http://prana.example"
+    );
+    let refused = preflight(&listed, "http://evil.example").await.unwrap();
+    assert!(
+        !refused
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
+
+    // The grpc-status headers are readable by the page.
+    let response = reqwest::Client::new()
+        .post(format!("{}/bucket.v1.BucketService/Status", listed.url()))
+        .header("origin", "http://prana.example")
+        .header("content-type", "application/grpc-web+proto")
+        .body(frame(&[]))
+        .send()
+        .await
+        .unwrap();
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for h in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        assert!(exposed.contains(h), "{h} not exposed: {exposed}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_service_v1_and_v1alpha() {
+    use futures::StreamExt;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+
+    use tonic_reflection::pb::v1 as r1;
+    let mut client = r1::server_reflection_client::ServerReflectionClient::new(channel(&app).await);
+    let request = r1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(r1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"bucket.v1.BucketService".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+
+    use tonic_reflection::pb::v1alpha as ra;
+    let mut client = ra::server_reflection_client::ServerReflectionClient::new(channel(&app).await);
+    let request = ra::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            ra::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "bucket.v1.BucketService".into(),
+            ),
+        ),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    assert!(matches!(
+        response.message_response,
+        Some(ra::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_database() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let app = TestApp::spawn_with(db.clone(), test_config(&db)).await;
+    let health = HealthClient::new(channel(&app).await);
+    let check = |service: &'static str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let wait_for = |want: ServingStatus| {
+        let mut health = health.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                // Before the first report the service is unknown (NOT_FOUND).
+                let got = health.check(check("bucket.v1.BucketService")).await;
+                if got.is_ok_and(|r| r.into_inner().status == want as i32) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "health never became {want:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(ServingStatus::Serving).await;
+    let whole = health
+        .clone()
+        .check(check(""))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(whole, ServingStatus::Serving as i32);
+    db.break_storage().await;
+    wait_for(ServingStatus::NotServing).await;
+    db.mend_storage().await;
+    wait_for(ServingStatus::Serving).await;
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let scrape = || async {
+        reqwest::get(format!("{}/metrics", app.url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = scrape().await;
+    let mut client = app.client().await;
+    ingest(&mut client, packet_for("m")).await;
+    let _ = client
+        .ingest(pb::IngestRequest {
+            packet: Some(pb::PacketInput {
+                focus_score: Some(500.0),
+                ..packet_for("m")
+            }),
+        })
+        .await;
+    let mut stream = crate::helpers::subscribe(&mut client, "metrics", 0, 0).await;
+    crate::helpers::next(&mut stream).await;
+    let after = scrape().await;
+    assert!(
+        metric(&after, "bucket_packets_ingested_total")
+            >= metric(&before, "bucket_packets_ingested_total") + 1.0
+    );
+    assert!(
+        after.contains("bucket_packets_rejected_total{field=\"focus_score\"}"),
+        "{after}"
+    );
+    assert!(metric(&after, "bucket_ingest_seconds_count") >= 1.0);
+    assert!(metric(&after, "bucket_deliveries_total") >= 1.0);
+    assert!(metric(&after, "bucket_consumers_connected") >= 1.0);
+    for name in [
+        "bucket_queue_depth",
+        "bucket_packets_leased",
+        "bucket_redeliveries_total",
+    ] {
+        assert!(after.contains(name), "{name} missing");
+    }
+}
+
+/// Runs examples/karma_consumer (built by `cargo test --all-targets` /
+/// nextest) against a bucket that restarts under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn karma_consumer_example_processes_and_survives_a_restart() {
+    let exe = std::env::current_exe().unwrap();
+    let consumer = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("karma_consumer");
+    assert!(
+        consumer.exists(),
+        "{} missing: run the tests with --all-targets (tests/run.sh does)",
+        consumer.display()
+    );
+
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let mut child = std::process::Command::new(&consumer)
+        .arg(app.url())
+        .arg("karma-e2e")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(&mut child);
+    let mut client = app.client().await;
+    let focused = ingest(
+        &mut client,
+        pb::PacketInput {
+            cognitive_state: "DEEP_FOCUS".into(),
+            ..packet_for("k")
+        },
+    )
+    .await;
+    let distracted = ingest(
+        &mut client,
+        pb::PacketInput {
+            cognitive_state: "DISTRACTED".into(),
+            ..packet_for("k")
+        },
+    )
+    .await;
+    wait_processed(&mut client, 2).await;
+    let packets = client
+        .user_packets(pb::UserPacketsRequest {
+            user_id: "k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .packets;
+    let by_id = |id: &str| packets.iter().find(|p| p.packet_id == id).unwrap().clone();
+    assert_eq!(by_id(&focused).karma_actions.len(), 1, "focus earns karma");
+    assert!(
+        by_id(&distracted).karma_actions.is_empty(),
+        "distraction earns none"
+    );
+
+    // Restart on the same port: the consumer reconnects by itself.
+    let mut config = app.config.clone();
+    config.listen = app.addr;
+    let db = app.stop().await;
+    let app = TestApp::spawn_with(db, config).await;
+    let mut client = app.client().await;
+    ingest(
+        &mut client,
+        pb::PacketInput {
+            cognitive_state: "ON_TASK".into(),
+            ..packet_for("k")
+        },
+    )
+    .await;
+    wait_processed(&mut client, 3).await;
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn channel(app: &TestApp) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(app.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn wait_processed(
+    client: &mut pb::bucket_service_client::BucketServiceClient<tonic::transport::Channel>,
+    n: u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(client).await.processed_packets < n {
+        assert!(
+            Instant::now() < deadline,
+            "the consumer did not process {n} packets"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
