@@ -4,7 +4,8 @@
 //! to `max_commit`) and applies it in one transaction, so N concurrent
 //! ingests cost one fsync, not N. Each waiter gets its own result: when a
 //! batch fails as a whole it is retried one write at a time, so a single bad
-//! write cannot fail its neighbours.
+//! write cannot fail its neighbours (unless the database itself is away,
+//! which fails them all at once).
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -143,8 +144,14 @@ async fn commit(backend: &dyn Backend, jobs: &mut Vec<Job>) {
                 let _ = reply_tx.send(Ok(reply));
             }
         }
-        Err(e) if ops.len() == 1 => {
-            let _ = senders.into_iter().next().expect("one job").send(Err(e));
+        // Alone, or the database itself is away: every waiter gets the
+        // error now. Retrying one by one only helps when one write is at
+        // fault, and against a dead database it would make each waiter sit
+        // through its own connection timeout.
+        Err(e) if ops.len() == 1 || matches!(e, StoreError::Unavailable(_)) => {
+            for reply_tx in senders {
+                let _ = reply_tx.send(Err(e.clone()));
+            }
         }
         Err(e) => {
             tracing::debug!(error = %e, batch = ops.len(), "batch failed; retrying one by one");
@@ -156,5 +163,127 @@ async fn commit(backend: &dyn Backend, jobs: &mut Vec<Job>) {
                 let _ = reply_tx.send(result);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use chrono::Utc;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::domain::packet::{PacketDraft, TimestampInput};
+    use crate::store::{Counts, StoredPacket, UserQuery};
+
+    /// Fails a whole batch when it holds a packet of user "bad", or always
+    /// when `down`; counts the batches it was asked to apply.
+    struct Fake {
+        down: bool,
+        batches: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Backend for Fake {
+        async fn write_batch(&self, ops: &[WriteOp]) -> Result<Vec<WriteReply>, StoreError> {
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            if self.down {
+                return Err(StoreError::Unavailable("connection refused".into()));
+            }
+            ops.iter()
+                .map(|op| match op {
+                    WriteOp::Insert(p) if p.user_id == "bad" => {
+                        Err(StoreError::Internal("constraint".into()))
+                    }
+                    WriteOp::Insert(p) => Ok(WriteReply::Inserted(Inserted {
+                        packet_id: p.packet_id,
+                        received_at: Utc::now(),
+                        created: true,
+                    })),
+                    _ => unreachable!("inserts only here"),
+                })
+                .collect()
+        }
+        async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn user_packets(&self, _: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn get(&self, _: Uuid) -> Result<Option<StoredPacket>, StoreError> {
+            Ok(None)
+        }
+        async fn counts(&self) -> Result<Counts, StoreError> {
+            Ok(Counts::default())
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn writers(&self) -> usize {
+            1
+        }
+    }
+
+    fn insert(user: &str) -> WriteOp {
+        let draft = PacketDraft {
+            user_id: Some(user.into()),
+            timestamp: Some(TimestampInput::At(Utc::now())),
+            cognitive_state: Some("ON_TASK".into()),
+            active_seconds: Some(5.0),
+            idle_seconds: Some(0.0),
+            away_seconds: Some(0.0),
+            raw_signals: Some(serde_json::json!({})),
+            ..Default::default()
+        };
+        WriteOp::Insert(Box::new(Packet::parse(draft, Utc::now()).unwrap()))
+    }
+
+    #[tokio::test]
+    async fn one_bad_write_does_not_fail_its_batch() {
+        let fake = Arc::new(Fake {
+            down: false,
+            batches: AtomicUsize::new(0),
+        });
+        let writer = Writer::start(fake.clone(), 100);
+        // Queued before the writer runs, so they share one batch.
+        let pending: Vec<_> = ["a", "bad", "c"]
+            .iter()
+            .map(|u| writer.enqueue(insert(u)))
+            .collect();
+        let mut results = Vec::new();
+        for p in pending {
+            results.push(p.await.is_ok());
+        }
+        assert_eq!(results, [true, false, true]);
+        // One batch of three, then each write alone.
+        assert_eq!(fake.batches.load(Ordering::SeqCst), 4);
+        writer.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_dead_database_fails_every_waiter_at_once() {
+        let fake = Arc::new(Fake {
+            down: true,
+            batches: AtomicUsize::new(0),
+        });
+        let writer = Writer::start(fake.clone(), 100);
+        let pending: Vec<_> = (0..50).map(|_| writer.enqueue(insert("a"))).collect();
+        for p in pending {
+            assert!(matches!(p.await, Err(StoreError::Unavailable(_))));
+        }
+        assert!(
+            fake.batches.load(Ordering::SeqCst) < 5,
+            "no write-by-write retries against a dead database"
+        );
+        writer.close().await;
+        assert!(
+            matches!(
+                writer.submit(insert("a")).await,
+                Err(StoreError::Unavailable(_))
+            ),
+            "closed"
+        );
     }
 }
