@@ -259,3 +259,35 @@ async fn starts_with_redis_down_then_uses_it() {
         assert!(seen.contains_key(id), "{id} never delivered");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_end_and_dead_letter_across_nodes() {
+    let db = TestDb::new(Backend::Redis).await;
+    let mut config = test_config(&db);
+    config.delivery.max_deliveries = 2;
+    let a = TestApp::spawn_with(db.clone(), config.clone()).await;
+    let b = TestApp::spawn_with(db.clone(), config).await;
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+
+    let mut slow = subscribe(&mut on_a, "slow", 1, 1).await;
+    let id = ingest(&mut on_b, packet_for("x")).await;
+    assert_eq!(next(&mut slow).await.delivery_attempt, 1);
+    drop(slow); // nothing on A any more; the released packet goes to B
+
+    let mut other = subscribe(&mut on_b, "other", 1, 1).await;
+    let again = next(&mut other).await;
+    assert_eq!(again.packet.unwrap().packet_id, id);
+    assert_eq!(again.delivery_attempt, 2);
+    // Not marked on B either: max_deliveries = 2 makes it dead, on any node.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&mut on_a).await.dead_letter_packets != 1 {
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), other.message())
+            .await
+            .is_err()
+    );
+}
