@@ -58,6 +58,15 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 export BUCKET_TEST_REDIS_URL=${BUCKET_TEST_REDIS_URL:-redis://127.0.0.1:6379}
 
+# --- the browser test's tools, and the contract lint ---------------------------
+[ -x /usr/bin/chromium ] || need_pkg chromium chromium
+need_pkg node nodejs
+need_pkg npm npm
+(cd examples/browser && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
+# buf lint (STANDARD, see buf.yaml) on proto/: the contract stays clean.
+(cd examples/browser && npx --no-install buf lint ../..)
+echo "== buf lint: ok"
+
 # --- the tests ---------------------------------------------------------------
 cargo fmt --check
 if cargo nextest --version >/dev/null 2>&1; then

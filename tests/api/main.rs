@@ -1,6 +1,8 @@
-//! Over-the-wire tests of the core service, on SQLite and on PostgreSQL.
+//! Over-the-wire tests against a real server started on port 0: the core
+//! service on SQLite, PostgreSQL and PostgreSQL + Redis, and every front door.
 mod helpers;
 
+mod browser;
 mod delivery;
 mod gateway;
 mod ingest;
