@@ -69,6 +69,8 @@ echo "== buf lint: ok"
 
 # --- the tests ---------------------------------------------------------------
 cargo fmt --check
+# The consumer test runs examples/karma_consumer as a real process.
+cargo build --examples
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --all-targets --no-fail-fast "$@"
 else

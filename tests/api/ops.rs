@@ -320,8 +320,8 @@ async fn metrics_move() {
     }
 }
 
-/// Runs examples/karma_consumer (built by `cargo test --all-targets` /
-/// nextest) against a bucket that restarts under it.
+/// Runs examples/karma_consumer (built by `cargo build --examples`, which
+/// tests/run.sh does) against a bucket that restarts under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn karma_consumer_example_processes_and_survives_a_restart() {
     let exe = std::env::current_exe().unwrap();
@@ -334,7 +334,7 @@ async fn karma_consumer_example_processes_and_survives_a_restart() {
         .join("karma_consumer");
     assert!(
         consumer.exists(),
-        "{} missing: run the tests with --all-targets (tests/run.sh does)",
+        "{} missing: `cargo build --examples` first (tests/run.sh does)",
         consumer.display()
     );
 
