@@ -128,10 +128,6 @@ impl Dispatcher {
         self.tasks.wait().await;
     }
 
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     pub fn subscribe(self: &Arc<Self>, options: SubscribeOptions) -> Subscription {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let owner = format!("{}@{}#{stream}", options.consumer, self.node);

@@ -106,7 +106,6 @@ pub trait Backend: Send + Sync + 'static {
     /// Ids of pending packets, oldest first.
     async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError>;
     async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError>;
-    async fn get(&self, packet_id: Uuid) -> Result<Option<StoredPacket>, StoreError>;
     async fn counts(&self) -> Result<Counts, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
     /// How many writer tasks suit this engine (SQLite has one writer anyway).
@@ -238,10 +237,6 @@ impl Store {
 
     pub async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {
         self.backend.user_packets(query).await
-    }
-
-    pub async fn get(&self, packet_id: Uuid) -> Result<Option<StoredPacket>, StoreError> {
-        self.backend.get(packet_id).await
     }
 
     pub async fn counts(&self) -> Result<Counts, StoreError> {

@@ -45,11 +45,6 @@ pub(super) const USER_PACKETS: &str = concat!(
     " FROM packets WHERE user_id = $1 AND ($2 IS NULL OR status = $2) AND seq < $3 \
      ORDER BY seq DESC LIMIT $4"
 );
-pub(super) const GET: &str = concat!(
-    "SELECT ",
-    packet_columns!(),
-    " FROM packets WHERE packet_id = $1"
-);
 pub(super) const COUNTS: &str = "SELECT status, COUNT(*) AS n FROM packets GROUP BY status";
 
 /// Most rows one statement carries. Statements are built for power-of-two
@@ -343,14 +338,6 @@ macro_rules! sql_backend {
                     .fetch_all(&self.reads)
                     .await?;
                 Ok(rows.iter().map(decode_row).collect::<Result<_, _>>()?)
-            }
-
-            async fn get(&self, packet_id: Uuid) -> Result<Option<StoredPacket>, StoreError> {
-                let row = sqlx::query(sql::GET)
-                    .bind(to_id(packet_id))
-                    .fetch_optional(&self.reads)
-                    .await?;
-                Ok(row.as_ref().map(decode_row).transpose()?)
             }
 
             async fn counts(&self) -> Result<Counts, StoreError> {

@@ -212,9 +212,6 @@ mod tests {
         async fn user_packets(&self, _: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {
             Ok(Vec::new())
         }
-        async fn get(&self, _: Uuid) -> Result<Option<StoredPacket>, StoreError> {
-            Ok(None)
-        }
         async fn counts(&self) -> Result<Counts, StoreError> {
             Ok(Counts::default())
         }
