@@ -62,7 +62,9 @@ export BUCKET_TEST_REDIS_URL=${BUCKET_TEST_REDIS_URL:-redis://127.0.0.1:6379}
 [ -x /usr/bin/chromium ] || need_pkg chromium chromium
 need_pkg node nodejs
 need_pkg npm npm
-(cd examples/browser && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
+# `npm ci` rejects this lock (npm 11 omits other platforms' optional buf
+# binaries from it); `install --no-save` still resolves from the lock.
+(cd examples/browser && npm install --no-save --no-audit --no-fund --loglevel=error && npm run --silent build)
 # buf lint (STANDARD, see buf.yaml) on proto/: the contract stays clean.
 (cd examples/browser && npx --no-install buf lint ../..)
 echo "== buf lint: ok"
