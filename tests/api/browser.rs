@@ -6,7 +6,7 @@ use std::time::Duration;
 use bucket::proto::bucket::v1 as pb;
 use serde_json::Value;
 
-use crate::helpers::{Backend, TestApp};
+use crate::helpers::{Backend, TestApp, user_packets};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prana_page_in_chromium_ingests_over_grpc_web() {
@@ -56,15 +56,7 @@ async fn prana_page_in_chromium_ingests_over_grpc_web() {
     );
 
     let mut client = app.client().await;
-    let stored = client
-        .user_packets(pb::UserPacketsRequest {
-            user_id: "browser_user".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .packets;
+    let stored = user_packets(&mut client, "browser_user").await;
     assert_eq!(
         stored.len(),
         7,

@@ -401,3 +401,19 @@ pub async fn status(client: &mut BucketServiceClient<Channel>) -> pb::StatusResp
         .expect("status")
         .into_inner()
 }
+
+/// The first page of a user's packets, every status, newest first.
+pub async fn user_packets(
+    client: &mut BucketServiceClient<Channel>,
+    user: &str,
+) -> Vec<pb::Packet> {
+    client
+        .user_packets(pb::UserPacketsRequest {
+            user_id: user.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("user packets")
+        .into_inner()
+        .packets
+}

@@ -5,7 +5,9 @@ use serde_json::json;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{Backend, TestApp, ingest, next, packet_for, seed_packet, status, subscribe};
+use crate::helpers::{
+    Backend, TestApp, ingest, next, packet_for, seed_packet, status, subscribe, user_packets,
+};
 use crate::on_every_backend;
 
 on_every_backend!(
@@ -410,22 +412,8 @@ async fn storage_failure_is_never_acknowledged(backend: Backend) {
 
     // Back in service; only acknowledged packets exist.
     let after = ingest(&mut client, packet_for("after")).await;
-    let page = |user: &'static str| {
-        let mut client = client.clone();
-        async move {
-            client
-                .user_packets(pb::UserPacketsRequest {
-                    user_id: user.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .packets
-        }
-    };
-    assert_eq!(page("before").await[0].packet_id, kept);
-    assert!(page("during").await.is_empty());
-    assert_eq!(page("after").await[0].packet_id, after);
+    assert_eq!(user_packets(&mut client, "before").await[0].packet_id, kept);
+    assert!(user_packets(&mut client, "during").await.is_empty());
+    assert_eq!(user_packets(&mut client, "after").await[0].packet_id, after);
     assert_eq!(status(&mut client).await.total_packets, 2);
 }

@@ -7,7 +7,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::helpers::{Backend, TestApp, TestDb, ingest, packet_for, status, test_config};
+use crate::helpers::{
+    Backend, TestApp, TestDb, ingest, packet_for, status, test_config, user_packets,
+};
 
 /// One gRPC-web frame: flag, big-endian length, message.
 fn frame(message: &[u8]) -> Vec<u8> {
@@ -364,15 +366,7 @@ async fn karma_consumer_example_processes_and_survives_a_restart() {
     )
     .await;
     wait_processed(&mut client, 2).await;
-    let packets = client
-        .user_packets(pb::UserPacketsRequest {
-            user_id: "k".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .packets;
+    let packets = user_packets(&mut client, "k").await;
     let by_id = |id: &str| packets.iter().find(|p| p.packet_id == id).unwrap().clone();
     assert_eq!(by_id(&focused).karma_actions.len(), 1, "focus earns karma");
     assert!(
