@@ -14,14 +14,27 @@ use bucket::proto::bucket::v1::bucket_service_client::BucketServiceClient;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--body") {
-        let message = prost::Message::encode_to_vec(&pb::IngestRequest {
+    let body = match args.get(1).map(String::as_str) {
+        Some("--body") => Some(prost::Message::encode_to_vec(&pb::IngestRequest {
             packet: Some(packet(0, 0)),
-        });
+        })),
+        Some("--batch-body") => {
+            let n: usize = args.get(3).map_or(Ok(100), |s| s.parse())?;
+            let packets = (0..n).map(|i| packet(0, i)).collect();
+            Some(prost::Message::encode_to_vec(&pb::IngestBatchRequest {
+                packets,
+            }))
+        }
+        _ => None,
+    };
+    if let Some(message) = body {
         let mut framed = vec![0u8];
         framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
         framed.extend_from_slice(&message);
-        std::fs::write(args.get(2).expect("--body FILE"), framed)?;
+        std::fs::write(
+            args.get(2).expect("--body FILE / --batch-body FILE N"),
+            framed,
+        )?;
         return Ok(());
     }
     let url = args
