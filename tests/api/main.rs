@@ -3,6 +3,7 @@
 mod helpers;
 
 mod browser;
+mod crash;
 mod delivery;
 mod gateway;
 mod ingest;

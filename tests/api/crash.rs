@@ -1,0 +1,136 @@
+//! The bucket binary killed with SIGKILL in the middle of ingesting: every
+//! packet it acknowledged is there after a restart, and is delivered.
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bucket::proto::bucket::v1 as pb;
+use bucket::proto::bucket::v1::bucket_service_client::BucketServiceClient;
+
+use crate::helpers::{Backend, TestDb, packet_for};
+use crate::on_every_backend;
+
+on_every_backend!(acknowledged_packets_survive_sigkill);
+
+fn start(db: &TestDb, port: u16) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bucket"));
+    command
+        .env("BUCKET_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DATABASE_URL", &db.url)
+        .env_remove("REDIS_URL")
+        .env_remove("REDIS_HOST")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some((url, prefix)) = &db.redis {
+        command
+            .env("REDIS_URL", url)
+            .env("BUCKET_REDIS_PREFIX", prefix);
+    }
+    command.spawn().expect("the bucket binary")
+}
+
+async fn connect(port: u16) -> BucketServiceClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(client) = BucketServiceClient::connect(format!("http://127.0.0.1:{port}")).await {
+            return client;
+        }
+        assert!(Instant::now() < deadline, "the bucket did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn acknowledged_packets_survive_sigkill(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = start(&db, port);
+    let client = connect(port).await;
+
+    // Eight senders ingest as fast as they can; only acknowledged ids count.
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut senders = Vec::new();
+    for s in 0..8 {
+        let (mut client, acked) = (client.clone(), acked.clone());
+        senders.push(tokio::spawn(async move {
+            for i in 0.. {
+                let packet = packet_for(&format!("crash{s}_{i}"));
+                match client
+                    .ingest(pb::IngestRequest {
+                        packet: Some(packet),
+                    })
+                    .await
+                {
+                    Ok(r) => acked.lock().unwrap().push(r.into_inner().packet_id),
+                    Err(_) => return, // the server died under us
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill().unwrap(); // SIGKILL: no shutdown, no flush
+    server.wait().unwrap();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let acked: Vec<String> = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 50,
+        "too few packets acknowledged to mean anything: {}",
+        acked.len()
+    );
+
+    let mut server = start(&db, port);
+    let mut client = connect(port).await;
+    let total = client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .total_packets;
+    assert!(
+        total as usize >= acked.len(),
+        "{total} stored, {} acknowledged",
+        acked.len()
+    );
+    // Every acknowledged packet is delivered after the restart.
+    let mut stream = client
+        .stream_pending(pb::StreamPendingRequest {
+            consumer: "after-crash".into(),
+            max_in_flight: 1000,
+            lease_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut delivered = HashSet::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), stream.message())
+        .await
+        .map(|m| m.transpose())
+    {
+        let id = d.packet.unwrap().packet_id;
+        client
+            .mark_processed(pb::MarkProcessedRequest {
+                packet_id: id.clone(),
+                success: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        delivered.insert(id);
+    }
+    let lost: Vec<&String> = acked.iter().filter(|id| !delivered.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged packets lost, e.g. {:?}",
+        lost.len(),
+        acked.len(),
+        lost.first()
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
