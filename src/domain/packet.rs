@@ -69,18 +69,25 @@ pub struct PacketDraft {
     pub focus_score: Option<f64>,
     pub integrity_score: Option<f64>,
     pub raw_signals: Option<Value>,
+    /// Fields that arrived with the wrong JSON type (or a body that is not
+    /// an object), reported by `Packet::parse` with the other violations.
+    pub wrong_types: Vec<FieldViolation>,
 }
 
 impl PacketDraft {
-    /// Reads a REST JSON body. A field of the wrong JSON type is a
-    /// violation; `null` counts as absent; unknown fields are ignored (as
-    /// the original FastAPI bucket did).
-    pub fn from_json(body: &Value) -> Result<PacketDraft, Vec<FieldViolation>> {
+    /// Reads a REST JSON body. A field of the wrong JSON type is kept as a
+    /// violation for `Packet::parse`, which reports it with every other
+    /// one (as FastAPI does); `null` counts as absent; unknown fields are
+    /// ignored (as the original bucket did).
+    pub fn from_json(body: &Value) -> PacketDraft {
         let Value::Object(map) = body else {
-            return Err(vec![FieldViolation::new(
-                "body",
-                "the packet must be a JSON object",
-            )]);
+            return PacketDraft {
+                wrong_types: vec![FieldViolation::new(
+                    "body",
+                    "the packet must be a JSON object",
+                )],
+                ..Default::default()
+            };
         };
         let mut v = Violations::default();
         let mut text = |field: &str| match map.get(field) {
@@ -118,7 +125,8 @@ impl PacketDraft {
         draft.away_seconds = number("away_seconds");
         draft.focus_score = number("focus_score");
         draft.integrity_score = number("integrity_score");
-        if v.0.is_empty() { Ok(draft) } else { Err(v.0) }
+        draft.wrong_types = v.0;
+        draft
     }
 }
 
@@ -150,7 +158,10 @@ impl Packet {
     /// Validates a draft against every rule, naming every violated field.
     /// `now` is the server's clock, for the future-timestamp limit.
     pub fn parse(draft: PacketDraft, now: DateTime<Utc>) -> Result<Packet, Vec<FieldViolation>> {
-        let mut v = Violations::default();
+        let mut v = Violations(draft.wrong_types);
+        if v.has("body") {
+            return Err(v.0);
+        }
 
         let packet_id = match draft.packet_id.as_deref() {
             None => Uuid::now_v7(),
@@ -171,13 +182,17 @@ impl Packet {
         let role = v.one_of("role", draft.role, &ROLES);
         let cognitive_state = v.bounded("cognitive_state", draft.cognitive_state);
         let state = v.one_of("state", draft.state, &LEGACY_STATES);
-        if cognitive_state.is_none() && state.is_none() && !v.has("state") {
+        if cognitive_state.is_none()
+            && state.is_none()
+            && !v.has("state")
+            && !v.has("cognitive_state")
+        {
             v.add("cognitive_state", "cognitive_state or state is required");
         }
 
         let client_timestamp = match draft.timestamp {
             None => {
-                v.add("timestamp", "timestamp is required");
+                v.require("timestamp");
                 None
             }
             Some(input) => match parse_timestamp(input) {
@@ -314,6 +329,13 @@ impl Violations {
         self.0.iter().any(|f| f.field == field)
     }
 
+    /// "is required", unless the field was sent with the wrong type.
+    fn require(&mut self, field: &str) {
+        if !self.has(field) {
+            self.add(field, format!("{field} is required"));
+        }
+    }
+
     /// An optional string: empty counts as absent; at most 256 bytes.
     fn bounded(&mut self, field: &str, value: Option<String>) -> Option<String> {
         let value = value.filter(|s| !s.is_empty())?;
@@ -348,7 +370,7 @@ impl Violations {
     fn seconds(&mut self, field: &str, value: Option<f64>) -> Option<f64> {
         match value {
             None => {
-                self.add(field, format!("{field} is required"));
+                self.require(field);
                 None
             }
             Some(x) if !x.is_finite() || x < 0.0 => {
@@ -530,16 +552,23 @@ mod tests {
             "away_seconds": 0.2, "focus_score": 85.0, "raw_signals": {}, "extra": 1,
             "lesson_id": null
         });
-        let p = Packet::parse(PacketDraft::from_json(&body).unwrap(), now()).unwrap();
+        let p = Packet::parse(PacketDraft::from_json(&body), now()).unwrap();
         assert_eq!(p.user_id, "user_123");
         assert_eq!(p.lesson_id, None);
-        let wrong = json!({"focus_score": "high", "user_id": 7});
-        let fields: Vec<String> = PacketDraft::from_json(&wrong)
+        // Type errors come with the rule errors, one per field.
+        let mut wrong = body.clone();
+        wrong["focus_score"] = json!("high");
+        wrong["user_id"] = json!(7);
+        wrong["active_seconds"] = json!("4.5");
+        wrong["role"] = json!("teacher");
+        let fields: Vec<String> = Packet::parse(PacketDraft::from_json(&wrong), now())
             .unwrap_err()
             .into_iter()
             .map(|v| v.field)
             .collect();
-        assert_eq!(fields, ["user_id", "focus_score"]);
+        assert_eq!(fields, ["user_id", "active_seconds", "focus_score", "role"]);
+        let not_object = Packet::parse(PacketDraft::from_json(&json!([1])), now()).unwrap_err();
+        assert_eq!(not_object[0].field, "body");
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub fn draft(p: pb::PacketInput) -> PacketDraft {
         focus_score: p.focus_score,
         integrity_score: p.integrity_score,
         raw_signals: p.raw_signals.map(|s| Value::Object(struct_to_json(s))),
+        // Protobuf decoding already enforced the types.
+        wrong_types: Vec::new(),
     }
 }
 

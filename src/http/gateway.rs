@@ -57,43 +57,26 @@ async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
     };
     match value {
         Value::Array(items) => {
-            let drafts = items.iter().map(PacketDraft::from_json).collect::<Vec<_>>();
-            let (mut answers, mut valid): (Vec<Option<Value>>, Vec<PacketDraft>) =
-                (Vec::new(), Vec::new());
-            let mut at = Vec::new();
-            for (i, draft) in drafts.into_iter().enumerate() {
-                match draft {
-                    Ok(d) => {
-                        valid.push(d);
-                        at.push(i);
-                        answers.push(None);
-                    }
-                    Err(vs) => answers.push(Some(rejected(Error::InvalidInput(vs), i))),
-                }
-            }
-            match bucket.ingest_batch(valid).await {
+            let drafts = items.iter().map(PacketDraft::from_json).collect();
+            match bucket.ingest_batch(drafts).await {
                 Ok(results) => {
-                    for (i, result) in at.into_iter().zip(results) {
-                        answers[i] = Some(match result {
+                    let answers = results
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, result)| match result {
                             Ok(r) => receipt(&r),
                             Err(e) => rejected(e, i),
-                        });
-                    }
-                    Json(Value::Array(answers.into_iter().flatten().collect())).into_response()
+                        })
+                        .collect();
+                    Json(Value::Array(answers)).into_response()
                 }
                 Err(e) => e.prefixed("body.").into_response(),
             }
         }
-        one => {
-            let draft = match PacketDraft::from_json(&one) {
-                Ok(draft) => draft,
-                Err(vs) => return Error::InvalidInput(vs).prefixed("body.").into_response(),
-            };
-            match bucket.ingest(draft).await {
-                Ok(r) => Json(receipt(&r)).into_response(),
-                Err(e) => e.prefixed("body.").into_response(),
-            }
-        }
+        one => match bucket.ingest(PacketDraft::from_json(&one)).await {
+            Ok(r) => Json(receipt(&r)).into_response(),
+            Err(e) => e.prefixed("body.").into_response(),
+        },
     }
 }
 

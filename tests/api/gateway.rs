@@ -281,10 +281,23 @@ async fn every_error_maps_to_its_status() {
     }
     let mut wrong_type = seed_json();
     wrong_type["active_seconds"] = json!("4.5");
+    wrong_type["focus_score"] = json!(101);
     let (code, body) = post(&api(&app, "/ingest"), &wrong_type).await;
+    // A type error and a rule error, both in one answer, one entry each.
+    let locs: Vec<Value> = body["detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["loc"].clone())
+        .collect();
+    assert_eq!(code, 422);
     assert_eq!(
-        (code, body["detail"][0]["loc"].clone()),
-        (422, json!(["body", "active_seconds"]))
+        locs,
+        [
+            json!(["body", "active_seconds"]),
+            json!(["body", "focus_score"])
+        ],
+        "{body}"
     );
     let (code, body) = get(&api(&app, "/packets/pending?limit=101")).await;
     assert_eq!(
