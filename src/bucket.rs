@@ -36,6 +36,64 @@ pub struct Marked {
     pub already_processed: bool,
 }
 
+impl Marked {
+    /// The original bucket's message for the outcome.
+    pub fn message(&self) -> &'static str {
+        match (self.already_processed, self.success) {
+            (true, _) => "Packet already processed",
+            (false, true) => "Packet marked as processed",
+            (false, false) => "Packet marked as failed",
+        }
+    }
+}
+
+/// One outcome as a consumer reports it, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct MarkRequest {
+    pub packet_id: String,
+    pub success: bool,
+    pub karma_actions: Vec<Value>,
+    pub error_message: Option<String>,
+}
+
+impl MarkRequest {
+    fn validate(self, at: chrono::DateTime<Utc>) -> Result<Mark, Error> {
+        let mut violations = Vec::new();
+        let id = parse_uuid(&self.packet_id)
+            .map_err(|why| violations.push(FieldViolation::new("packet_id", why)))
+            .ok();
+        let actions_len = json::encoded_len(&Value::Array(self.karma_actions.clone()));
+        if actions_len > MAX_RAW_SIGNALS_BYTES {
+            violations.push(FieldViolation::new(
+                "karma_actions",
+                format!(
+                    "karma_actions is {actions_len} bytes encoded, over {MAX_RAW_SIGNALS_BYTES}"
+                ),
+            ));
+        }
+        let error_message = self.error_message.filter(|m| !m.is_empty());
+        if error_message
+            .as_ref()
+            .is_some_and(|m| m.len() > MAX_ERROR_MESSAGE_BYTES)
+        {
+            violations.push(FieldViolation::new(
+                "error_message",
+                format!("error_message is over {MAX_ERROR_MESSAGE_BYTES} bytes"),
+            ));
+        }
+        match id {
+            Some(packet_id) if violations.is_empty() => Ok(Mark {
+                packet_id,
+                success: self.success,
+                karma_actions: self.karma_actions,
+                error_message,
+                at,
+            }),
+            _ => Err(Error::InvalidInput(violations)),
+        }
+    }
+}
+
 /// A page of one user's packets, newest first.
 #[derive(Debug, Clone)]
 pub struct UserPage {
@@ -199,50 +257,63 @@ impl Bucket {
         ))
     }
 
-    pub async fn mark_processed(
+    /// Records one outcome; see [`Bucket::mark_processed_batch`].
+    pub async fn mark_processed(&self, request: MarkRequest) -> Result<Marked, Error> {
+        let mut results = self.mark_many(vec![request]).await;
+        results.pop().expect("one result per mark")
+    }
+
+    /// Records many outcomes at once; each item is answered on its own.
+    pub async fn mark_processed_batch(
         &self,
-        packet_id: &str,
-        success: bool,
-        karma_actions: Vec<Value>,
-        error_message: Option<String>,
-    ) -> Result<Marked, Error> {
-        let mut violations = Vec::new();
-        let id = parse_uuid(packet_id)
-            .map_err(|why| violations.push(FieldViolation::new("packet_id", why)))
-            .ok();
-        let actions_len = json::encoded_len(&Value::Array(karma_actions.clone()));
-        if actions_len > MAX_RAW_SIGNALS_BYTES {
-            violations.push(FieldViolation::new(
-                "karma_actions",
+        requests: Vec<MarkRequest>,
+    ) -> Result<Vec<Result<Marked, Error>>, Error> {
+        if requests.len() > self.max_batch {
+            return Err(Error::invalid(
+                "marks",
                 format!(
-                    "karma_actions is {actions_len} bytes encoded, over {MAX_RAW_SIGNALS_BYTES}"
+                    "a batch holds at most {} marks, got {}",
+                    self.max_batch,
+                    requests.len()
                 ),
             ));
         }
-        let error_message = error_message.filter(|m| !m.is_empty());
-        if error_message
-            .as_ref()
-            .is_some_and(|m| m.len() > MAX_ERROR_MESSAGE_BYTES)
-        {
-            violations.push(FieldViolation::new(
-                "error_message",
-                format!("error_message is over {MAX_ERROR_MESSAGE_BYTES} bytes"),
-            ));
+        Ok(self.mark_many(requests).await)
+    }
+
+    async fn mark_many(&self, requests: Vec<MarkRequest>) -> Vec<Result<Marked, Error>> {
+        let at = Utc::now();
+        let mut results: Vec<Option<Result<Marked, Error>>> = Vec::with_capacity(requests.len());
+        let mut valid = Vec::new();
+        let mut valid_at = Vec::new();
+        for (i, request) in requests.into_iter().enumerate() {
+            match request.validate(at) {
+                Ok(mark) => {
+                    valid.push(mark);
+                    valid_at.push(i);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
         }
-        let Some(packet_id) = id.filter(|_| violations.is_empty()) else {
-            return Err(Error::InvalidInput(violations));
-        };
-        let outcome = self
-            .store
-            .mark(Mark {
-                packet_id,
-                success,
-                karma_actions,
-                error_message,
-                at: Utc::now(),
-            })
-            .await?;
-        match outcome {
+        let outcomes = self.store.mark_many(valid.clone()).await;
+        for ((i, mark), outcome) in valid_at.into_iter().zip(valid).zip(outcomes) {
+            results[i] = Some(self.marked(&mark, outcome).await);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every mark answered"))
+            .collect()
+    }
+
+    async fn marked(
+        &self,
+        mark: &Mark,
+        outcome: Result<MarkOutcome, crate::store::StoreError>,
+    ) -> Result<Marked, Error> {
+        let packet_id = mark.packet_id;
+        let success = mark.success;
+        match outcome? {
             MarkOutcome::NotFound => Err(Error::NotFound(format!("packet {packet_id}"))),
             MarkOutcome::AlreadyProcessed => Ok(Marked {
                 packet_id,

@@ -29,7 +29,14 @@ impl Error {
         match self {
             Error::InvalidInput(vs) => Error::InvalidInput(
                 vs.into_iter()
-                    .map(|v| FieldViolation::new(format!("{prefix}{}", v.field), v.description))
+                    .map(|v| {
+                        // A violation of the whole item names the prefix alone.
+                        let field = match v.field.as_str() {
+                            "" => prefix.trim_end_matches('.').to_owned(),
+                            f => format!("{prefix}{f}"),
+                        };
+                        FieldViolation::new(field, v.description)
+                    })
                     .collect(),
             ),
             other => other,

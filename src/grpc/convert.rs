@@ -1,5 +1,5 @@
 //! Proto messages to and from the domain.
-use crate::bucket::StatusReport;
+use crate::bucket::{MarkRequest, Marked, StatusReport};
 use crate::delivery::{ConsumerInfo, Delivery};
 use crate::domain::packet::TimestampInput;
 use crate::domain::{DeliveryStatus, PacketDraft};
@@ -57,6 +57,28 @@ pub fn receipt(r: Inserted) -> pb::IngestResponse {
         packet_id: r.packet_id.to_string(),
         received_at: Some(timestamp(r.received_at)),
         created: r.created,
+    }
+}
+
+pub fn mark_request(req: pb::MarkProcessedRequest) -> MarkRequest {
+    MarkRequest {
+        packet_id: req.packet_id,
+        success: req.success,
+        karma_actions: req
+            .karma_actions
+            .into_iter()
+            .map(|s| Value::Object(struct_to_json(s)))
+            .collect(),
+        error_message: non_empty(req.error_message),
+    }
+}
+
+pub fn marked(m: Marked) -> pb::MarkProcessedResponse {
+    pb::MarkProcessedResponse {
+        status: "ok".to_owned(),
+        message: m.message().to_owned(),
+        packet_id: m.packet_id.to_string(),
+        already_processed: m.already_processed,
     }
 }
 

@@ -3,7 +3,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -12,7 +11,6 @@ use crate::bucket::Bucket;
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
 use crate::proto::bucket::v1::bucket_service_server::BucketService;
-use crate::proto::struct_to_json;
 
 pub struct BucketGrpc {
     bucket: Arc<Bucket>,
@@ -94,32 +92,42 @@ impl BucketService for BucketGrpc {
         &self,
         request: Request<pb::MarkProcessedRequest>,
     ) -> Result<Response<pb::MarkProcessedResponse>, Status> {
-        let req = request.into_inner();
-        let actions = req
-            .karma_actions
-            .into_iter()
-            .map(|s| Value::Object(struct_to_json(s)))
-            .collect();
         let marked = self
             .bucket
-            .mark_processed(
-                &req.packet_id,
-                req.success,
-                actions,
-                Some(req.error_message),
-            )
+            .mark_processed(convert::mark_request(request.into_inner()))
             .await?;
-        let message = match (marked.already_processed, marked.success) {
-            (true, _) => "Packet already processed",
-            (false, true) => "Packet marked as processed",
-            (false, false) => "Packet marked as failed",
-        };
-        Ok(Response::new(pb::MarkProcessedResponse {
-            status: "ok".to_owned(),
-            message: message.to_owned(),
-            packet_id: marked.packet_id.to_string(),
-            already_processed: marked.already_processed,
-        }))
+        Ok(Response::new(convert::marked(marked)))
+    }
+
+    async fn mark_processed_batch(
+        &self,
+        request: Request<pb::MarkProcessedBatchRequest>,
+    ) -> Result<Response<pb::MarkProcessedBatchResponse>, Status> {
+        let requests = request
+            .into_inner()
+            .marks
+            .into_iter()
+            .map(convert::mark_request)
+            .collect();
+        let results = self.bucket.mark_processed_batch(requests).await?;
+        let mut response = pb::MarkProcessedBatchResponse::default();
+        for (index, result) in results.into_iter().enumerate() {
+            let outcome = match result {
+                Ok(marked) => {
+                    response.marked += 1;
+                    pb::mark_processed_batch_result::Outcome::Marked(convert::marked(marked))
+                }
+                Err(e) => {
+                    response.rejected += 1;
+                    pb::mark_processed_batch_result::Outcome::Error(convert::ingest_error(&e))
+                }
+            };
+            response.results.push(pb::MarkProcessedBatchResult {
+                index: index as u32,
+                outcome: Some(outcome),
+            });
+        }
+        Ok(Response::new(response))
     }
 
     async fn user_packets(

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::error::detail;
-use crate::bucket::Bucket;
+use crate::bucket::{Bucket, MarkRequest, Marked};
 use crate::delivery::Delivery;
 use crate::domain::{DeliveryStatus, FieldViolation, PacketDraft};
 use crate::error::Error;
@@ -85,9 +85,23 @@ fn rejected(e: Error, index: usize) -> Value {
     let detail: Vec<Value> = match &e {
         Error::InvalidInput(vs) => vs
             .iter()
-            .map(|v| json!({"loc": ["body", index, v.field], "msg": v.description, "type": "value_error"}))
+            .map(|v| {
+                let mut loc = vec![json!("body"), json!(index)];
+                loc.extend(
+                    v.field
+                        .split('.')
+                        .filter(|f| !f.is_empty())
+                        .map(|f| json!(f)),
+                );
+                json!({"loc": loc, "msg": v.description, "type": "value_error"})
+            })
             .collect(),
-        other => vec![json!({"loc": ["body", index], "msg": other.to_string(), "type": "storage_error"})],
+        Error::NotFound(_) => {
+            vec![json!({"loc": ["body", index], "msg": e.to_string(), "type": "not_found"})]
+        }
+        other => {
+            vec![json!({"loc": ["body", index], "msg": other.to_string(), "type": "storage_error"})]
+        }
     };
     json!({"status": "rejected", "detail": detail})
 }
@@ -198,71 +212,99 @@ fn yes() -> Value {
     Value::Bool(true)
 }
 
-async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
-    let value = match raw {
-        Ok(Json(value)) => value,
-        Err(rejection) => return rejected_body(rejection),
-    };
-    let request: MarkBody = match serde_json::from_value(value) {
-        Ok(r) => r,
-        Err(e) => return Error::invalid("body", e.to_string()).into_response(),
-    };
+/// One mark body; type errors name the field relative to the body.
+fn mark_request(value: Value) -> Result<MarkRequest, Error> {
+    let body: MarkBody =
+        serde_json::from_value(value).map_err(|e| Error::invalid("", e.to_string()))?;
     let mut violations = Vec::new();
-    let packet_id = match request.packet_id {
+    let packet_id = match body.packet_id {
         Value::String(s) => s,
         _ => {
             violations.push(FieldViolation::new(
-                "body.packet_id",
+                "packet_id",
                 "packet_id must be a string",
             ));
             String::new()
         }
     };
-    let success = request.success.as_bool().unwrap_or_else(|| {
+    let success = body.success.as_bool().unwrap_or_else(|| {
         violations.push(FieldViolation::new(
-            "body.success",
+            "success",
             "success must be true or false",
         ));
         true
     });
-    let error_message = match request.error_message {
+    let error_message = match body.error_message {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),
         Some(_) => {
             violations.push(FieldViolation::new(
-                "body.error_message",
+                "error_message",
                 "error_message must be a string",
             ));
             None
         }
     };
     if !violations.is_empty() {
-        return Error::InvalidInput(violations).into_response();
+        return Err(Error::InvalidInput(violations));
     }
-    match bucket
-        .mark_processed(
-            &packet_id,
-            success,
-            request.karma_actions.unwrap_or_default(),
-            error_message,
-        )
-        .await
-    {
-        Ok(marked) => {
-            let message = match (marked.already_processed, marked.success) {
-                (true, _) => "Packet already processed",
-                (false, true) => "Packet marked as processed",
-                (false, false) => "Packet marked as failed",
+    Ok(MarkRequest {
+        packet_id,
+        success,
+        karma_actions: body.karma_actions.unwrap_or_default(),
+        error_message,
+    })
+}
+
+fn marked_json(marked: &Marked) -> Value {
+    json!({
+        "status": "ok",
+        "message": marked.message(),
+        "packet_id": marked.packet_id.to_string(),
+        "already_processed": marked.already_processed,
+    })
+}
+
+/// One outcome, or (ours) a JSON array of outcomes answered item by item.
+async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
+    let value = match raw {
+        Ok(Json(value)) => value,
+        Err(rejection) => return rejected_body(rejection),
+    };
+    match value {
+        Value::Array(items) => {
+            // Bad items are answered here; the rest go to the bucket together.
+            let mut valid = Vec::new();
+            let parsed: Vec<Result<(), Error>> = items
+                .into_iter()
+                .map(|item| mark_request(item).map(|request| valid.push(request)))
+                .collect();
+            let mut outcomes = match bucket.mark_processed_batch(valid).await {
+                Ok(outcomes) => outcomes.into_iter(),
+                Err(e) => return e.prefixed("body.").into_response(),
             };
-            Json(json!({
-                "status": "ok",
-                "message": message,
-                "packet_id": marked.packet_id.to_string(),
-                "already_processed": marked.already_processed,
-            }))
-            .into_response()
+            let answers = parsed
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    match item.and_then(|()| outcomes.next().expect("one outcome per valid mark")) {
+                        Ok(marked) => marked_json(&marked),
+                        Err(e) => rejected(e, i),
+                    }
+                })
+                .collect();
+            Json(Value::Array(answers)).into_response()
         }
-        Err(e) => e.prefixed("body.").into_response(),
+        one => {
+            let marked = match mark_request(one) {
+                Ok(request) => bucket.mark_processed(request).await,
+                Err(e) => Err(e),
+            };
+            match marked {
+                Ok(marked) => Json(marked_json(&marked)).into_response(),
+                Err(e) => e.prefixed("body.").into_response(),
+            }
+        }
     }
 }
 

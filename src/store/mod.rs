@@ -191,11 +191,21 @@ impl Store {
         }
     }
 
-    pub async fn mark(&self, mark: Mark) -> Result<MarkOutcome, StoreError> {
-        match self.writer.submit(WriteOp::Mark(mark)).await? {
-            WriteReply::Marked(outcome) => Ok(outcome),
-            other => Err(unexpected(other)),
+    /// Records outcomes; they are queued together so they share commits.
+    pub async fn mark_many(&self, marks: Vec<Mark>) -> Vec<Result<MarkOutcome, StoreError>> {
+        let pending: Vec<_> = marks
+            .into_iter()
+            .map(|m| self.writer.enqueue(WriteOp::Mark(m)))
+            .collect();
+        let mut out = Vec::with_capacity(pending.len());
+        for reply in pending {
+            out.push(match reply.await {
+                Ok(WriteReply::Marked(outcome)) => Ok(outcome),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            });
         }
+        out
     }
 
     /// Ends every lease that expired by `now`.
