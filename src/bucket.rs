@@ -11,7 +11,6 @@ use crate::delivery::{ConsumerInfo, Delivery, Dispatcher, SubscribeOptions, Subs
 use crate::domain::packet::{MAX_RAW_SIGNALS_BYTES, MAX_STRING_BYTES, parse_uuid};
 use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, json};
 use crate::error::Error;
-use crate::queue::Queue;
 use crate::store::{Counts, Inserted, Mark, MarkOutcome, Store, StoredPacket, UserQuery};
 
 pub const MAX_LEASE_SECONDS: u32 = 3600;
@@ -22,7 +21,6 @@ pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 
 pub struct Bucket {
     store: Store,
-    queue: Arc<dyn Queue>,
     dispatcher: Arc<Dispatcher>,
     delivery: DeliveryConfig,
     max_batch: usize,
@@ -88,6 +86,7 @@ impl MarkRequest {
                 karma_actions: self.karma_actions,
                 error_message,
                 at,
+                attempt: 0,
             }),
             _ => Err(Error::InvalidInput(violations)),
         }
@@ -110,15 +109,9 @@ pub struct StatusReport {
 }
 
 impl Bucket {
-    pub fn new(
-        store: Store,
-        queue: Arc<dyn Queue>,
-        dispatcher: Arc<Dispatcher>,
-        config: &Config,
-    ) -> Self {
+    pub fn new(store: Store, dispatcher: Arc<Dispatcher>, config: &Config) -> Self {
         Bucket {
             store,
-            queue,
             dispatcher,
             delivery: config.delivery.clone(),
             max_batch: config.max_batch,
@@ -133,10 +126,12 @@ impl Bucket {
     pub async fn ingest(&self, draft: PacketDraft) -> Result<Inserted, Error> {
         let started = Instant::now();
         let packet = parse(draft)?;
-        let receipt = self.store.insert(packet).await?;
-        if receipt.created {
-            self.dispatcher.requeue(&[receipt.packet_id]).await;
-        }
+        let receipt = self
+            .store
+            .insert_many(vec![Arc::new(packet)])
+            .await
+            .pop()
+            .expect("one receipt per packet")?;
         metrics::counter!("bucket_packets_ingested_total").increment(1);
         metrics::histogram!("bucket_ingest_seconds").record(started.elapsed().as_secs_f64());
         Ok(receipt)
@@ -164,7 +159,7 @@ impl Bucket {
         for (i, draft) in drafts.into_iter().enumerate() {
             match parse(draft) {
                 Ok(packet) => {
-                    valid.push(packet);
+                    valid.push(Arc::new(packet));
                     valid_at.push(i);
                     results.push(None);
                 }
@@ -172,17 +167,11 @@ impl Bucket {
             }
         }
         let stored = self.store.insert_many(valid).await;
-        let mut created = Vec::new();
+        let ingested = stored.iter().filter(|r| r.is_ok()).count();
         for (i, result) in valid_at.into_iter().zip(stored) {
-            if let Ok(receipt) = &result {
-                if receipt.created {
-                    created.push(receipt.packet_id);
-                }
-                metrics::counter!("bucket_packets_ingested_total").increment(1);
-            }
             results[i] = Some(result.map_err(Error::from));
         }
-        self.dispatcher.requeue(&created).await;
+        metrics::counter!("bucket_packets_ingested_total").increment(ingested as u64);
         metrics::histogram!("bucket_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
         Ok(results
             .into_iter()
@@ -219,11 +208,11 @@ impl Bucket {
         } else {
             consumer
         };
-        Ok(self.dispatcher.subscribe(SubscribeOptions {
+        self.dispatcher.subscribe(SubscribeOptions {
             consumer: consumer.to_owned(),
             max_in_flight: or_default(max_in_flight, self.delivery.max_in_flight),
             lease,
-        }))
+        })
     }
 
     /// Leases up to `limit` pending packets now (the JSON gateway's poll).
@@ -296,43 +285,54 @@ impl Bucket {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
+        // The delivery being marked is written with the outcome, so the
+        // stored attempts count it.
+        let ids: Vec<Uuid> = valid.iter().map(|m| m.packet_id).collect();
+        for (mark, attempt) in valid.iter_mut().zip(self.dispatcher.attempts(&ids)) {
+            mark.attempt = attempt;
+        }
         let outcomes = self.store.mark_many(valid.clone()).await;
+        let mut settled = Vec::with_capacity(outcomes.len());
+        let (mut processed, mut failed) = (0, 0);
         for ((i, mark), outcome) in valid_at.into_iter().zip(valid).zip(outcomes) {
-            results[i] = Some(self.marked(&mark, outcome).await);
+            let packet_id = mark.packet_id;
+            let answer = match outcome {
+                Err(e) => Err(e.into()),
+                Ok(MarkOutcome::NotFound) => Err(Error::NotFound(format!("packet {packet_id}"))),
+                Ok(outcome) => {
+                    // Already processed: still ends a lease this node holds
+                    // (a packet delivered twice).
+                    settled.push(packet_id);
+                    let already_processed = outcome == MarkOutcome::AlreadyProcessed;
+                    if !already_processed {
+                        *(if mark.success {
+                            &mut processed
+                        } else {
+                            &mut failed
+                        }) += 1;
+                    }
+                    Ok(Marked {
+                        packet_id,
+                        success: mark.success,
+                        already_processed,
+                    })
+                }
+            };
+            results[i] = Some(answer);
+        }
+        self.dispatcher.settled(&settled).await;
+        if processed > 0 {
+            metrics::counter!("bucket_packets_marked_total", "outcome" => "processed")
+                .increment(processed);
+        }
+        if failed > 0 {
+            metrics::counter!("bucket_packets_marked_total", "outcome" => "failed")
+                .increment(failed);
         }
         results
             .into_iter()
             .map(|r| r.expect("every mark answered"))
             .collect()
-    }
-
-    async fn marked(
-        &self,
-        mark: &Mark,
-        outcome: Result<MarkOutcome, crate::store::StoreError>,
-    ) -> Result<Marked, Error> {
-        let packet_id = mark.packet_id;
-        let success = mark.success;
-        match outcome? {
-            MarkOutcome::NotFound => Err(Error::NotFound(format!("packet {packet_id}"))),
-            MarkOutcome::AlreadyProcessed => Ok(Marked {
-                packet_id,
-                success,
-                already_processed: true,
-            }),
-            MarkOutcome::Applied { lease_owner } => {
-                if let Some(owner) = lease_owner {
-                    self.dispatcher.settled(&owner, packet_id).await;
-                }
-                let label = if success { "processed" } else { "failed" };
-                metrics::counter!("bucket_packets_marked_total", "outcome" => label).increment(1);
-                Ok(Marked {
-                    packet_id,
-                    success,
-                    already_processed: false,
-                })
-            }
-        }
     }
 
     pub async fn user_packets(
@@ -394,12 +394,25 @@ impl Bucket {
         })
     }
 
+    /// The database's counts, with leases (which it does not hold) taken
+    /// out of its pending packets.
     pub async fn status(&self) -> Result<StatusReport, Error> {
-        let counts = self.store.counts().await?;
-        let queue_size = self.queue.depth().await.unwrap_or(0);
+        let mut counts = self.store.counts().await?;
+        let held = self.dispatcher.held();
+        let (redis_connected, leased) = match self.dispatcher.redis() {
+            None => (false, held.leased),
+            Some(redis) => {
+                // Entries other nodes hold count as leased; this node knows its own.
+                let (_, held_by_nodes) = redis.depth().await.unwrap_or((0, 0));
+                let others = held_by_nodes.saturating_sub(held.leased + held.waiting);
+                (redis.connected(), held.leased + others)
+            }
+        };
+        counts.leased = leased.min(counts.pending);
+        counts.pending -= counts.leased;
         Ok(StatusReport {
-            queue_size,
-            redis_connected: self.queue.redis_connected(),
+            queue_size: counts.pending,
+            redis_connected,
             counts,
             consumers: self.dispatcher.consumers(),
         })

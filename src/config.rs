@@ -81,9 +81,15 @@ pub struct DeliveryConfig {
     /// Deliveries before a packet becomes dead_letter.
     #[arg(long, env = "BUCKET_MAX_DELIVERIES", default_value_t = 5)]
     pub max_deliveries: u32,
-    /// How often expired leases are looked for, in milliseconds.
+    /// Longest pause of the lease timer (which otherwise wakes at each
+    /// expiry): how often lease ends the database refused are retried, in
+    /// milliseconds.
     #[arg(long, env = "BUCKET_SWEEP_MS", default_value_t = 500)]
     pub sweep_ms: u64,
+    /// Most packets one node's memory queue holds; a larger backlog waits in
+    /// the database and is read back a window at a time.
+    #[arg(long, env = "BUCKET_QUEUE_WINDOW", default_value_t = 8192)]
+    pub queue_window: usize,
 }
 
 impl DeliveryConfig {

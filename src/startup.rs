@@ -11,12 +11,10 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::bucket::Bucket;
 use crate::config::Config;
-use crate::delivery::{Dispatcher, reconciler};
+use crate::delivery::Dispatcher;
 use crate::grpc::BucketGrpc;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
-use crate::queue::Queue;
-use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::{RedisQueue, redis_url};
 use crate::store::Store;
 use uuid::Uuid;
@@ -34,54 +32,51 @@ impl Application {
     /// binds the listener (port 0 picks a free port, for tests).
     pub async fn build(config: Config) -> anyhow::Result<Application> {
         crate::telemetry::metrics();
-        let store = Store::connect(&config.database_url, config.max_commit)
+        let store = Store::connect(&config.database_url)
             .await
             .with_context(|| format!("opening {}", redact(&config.database_url)))?;
         let node = Uuid::new_v4().simple().to_string()[..8].to_owned();
-        let (queue, redis) = match redis_url(&config.redis) {
+        let redis = match redis_url(&config.redis) {
             None => {
                 tracing::info!("no REDIS_URL: in-memory queue (one node)");
-                (Arc::new(MemoryQueue::new()) as Arc<dyn Queue>, None)
+                None
             }
             Some(url) => {
-                let redis = RedisQueue::connect(&url, &config.redis, &node)?;
+                let redis = RedisQueue::connect(&url, &config.redis, &node, store.clone())?;
                 if tokio::time::timeout(Duration::from_secs(2), redis.wait_connected())
                     .await
                     .is_err()
                 {
                     tracing::warn!(redis = %redact(&url), "Redis does not answer; serving from memory and reconnecting");
                 }
-                (redis.clone() as Arc<dyn Queue>, Some(redis))
+                Some(redis)
             }
         };
 
         let dispatcher = Dispatcher::new(
             store.clone(),
-            queue.clone(),
-            node,
+            redis.clone(),
             config.delivery.max_deliveries,
+            config.delivery.queue_window,
         );
-        match reconciler::reconcile(&dispatcher).await {
+        store.start_writers(config.max_commit, Arc::new(dispatcher.clone()));
+        match dispatcher.rebuild().await {
             Ok(queued) => tracing::info!(queued, "queue rebuilt from the database"),
-            // Redis away: pushes fell back to memory or will come with the reconnect.
+            // Redis away: what is committed meanwhile waits in memory, and
+            // the reconciler adds the rest once Redis answers.
             Err(e) => {
-                tracing::warn!(error = %e, "queue not fully rebuilt; will retry on reconnect")
+                tracing::warn!(error = %e, "queue not fully rebuilt; will retry")
             }
         }
         dispatcher.start(config.delivery.sweep_interval());
         if let Some(redis) = &redis {
-            redis.start(dispatcher.shutdown_token());
+            redis.start(Arc::new(dispatcher.clone()), dispatcher.shutdown_token());
             dispatcher.start_reconciler(
                 redis.reconnections(),
                 Duration::from_secs(config.redis.reconcile_seconds.max(1)),
             );
         }
-        let bucket = Arc::new(Bucket::new(
-            store.clone(),
-            queue,
-            dispatcher.clone(),
-            &config,
-        ));
+        let bucket = Arc::new(Bucket::new(store.clone(), dispatcher.clone(), &config));
 
         let listener = TcpListener::bind(config.listen)
             .await

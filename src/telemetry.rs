@@ -46,6 +46,15 @@ pub fn metrics() -> PrometheusHandle {
                     }
                 })
                 .expect("spawn metrics upkeep thread");
+            // Counters exist from the start, so rate() sees their first step.
+            for name in [
+                "bucket_packets_ingested_total",
+                "bucket_deliveries_total",
+                "bucket_redeliveries_total",
+                "bucket_dead_letters_total",
+            ] {
+                metrics::counter!(name).increment(0);
+            }
             handle
         })
         .clone()

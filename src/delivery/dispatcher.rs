@@ -1,99 +1,342 @@
-//! The dispatcher: which subscribers this node has, and what they hold.
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+//! The dispatcher: the packets this node holds and the streams it hands
+//! them to.
+//!
+//! Everything it decides happens under one lock, without waiting: a packet
+//! committed, marked or released is handed to a stream with room at once
+//! (round robin), and the stream's task only forwards what it was given.
+//! Only the database writes (lease ends) and Redis commands wait, outside
+//! the lock.
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use super::subscriber::Subscriber;
-use super::{ConsumerInfo, Delivery, SubscribeOptions, sweeper};
+use super::leases::{Holder, Lease, Leases};
+use super::subscription::Subscription;
+use super::{ConsumerInfo, Delivery, Held, SubscribeOptions, backlog, expiry};
+use crate::domain::DeliveryStatus;
 use crate::error::Error;
-use crate::queue::Queue;
-use crate::store::{Released, Store, StoredPacket};
+use crate::queue::memory::MemoryQueue;
+use crate::queue::redis::RedisQueue;
+use crate::queue::{QueueError, Queued};
+use crate::store::{CommitListener, LeaseEnd, PendingPacket, Released, Store};
 
-/// The node part of a lease owner `consumer@node#stream`.
-fn owner_node(owner: &str) -> Option<&str> {
-    let (_, rest) = owner.rsplit_once('@')?;
-    Some(rest.split_once('#').map_or(rest, |(node, _)| node))
+/// What the Redis queue needs of the node it serves.
+pub trait QueueSink: Send + Sync + 'static {
+    /// Packets read from the stream (or kept here while Redis is away).
+    fn feed(&self, packets: Vec<Queued>);
+    /// How many more packets local streams have room for.
+    fn wanted(&self) -> usize;
+    /// Another node recorded these packets' outcomes.
+    fn settle_remote(&self, ids: &[Uuid]);
+    /// Every packet this node holds (for the reconciler).
+    fn held_ids(&self) -> HashSet<Uuid>;
 }
+
+pub type Sent = Result<Delivery, Error>;
 
 pub struct Dispatcher {
+    core: Mutex<Core>,
     store: Store,
-    queue: Arc<dyn Queue>,
-    /// Distinguishes this process's lease owners from other nodes'.
-    node: String,
+    redis: Option<Arc<RedisQueue>>,
     max_deliveries: u32,
-    subscribers: Mutex<HashMap<String, Entry>>,
-    next_stream: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// A lease now expires before every other one.
+    pub(super) expiry_changed: Notify,
+    /// The memory queue may want a refill from the database.
+    pub(super) backlog_wanted: Notify,
 }
 
-struct Entry {
+struct Core {
+    queue: MemoryQueue,
+    leases: Leases,
+    streams: HashMap<u64, Stream>,
+    /// Stream numbers in round-robin order; `turn` is whose turn it is.
+    rotation: Vec<u64>,
+    turn: usize,
+    next_stream: u64,
+    /// Leases ended unmarked, until the database has counted them.
+    ending: HashMap<Uuid, Ending>,
+    /// Ends the database could not record yet (retried by the expiry task).
+    stuck: Vec<LeaseEnd>,
+    closed: bool,
+}
+
+struct Stream {
     consumer: String,
+    tx: mpsc::Sender<Sent>,
     max_in_flight: u32,
+    lease: Duration,
+    held: HashSet<Uuid>,
     connected_at: DateTime<Utc>,
-    in_flight: Arc<AtomicU32>,
-    settled: mpsc::UnboundedSender<Uuid>,
 }
 
-/// The receiving end of a subscription: deliveries, then (at shutdown) an
-/// error saying why the stream ends.
-pub type Subscription = mpsc::Receiver<Result<Delivery, Error>>;
+struct Ending {
+    queued: Queued,
+    attempts: u32,
+    /// Marked meanwhile: not to be handed out again.
+    settled: bool,
+}
+
+/// What a pass of handing out did, for the caller to act on outside the lock.
+#[derive(Default)]
+struct Pumped {
+    /// Leases of streams found closed.
+    ended: Vec<Lease>,
+    expiry_changed: bool,
+}
+
+impl Core {
+    fn holds(&self, id: &Uuid) -> bool {
+        self.queue.contains(id) || self.leases.contains(id) || self.ending.contains_key(id)
+    }
+
+    /// Hands waiting packets to streams with room, one each in turn.
+    fn pump(&mut self) -> Pumped {
+        let mut out = Pumped::default();
+        let (mut delivered, mut redelivered) = (0u64, 0u64);
+        let mut full = 0;
+        while !self.queue.is_empty() && !self.rotation.is_empty() && full < self.rotation.len() {
+            self.turn %= self.rotation.len();
+            let sid = self.rotation[self.turn];
+            self.turn += 1;
+            let stream = self
+                .streams
+                .get_mut(&sid)
+                .expect("rotation lists live streams");
+            if stream.held.len() >= stream.max_in_flight as usize {
+                full += 1;
+                continue;
+            }
+            full = 0;
+            let queued = self.queue.pop().expect("checked non-empty");
+            let attempt = queued.pending.attempts + 1;
+            let delivery = Delivery {
+                packet: queued.pending.packet.clone(),
+                received_at: queued.pending.received_at,
+                attempt,
+                lease_expires_at: Utc::now() + stream.lease,
+            };
+            match stream.tx.try_send(Ok(delivery)) {
+                Ok(()) => {
+                    stream.held.insert(queued.id());
+                    let expires = Instant::now() + stream.lease;
+                    out.expiry_changed |=
+                        self.leases
+                            .grant(queued, Holder::Stream(sid), attempt, expires);
+                    delivered += 1;
+                    if attempt > 1 {
+                        redelivered += 1;
+                    }
+                }
+                // The channel holds max_in_flight + 1, so it is never full
+                // while the stream has room; closed: the stream is gone.
+                Err(_) => {
+                    self.queue.push_front(queued);
+                    out.ended.extend(self.remove_stream(sid));
+                }
+            }
+        }
+        if delivered > 0 {
+            metrics::counter!("bucket_deliveries_total").increment(delivered);
+        }
+        if redelivered > 0 {
+            metrics::counter!("bucket_redeliveries_total").increment(redelivered);
+        }
+        out
+    }
+
+    /// Removes a stream; returns the leases it held.
+    fn remove_stream(&mut self, sid: u64) -> Vec<Lease> {
+        let Some(stream) = self.streams.remove(&sid) else {
+            return Vec::new();
+        };
+        self.rotation.retain(|s| *s != sid);
+        metrics::gauge!("bucket_consumers_connected").decrement(1.0);
+        tracing::info!(consumer = %stream.consumer, stream = sid, "subscriber disconnected");
+        stream
+            .held
+            .iter()
+            .filter_map(|id| self.leases.end(id))
+            .collect()
+    }
+
+    /// Moves unmarked leases to `ending`; returns what to tell the database.
+    fn begin_ending(&mut self, leases: Vec<Lease>) -> Vec<LeaseEnd> {
+        leases
+            .into_iter()
+            .map(|lease| {
+                if let Holder::Stream(sid) = lease.holder
+                    && let Some(stream) = self.streams.get_mut(&sid)
+                {
+                    stream.held.remove(&lease.queued.id());
+                }
+                let end = LeaseEnd {
+                    packet_id: lease.queued.id(),
+                    attempts: lease.attempt,
+                };
+                self.ending.insert(
+                    end.packet_id,
+                    Ending {
+                        queued: lease.queued,
+                        attempts: lease.attempt,
+                        settled: false,
+                    },
+                );
+                end
+            })
+            .collect()
+    }
+
+    /// The database counted `ends`; `released` lists those still open.
+    /// Returns the packets to queue again and the Redis entries to remove.
+    fn finish_ending(&mut self, ends: &[LeaseEnd], released: &[Released]) -> Finished {
+        let status: HashMap<Uuid, DeliveryStatus> =
+            released.iter().map(|r| (r.packet_id, r.status)).collect();
+        let mut out = Finished::default();
+        for end in ends {
+            let Some(ending) = self.ending.remove(&end.packet_id) else {
+                continue;
+            };
+            match status.get(&end.packet_id) {
+                Some(DeliveryStatus::Pending) if !ending.settled => {
+                    let mut queued = ending.queued;
+                    queued.pending.attempts = ending.attempts;
+                    out.again.push(queued);
+                }
+                Some(DeliveryStatus::DeadLetter) => {
+                    tracing::warn!(packet_id = %end.packet_id, attempts = ending.attempts, "packet dead-lettered");
+                    out.dead += 1;
+                    out.done.extend(ending.queued.entry);
+                }
+                // Marked meanwhile (here or through another node).
+                _ => out.done.extend(ending.queued.entry),
+            }
+        }
+        out
+    }
+
+    /// The database could not count `ends`: packets with deliveries left
+    /// go out again counted in memory (the database learns the count with
+    /// the next end or mark); the others wait to be dead-lettered.
+    fn ending_failed(&mut self, ends: Vec<LeaseEnd>, max_deliveries: u32) -> Vec<Queued> {
+        let mut again = Vec::new();
+        for end in ends {
+            let Some(ending) = self.ending.get(&end.packet_id) else {
+                continue;
+            };
+            if ending.settled || ending.attempts >= max_deliveries {
+                self.stuck.push(end);
+            } else if let Some(ending) = self.ending.remove(&end.packet_id) {
+                let mut queued = ending.queued;
+                queued.pending.attempts = ending.attempts;
+                again.push(queued);
+            }
+        }
+        again
+    }
+
+    fn settle(&mut self, id: &Uuid, done: &mut Vec<String>) -> bool {
+        if let Some(lease) = self.leases.end(id) {
+            if let Holder::Stream(sid) = lease.holder
+                && let Some(stream) = self.streams.get_mut(&sid)
+            {
+                stream.held.remove(id);
+            }
+            done.extend(lease.queued.entry);
+        } else if let Some(queued) = self.queue.remove(id) {
+            done.extend(queued.entry);
+        } else if let Some(ending) = self.ending.get_mut(id) {
+            ending.settled = true;
+        } else {
+            return false;
+        }
+        true
+    }
+
+    fn wanted(&self) -> usize {
+        let room: usize = self
+            .streams
+            .values()
+            .map(|s| (s.max_in_flight as usize).saturating_sub(s.held.len()))
+            .sum();
+        room.saturating_sub(self.queue.len())
+    }
+}
+
+#[derive(Default)]
+struct Finished {
+    again: Vec<Queued>,
+    /// Redis entries of packets this node is done with.
+    done: Vec<String>,
+    dead: u64,
+}
 
 impl Dispatcher {
-    /// `node` names this process in lease owners and in the Redis group.
+    /// `window`: how many packets the memory queue holds at most.
     pub fn new(
         store: Store,
-        queue: Arc<dyn Queue>,
-        node: String,
+        redis: Option<Arc<RedisQueue>>,
         max_deliveries: u32,
+        window: usize,
     ) -> Arc<Self> {
+        let queue = match redis {
+            // A buffer of what was read from the stream, bounded by demand.
+            Some(_) => MemoryQueue::buffer(),
+            None => MemoryQueue::new(window),
+        };
         Arc::new(Dispatcher {
+            core: Mutex::new(Core {
+                queue,
+                leases: Leases::default(),
+                streams: HashMap::new(),
+                rotation: Vec::new(),
+                turn: 0,
+                next_stream: 1,
+                ending: HashMap::new(),
+                stuck: Vec::new(),
+                closed: false,
+            }),
             store,
-            queue,
-            node,
+            redis,
             max_deliveries: max_deliveries.max(1),
-            subscribers: Mutex::new(HashMap::new()),
-            next_stream: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            expiry_changed: Notify::new(),
+            backlog_wanted: Notify::new(),
         })
     }
 
-    /// Starts the lease sweeper, and listens for lease ends on other nodes.
+    /// Fills the queue from the database (one node) or reconciles the
+    /// Redis stream with it (several nodes).
+    pub async fn rebuild(self: &Arc<Self>) -> Result<usize, Error> {
+        match &self.redis {
+            None => backlog::refill(self).await,
+            Some(_) => super::reconciler::reconcile(self).await,
+        }
+    }
+
+    /// Starts the lease timer and, for one node, the backlog reader.
     pub fn start(self: &Arc<Self>, sweep_interval: Duration) {
-        self.tasks.spawn(sweeper::run(
+        self.tasks.spawn(expiry::run(
             self.clone(),
             sweep_interval,
             self.shutdown.clone(),
         ));
-        if let Some(mut events) = self.queue.settled_events() {
-            let dispatcher = self.clone();
-            let shutdown = self.shutdown.clone();
-            self.tasks.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        event = events.recv() => match event {
-                            Ok((owner, id)) => {
-                                dispatcher.settle_local(&owner, id);
-                            }
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                        },
-                    }
-                }
-            });
+        if self.redis.is_none() {
+            self.tasks
+                .spawn(backlog::run(self.clone(), self.shutdown.clone()));
         }
     }
 
-    /// Starts reconciling the queue with the database on every Redis
+    /// Reconciles the Redis stream with the database on every Redis
     /// (re)connection and every `every`.
     pub fn start_reconciler<T: Clone + Send + 'static>(
         self: &Arc<Self>,
@@ -116,183 +359,367 @@ impl Dispatcher {
         &self.store
     }
 
-    /// Tells every stream and the sweeper to end, without waiting.
-    pub fn begin_shutdown(&self) {
-        self.shutdown.cancel();
+    pub fn redis(&self) -> Option<&Arc<RedisQueue>> {
+        self.redis.as_ref()
     }
 
-    /// Ends every stream (releasing its leases) and the sweeper, and waits.
-    pub async fn shutdown(&self) {
-        self.shutdown.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().expect("dispatcher lock poisoned")
     }
 
-    pub fn subscribe(self: &Arc<Self>, options: SubscribeOptions) -> Subscription {
-        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let owner = format!("{}@{}#{stream}", options.consumer, self.node);
-        let (out_tx, out_rx) = mpsc::channel(options.max_in_flight as usize + 1);
-        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
-        let in_flight = Arc::new(AtomicU32::new(0));
-        self.lock().insert(
-            owner.clone(),
-            Entry {
-                consumer: options.consumer.clone(),
+    /// Hands out what waits, then acts on what that found.
+    fn pump(self: &Arc<Self>, mut core: MutexGuard<'_, Core>) {
+        let pumped = core.pump();
+        let wanted = core.wanted();
+        let refill = core.queue.refill().is_some();
+        let ends = core.begin_ending(pumped.ended);
+        drop(core);
+        if pumped.expiry_changed {
+            self.expiry_changed.notify_one();
+        }
+        if refill {
+            self.backlog_wanted.notify_one();
+        }
+        if wanted > 0
+            && let Some(redis) = &self.redis
+        {
+            redis.demand();
+        }
+        if !ends.is_empty() {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.finish(ends).await });
+        }
+    }
+
+    pub fn subscribe(self: &Arc<Self>, options: SubscribeOptions) -> Result<Subscription, Error> {
+        let (tx, rx) = mpsc::channel(options.max_in_flight as usize + 1);
+        let mut core = self.lock();
+        if core.closed {
+            return Err(Error::Unavailable(
+                "the bucket is shutting down; reconnect".into(),
+            ));
+        }
+        let sid = core.next_stream;
+        core.next_stream += 1;
+        tracing::info!(consumer = %options.consumer, stream = sid, max_in_flight = options.max_in_flight, lease_s = options.lease.as_secs(), "subscriber connected");
+        metrics::gauge!("bucket_consumers_connected").increment(1.0);
+        core.streams.insert(
+            sid,
+            Stream {
+                consumer: options.consumer,
+                tx,
                 max_in_flight: options.max_in_flight,
+                lease: options.lease,
+                held: HashSet::new(),
                 connected_at: Utc::now(),
-                in_flight: in_flight.clone(),
-                settled: settled_tx,
             },
         );
-        tracing::info!(%owner, max_in_flight = options.max_in_flight, lease_s = options.lease.as_secs(), "subscriber connected");
-        metrics::gauge!("bucket_consumers_connected").increment(1.0);
-        let subscriber = Subscriber {
-            dispatcher: self.clone(),
-            owner,
-            options,
-            out: out_tx,
-            settled: settled_rx,
-            in_flight,
-            shutdown: self.shutdown.clone(),
-        };
-        self.tasks.spawn(subscriber.run());
-        out_rx
+        core.rotation.push(sid);
+        self.pump(core);
+        Ok(Subscription::new(rx, sid, self.clone()))
     }
 
-    /// Leases up to `limit` queued packets at once, without a stream: the
-    /// JSON gateway's poll. They come back if not marked within `lease`.
-    pub async fn lease_now(&self, limit: usize, lease: Duration) -> Result<Vec<Delivery>, Error> {
-        let ids = self
-            .queue
-            .try_take(limit)
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
+    /// The stream ended (the client went away): its leases end now.
+    pub(super) fn unsubscribe(self: &Arc<Self>, sid: u64) {
+        let mut core = self.lock();
+        let ended = core.remove_stream(sid);
+        let ends = core.begin_ending(ended);
+        drop(core);
+        if !ends.is_empty() {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.finish(ends).await });
         }
-        let owner = format!("poll@{}", self.node);
-        self.lease(ids, owner, lease).await
     }
 
-    /// Leases `ids` (taken off the queue) to `owner`. On failure the ids go
-    /// back on the queue, so nothing taken is forgotten.
-    pub(super) async fn lease(
-        &self,
-        ids: Vec<Uuid>,
-        owner: String,
+    /// Leases up to `limit` waiting packets at once, without a stream: the
+    /// JSON gateway's poll. They come back if not marked within `lease`.
+    pub async fn lease_now(
+        self: &Arc<Self>,
+        limit: usize,
         lease: Duration,
     ) -> Result<Vec<Delivery>, Error> {
-        let expires_at = Utc::now() + lease;
-        match self.store.lease(ids.clone(), owner, expires_at).await {
-            Ok(rows) => {
-                let redelivered = rows.iter().filter(|r| r.delivery_attempts > 1).count();
-                metrics::counter!("bucket_deliveries_total").increment(rows.len() as u64);
-                metrics::counter!("bucket_redeliveries_total").increment(redelivered as u64);
-                Ok(rows
-                    .into_iter()
-                    .map(|stored: StoredPacket| Delivery {
-                        stored,
-                        lease_expires_at: expires_at,
-                    })
-                    .collect())
-            }
-            Err(e) => {
-                self.requeue(&ids).await;
-                Err(e.into())
+        let short = limit.saturating_sub(self.lock().queue.len());
+        if short > 0 {
+            match &self.redis {
+                Some(redis) => {
+                    let read = redis
+                        .read_now(short)
+                        .await
+                        .map_err(|e| Error::Unavailable(e.to_string()))?;
+                    self.feed(read);
+                }
+                None => {
+                    if self.lock().queue.refill().is_some() {
+                        backlog::refill(self).await?;
+                    }
+                }
             }
         }
-    }
-
-    /// A packet's lease ended by MarkProcessed: free the holder's slot,
-    /// here or, through the queue, on the node that holds it.
-    pub async fn settled(&self, lease_owner: &str, packet_id: Uuid) {
-        if !self.settle_local(lease_owner, packet_id) && owner_node(lease_owner) != Some(&self.node)
+        let mut core = self.lock();
+        let mut out = Vec::new();
+        let mut expiry_changed = false;
+        while out.len() < limit
+            && let Some(queued) = core.queue.pop()
         {
-            self.queue.publish_settled(lease_owner, packet_id).await;
+            let attempt = queued.pending.attempts + 1;
+            out.push(Delivery {
+                packet: queued.pending.packet.clone(),
+                received_at: queued.pending.received_at,
+                attempt,
+                lease_expires_at: Utc::now() + lease,
+            });
+            expiry_changed |=
+                core.leases
+                    .grant(queued, Holder::Poll, attempt, Instant::now() + lease);
+        }
+        drop(core);
+        if expiry_changed {
+            self.expiry_changed.notify_one();
+        }
+        metrics::counter!("bucket_deliveries_total").increment(out.len() as u64);
+        Ok(out)
+    }
+
+    /// The delivery each packet is on, where this node leased it (0 elsewhere).
+    pub fn attempts(&self, ids: &[Uuid]) -> Vec<u32> {
+        let core = self.lock();
+        ids.iter()
+            .map(|id| core.leases.attempt(id).unwrap_or(0))
+            .collect()
+    }
+
+    /// These packets' outcomes are recorded: their leases end and they are
+    /// not handed out again. Other nodes hear of those not held here.
+    pub async fn settled(self: &Arc<Self>, ids: &[Uuid]) {
+        let mut done = Vec::new();
+        let mut elsewhere = Vec::new();
+        {
+            let mut core = self.lock();
+            for id in ids {
+                if !core.settle(id, &mut done) {
+                    elsewhere.push(*id);
+                }
+            }
+            self.pump(core);
+        }
+        if let Some(redis) = &self.redis {
+            redis.remove_entries(done);
+            if !elsewhere.is_empty() {
+                redis.publish_settled(&elsewhere).await;
+            }
         }
     }
 
-    fn settle_local(&self, lease_owner: &str, packet_id: Uuid) -> bool {
-        match self.lock().get(lease_owner) {
-            Some(entry) => entry.settled.send(packet_id).is_ok(),
-            None => false,
+    /// Ends expired leases, and retries ends the database refused.
+    pub(super) fn expire(self: &Arc<Self>) -> Option<Instant> {
+        let mut core = self.lock();
+        let expired = core.leases.expired(Instant::now());
+        let mut ends = core.begin_ending(expired);
+        ends.append(&mut core.stuck);
+        let next = core.leases.next_expiry();
+        self.pump(core);
+        if !ends.is_empty() {
+            tracing::debug!(count = ends.len(), "leases ended unmarked");
+            let me = self.clone();
+            self.tasks.spawn(async move { me.finish(ends).await });
         }
+        next
     }
 
-    /// Ends `owner`'s leases now and queues what is pending again.
-    pub(super) async fn release_owner(&self, owner: &str) {
-        if let Some(entry) = self.lock().remove(owner) {
-            metrics::gauge!("bucket_consumers_connected").decrement(1.0);
-            tracing::info!(%owner, consumer = %entry.consumer, "subscriber disconnected");
-        }
+    /// Has the database count ended leases, then queues what is pending again.
+    async fn finish(self: Arc<Self>, ends: Vec<LeaseEnd>) {
         match self
             .store
-            .release_owner(owner.to_owned(), self.max_deliveries)
+            .end_leases(ends.clone(), self.max_deliveries)
             .await
         {
-            Ok(released) => self.requeue_released(&released).await,
-            // Its leases still end, at their expiry, through the sweeper.
-            Err(e) => tracing::warn!(%owner, error = %e, "could not release leases"),
-        }
-    }
-
-    /// Ends expired leases and queues what is pending again.
-    pub(super) async fn expire_leases(&self) -> Result<(), Error> {
-        let released = self
-            .store
-            .expire_leases(Utc::now(), self.max_deliveries)
-            .await?;
-        if !released.is_empty() {
-            tracing::debug!(count = released.len(), "leases expired");
-        }
-        self.requeue_released(&released).await;
-        Ok(())
-    }
-
-    async fn requeue_released(&self, released: &[Released]) {
-        let mut pending = Vec::with_capacity(released.len());
-        for r in released {
-            match r.status {
-                crate::domain::DeliveryStatus::DeadLetter => {
-                    metrics::counter!("bucket_dead_letters_total").increment(1);
-                    tracing::warn!(packet_id = %r.packet_id, "packet dead-lettered");
+            Ok(released) => {
+                let finished = self.lock().finish_ending(&ends, &released);
+                if finished.dead > 0 {
+                    metrics::counter!("bucket_dead_letters_total").increment(finished.dead);
                 }
-                _ => pending.push(r.packet_id),
+                if let Some(redis) = &self.redis {
+                    redis.remove_entries(finished.done);
+                }
+                self.again(finished.again);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, count = ends.len(), "could not record ended leases; retrying");
+                let again = self.lock().ending_failed(ends, self.max_deliveries);
+                self.again(again);
             }
         }
-        self.requeue(&pending).await;
     }
 
-    pub async fn requeue(&self, ids: &[Uuid]) {
-        if ids.is_empty() {
+    /// Packets pending again: to the Redis stream (any node may take them),
+    /// or this node's queue.
+    fn again(self: &Arc<Self>, packets: Vec<Queued>) {
+        if packets.is_empty() {
             return;
         }
-        if let Err(e) = self.queue.push(ids).await {
-            // The rows stay pending in the database; the rebuild finds them.
-            tracing::warn!(error = %e, count = ids.len(), "could not queue packets");
+        match &self.redis {
+            Some(redis) => redis.requeue(packets),
+            None => {
+                let mut core = self.lock();
+                for queued in packets {
+                    core.queue.push_back(queued);
+                }
+                self.pump(core);
+            }
         }
     }
 
-    pub(super) fn queue(&self) -> &dyn Queue {
-        self.queue.as_ref()
+    /// What this node holds.
+    pub fn held(&self) -> Held {
+        let core = self.lock();
+        Held {
+            waiting: core.queue.len() as u64,
+            leased: core.leases.len() as u64,
+        }
     }
 
     pub fn consumers(&self) -> Vec<ConsumerInfo> {
-        let mut out: Vec<ConsumerInfo> = self
-            .lock()
+        let core = self.lock();
+        let mut out: Vec<ConsumerInfo> = core
+            .streams
             .values()
-            .map(|e| ConsumerInfo {
-                consumer: e.consumer.clone(),
-                in_flight: e.in_flight.load(Ordering::Relaxed),
-                max_in_flight: e.max_in_flight,
-                connected_at: e.connected_at,
+            .map(|s| ConsumerInfo {
+                consumer: s.consumer.clone(),
+                in_flight: s.held.len() as u32,
+                max_in_flight: s.max_in_flight,
+                connected_at: s.connected_at,
             })
             .collect();
         out.sort_by_key(|c| c.connected_at);
         out
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.subscribers.lock().expect("subscribers lock poisoned")
+    /// Ends every stream with UNAVAILABLE (their clients reconnect
+    /// elsewhere) and refuses new ones, without waiting.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+        let mut core = self.lock();
+        core.closed = true;
+        for stream in core.streams.values() {
+            let _ = stream.tx.try_send(Err(Error::Unavailable(
+                "the bucket is shutting down; reconnect".into(),
+            )));
+        }
+    }
+
+    /// Ends every stream and lease, records the ended leases, hands what
+    /// this node held back to the Redis stream, and waits for all of it.
+    pub async fn shutdown(self: &Arc<Self>) {
+        self.begin_shutdown();
+        let ends = {
+            let mut core = self.lock();
+            let sids: Vec<u64> = core.streams.keys().copied().collect();
+            for sid in sids {
+                core.remove_stream(sid);
+            }
+            let leases = core.leases.drain();
+            let mut ends = core.begin_ending(leases);
+            ends.append(&mut core.stuck);
+            ends
+        };
+        if !ends.is_empty() {
+            self.clone().finish(ends).await;
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+        if let Some(redis) = &self.redis {
+            let waiting: Vec<Queued> = {
+                let mut core = self.lock();
+                std::iter::from_fn(|| core.queue.pop()).collect()
+            };
+            redis.close(waiting).await;
+        }
+    }
+
+    pub(super) fn lock_queue<T>(
+        &self,
+        f: impl FnOnce(&mut MemoryQueue, &dyn Fn(&Uuid) -> bool) -> T,
+    ) -> T {
+        let mut core = self.lock();
+        let core = &mut *core;
+        let leases = &core.leases;
+        let ending = &core.ending;
+        f(&mut core.queue, &|id| {
+            leases.contains(id) || ending.contains_key(id)
+        })
+    }
+
+    pub(super) fn pump_now(self: &Arc<Self>) {
+        let core = self.lock();
+        self.pump(core);
+    }
+
+    fn feed(self: &Arc<Self>, packets: Vec<Queued>) {
+        let mut duplicates = Vec::new();
+        let mut core = self.lock();
+        for queued in packets {
+            if core.holds(&queued.id()) {
+                duplicates.extend(queued.entry);
+            } else {
+                core.queue.push_back(queued);
+            }
+        }
+        self.pump(core);
+        if let Some(redis) = &self.redis {
+            redis.remove_entries(duplicates);
+        }
+    }
+}
+
+impl CommitListener for Arc<Dispatcher> {
+    fn committed(&self, packets: Vec<PendingPacket>) {
+        match &self.redis {
+            Some(redis) => redis.push(packets),
+            None => {
+                let mut core = self.lock();
+                for pending in packets {
+                    core.queue.offer(pending);
+                }
+                self.pump(core);
+            }
+        }
+    }
+}
+
+impl QueueSink for Arc<Dispatcher> {
+    fn feed(&self, packets: Vec<Queued>) {
+        Dispatcher::feed(self, packets);
+    }
+
+    fn wanted(&self) -> usize {
+        self.lock().wanted()
+    }
+
+    fn settle_remote(&self, ids: &[Uuid]) {
+        let mut done = Vec::new();
+        let mut core = self.lock();
+        for id in ids {
+            core.settle(id, &mut done);
+        }
+        self.pump(core);
+        if let Some(redis) = &self.redis {
+            redis.remove_entries(done);
+        }
+    }
+
+    fn held_ids(&self) -> HashSet<Uuid> {
+        let core = self.lock();
+        core.leases
+            .ids()
+            .chain(core.ending.keys())
+            .copied()
+            .chain(core.queue.ids())
+            .collect()
+    }
+}
+
+impl From<QueueError> for Error {
+    fn from(e: QueueError) -> Self {
+        Error::Unavailable(e.to_string())
     }
 }

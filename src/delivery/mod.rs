@@ -1,35 +1,38 @@
 //! Leased, at-least-once delivery.
 //!
-//! A subscriber (one StreamPending call) takes ids from the queue, leases
-//! them in the database (the database decides: one lease at a time per
-//! packet, across every node) and sends them. A lease ends with
-//! MarkProcessed, with its expiry (the sweeper), or with the stream; an
-//! unmarked packet is then pending again, or dead_letter after
-//! `max_deliveries` deliveries.
+//! The dispatcher holds the packets this node is handing out: waiting in
+//! the queue (memory, or read from the Redis stream), or leased to a stream
+//! (StreamPending) or a poll (the JSON gateway). A lease lives in memory;
+//! it ends with MarkProcessed, with its expiry, or with its stream. A lease
+//! that ends without a mark is written to the database in one batch with
+//! others (its delivery counted), and the packet is pending again, or
+//! dead_letter after `max_deliveries` deliveries. A crash forgets the
+//! leases: their packets are pending in the database and delivered again,
+//! with the interrupted delivery not counted.
+mod backlog;
 mod dispatcher;
+mod expiry;
+mod leases;
 pub mod reconciler;
-mod subscriber;
-mod sweeper;
+mod subscription;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::store::StoredPacket;
-pub use dispatcher::{Dispatcher, Subscription};
+use crate::domain::Packet;
+pub use dispatcher::{Dispatcher, QueueSink};
+pub use subscription::Subscription;
 
-/// One packet sent on a stream, leased to it until `lease_expires_at`.
+/// One packet sent to a consumer, leased to it until `lease_expires_at`.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    pub stored: StoredPacket,
-    pub lease_expires_at: DateTime<Utc>,
-}
-
-impl Delivery {
+    pub packet: Arc<Packet>,
+    pub received_at: DateTime<Utc>,
     /// 1 for the first delivery, 2 after one lease ended unmarked, ...
-    pub fn attempt(&self) -> u32 {
-        self.stored.delivery_attempts
-    }
+    pub attempt: u32,
+    pub lease_expires_at: DateTime<Utc>,
 }
 
 /// What a subscriber asked for, defaults applied and bounds checked.
@@ -47,4 +50,13 @@ pub struct ConsumerInfo {
     pub in_flight: u32,
     pub max_in_flight: u32,
     pub connected_at: DateTime<Utc>,
+}
+
+/// What this node holds right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Waiting in this node's queue.
+    pub waiting: u64,
+    /// Leased to a stream or a poll.
+    pub leased: u64,
 }

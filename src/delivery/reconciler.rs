@@ -1,7 +1,8 @@
-//! Puts back on the queue every pending packet it lacks: at start, each time
-//! Redis (re)connects, and every `every` while Redis is in use. The queue
-//! can lose ids (Redis restarted without persistence, a node crashed
-//! holding some); the database cannot, so no packet is lost.
+//! Several nodes: puts back into the Redis stream every pending packet it
+//! lacks, at start, each time Redis (re)connects, and every `every`. The
+//! stream can lose entries (Redis restarted without persistence, a node
+//! stopped between commit and XADD); the database cannot, so no packet is
+//! lost.
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,26 +10,30 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::dispatcher::Dispatcher;
+use super::dispatcher::{Dispatcher, QueueSink};
 use crate::error::Error;
 
-/// One pass; returns how many ids were queued.
-pub async fn reconcile(dispatcher: &Dispatcher) -> Result<usize, Error> {
-    let queue = dispatcher.queue();
-    let unavailable = |e: crate::queue::QueueError| Error::Unavailable(e.to_string());
-    if let Err(e) = queue.prepare().await {
-        // Redis away: what is pushed waits in this node's memory meanwhile.
+/// One pass; returns how many ids were added.
+pub async fn reconcile(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
+    let Some(redis) = dispatcher.redis() else {
+        return Ok(0);
+    };
+    if let Err(e) = redis.ensure_group().await {
+        // Redis away: what is committed meanwhile waits in this node's memory.
         tracing::warn!(error = %e, "queue not ready");
     }
-    let queued: HashSet<_> = queue.queued_ids().await.map_err(unavailable)?;
+    // Held here first: an entry removed between the two reads is one this
+    // node just took, so it is in one of the two sets.
+    let held = dispatcher.held_ids();
+    let in_stream: HashSet<_> = redis.stream_ids().await?;
     let missing: Vec<_> = dispatcher
         .store()
         .pending_ids()
         .await?
         .into_iter()
-        .filter(|id| !queued.contains(id))
+        .filter(|id| !in_stream.contains(id) && !held.contains(id))
         .collect();
-    queue.push(&missing).await.map_err(unavailable)?;
+    redis.add_ids(&missing).await?;
     if !missing.is_empty() {
         tracing::info!(
             queued = missing.len(),
@@ -39,7 +44,7 @@ pub async fn reconcile(dispatcher: &Dispatcher) -> Result<usize, Error> {
 }
 
 /// Reconciles on every Redis (re)connection and every `every`.
-pub(super) async fn run<T: Clone>(
+pub async fn run<T: Clone>(
     dispatcher: Arc<Dispatcher>,
     mut connected: broadcast::Receiver<T>,
     every: Duration,

@@ -131,7 +131,7 @@ impl PacketDraft {
 }
 
 /// A packet that satisfies every rule; the only kind the store accepts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Packet {
     pub packet_id: Uuid,
     /// `user_id`, else `employee_id`, else `"unknown"`.

@@ -2,11 +2,12 @@
 use crate::bucket::{MarkRequest, Marked, StatusReport};
 use crate::delivery::{ConsumerInfo, Delivery};
 use crate::domain::packet::TimestampInput;
-use crate::domain::{DeliveryStatus, PacketDraft};
+use crate::domain::{DeliveryStatus, Packet, PacketDraft};
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
 use crate::proto::{action_to_struct, from_timestamp, json_to_struct, struct_to_json, timestamp};
 use crate::store::{Inserted, StoredPacket};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 fn non_empty(s: String) -> Option<String> {
@@ -125,8 +126,8 @@ pub fn status_filter(raw: i32) -> Result<Option<DeliveryStatus>, Error> {
     }
 }
 
-pub fn packet(s: StoredPacket) -> pb::Packet {
-    let p = s.packet;
+/// The packet as sent; the caller fills in its delivery state.
+fn packet_base(p: &Packet, received_at: DateTime<Utc>) -> pb::Packet {
     let system_type = match p.system_type.as_deref() {
         Some("gurukul") => pb::SystemType::Gurukul,
         Some("ems") => pb::SystemType::Ems,
@@ -139,36 +140,47 @@ pub fn packet(s: StoredPacket) -> pb::Packet {
     };
     pb::Packet {
         packet_id: p.packet_id.to_string(),
-        user_id: p.user_id,
-        employee_id: p.employee_id.unwrap_or_default(),
-        session_id: p.session_id.unwrap_or_default(),
-        lesson_id: p.lesson_id.unwrap_or_default(),
+        user_id: p.user_id.clone(),
+        employee_id: p.employee_id.clone().unwrap_or_default(),
+        session_id: p.session_id.clone().unwrap_or_default(),
+        lesson_id: p.lesson_id.clone().unwrap_or_default(),
         system_type: system_type as i32,
         role: role as i32,
         client_timestamp: Some(timestamp(p.client_timestamp)),
-        cognitive_state: p.cognitive_state,
-        state: p.state.unwrap_or_default(),
+        cognitive_state: p.cognitive_state.clone(),
+        state: p.state.clone().unwrap_or_default(),
         active_seconds: p.active_seconds,
         idle_seconds: p.idle_seconds,
         away_seconds: p.away_seconds,
         focus_score: p.focus_score,
         integrity_score: p.integrity_score,
         raw_signals: Some(json_to_struct(&p.raw_signals)),
-        received_at: Some(timestamp(s.received_at)),
+        received_at: Some(timestamp(received_at)),
+        ..Default::default()
+    }
+}
+
+pub fn packet(s: StoredPacket) -> pb::Packet {
+    pb::Packet {
         status: status_to_pb(s.status) as i32,
         delivery_attempts: s.delivery_attempts,
         processed_at: s.processed_at.map(timestamp),
         processed_by_karma: s.processed_by_karma,
         karma_actions: s.karma_actions.iter().map(action_to_struct).collect(),
         error_message: s.error_message.unwrap_or_default(),
+        ..packet_base(&s.packet, s.received_at)
     }
 }
 
 pub fn delivery(d: Delivery) -> pb::StreamPendingResponse {
     pb::StreamPendingResponse {
-        delivery_attempt: d.attempt(),
+        delivery_attempt: d.attempt,
         lease_expires_at: Some(timestamp(d.lease_expires_at)),
-        packet: Some(packet(d.stored)),
+        packet: Some(pb::Packet {
+            status: pb::PacketStatus::Leased as i32,
+            delivery_attempts: d.attempt,
+            ..packet_base(&d.packet, d.received_at)
+        }),
     }
 }
 

@@ -3,7 +3,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
@@ -83,8 +82,7 @@ impl BucketService for BucketGrpc {
         let subscription =
             self.bucket
                 .subscribe(&req.consumer, req.max_in_flight, req.lease_seconds)?;
-        let stream = ReceiverStream::new(subscription)
-            .map(|item| item.map(convert::delivery).map_err(Status::from));
+        let stream = subscription.map(|item| item.map(convert::delivery).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -15,9 +15,9 @@ use serde_json::{Map, Value, json};
 use super::error::detail;
 use crate::bucket::{Bucket, MarkRequest, Marked};
 use crate::delivery::Delivery;
-use crate::domain::{DeliveryStatus, FieldViolation, PacketDraft};
+use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft};
 use crate::error::Error;
-use crate::store::{Inserted, StoredPacket};
+use crate::store::Inserted;
 
 pub fn router(bucket: Arc<Bucket>) -> Router {
     Router::new()
@@ -142,8 +142,7 @@ fn bool_param(query: &HashMap<String, String>, name: &str) -> Result<bool, Field
     }
 }
 
-fn packet_json(p: &StoredPacket) -> Map<String, Value> {
-    let packet = &p.packet;
+fn packet_json(packet: &Packet, received_at: DateTime<Utc>) -> Map<String, Value> {
     let mut out = Map::new();
     out.insert("packet_id".into(), json!(packet.packet_id.to_string()));
     out.insert("user_id".into(), json!(packet.user_id));
@@ -154,7 +153,7 @@ fn packet_json(p: &StoredPacket) -> Map<String, Value> {
     out.insert("active_seconds".into(), json!(packet.active_seconds));
     out.insert("idle_seconds".into(), json!(packet.idle_seconds));
     out.insert("away_seconds".into(), json!(packet.away_seconds));
-    out.insert("received_at".into(), json!(time(p.received_at)));
+    out.insert("received_at".into(), json!(time(received_at)));
     out
 }
 
@@ -181,8 +180,8 @@ async fn pending(
 }
 
 fn delivered_json(d: &Delivery) -> Value {
-    let mut out = packet_json(&d.stored);
-    let packet = &d.stored.packet;
+    let packet = &d.packet;
+    let mut out = packet_json(packet, d.received_at);
     out.insert("system_type".into(), json!(packet.system_type));
     out.insert(
         "raw_signals".into(),
@@ -192,7 +191,7 @@ fn delivered_json(d: &Delivery) -> Value {
         "client_timestamp".into(),
         json!(time(packet.client_timestamp)),
     );
-    out.insert("delivery_attempt".into(), json!(d.attempt()));
+    out.insert("delivery_attempt".into(), json!(d.attempt));
     out.insert("lease_expires_at".into(), json!(time(d.lease_expires_at)));
     Value::Object(out)
 }
@@ -328,7 +327,7 @@ async fn user_packets(
                 .packets
                 .iter()
                 .map(|p| {
-                    let mut out = packet_json(p);
+                    let mut out = packet_json(&p.packet, p.received_at);
                     out.insert("processed_at".into(), json!(p.processed_at.map(time)));
                     out.insert("processed_by_karma".into(), json!(p.processed_by_karma));
                     out.insert("karma_actions".into(), json!(p.karma_actions));

@@ -1,142 +1,249 @@
-//! The in-process queue, for one bucket node.
-use std::collections::{HashSet, VecDeque};
-use std::sync::Mutex;
+//! The in-memory queue of one node: packets waiting to be handed out, oldest
+//! first, at most `window` of them. A packet that does not fit stays where
+//! it is safe anyway, in the database, and the queue notes from where on it
+//! must read the pending packets back (`spilled`); once it has read all of
+//! them it takes new packets directly again. So a backlog of millions costs
+//! disk, not memory.
+use std::collections::{HashMap, VecDeque};
 
-use async_trait::async_trait;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
-use super::{Queue, QueueError};
+use super::Queued;
+use crate::store::PendingPacket;
 
-#[derive(Default)]
 pub struct MemoryQueue {
-    inner: Mutex<Inner>,
-    ready: Notify,
-}
-
-#[derive(Default)]
-struct Inner {
+    /// Hand-out order. Ids no longer waiting (settled meanwhile) are
+    /// skipped when they reach the front.
     order: VecDeque<Uuid>,
-    queued: HashSet<Uuid>,
+    waiting: HashMap<Uuid, Queued>,
+    window: usize,
+    /// Some(seq): pending packets after `seq` may be in the database only.
+    spilled: Option<i64>,
 }
 
-impl Inner {
-    fn take(&mut self, max: usize) -> Vec<Uuid> {
-        let n = max.min(self.order.len());
-        let ids: Vec<Uuid> = self.order.drain(..n).collect();
-        for id in &ids {
-            self.queued.remove(id);
-        }
-        ids
-    }
+/// A read of the database's pending packets that the queue asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refill {
+    pub after_seq: i64,
+    pub limit: usize,
 }
 
 impl MemoryQueue {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// How many ids wait, without the async trait's ceremony.
-    pub fn depth_now(&self) -> usize {
-        self.lock().order.len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().expect("queue lock poisoned")
-    }
-}
-
-#[async_trait]
-impl Queue for MemoryQueue {
-    async fn push(&self, ids: &[Uuid]) -> Result<(), QueueError> {
-        let added = {
-            let mut inner = self.lock();
-            let mut added = 0;
-            for id in ids {
-                if inner.queued.insert(*id) {
-                    inner.order.push_back(*id);
-                    added += 1;
-                }
-            }
-            added
-        };
-        if added > 0 {
-            self.ready.notify_waiters();
-        }
-        Ok(())
-    }
-
-    async fn take(&self, max: usize) -> Result<Vec<Uuid>, QueueError> {
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        loop {
-            // Register interest before looking, so a push between the look
-            // and the wait still wakes us.
-            let notified = self.ready.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let ids = self.lock().take(max);
-            if !ids.is_empty() {
-                // Others may be waiting for what we left behind.
-                if !self.lock().order.is_empty() {
-                    self.ready.notify_waiters();
-                }
-                return Ok(ids);
-            }
-            notified.await;
+    /// Starts spilled from the beginning: the first refill rebuilds the
+    /// queue from the database.
+    pub fn new(window: usize) -> Self {
+        MemoryQueue {
+            order: VecDeque::new(),
+            waiting: HashMap::new(),
+            window: window.max(2),
+            spilled: Some(0),
         }
     }
 
-    async fn try_take(&self, max: usize) -> Result<Vec<Uuid>, QueueError> {
-        Ok(self.lock().take(max))
+    /// A buffer with no window (the Redis queue's local hands): what goes
+    /// in is bounded by what local streams asked for.
+    pub fn buffer() -> Self {
+        MemoryQueue {
+            order: VecDeque::new(),
+            waiting: HashMap::new(),
+            window: usize::MAX,
+            spilled: None,
+        }
     }
 
-    async fn depth(&self) -> Result<u64, QueueError> {
-        Ok(self.depth_now() as u64)
+    pub fn ids(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.waiting.keys().copied()
     }
 
-    async fn queued_ids(&self) -> Result<HashSet<Uuid>, QueueError> {
-        Ok(self.lock().queued.clone())
+    pub fn len(&self) -> usize {
+        self.waiting.len()
     }
 
-    fn redis_connected(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    pub fn contains(&self, id: &Uuid) -> bool {
+        self.waiting.contains_key(id)
+    }
+
+    /// A newly committed packet: queued, or left to a refill when the
+    /// window is full or older packets still wait in the database (they go
+    /// first). True when queued.
+    pub fn offer(&mut self, pending: PendingPacket) -> bool {
+        if self.spilled.is_none() && self.waiting.len() < self.window {
+            self.push_back(Queued::local(pending));
+            return true;
+        }
+        // Several writers commit out of seq order, so the lowest seq left
+        // out decides where the next refill starts.
+        let before = pending.seq - 1;
+        self.spilled = Some(self.spilled.map_or(before, |s| s.min(before)));
         false
+    }
+
+    /// Queues a packet whatever the window (one whose lease ended, one
+    /// read from Redis): these are few, bounded by what streams may hold.
+    pub fn push_back(&mut self, queued: Queued) {
+        let id = queued.id();
+        if self.waiting.insert(id, queued).is_none() {
+            self.order.push_back(id);
+        }
+    }
+
+    /// Puts a packet back at the front (a send that did not happen).
+    pub fn push_front(&mut self, queued: Queued) {
+        let id = queued.id();
+        if self.waiting.insert(id, queued).is_none() {
+            self.order.push_front(id);
+        }
+    }
+
+    pub fn pop(&mut self) -> Option<Queued> {
+        while let Some(id) = self.order.pop_front() {
+            if let Some(queued) = self.waiting.remove(&id) {
+                return Some(queued);
+            }
+        }
+        None
+    }
+
+    pub fn remove(&mut self, id: &Uuid) -> Option<Queued> {
+        let queued = self.waiting.remove(id)?;
+        // Settled packets leave stale ids behind; keep them from piling up.
+        if self.order.len() > 2 * self.waiting.len() + 1024 {
+            let waiting = &self.waiting;
+            self.order.retain(|id| waiting.contains_key(id));
+        }
+        Some(queued)
+    }
+
+    /// The read the queue needs now, if any: it spilled and is half empty.
+    pub fn refill(&self) -> Option<Refill> {
+        let after_seq = self.spilled?;
+        (self.waiting.len() <= self.window / 2).then(|| Refill {
+            after_seq,
+            limit: self.window - self.waiting.len(),
+        })
+    }
+
+    /// Takes the rows a refill read (pending, after `after_seq`, in seq
+    /// order), skipping those this node already holds. No packet committed
+    /// between the read and this call (the store's gate), so a short read
+    /// means every pending packet is held: new ones are taken directly.
+    pub fn refilled(
+        &mut self,
+        read: Refill,
+        rows: Vec<PendingPacket>,
+        held_elsewhere: impl Fn(&Uuid) -> bool,
+    ) {
+        let exhausted = rows.len() < read.limit;
+        let mut last = read.after_seq;
+        for pending in rows {
+            last = last.max(pending.seq);
+            let id = pending.packet.packet_id;
+            if !held_elsewhere(&id) && !self.contains(&id) {
+                self.push_back(Queued::local(pending));
+            }
+        }
+        self.spilled = (!exhausted).then_some(last);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::sync::Arc;
-    use std::time::Duration;
 
-    #[tokio::test]
-    async fn fifo_without_duplicates() {
-        let q = MemoryQueue::new();
-        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
-        q.push(&ids).await.unwrap();
-        q.push(&ids[..1]).await.unwrap();
-        assert_eq!(q.depth().await.unwrap(), 3);
-        assert_eq!(q.take(2).await.unwrap(), ids[..2]);
-        assert_eq!(q.try_take(5).await.unwrap(), ids[2..]);
-        assert!(q.try_take(5).await.unwrap().is_empty());
+    use chrono::Utc;
+
+    use super::*;
+    use crate::domain::Packet;
+    use crate::domain::packet::{PacketDraft, TimestampInput};
+
+    fn pending(seq: i64) -> PendingPacket {
+        let draft = PacketDraft {
+            user_id: Some("u".into()),
+            timestamp: Some(TimestampInput::At(Utc::now())),
+            cognitive_state: Some("ON_TASK".into()),
+            active_seconds: Some(5.0),
+            idle_seconds: Some(0.0),
+            away_seconds: Some(0.0),
+            raw_signals: Some(serde_json::json!({})),
+            ..Default::default()
+        };
+        PendingPacket {
+            packet: Arc::new(Packet::parse(draft, Utc::now()).unwrap()),
+            seq,
+            received_at: Utc::now(),
+            attempts: 0,
+        }
     }
 
-    #[tokio::test]
-    async fn take_waits_for_push() {
-        let q = Arc::new(MemoryQueue::new());
-        let waiter = tokio::spawn({
-            let q = q.clone();
-            async move { q.take(10).await.unwrap() }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let id = Uuid::new_v4();
-        q.push(&[id]).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, vec![id]);
+    fn drain(q: &mut MemoryQueue) -> Vec<i64> {
+        std::iter::from_fn(|| q.pop().map(|x| x.pending.seq)).collect()
+    }
+
+    #[test]
+    fn starts_by_reading_the_database_then_takes_offers() {
+        let mut q = MemoryQueue::new(4);
+        assert!(
+            !q.offer(pending(1)),
+            "older packets may wait in the database"
+        );
+        let read = q.refill().unwrap();
+        assert_eq!(
+            read,
+            Refill {
+                after_seq: 0,
+                limit: 4
+            }
+        );
+        q.refilled(read, vec![pending(1)], |_| false);
+        assert_eq!(q.refill(), None, "a short read: everything is held");
+        assert!(q.offer(pending(2)));
+        assert_eq!(drain(&mut q), [1, 2]);
+    }
+
+    #[test]
+    fn a_full_window_spills_to_the_database_and_reads_back_in_order() {
+        let mut q = MemoryQueue::new(4);
+        q.refilled(q.refill().unwrap(), Vec::new(), |_| false);
+        for seq in 1..=4 {
+            assert!(q.offer(pending(seq)));
+        }
+        // Committed out of order by two writers: 6 before 5.
+        assert!(!q.offer(pending(6)));
+        assert!(!q.offer(pending(5)));
+        assert_eq!(q.refill(), None, "still full");
+        assert_eq!(q.pop().unwrap().pending.seq, 1);
+        assert_eq!(q.pop().unwrap().pending.seq, 2);
+        let read = q.refill().unwrap();
+        assert_eq!(read.after_seq, 4, "from the lowest packet left out");
+        q.refilled(read, vec![pending(5), pending(6)], |_| false);
+        assert_eq!(q.refill(), None);
+        assert_eq!(drain(&mut q), [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_refill_skips_what_is_held() {
+        let mut q = MemoryQueue::new(4);
+        let read = q.refill().unwrap();
+        let (a, b) = (pending(1), pending(2));
+        let leased = a.packet.packet_id;
+        q.refilled(read, vec![a, b], |id| *id == leased);
+        assert_eq!(drain(&mut q), [2]);
+    }
+
+    #[test]
+    fn removed_packets_are_skipped() {
+        let mut q = MemoryQueue::new(8);
+        q.refilled(q.refill().unwrap(), Vec::new(), |_| false);
+        let a = pending(1);
+        let id = a.packet.packet_id;
+        q.offer(a);
+        q.offer(pending(2));
+        assert!(q.remove(&id).is_some());
+        assert_eq!(q.len(), 1);
+        assert_eq!(drain(&mut q), [2]);
     }
 }

@@ -1,66 +1,87 @@
 //! The Redis queue: a stream read through a consumer group, shared by every
 //! bucket node.
 //!
-//! `push` XADDs each id to `{prefix}pending`. One reader task per node
+//! A committed packet is XADDed to `{prefix}pending` with its body, so the
+//! node that reads it delivers without reading the database. Each node
 //! XREADGROUPs (blocking, so a packet ingested on any node reaches a waiting
-//! subscriber on any other at once), only as many ids as its subscribers
-//! are waiting for, and XACKs + XDELs them as it hands them over. The group
-//! gives each entry to one node; the database's conditional lease gives each
-//! packet to one stream. Leases live in the database, not in the stream's
-//! pending list: expiry and dead-lettering are the database's sweep, and an
-//! expired packet is XADDed again.
+//! stream on any other at once) only as many entries as its streams have
+//! room for. An entry stays in the reading node's pending-entries list (PEL)
+//! for as long as the node holds the packet; it is XACKed and XDELed when
+//! the packet is marked, dead-lettered, or handed back (a lease that ended
+//! unmarked is XADDed anew, so any node may take it).
 //!
-//! While Redis cannot be reached the node keeps working on its local
-//! buffer (the in-memory queue); the reconciler puts back into the stream
-//! whatever pending packets it lacks once Redis answers again.
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+//! The PEL says which node holds what: a node that stops without handing
+//! its entries back (a crash) stops renewing `{prefix}node:{name}`, and the
+//! other nodes claim its entries, check them against the database, and
+//! deliver what is still pending.
+//!
+//! While Redis cannot be reached a node keeps serving its own streams from
+//! memory; the reconciler puts back into the stream whatever pending packets
+//! it lacks once Redis answers again.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::config::Options;
 use fred::types::streams::XReadResponse;
-use tokio::sync::{Notify, broadcast};
+use fred::types::{Expiration, Key};
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::memory::MemoryQueue;
-use super::{Queue, QueueError};
+use super::{QueueError, Queued, codec};
 use crate::config::RedisConfig;
+use crate::delivery::QueueSink;
+use crate::store::{PendingPacket, Store};
 
 const GROUP: &str = "dispatch";
-const FIELD: &str = "id";
+const ID: &str = "id";
+const BODY: &str = "p";
 /// How long one XREADGROUP waits before the reader looks at demand again.
 const BLOCK_MS: u64 = 1000;
-/// Most ids one XRANGE page reads while listing the stream.
-const PAGE: u64 = 1000;
-/// An entry read by a consumer but not removed this long after is stuck
-/// with a node that stopped between the two steps (a read cut short by
-/// shutdown, a crash): it is taken over. The two steps are a round trip apart.
-const STALE_MS: u64 = 3000;
-const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+/// Most entries one XRANGE page or one pipeline carries.
+const PAGE: usize = 512;
+/// A node renews its liveness key this often; the key outlives two misses.
+const HEARTBEAT: Duration = Duration::from_secs(3);
+const NODE_TTL_MS: i64 = 10_000;
+
+/// A packet to XADD, and the entry it replaces (removed once it is added).
+struct Outgoing {
+    pending: PendingPacket,
+    replaces: Option<String>,
+}
 
 pub struct RedisQueue {
     /// Ordinary commands, failing fast while disconnected.
     commands: Client,
     /// A connection of its own for the blocking XREADGROUP.
     reader: Client,
-    /// Pub/sub for lease ends across nodes.
+    /// Pub/sub for outcomes recorded through another node.
     subscriber: SubscriberClient,
-    settled: broadcast::Sender<(String, Uuid)>,
+    /// Reads packets whose entry carries no body (put back by the
+    /// reconciler, or claimed from a stopped node).
+    store: Store,
     key: String,
     channel: String,
+    node_key: String,
+    node_prefix: String,
     /// This node's name in the consumer group.
     consumer: String,
-    /// Ids read from the stream (or pushed while Redis was away), waiting
-    /// for a local subscriber.
-    local: MemoryQueue,
-    /// How many ids local subscribers are waiting for right now.
-    wanted: AtomicUsize,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    done: mpsc::UnboundedSender<String>,
+    receivers: Mutex<Option<Receivers>>,
     demand: Notify,
+    /// Ends the adder and remover once they drained (after the dispatcher).
+    flush: CancellationToken,
+    flushers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Receivers {
+    outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    done: mpsc::UnboundedReceiver<String>,
 }
 
 impl From<fred::error::Error> for QueueError {
@@ -84,6 +105,9 @@ pub fn redis_url(config: &RedisConfig) -> Option<String> {
     Some(format!("redis://{auth}{host}:{}", config.redis_port))
 }
 
+/// A stream entry: its id and fields.
+type Entry = (String, HashMap<String, String>);
+
 impl RedisQueue {
     /// Builds the clients and starts connecting, without waiting: a Redis
     /// that is down at start is retried forever (exponential backoff).
@@ -91,6 +115,7 @@ impl RedisQueue {
         url: &str,
         config: &RedisConfig,
         node: &str,
+        store: Store,
     ) -> Result<Arc<RedisQueue>, QueueError> {
         let mut redis_config = Config::from_url(url)?;
         // Seed-style settings apply on top of a URL that lacks them.
@@ -102,7 +127,7 @@ impl RedisQueue {
         }
         redis_config.fail_fast = false;
         let build = |command_timeout: Duration| {
-            let builder = Builder::from_config(redis_config.clone())
+            Builder::from_config(redis_config.clone())
                 .with_performance_config(|p| p.default_command_timeout = command_timeout)
                 .with_connection_config(|c| {
                     c.connection_timeout = Duration::from_secs(2);
@@ -110,67 +135,60 @@ impl RedisQueue {
                     c.max_command_attempts = 1;
                 })
                 .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-                .clone();
-            Ok::<_, fred::error::Error>(builder)
+                .clone()
         };
-        let commands = build(Duration::from_secs(2))?.build()?;
-        let reader = build(Duration::from_millis(BLOCK_MS + 2_000))?.build()?;
-        let subscriber = build(Duration::from_secs(2))?.build_subscriber_client()?;
+        let commands = build(Duration::from_secs(2)).build()?;
+        let reader = build(Duration::from_millis(BLOCK_MS + 2_000)).build()?;
+        let subscriber = build(Duration::from_secs(2)).build_subscriber_client()?;
         commands.connect();
         reader.connect();
         subscriber.connect();
         // Subscriptions are renewed on every reconnect.
         subscriber.manage_subscriptions();
 
-        let queue = Arc::new(RedisQueue {
+        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
+        let (done, done_rx) = mpsc::unbounded_channel();
+        let prefix = &config.redis_prefix;
+        Ok(Arc::new(RedisQueue {
             commands,
             reader,
             subscriber,
-            settled: broadcast::channel(1024).0,
-            key: format!("{}pending", config.redis_prefix),
-            channel: format!("{}settled", config.redis_prefix),
+            store,
+            key: format!("{prefix}pending"),
+            channel: format!("{prefix}settled"),
+            node_key: format!("{prefix}node:{node}"),
+            node_prefix: format!("{prefix}node:"),
             consumer: node.to_owned(),
-            local: MemoryQueue::new(),
-            wanted: AtomicUsize::new(0),
+            outgoing,
+            done,
+            receivers: Mutex::new(Some(Receivers {
+                outgoing: outgoing_rx,
+                done: done_rx,
+            })),
             demand: Notify::new(),
-        });
-        Ok(queue)
+            flush: CancellationToken::new(),
+            flushers: Mutex::new(Vec::new()),
+        }))
     }
 
-    /// Starts the reader and the pub/sub listener, which end with `shutdown`.
-    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) {
-        tokio::spawn(self.clone().read_loop(shutdown.clone()));
-        tokio::spawn(self.clone().listen_settled(shutdown));
-    }
-
-    async fn listen_settled(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut messages = self.subscriber.message_rx();
-        while let Err(e) = self.subscriber.subscribe(self.channel.as_str()).await {
-            tracing::debug!(error = %e, "subscribing to lease ends; retrying");
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
-        loop {
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                message = messages.recv() => message,
-            };
-            match message {
-                Ok(message) => {
-                    tracing::trace!(?message, "lease end announced");
-                    let text: Option<String> = message.value.convert().ok();
-                    if let Some((owner, id)) = text.as_deref().and_then(|t| t.rsplit_once(' '))
-                        && let Ok(id) = Uuid::try_parse(id)
-                    {
-                        let _ = self.settled.send((owner.to_owned(), id));
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
+    /// Starts the tasks that move packets between the stream and `sink`.
+    /// Readers end with `shutdown`; writers with [`RedisQueue::close`].
+    pub fn start(self: &Arc<Self>, sink: Arc<dyn QueueSink>, shutdown: CancellationToken) {
+        let receivers = self
+            .receivers
+            .lock()
+            .expect("receivers lock")
+            .take()
+            .expect("started once");
+        let adder = tokio::spawn(self.clone().add_loop(receivers.outgoing, sink.clone()));
+        let remover = tokio::spawn(self.clone().remove_loop(receivers.done));
+        self.flushers
+            .lock()
+            .expect("flushers lock")
+            .extend([adder, remover]);
+        tokio::spawn(self.clone().read_loop(sink.clone(), shutdown.clone()));
+        tokio::spawn(self.clone().listen_settled(sink.clone(), shutdown.clone()));
+        tokio::spawn(self.clone().watch_nodes(sink, shutdown));
     }
 
     /// Resolves once the command connection is up.
@@ -183,6 +201,10 @@ impl RedisQueue {
         self.commands.reconnect_rx()
     }
 
+    pub fn connected(&self) -> bool {
+        self.commands.is_connected()
+    }
+
     fn fast(&self) -> fred::clients::WithOptions<Client> {
         self.commands.with_options(&Options {
             fail_fast: true,
@@ -190,7 +212,7 @@ impl RedisQueue {
         })
     }
 
-    async fn ensure_group(&self) -> Result<(), QueueError> {
+    pub async fn ensure_group(&self) -> Result<(), QueueError> {
         let created: Result<(), _> = self.fast().xgroup_create(&self.key, GROUP, "0", true).await;
         match created {
             Err(e) if !e.details().contains("BUSYGROUP") => Err(e.into()),
@@ -198,21 +220,171 @@ impl RedisQueue {
         }
     }
 
-    /// Moves ids from the stream to the local buffer, as many as local
-    /// subscribers wait for.
-    async fn read_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut reclaimed_at = tokio::time::Instant::now();
+    /// Newly committed packets, for any node to take.
+    pub fn push(&self, packets: Vec<PendingPacket>) {
+        for pending in packets {
+            let _ = self.outgoing.send(Outgoing {
+                pending,
+                replaces: None,
+            });
+        }
+    }
+
+    /// Packets whose lease ended unmarked: added anew for any node, and
+    /// their old entries removed.
+    pub fn requeue(&self, packets: Vec<Queued>) {
+        for queued in packets {
+            let _ = self.outgoing.send(Outgoing {
+                pending: queued.pending,
+                replaces: queued.entry,
+            });
+        }
+    }
+
+    /// Entries of packets this node is done with.
+    pub fn remove_entries(&self, entries: Vec<String>) {
+        for entry in entries {
+            let _ = self.done.send(entry);
+        }
+    }
+
+    /// Local streams have room: read more.
+    pub fn demand(&self) {
+        self.demand.notify_one();
+    }
+
+    /// Tells the other nodes these packets' outcomes are recorded.
+    pub async fn publish_settled(&self, ids: &[Uuid]) {
+        let text = ids
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let published: Result<(), _> = self.fast().publish(self.channel.as_str(), text).await;
+        if let Err(e) = published {
+            // The holder finds the outcome in the database when the lease ends.
+            tracing::debug!(error = %e, "could not announce outcomes");
+        }
+    }
+
+    /// Entries read without waiting (the JSON gateway's poll).
+    pub async fn read_now(&self, count: usize) -> Result<Vec<Queued>, QueueError> {
+        if !self.connected() {
+            return Ok(Vec::new());
+        }
+        let entries = self.read_group(&self.fast(), count, None).await?;
+        self.resolve(entries, false).await
+    }
+
+    /// Hands `waiting` back to the stream, flushes every pending write,
+    /// and gives up this node's liveness key.
+    pub async fn close(&self, waiting: Vec<Queued>) {
+        self.requeue(waiting);
+        self.flush.cancel();
+        let flushers: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.flushers.lock().expect("flushers lock"));
+        for task in flushers {
+            let _ = task.await;
+        }
+        let _: Result<(), _> = self.fast().del(self.node_key.as_str()).await;
+    }
+
+    /// XADDs what waits, a pipeline at a time. While Redis is away the
+    /// packets stay with this node (the reconciler adds them later).
+    async fn add_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Outgoing>,
+        sink: Arc<dyn QueueSink>,
+    ) {
+        let mut batch = Vec::with_capacity(PAGE);
         loop {
-            if reclaimed_at.elapsed() >= RECLAIM_EVERY && self.commands.is_connected() {
-                reclaimed_at = tokio::time::Instant::now();
-                if let Err(e) = self.reclaim().await {
-                    tracing::debug!(error = %e, "reclaiming stale stream entries failed");
+            tokio::select! {
+                biased;
+                n = rx.recv_many(&mut batch, PAGE) => if n == 0 { return },
+                _ = self.flush.cancelled() => {
+                    while let Ok(item) = rx.try_recv() {
+                        batch.push(item);
+                    }
+                    if batch.is_empty() {
+                        return;
+                    }
                 }
             }
-            let wanted = self
-                .wanted
-                .load(Ordering::Acquire)
-                .saturating_sub(self.local.depth_now());
+            match self.xadd(&batch).await {
+                Ok(()) => {
+                    let replaced = batch.drain(..).filter_map(|o| o.replaces).collect();
+                    self.remove_entries(replaced);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, count = batch.len(), "Redis away: packets stay with this node");
+                    sink.feed(
+                        batch
+                            .drain(..)
+                            .map(|o| Queued {
+                                pending: o.pending,
+                                entry: o.replaces,
+                            })
+                            .collect(),
+                    );
+                }
+            }
+        }
+    }
+
+    async fn xadd(&self, batch: &[Outgoing]) -> Result<(), QueueError> {
+        if !self.connected() {
+            return Err(QueueError("not connected".into()));
+        }
+        let pipeline = self.commands.pipeline();
+        for item in batch {
+            let fields: Vec<(&str, Value)> = vec![
+                (ID, item.pending.packet.packet_id.to_string().into()),
+                (BODY, Value::Bytes(codec::encode(&item.pending).into())),
+            ];
+            let _: () = pipeline.xadd(&self.key, false, None, "*", fields).await?;
+        }
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    /// XACKs and XDELs entries this node is done with.
+    async fn remove_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<String>) {
+        let mut batch = Vec::with_capacity(PAGE);
+        loop {
+            tokio::select! {
+                biased;
+                n = rx.recv_many(&mut batch, PAGE) => if n == 0 { return },
+                _ = self.flush.cancelled() => {
+                    while let Ok(item) = rx.try_recv() {
+                        batch.push(item);
+                    }
+                    if batch.is_empty() {
+                        return;
+                    }
+                }
+            }
+            if let Err(e) = self.remove(&batch).await {
+                // Left in this node's PEL: harmless (a claimer checks the
+                // database first), and gone if Redis restarted empty.
+                tracing::debug!(error = %e, count = batch.len(), "could not remove stream entries");
+            }
+            batch.clear();
+        }
+    }
+
+    async fn remove(&self, entries: &[String]) -> Result<(), QueueError> {
+        let pipeline = self.commands.pipeline();
+        let _: () = pipeline.xack(&self.key, GROUP, entries.to_vec()).await?;
+        let _: () = pipeline.xdel(&self.key, entries.to_vec()).await?;
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    /// Moves entries from the stream to this node, as many as local
+    /// streams have room for.
+    async fn read_loop(self: Arc<Self>, sink: Arc<dyn QueueSink>, shutdown: CancellationToken) {
+        loop {
+            let wanted = sink.wanted();
             if wanted == 0 || !self.reader.is_connected() {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -223,15 +395,21 @@ impl RedisQueue {
             }
             let read = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                read = self.read(wanted) => read,
+                read = self.read_group(&self.reader, wanted, Some(BLOCK_MS)) => read,
             };
-            if let Err(e) = read {
-                if e.0.contains("NOGROUP") {
+            let read = match read {
+                Ok(entries) => self.resolve(entries, false).await,
+                Err(e) => Err(e),
+            };
+            match read {
+                Ok(queued) => sink.feed(queued),
+                Err(e) if e.0.contains("NOGROUP") => {
                     // Redis restarted empty: the group is gone with the stream.
                     if let Err(e) = self.ensure_group().await {
                         tracing::warn!(error = %e, "could not create the consumer group");
                     }
-                } else {
+                }
+                Err(e) => {
                     tracing::warn!(error = %e, "reading the Redis queue failed");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -239,21 +417,13 @@ impl RedisQueue {
         }
     }
 
-    async fn read(&self, count: usize) -> Result<(), QueueError> {
-        let ids = self.claim(&self.reader, count, Some(BLOCK_MS)).await?;
-        self.local.push(&ids).await
-    }
-
-    /// XREADGROUPs up to `count` new entries (waiting up to `block` ms for
-    /// the first) and removes them from the stream: the ids are in this
-    /// node's hands now, and a crash from here on is covered by the
-    /// reconciler, which re-queues pending packets.
-    async fn claim<C: StreamsInterface + Sync>(
+    /// XREADGROUPs up to `count` new entries, waiting up to `block` ms.
+    async fn read_group<C: StreamsInterface + Sync>(
         &self,
         client: &C,
         count: usize,
         block: Option<u64>,
-    ) -> Result<Vec<Uuid>, QueueError> {
+    ) -> Result<Vec<Entry>, QueueError> {
         let response: Value = client
             .xreadgroup(
                 GROUP,
@@ -271,167 +441,226 @@ impl RedisQueue {
         }
         let response: XReadResponse<String, String, String, String> =
             response.into_xread_response()?;
-        let entries: Vec<Entry> = response.into_values().flatten().collect();
-        if entries.is_empty() {
-            return Ok(Vec::new());
+        Ok(response.into_values().flatten().collect())
+    }
+
+    /// The packets of `entries`: from their bodies, or from the database
+    /// for entries without one or when `verify` (claimed from a stopped
+    /// node, which may have recorded outcomes it never removed). Entries of
+    /// packets no longer pending are removed.
+    async fn resolve(&self, entries: Vec<Entry>, verify: bool) -> Result<Vec<Queued>, QueueError> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut lookup: HashMap<Uuid, String> = HashMap::new();
+        let mut stale = Vec::new();
+        for (entry, fields) in entries {
+            let Some(id) = fields.get(ID).and_then(|v| Uuid::try_parse(v).ok()) else {
+                stale.push(entry);
+                continue;
+            };
+            match fields.get(BODY).and_then(|b| codec::decode(b.as_bytes())) {
+                Some(pending) if !verify => out.push(Queued {
+                    pending,
+                    entry: Some(entry),
+                }),
+                _ => {
+                    if let Some(duplicate) = lookup.insert(id, entry) {
+                        stale.push(duplicate);
+                    }
+                }
+            }
         }
-        self.remove(&entries).await?;
-        Ok(packet_ids(&entries))
-    }
-
-    /// Acknowledges and deletes entries this node has taken.
-    async fn remove(&self, entries: &[Entry]) -> Result<(), QueueError> {
-        let entry_ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
-        let pipeline = self.commands.pipeline();
-        let _: () = pipeline.xack(&self.key, GROUP, entry_ids.clone()).await?;
-        let _: () = pipeline.xdel(&self.key, entry_ids).await?;
-        let _: Vec<Value> = pipeline.all().await?;
-        Ok(())
-    }
-
-    /// Takes over entries stuck with a consumer that read them and never
-    /// removed them, into the local buffer.
-    async fn reclaim(&self) -> Result<(), QueueError> {
-        let (_, entries): (String, Vec<Entry>) = self
-            .fast()
-            .xautoclaim_values(
-                &self.key,
-                GROUP,
-                &self.consumer,
-                STALE_MS,
-                "0-0",
-                Some(256),
-                false,
-            )
-            .await?;
-        if entries.is_empty() {
-            return Ok(());
+        if !lookup.is_empty() {
+            let ids: Vec<Uuid> = lookup.keys().copied().collect();
+            let found = self
+                .store
+                .pending_among(&ids)
+                .await
+                .map_err(|e| QueueError(e.to_string()))?;
+            for pending in found {
+                let entry = lookup.remove(&pending.packet.packet_id);
+                out.push(Queued { pending, entry });
+            }
+            stale.extend(lookup.into_values());
         }
-        tracing::info!(
-            count = entries.len(),
-            "took over stream entries left by a stopped node"
-        );
-        self.local.push(&packet_ids(&entries)).await?;
-        self.remove(&entries).await
+        self.remove_entries(stale);
+        Ok(out)
     }
 
-    async fn xadd(&self, ids: &[Uuid]) -> Result<(), QueueError> {
-        let pipeline = self.commands.pipeline();
-        for id in ids {
-            let _: () = pipeline
-                .xadd(&self.key, false, None, "*", (FIELD, id.to_string()))
+    async fn listen_settled(
+        self: Arc<Self>,
+        sink: Arc<dyn QueueSink>,
+        shutdown: CancellationToken,
+    ) {
+        let mut messages = self.subscriber.message_rx();
+        while let Err(e) = self.subscriber.subscribe(self.channel.as_str()).await {
+            tracing::debug!(error = %e, "subscribing to outcomes; retrying");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                message = messages.recv() => message,
+            };
+            match message {
+                Ok(message) => {
+                    let text: Option<String> = message.value.convert().ok();
+                    let ids: Vec<Uuid> = text
+                        .iter()
+                        .flat_map(|t| t.split(' '))
+                        .filter_map(|id| Uuid::try_parse(id).ok())
+                        .collect();
+                    sink.settle_remote(&ids);
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Keeps this node's liveness key, and claims the entries of nodes that
+    /// lost theirs.
+    async fn watch_nodes(self: Arc<Self>, sink: Arc<dyn QueueSink>, shutdown: CancellationToken) {
+        loop {
+            if self.connected() {
+                let alive: Result<(), _> = self
+                    .fast()
+                    .set(
+                        self.node_key.as_str(),
+                        1,
+                        Some(Expiration::PX(NODE_TTL_MS)),
+                        None,
+                        false,
+                    )
+                    .await;
+                if let Err(e) = alive {
+                    tracing::debug!(error = %e, "could not renew the liveness key");
+                }
+                match self.claim_from_stopped_nodes().await {
+                    Ok(claimed) if !claimed.is_empty() => {
+                        tracing::info!(
+                            count = claimed.len(),
+                            "took over packets held by a stopped node"
+                        );
+                        sink.feed(claimed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "looking for stopped nodes failed"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
+        }
+    }
+
+    async fn claim_from_stopped_nodes(&self) -> Result<Vec<Queued>, QueueError> {
+        // XPENDING's summary: [count, min, max, [[consumer, count], ...]].
+        let summary: Value = self.fast().xpending(&self.key, GROUP, ()).await?;
+        let holders: Vec<String> = match summary {
+            Value::Array(parts) if parts.len() == 4 => match &parts[3] {
+                Value::Array(rows) => rows
+                    .iter()
+                    .filter_map(|row| match row {
+                        Value::Array(pair) => pair.first()?.as_string(),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        let mut claimed = Vec::new();
+        for holder in holders.into_iter().filter(|h| *h != self.consumer) {
+            let alive: bool = self
+                .fast()
+                .exists(Key::from(format!("{}{holder}", self.node_prefix)))
                 .await?;
+            if alive {
+                continue;
+            }
+            let pending: Vec<(String, String, u64, u64)> = self
+                .fast()
+                .xpending(&self.key, GROUP, ("-", "+", PAGE as u64, holder.as_str()))
+                .await?;
+            let ids: Vec<String> = pending.into_iter().map(|(id, ..)| id).collect();
+            if ids.is_empty() {
+                let _: Result<i64, _> = self
+                    .fast()
+                    .xgroup_delconsumer(&self.key, GROUP, holder.as_str())
+                    .await;
+                continue;
+            }
+            let entries: Vec<Entry> = self
+                .fast()
+                .xclaim_values(
+                    &self.key,
+                    GROUP,
+                    &self.consumer,
+                    0,
+                    ids,
+                    None,
+                    None,
+                    None,
+                    false,
+                    false,
+                )
+                .await?;
+            claimed.extend(self.resolve(entries, true).await?);
         }
-        let _: Vec<Value> = pipeline.all().await?;
-        Ok(())
+        Ok(claimed)
     }
 
-    /// Every id in the stream.
-    async fn stream_ids(&self) -> Result<HashSet<Uuid>, QueueError> {
-        let mut ids = HashSet::new();
+    /// Every packet id in the stream (for the reconciler).
+    pub async fn stream_ids(&self) -> Result<std::collections::HashSet<Uuid>, QueueError> {
+        let mut ids = std::collections::HashSet::new();
         let mut start = "-".to_owned();
         loop {
             let page: Vec<Entry> = self
                 .fast()
-                .xrange(&self.key, start.as_str(), "+", Some(PAGE))
+                .xrange(&self.key, start.as_str(), "+", Some(PAGE as u64))
                 .await?;
             let last = page.last().map(|(id, _)| id.clone());
-            ids.extend(packet_ids(&page));
+            ids.extend(
+                page.iter()
+                    .filter_map(|(_, f)| f.get(ID).and_then(|v| Uuid::try_parse(v).ok())),
+            );
             match last {
-                Some(last) if page.len() as u64 == PAGE => start = format!("({last}"),
+                Some(last) if page.len() == PAGE => start = format!("({last}"),
                 _ => return Ok(ids),
             }
         }
     }
-}
 
-/// A stream entry: its id and fields.
-type Entry = (String, HashMap<String, String>);
-
-fn packet_ids(entries: &[Entry]) -> Vec<Uuid> {
-    entries
-        .iter()
-        .filter_map(|(_, fields)| fields.get(FIELD).and_then(|v| Uuid::try_parse(v).ok()))
-        .collect()
-}
-
-struct Wanting<'a>(&'a RedisQueue, usize);
-
-impl Drop for Wanting<'_> {
-    fn drop(&mut self) {
-        self.0.wanted.fetch_sub(self.1, Ordering::AcqRel);
-    }
-}
-
-#[async_trait]
-impl Queue for RedisQueue {
-    async fn push(&self, ids: &[Uuid]) -> Result<(), QueueError> {
-        if ids.is_empty() {
-            return Ok(());
+    /// Adds ids alone (the reconciler): the reader reads their packets from
+    /// the database.
+    pub async fn add_ids(&self, ids: &[Uuid]) -> Result<(), QueueError> {
+        for chunk in ids.chunks(PAGE) {
+            let pipeline = self.commands.pipeline();
+            for id in chunk {
+                let _: () = pipeline
+                    .xadd(&self.key, false, None, "*", (ID, id.to_string()))
+                    .await?;
+            }
+            let _: Vec<Value> = pipeline.all().await?;
         }
-        if self.commands.is_connected() && self.xadd(ids).await.is_ok() {
-            return Ok(());
-        }
-        // Redis is away: keep them here; the reconciler re-adds every
-        // pending packet to the stream once Redis answers.
-        self.local.push(ids).await
+        Ok(())
     }
 
-    async fn take(&self, max: usize) -> Result<Vec<Uuid>, QueueError> {
-        let _wanting = Wanting(self, max);
-        self.wanted.fetch_add(max, Ordering::AcqRel);
-        self.demand.notify_one();
-        self.local.take(max).await
-    }
-
-    async fn try_take(&self, max: usize) -> Result<Vec<Uuid>, QueueError> {
-        let mut ids = self.local.try_take(max).await?;
-        if ids.len() < max && self.commands.is_connected() {
-            // A poll does not wait: read the stream directly, unblocking.
-            let fast = self.fast();
-            ids.extend(self.claim(&fast, max - ids.len(), None).await?);
-        }
-        Ok(ids)
-    }
-
-    async fn depth(&self) -> Result<u64, QueueError> {
-        let local = self.local.depth_now() as u64;
-        if !self.commands.is_connected() {
-            return Ok(local);
+    /// Entries in the stream, and how many of them nodes hold.
+    pub async fn depth(&self) -> Result<(u64, u64), QueueError> {
+        if !self.connected() {
+            return Ok((0, 0));
         }
         let len: u64 = self.fast().xlen(&self.key).await?;
-        Ok(len + local)
-    }
-
-    async fn queued_ids(&self) -> Result<HashSet<Uuid>, QueueError> {
-        let mut ids = self.local.queued_ids().await?;
-        if self.commands.is_connected() {
-            ids.extend(self.stream_ids().await?);
-        }
-        Ok(ids)
-    }
-
-    async fn prepare(&self) -> Result<(), QueueError> {
-        self.ensure_group().await
-    }
-
-    async fn publish_settled(&self, owner: &str, id: Uuid) {
-        let published: Result<(), _> = self
-            .fast()
-            .publish(self.channel.as_str(), format!("{owner} {id}"))
-            .await;
-        tracing::trace!(%owner, %id, ok = published.is_ok(), "announcing a lease end");
-        if let Err(e) = published {
-            // The other node frees the slot at the lease's expiry instead.
-            tracing::debug!(error = %e, "could not announce a lease end");
-        }
-    }
-
-    fn settled_events(&self) -> Option<broadcast::Receiver<(String, Uuid)>> {
-        Some(self.settled.subscribe())
-    }
-
-    fn redis_connected(&self) -> bool {
-        self.commands.is_connected()
+        let summary: Value = self.fast().xpending(&self.key, GROUP, ()).await?;
+        let held = match summary {
+            Value::Array(parts) => parts.first().and_then(|v| v.as_u64()).unwrap_or(0),
+            _ => 0,
+        };
+        Ok((len, held))
     }
 }

@@ -1,11 +1,16 @@
-//! Durable storage of packets and their delivery state.
+//! Durable storage of packets and their outcomes.
 //!
-//! The database row is the truth about a packet: its status, its lease and
-//! its delivery attempts. Every write goes through the writer task
-//! ([`writer`]), which commits whatever is waiting in one transaction.
+//! The database row is the truth about a packet: that it was acknowledged
+//! (pending), its outcome (processed, failed, dead_letter), and the
+//! deliveries whose lease ended without a mark. Leases themselves are not
+//! stored: they live where they are cheap (the dispatcher's memory, the
+//! Redis group), so a crash forgets them and the packet is simply pending
+//! again. Every write goes through the writer tasks ([`writer`]), which
+//! commit whatever is waiting in one transaction, one statement per kind of
+//! write.
 mod error;
 mod postgres;
-mod sql;
+mod rows;
 mod sqlite;
 mod writer;
 
@@ -14,6 +19,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 use uuid::Uuid;
 
 use crate::domain::{DeliveryStatus, Packet};
@@ -28,12 +34,21 @@ pub struct StoredPacket {
     pub received_at: DateTime<Utc>,
     pub status: DeliveryStatus,
     pub delivery_attempts: u32,
-    pub lease_owner: Option<String>,
-    pub lease_expires_at: Option<DateTime<Utc>>,
     pub processed_at: Option<DateTime<Utc>>,
     pub processed_by_karma: bool,
     pub karma_actions: Vec<Value>,
     pub error_message: Option<String>,
+}
+
+/// A committed packet waiting for delivery: what the dispatcher holds.
+#[derive(Debug, Clone)]
+pub struct PendingPacket {
+    pub packet: Arc<Packet>,
+    /// Arrival order.
+    pub seq: i64,
+    pub received_at: DateTime<Utc>,
+    /// Deliveries that ended without a mark so far.
+    pub attempts: u32,
 }
 
 /// The receipt of an insert.
@@ -43,6 +58,7 @@ pub struct Inserted {
     pub received_at: DateTime<Utc>,
     /// False when the id was already stored (an idempotent retry).
     pub created: bool,
+    pub seq: i64,
 }
 
 /// What MarkProcessed asks to record.
@@ -53,19 +69,26 @@ pub struct Mark {
     pub karma_actions: Vec<Value>,
     pub error_message: Option<String>,
     pub at: DateTime<Utc>,
+    /// The delivery being marked, when this node knows it (0: unknown).
+    pub attempt: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MarkOutcome {
-    /// Recorded; `lease_owner` held the packet until now.
-    Applied {
-        lease_owner: Option<String>,
-    },
+    Applied,
     AlreadyProcessed,
     NotFound,
 }
 
-/// A lease that ended without a mark: the packet is pending again or dead.
+/// A lease that ended without a mark: `attempts` deliveries are spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseEnd {
+    pub packet_id: Uuid,
+    pub attempts: u32,
+}
+
+/// A packet whose lease ended and that is still open: pending again, or
+/// dead_letter once its deliveries ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
     pub packet_id: Uuid,
@@ -93,36 +116,83 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// From `(status, count)` rows.
+    fn from_rows(rows: Vec<(String, i64)>) -> Counts {
+        let mut counts = Counts::default();
+        for (status, n) in rows {
+            let n = n.max(0) as u64;
+            match DeliveryStatus::parse(&status) {
+                Some(DeliveryStatus::Pending) => counts.pending = n,
+                Some(DeliveryStatus::Leased) => counts.leased = n,
+                Some(DeliveryStatus::Processed) => counts.processed = n,
+                Some(DeliveryStatus::Failed) => counts.failed = n,
+                Some(DeliveryStatus::DeadLetter) => counts.dead_letter = n,
+                None => {}
+            }
+        }
+        counts
+    }
+
     pub fn total(&self) -> u64 {
         self.pending + self.leased + self.processed + self.failed + self.dead_letter
     }
 }
 
-/// One database engine. Writes arrive in batches that the implementation
-/// must apply in one transaction, all or nothing.
+/// Told of every packet whose insert committed, before any later read of
+/// the pending packets can run (see [`Store::pending_after`]).
+pub trait CommitListener: Send + Sync + 'static {
+    fn committed(&self, packets: Vec<PendingPacket>);
+}
+
+/// How many writer tasks suit an engine, per lane.
+#[derive(Debug, Clone, Copy)]
+pub struct Writers {
+    /// Writers of inserts.
+    pub ingest: usize,
+    /// Writers of marks and lease ends; 0: the ingest writers take them
+    /// first (SQLite, which has one writer anyway).
+    pub delivery: usize,
+}
+
+/// One database engine.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
-    async fn write_batch(&self, ops: &[WriteOp]) -> Result<Vec<WriteReply>, StoreError>;
+    /// Applies `ops` in one transaction, all or nothing, one statement per
+    /// kind of write. Takes `gate` for reading just before COMMIT and hands
+    /// it back held, so the caller can announce what committed before a
+    /// reader of pending packets runs.
+    async fn write(
+        &self,
+        ops: &[WriteOp],
+        gate: Arc<RwLock<()>>,
+    ) -> Result<(Vec<WriteReply>, OwnedRwLockReadGuard<()>), StoreError>;
+    /// Pending packets after `seq`, oldest first.
+    async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError>;
+    /// Those of `ids` that are pending.
+    async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError>;
     /// Ids of pending packets, oldest first.
     async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError>;
     async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError>;
     async fn counts(&self) -> Result<Counts, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
-    /// How many writer tasks suit this engine (SQLite has one writer anyway).
-    fn writers(&self) -> usize;
+    fn writers(&self) -> Writers;
 }
 
 /// The store the application uses: reads go to the backend, writes to the
-/// writer task.
+/// writer tasks.
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
     writer: Writer,
+    /// Held for reading by each writer from its COMMIT until it told the
+    /// listener; for writing by [`Store::pending_after`].
+    gate: Arc<RwLock<()>>,
 }
 
 impl Store {
-    /// Connects to `database_url`, applies migrations and starts the writer.
-    pub async fn connect(database_url: &str, max_commit: usize) -> Result<Store, StoreError> {
+    /// Connects to `database_url` and applies migrations; writing starts
+    /// with [`Store::start_writers`].
+    pub async fn connect(database_url: &str) -> Result<Store, StoreError> {
         let backend: Arc<dyn Backend> =
             if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
                 Arc::new(postgres::PgBackend::connect(database_url).await?)
@@ -133,8 +203,22 @@ impl Store {
                     "DATABASE_URL must start with sqlite: or postgres:, got {database_url:?}"
                 )));
             };
-        let writer = Writer::start(backend.clone(), max_commit);
-        Ok(Store { backend, writer })
+        Ok(Store {
+            backend,
+            writer: Writer::idle(),
+            gate: Arc::new(RwLock::new(())),
+        })
+    }
+
+    /// Starts the writer tasks; `listener` hears of every committed insert.
+    /// Clones made before share the writers.
+    pub fn start_writers(&self, max_commit: usize, listener: Arc<dyn CommitListener>) {
+        self.writer.start(
+            self.backend.clone(),
+            self.gate.clone(),
+            max_commit,
+            listener,
+        );
     }
 
     /// Stops taking writes, commits those already queued, and waits.
@@ -142,103 +226,78 @@ impl Store {
         self.writer.close().await;
     }
 
-    pub async fn insert(&self, packet: Packet) -> Result<Inserted, StoreError> {
-        match self
-            .writer
-            .submit(WriteOp::Insert(Box::new(packet)))
-            .await?
-        {
-            WriteReply::Inserted(receipt) => Ok(receipt),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Inserts many packets; they are queued together so they share commits.
-    pub async fn insert_many(&self, packets: Vec<Packet>) -> Vec<Result<Inserted, StoreError>> {
-        let pending: Vec<_> = packets
-            .into_iter()
-            .map(|p| self.writer.enqueue(WriteOp::Insert(Box::new(p))))
-            .collect();
-        let mut out = Vec::with_capacity(pending.len());
-        for reply in pending {
-            out.push(match reply.await {
-                Ok(WriteReply::Inserted(receipt)) => Ok(receipt),
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            });
-        }
-        out
-    }
-
-    /// Leases those of `ids` that are still pending to `owner`.
-    pub async fn lease(
+    /// Inserts packets; they are queued together so they share commits.
+    pub async fn insert_many(
         &self,
-        ids: Vec<Uuid>,
-        owner: String,
-        expires_at: DateTime<Utc>,
-    ) -> Result<Vec<StoredPacket>, StoreError> {
-        match self
-            .writer
-            .submit(WriteOp::Lease {
-                ids,
-                owner,
-                expires_at,
+        packets: Vec<Arc<Packet>>,
+    ) -> Vec<Result<Inserted, StoreError>> {
+        self.writer
+            .submit_all(packets.into_iter().map(WriteOp::Insert))
+            .await
+            .into_iter()
+            .map(|reply| match reply? {
+                WriteReply::Inserted(receipt) => Ok(receipt),
+                other => Err(unexpected(other)),
             })
-            .await?
-        {
-            WriteReply::Leased(rows) => Ok(rows),
-            other => Err(unexpected(other)),
-        }
+            .collect()
     }
 
-    /// Records outcomes; they are queued together so they share commits.
+    /// Records outcomes; they are queued together so they share commits,
+    /// ahead of any waiting insert.
     pub async fn mark_many(&self, marks: Vec<Mark>) -> Vec<Result<MarkOutcome, StoreError>> {
-        let pending: Vec<_> = marks
+        self.writer
+            .submit_all(marks.into_iter().map(WriteOp::Mark))
+            .await
             .into_iter()
-            .map(|m| self.writer.enqueue(WriteOp::Mark(m)))
-            .collect();
-        let mut out = Vec::with_capacity(pending.len());
-        for reply in pending {
-            out.push(match reply.await {
-                Ok(WriteReply::Marked(outcome)) => Ok(outcome),
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            });
+            .map(|reply| match reply? {
+                WriteReply::Marked(outcome) => Ok(outcome),
+                other => Err(unexpected(other)),
+            })
+            .collect()
+    }
+
+    /// Counts the deliveries of leases that ended unmarked; answers which
+    /// of those packets are still open (pending again, or dead_letter once
+    /// `max_deliveries` ran out). Processed and failed ones are not listed.
+    pub async fn end_leases(
+        &self,
+        ends: Vec<LeaseEnd>,
+        max_deliveries: u32,
+    ) -> Result<Vec<Released>, StoreError> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
         }
-        out
-    }
-
-    /// Ends every lease that expired by `now`.
-    pub async fn expire_leases(
-        &self,
-        now: DateTime<Utc>,
-        max_deliveries: u32,
-    ) -> Result<Vec<Released>, StoreError> {
-        self.release(WriteOp::ExpireLeases {
-            now,
+        let op = WriteOp::EndLeases {
+            ends,
             max_deliveries,
-        })
-        .await
-    }
-
-    /// Ends every lease `owner` holds (its stream ended).
-    pub async fn release_owner(
-        &self,
-        owner: String,
-        max_deliveries: u32,
-    ) -> Result<Vec<Released>, StoreError> {
-        self.release(WriteOp::ReleaseOwner {
-            owner,
-            max_deliveries,
-        })
-        .await
-    }
-
-    async fn release(&self, op: WriteOp) -> Result<Vec<Released>, StoreError> {
-        match self.writer.submit(op).await? {
+        };
+        let reply = self.writer.submit_all([op]).await.pop();
+        match reply.expect("one reply per op")? {
             WriteReply::Released(rows) => Ok(rows),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Pending packets after `seq`, oldest first. Every insert committed
+    /// before the read was already handed to the commit listener, and none
+    /// commits until the returned guard is dropped: what the listener
+    /// missed, this read finds, if the caller takes the rows before
+    /// dropping the guard.
+    pub async fn pending_after(
+        &self,
+        seq: i64,
+        limit: u32,
+    ) -> Result<(Vec<PendingPacket>, Quiet), StoreError> {
+        let quiet = self.gate.clone().write_owned().await;
+        let rows = self.backend.pending_after(seq, limit).await?;
+        Ok((rows, Quiet { _guard: quiet }))
+    }
+
+    pub async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.backend.pending_among(ids).await
     }
 
     pub async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError> {
@@ -256,6 +315,11 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.backend.ping().await
     }
+}
+
+/// No insert commits while this is held.
+pub struct Quiet {
+    _guard: OwnedRwLockWriteGuard<()>,
 }
 
 fn unexpected(reply: WriteReply) -> StoreError {

@@ -1,11 +1,29 @@
 //! PostgreSQL, for real deployments and for several bucket nodes.
+//!
+//! Each kind of write is one statement per commit group whatever its size:
+//! the rows travel as arrays and `UNNEST` turns them into a table, so every
+//! statement has one shape and is prepared once per connection.
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use async_trait::async_trait;
+use chrono::{DateTime, SubsecRound, Utc};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::types::Json;
+use sqlx::{Acquire, Row};
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+use uuid::Uuid;
+
+use super::rows::{self, PENDING_COLUMNS, PendingRow, STORED_COLUMNS, StoredRow};
+use super::{
+    Backend, Counts, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket, Released, StoreError,
+    StoredPacket, UserQuery, WriteOp, WriteReply, Writers,
+};
+use crate::domain::{DeliveryStatus, Packet};
 
 pub struct PgBackend {
-    writes: PgPool,
-    reads: PgPool,
+    pool: PgPool,
 }
 
 impl PgBackend {
@@ -16,19 +34,322 @@ impl PgBackend {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self {
-            writes: pool.clone(),
-            reads: pool,
-        })
+        Ok(Self { pool })
     }
 }
 
-// PostgreSQL takes concurrent transactions, so a few writers commit side by side.
-super::sql::sql_backend!(
-    PgBackend,
-    sqlx::Postgres,
-    Uuid,
-    |id: Uuid| id,
-    |id: Uuid| id,
-    writers = 4
-);
+const INSERT: &str = "INSERT INTO packets (packet_id, user_id, employee_id, session_id, \
+     lesson_id, system_type, role, client_timestamp, cognitive_state, state, active_seconds, \
+     idle_seconds, away_seconds, focus_score, integrity_score, raw_signals, received_at) \
+     SELECT u.*, $17::timestamptz FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
+     $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[], \
+     $11::float8[], $12::float8[], $13::float8[], $14::float8[], $15::float8[], $16::jsonb[]) AS u \
+     ON CONFLICT (packet_id) DO NOTHING RETURNING packet_id, seq";
+
+const MARK: &str = "UPDATE packets p SET status = m.status, processed_by_karma = m.ok, \
+     processed_at = m.at, karma_actions = m.actions, processing_error = m.error, \
+     delivery_attempts = GREATEST(p.delivery_attempts, m.attempt) \
+     FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::jsonb[], \
+     $6::text[], $7::int4[]) AS m(id, status, ok, at, actions, error, attempt) \
+     WHERE p.packet_id = m.id AND p.status <> 'processed' RETURNING p.packet_id";
+
+const END: &str = "UPDATE packets p \
+     SET delivery_attempts = GREATEST(p.delivery_attempts, e.attempts), \
+     status = CASE WHEN GREATEST(p.delivery_attempts, e.attempts) >= $3 \
+     THEN 'dead_letter' ELSE 'pending' END \
+     FROM UNNEST($1::uuid[], $2::int4[]) AS e(id, attempts) \
+     WHERE p.packet_id = e.id AND p.status = 'pending' RETURNING p.packet_id, p.status";
+
+/// Stores `packets`; a packet whose id is already stored gets the stored receipt.
+async fn insert_all(
+    conn: &mut PgConnection,
+    packets: &[&Arc<Packet>],
+    now: DateTime<Utc>,
+) -> Result<Vec<Inserted>, sqlx::Error> {
+    if packets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let column =
+        |f: fn(&Packet) -> Option<String>| packets.iter().map(|p| f(p)).collect::<Vec<_>>();
+    let numbers = |f: fn(&Packet) -> f64| packets.iter().map(|p| f(p)).collect::<Vec<_>>();
+    let rows = sqlx::query(INSERT)
+        .bind(packets.iter().map(|p| p.packet_id).collect::<Vec<_>>())
+        .bind(
+            packets
+                .iter()
+                .map(|p| p.user_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|p| p.employee_id.clone()))
+        .bind(column(|p| p.session_id.clone()))
+        .bind(column(|p| p.lesson_id.clone()))
+        .bind(column(|p| p.system_type.clone()))
+        .bind(column(|p| p.role.clone()))
+        .bind(
+            packets
+                .iter()
+                .map(|p| p.client_timestamp)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            packets
+                .iter()
+                .map(|p| p.cognitive_state.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|p| p.state.clone()))
+        .bind(numbers(|p| p.active_seconds))
+        .bind(numbers(|p| p.idle_seconds))
+        .bind(numbers(|p| p.away_seconds))
+        .bind(packets.iter().map(|p| p.focus_score).collect::<Vec<_>>())
+        .bind(numbers(|p| p.integrity_score))
+        .bind(
+            packets
+                .iter()
+                .map(|p| Json(&p.raw_signals))
+                .collect::<Vec<_>>(),
+        )
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut created: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        created.insert(row.try_get("packet_id")?, row.try_get("seq")?);
+    }
+    let mut receipts = Vec::with_capacity(packets.len());
+    for p in packets {
+        // The first of several equal ids in a batch creates it.
+        let receipt = match created.remove(&p.packet_id) {
+            Some(seq) => Inserted {
+                packet_id: p.packet_id,
+                received_at: now,
+                created: true,
+                seq,
+            },
+            None => {
+                let row = sqlx::query("SELECT seq, received_at FROM packets WHERE packet_id = $1")
+                    .bind(p.packet_id)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                Inserted {
+                    packet_id: p.packet_id,
+                    received_at: row.try_get("received_at")?,
+                    created: false,
+                    seq: row.try_get("seq")?,
+                }
+            }
+        };
+        receipts.push(receipt);
+    }
+    Ok(receipts)
+}
+
+/// Records `marks`; each answer in their order.
+async fn mark_all(
+    conn: &mut PgConnection,
+    marks: &[&Mark],
+) -> Result<Vec<MarkOutcome>, sqlx::Error> {
+    let mut outcomes = vec![MarkOutcome::NotFound; marks.len()];
+    for round in rows::rounds(marks, |m| m.packet_id) {
+        let batch: Vec<&Mark> = round.iter().map(|&i| marks[i]).collect();
+        let status = |m: &&Mark| {
+            if m.success {
+                DeliveryStatus::Processed.as_str()
+            } else {
+                DeliveryStatus::Failed.as_str()
+            }
+        };
+        let applied: HashSet<Uuid> = sqlx::query_scalar(MARK)
+            .bind(batch.iter().map(|m| m.packet_id).collect::<Vec<_>>())
+            .bind(batch.iter().map(status).collect::<Vec<_>>())
+            .bind(batch.iter().map(|m| m.success).collect::<Vec<_>>())
+            .bind(batch.iter().map(|m| m.at).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|m| Json(&m.karma_actions))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                batch
+                    .iter()
+                    .map(|m| m.error_message.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batch.iter().map(|m| m.attempt as i32).collect::<Vec<_>>())
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+        let rest: Vec<Uuid> = batch
+            .iter()
+            .map(|m| m.packet_id)
+            .filter(|id| !applied.contains(id))
+            .collect();
+        let known: HashSet<Uuid> = if rest.is_empty() {
+            HashSet::new()
+        } else {
+            sqlx::query_scalar("SELECT packet_id FROM packets WHERE packet_id = ANY($1)")
+                .bind(&rest)
+                .fetch_all(&mut *conn)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        for (i, m) in round.into_iter().zip(batch) {
+            outcomes[i] = if applied.contains(&m.packet_id) {
+                MarkOutcome::Applied
+            } else if known.contains(&m.packet_id) {
+                MarkOutcome::AlreadyProcessed
+            } else {
+                MarkOutcome::NotFound
+            };
+        }
+    }
+    Ok(outcomes)
+}
+
+async fn end_all(
+    conn: &mut PgConnection,
+    ends: &[LeaseEnd],
+    max_deliveries: u32,
+) -> Result<Vec<Released>, sqlx::Error> {
+    let mut released = Vec::with_capacity(ends.len());
+    for round in rows::rounds(ends, |e| e.packet_id) {
+        let rows = sqlx::query(END)
+            .bind(round.iter().map(|&i| ends[i].packet_id).collect::<Vec<_>>())
+            .bind(
+                round
+                    .iter()
+                    .map(|&i| ends[i].attempts as i32)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(max_deliveries as i32)
+            .fetch_all(&mut *conn)
+            .await?;
+        for row in rows {
+            let status: String = row.try_get("status")?;
+            released.push(Released {
+                packet_id: row.try_get("packet_id")?,
+                status: DeliveryStatus::parse(&status).ok_or_else(|| {
+                    sqlx::Error::Decode(format!("unknown status {status:?}").into())
+                })?,
+            });
+        }
+    }
+    Ok(released)
+}
+
+#[async_trait]
+impl Backend for PgBackend {
+    async fn write(
+        &self,
+        ops: &[WriteOp],
+        gate: Arc<RwLock<()>>,
+    ) -> Result<(Vec<WriteReply>, OwnedRwLockReadGuard<()>), StoreError> {
+        // Microseconds: what PostgreSQL keeps, so a receipt equals a re-read.
+        let now = Utc::now().trunc_subsecs(6);
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let packets: Vec<&Arc<Packet>> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Insert(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let marks: Vec<&Mark> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Mark(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        let mut inserted = insert_all(&mut tx, &packets, now).await?.into_iter();
+        let mut marked = mark_all(&mut tx, &marks).await?.into_iter();
+        let mut replies = Vec::with_capacity(ops.len());
+        for op in ops {
+            replies.push(match op {
+                WriteOp::Insert(_) => {
+                    WriteReply::Inserted(inserted.next().expect("one receipt per insert"))
+                }
+                WriteOp::Mark(_) => WriteReply::Marked(marked.next().expect("one per mark")),
+                WriteOp::EndLeases {
+                    ends,
+                    max_deliveries,
+                } => WriteReply::Released(end_all(&mut tx, ends, *max_deliveries).await?),
+            });
+        }
+        let gate = gate.read_owned().await;
+        tx.commit().await?;
+        Ok((replies, gate))
+    }
+
+    async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError> {
+        let sql = format!(
+            "SELECT {PENDING_COLUMNS} FROM packets WHERE status = 'pending' AND seq > $1 \
+             ORDER BY seq LIMIT $2"
+        );
+        let rows: Vec<PendingRow<Uuid>> = sqlx::query_as(&sql)
+            .bind(seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(PendingRow::into_pending).collect())
+    }
+
+    async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
+        let sql = format!(
+            "SELECT {PENDING_COLUMNS} FROM packets WHERE status = 'pending' \
+             AND packet_id = ANY($1) ORDER BY seq"
+        );
+        let rows: Vec<PendingRow<Uuid>> =
+            sqlx::query_as(&sql).bind(ids).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(PendingRow::into_pending).collect())
+    }
+
+    async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT packet_id FROM packets WHERE status = 'pending' ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {
+        let sql = format!(
+            "SELECT {STORED_COLUMNS} FROM packets WHERE user_id = $1 \
+             AND ($2::text IS NULL OR status = $2) AND seq < $3 ORDER BY seq DESC LIMIT $4"
+        );
+        let rows: Vec<StoredRow<Uuid>> = sqlx::query_as(&sql)
+            .bind(&query.user_id)
+            .bind(query.status.map(DeliveryStatus::as_str))
+            .bind(query.before_seq.unwrap_or(i64::MAX))
+            .bind(i64::from(query.limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(StoredRow::into_stored).collect()
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM packets GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(Counts::from_rows(rows))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn writers(&self) -> Writers {
+        // PostgreSQL takes concurrent transactions: inserts commit side by
+        // side, and marks have writers of their own.
+        Writers {
+            ingest: 4,
+            delivery: 2,
+        }
+    }
+}

@@ -1,145 +1,225 @@
-//! The writer task: group commit.
+//! The writer tasks: group commit, in two lanes.
 //!
-//! Every write waits in one channel. A writer takes whatever is waiting (up
-//! to `max_commit`) and applies it in one transaction, so N concurrent
-//! ingests cost one fsync, not N. Each waiter gets its own result: when a
-//! batch fails as a whole it is retried one write at a time, so a single bad
-//! write cannot fail its neighbours (unless the database itself is away,
-//! which fails them all at once).
+//! Writes wait in one of two lanes: inserts (ingest), and marks with lease
+//! ends (delivery). A writer takes whatever waits in its lane (up to
+//! `max_commit`) and applies it in one transaction, so N concurrent
+//! requests cost one fsync, not N. Marks never wait behind an ingest burst:
+//! PostgreSQL gives each lane writers of their own; SQLite, which has one
+//! writer anyway, takes every waiting mark first into each commit.
+//!
+//! Each waiter gets its own result: when a batch fails as a whole it is
+//! retried one write at a time, so a single bad write cannot fail its
+//! neighbours (unless the database itself is away, which fails them all at
+//! once).
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, RwLock, mpsc, oneshot};
 use tokio::task::JoinSet;
-use uuid::Uuid;
 
-use super::{Backend, Inserted, Mark, MarkOutcome, Released, StoreError, StoredPacket};
+use super::{
+    Backend, CommitListener, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket, Released,
+    StoreError,
+};
 use crate::domain::Packet;
 
 /// One write.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    Insert(Box<Packet>),
-    /// Lease those of `ids` still pending to `owner`, counting a delivery.
-    Lease {
-        ids: Vec<Uuid>,
-        owner: String,
-        expires_at: DateTime<Utc>,
-    },
+    Insert(Arc<Packet>),
     Mark(Mark),
-    /// Leases expired by `now` end: pending again, or dead_letter once the
-    /// packet was delivered `max_deliveries` times.
-    ExpireLeases {
-        now: DateTime<Utc>,
+    /// Leases that ended unmarked: count their deliveries; a packet out of
+    /// deliveries becomes dead_letter.
+    EndLeases {
+        ends: Vec<LeaseEnd>,
         max_deliveries: u32,
     },
-    /// Every lease `owner` holds ends, as above.
-    ReleaseOwner {
-        owner: String,
-        max_deliveries: u32,
-    },
+}
+
+impl WriteOp {
+    fn is_delivery(&self) -> bool {
+        !matches!(self, WriteOp::Insert(_))
+    }
 }
 
 /// The answer to one write, in the order of the ops.
 #[derive(Debug)]
 pub enum WriteReply {
     Inserted(Inserted),
-    Leased(Vec<StoredPacket>),
     Marked(MarkOutcome),
     Released(Vec<Released>),
 }
 
-type Job = (WriteOp, oneshot::Sender<Result<WriteReply, StoreError>>);
+type Reply = Result<WriteReply, StoreError>;
+type Job = (WriteOp, oneshot::Sender<Reply>);
+type Lane = mpsc::UnboundedSender<Job>;
 
 /// Handle to the writer tasks.
 #[derive(Clone)]
 pub struct Writer {
-    tx: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Job>>>>,
+    /// (ingest, delivery); None once closed.
+    lanes: Arc<std::sync::Mutex<Option<(Lane, Lane)>>>,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
 
+/// What every writer task shares.
+struct Shared {
+    backend: Arc<dyn Backend>,
+    gate: Arc<RwLock<()>>,
+    listener: Arc<dyn CommitListener>,
+    max_commit: usize,
+}
+
 impl Writer {
-    pub fn start(backend: Arc<dyn Backend>, max_commit: usize) -> Writer {
-        let (tx, rx) = mpsc::unbounded_channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut tasks = JoinSet::new();
-        for _ in 0..backend.writers().max(1) {
-            tasks.spawn(run(backend.clone(), rx.clone(), max_commit.max(1)));
-        }
+    /// A writer that refuses every write (before the tasks start).
+    pub fn idle() -> Writer {
         Writer {
-            tx: Arc::new(std::sync::Mutex::new(Some(tx))),
-            tasks: Arc::new(Mutex::new(tasks)),
+            lanes: Arc::new(std::sync::Mutex::new(None)),
+            tasks: Arc::new(Mutex::new(JoinSet::new())),
         }
     }
 
-    /// Queues a write and waits for its commit.
-    pub async fn submit(&self, op: WriteOp) -> Result<WriteReply, StoreError> {
-        self.enqueue(op).await
-    }
-
-    /// Queues a write now; the returned future resolves after its commit.
-    pub fn enqueue(
+    /// Starts the writer tasks behind this handle (and its clones).
+    pub fn start(
         &self,
-        op: WriteOp,
-    ) -> impl Future<Output = Result<WriteReply, StoreError>> + use<> {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let sent = match &*self.tx.lock().expect("writer lock poisoned") {
-            Some(tx) => tx.send((op, reply_tx)).is_ok(),
-            None => false,
-        };
-        async move {
-            if !sent {
-                return Err(StoreError::Unavailable(
-                    "the bucket is shutting down".into(),
-                ));
+        backend: Arc<dyn Backend>,
+        gate: Arc<RwLock<()>>,
+        max_commit: usize,
+        listener: Arc<dyn CommitListener>,
+    ) {
+        let writers = backend.writers();
+        let shared = Arc::new(Shared {
+            backend,
+            gate,
+            listener,
+            max_commit: max_commit.max(1),
+        });
+        let (ingest_tx, ingest_rx) = mpsc::unbounded_channel::<Job>();
+        let (delivery_tx, delivery_rx) = mpsc::unbounded_channel::<Job>();
+        let mut tasks = JoinSet::new();
+        if writers.delivery == 0 {
+            tasks.spawn(run_combined(shared, delivery_rx, ingest_rx));
+        } else {
+            let ingest_rx = Arc::new(Mutex::new(ingest_rx));
+            let delivery_rx = Arc::new(Mutex::new(delivery_rx));
+            for _ in 0..writers.ingest.max(1) {
+                tasks.spawn(run_lane(shared.clone(), ingest_rx.clone()));
             }
-            reply_rx
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Internal("the writer task stopped".into())))
+            for _ in 0..writers.delivery {
+                tasks.spawn(run_lane(shared.clone(), delivery_rx.clone()));
+            }
         }
+        *self.lanes.lock().expect("writer lock poisoned") = Some((ingest_tx, delivery_tx));
+        *self
+            .tasks
+            .try_lock()
+            .expect("started once, before any close") = tasks;
+    }
+
+    /// Queues writes together, so they share commits, and waits for each.
+    pub async fn submit_all(&self, ops: impl IntoIterator<Item = WriteOp>) -> Vec<Reply> {
+        let waiting: Vec<_> = ops.into_iter().map(|op| self.enqueue(op)).collect();
+        let mut replies = Vec::with_capacity(waiting.len());
+        for reply in waiting {
+            replies.push(match reply {
+                Some(rx) => rx.await.unwrap_or_else(|_| {
+                    Err(StoreError::Internal("the writer task stopped".into()))
+                }),
+                None => Err(StoreError::Unavailable(
+                    "the bucket is shutting down".into(),
+                )),
+            });
+        }
+        replies
+    }
+
+    fn enqueue(&self, op: WriteOp) -> Option<oneshot::Receiver<Reply>> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let lanes = self.lanes.lock().expect("writer lock poisoned");
+        let (ingest, delivery) = lanes.as_ref()?;
+        let lane = if op.is_delivery() { delivery } else { ingest };
+        lane.send((op, reply_tx)).ok()?;
+        Some(reply_rx)
     }
 
     /// Refuses new writes, commits every write already queued, and waits
     /// for the writer tasks to finish.
     pub async fn close(&self) {
-        self.tx.lock().expect("writer lock poisoned").take();
+        self.lanes.lock().expect("writer lock poisoned").take();
         let mut tasks = self.tasks.lock().await;
         while tasks.join_next().await.is_some() {}
     }
 }
 
-async fn run(
-    backend: Arc<dyn Backend>,
-    rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>,
-    max_commit: usize,
-) {
-    let mut jobs: Vec<Job> = Vec::with_capacity(max_commit);
+/// A writer of one lane, beside others of the same lane.
+async fn run_lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(shared.max_commit);
     loop {
         {
             // One writer at a time gathers a batch; others wait their turn
             // and then gather what arrived meanwhile.
             let mut rx = rx.lock().await;
-            if rx.recv_many(&mut jobs, max_commit).await == 0 {
+            if rx.recv_many(&mut jobs, shared.max_commit).await == 0 {
                 return; // closed and drained
             }
         }
-        commit(backend.as_ref(), &mut jobs).await;
+        commit(&shared, &mut jobs).await;
     }
 }
 
-async fn commit(backend: &dyn Backend, jobs: &mut Vec<Job>) {
+/// The one writer of an engine with one writer: every waiting delivery
+/// write first, then inserts up to `max_commit`.
+async fn run_combined(
+    shared: Arc<Shared>,
+    mut delivery: mpsc::UnboundedReceiver<Job>,
+    mut ingest: mpsc::UnboundedReceiver<Job>,
+) {
+    let max = shared.max_commit;
+    let mut jobs: Vec<Job> = Vec::with_capacity(max);
+    let (mut delivery_open, mut ingest_open) = (true, true);
+    while delivery_open || ingest_open {
+        drain_ready(&mut delivery, &mut jobs, usize::MAX);
+        drain_ready(&mut ingest, &mut jobs, max);
+        if jobs.is_empty() {
+            tokio::select! {
+                job = delivery.recv(), if delivery_open => match job {
+                    Some(job) => jobs.push(job),
+                    None => delivery_open = false,
+                },
+                job = ingest.recv(), if ingest_open => match job {
+                    Some(job) => jobs.push(job),
+                    None => ingest_open = false,
+                },
+            }
+            // Whatever else waits now joins this commit.
+            drain_ready(&mut delivery, &mut jobs, usize::MAX);
+            drain_ready(&mut ingest, &mut jobs, max);
+        }
+        if !jobs.is_empty() {
+            commit(&shared, &mut jobs).await;
+        }
+    }
+}
+
+/// Moves waiting jobs into `jobs` without waiting, until `jobs` holds `max`.
+fn drain_ready(rx: &mut mpsc::UnboundedReceiver<Job>, jobs: &mut Vec<Job>, max: usize) {
+    while jobs.len() < max {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => return,
+        }
+    }
+}
+
+async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
     let (ops, senders): (Vec<WriteOp>, Vec<_>) = jobs.drain(..).unzip();
     let started = std::time::Instant::now();
-    let result = backend.write_batch(&ops).await;
+    let result = shared.backend.write(&ops, shared.gate.clone()).await;
     metrics::histogram!("bucket_commit_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("bucket_commit_writes").record(ops.len() as f64);
-    tracing::trace!(
-        writes = ops.len(),
-        elapsed_us = started.elapsed().as_micros() as u64,
-        "commit"
-    );
     match result {
-        Ok(replies) => {
+        Ok((replies, gate)) => {
+            announce(shared, &ops, &replies);
+            drop(gate);
             for (reply_tx, reply) in senders.into_iter().zip(replies) {
                 let _ = reply_tx.send(Ok(reply));
             }
@@ -156,13 +236,40 @@ async fn commit(backend: &dyn Backend, jobs: &mut Vec<Job>) {
         Err(e) => {
             tracing::debug!(error = %e, batch = ops.len(), "batch failed; retrying one by one");
             for (op, reply_tx) in ops.iter().zip(senders) {
-                let result = backend
-                    .write_batch(std::slice::from_ref(op))
-                    .await
-                    .map(|mut replies| replies.pop().expect("one reply per op"));
+                let one = std::slice::from_ref(op);
+                let result = match shared.backend.write(one, shared.gate.clone()).await {
+                    Ok((mut replies, gate)) => {
+                        announce(shared, one, &replies);
+                        drop(gate);
+                        Ok(replies.pop().expect("one reply per op"))
+                    }
+                    Err(e) => Err(e),
+                };
                 let _ = reply_tx.send(result);
             }
         }
+    }
+}
+
+/// Hands every newly stored packet to the listener.
+fn announce(shared: &Shared, ops: &[WriteOp], replies: &[WriteReply]) {
+    let committed: Vec<PendingPacket> = ops
+        .iter()
+        .zip(replies)
+        .filter_map(|(op, reply)| match (op, reply) {
+            (WriteOp::Insert(packet), WriteReply::Inserted(r)) if r.created => {
+                Some(PendingPacket {
+                    packet: packet.clone(),
+                    seq: r.seq,
+                    received_at: r.received_at,
+                    attempts: 0,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    if !committed.is_empty() {
+        shared.listener.committed(committed);
     }
 }
 
@@ -172,11 +279,12 @@ mod tests {
 
     use async_trait::async_trait;
     use chrono::Utc;
+    use tokio::sync::OwnedRwLockReadGuard;
     use uuid::Uuid;
 
     use super::*;
     use crate::domain::packet::{PacketDraft, TimestampInput};
-    use crate::store::{Counts, StoredPacket, UserQuery};
+    use crate::store::{Counts, StoredPacket, UserQuery, Writers};
 
     /// Fails a whole batch when it holds a packet of user "bad", or always
     /// when `down`; counts the batches it was asked to apply.
@@ -187,12 +295,17 @@ mod tests {
 
     #[async_trait]
     impl Backend for Fake {
-        async fn write_batch(&self, ops: &[WriteOp]) -> Result<Vec<WriteReply>, StoreError> {
+        async fn write(
+            &self,
+            ops: &[WriteOp],
+            gate: Arc<RwLock<()>>,
+        ) -> Result<(Vec<WriteReply>, OwnedRwLockReadGuard<()>), StoreError> {
             self.batches.fetch_add(1, Ordering::SeqCst);
             if self.down {
                 return Err(StoreError::Unavailable("connection refused".into()));
             }
-            ops.iter()
+            let replies = ops
+                .iter()
                 .map(|op| match op {
                     WriteOp::Insert(p) if p.user_id == "bad" => {
                         Err(StoreError::Internal("constraint".into()))
@@ -201,10 +314,19 @@ mod tests {
                         packet_id: p.packet_id,
                         received_at: Utc::now(),
                         created: true,
+                        seq: 1,
                     })),
-                    _ => unreachable!("inserts only here"),
+                    WriteOp::Mark(_) => Ok(WriteReply::Marked(MarkOutcome::Applied)),
+                    WriteOp::EndLeases { .. } => Ok(WriteReply::Released(Vec::new())),
                 })
-                .collect()
+                .collect::<Result<_, _>>()?;
+            Ok((replies, gate.read_owned().await))
+        }
+        async fn pending_after(&self, _: i64, _: u32) -> Result<Vec<PendingPacket>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn pending_among(&self, _: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
+            Ok(Vec::new())
         }
         async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError> {
             Ok(Vec::new())
@@ -218,8 +340,21 @@ mod tests {
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
         }
-        fn writers(&self) -> usize {
-            1
+        fn writers(&self) -> Writers {
+            Writers {
+                ingest: 1,
+                delivery: 0,
+            }
+        }
+    }
+
+    /// Counts the packets it heard of.
+    #[derive(Default)]
+    struct Heard(AtomicUsize);
+
+    impl CommitListener for Heard {
+        fn committed(&self, packets: Vec<PendingPacket>) {
+            self.0.fetch_add(packets.len(), Ordering::SeqCst);
         }
     }
 
@@ -234,7 +369,13 @@ mod tests {
             raw_signals: Some(serde_json::json!({})),
             ..Default::default()
         };
-        WriteOp::Insert(Box::new(Packet::parse(draft, Utc::now()).unwrap()))
+        WriteOp::Insert(Arc::new(Packet::parse(draft, Utc::now()).unwrap()))
+    }
+
+    fn start(fake: &Arc<Fake>, heard: &Arc<Heard>) -> Writer {
+        let writer = Writer::idle();
+        writer.start(fake.clone(), Arc::new(RwLock::new(())), 100, heard.clone());
+        writer
     }
 
     #[tokio::test]
@@ -243,19 +384,18 @@ mod tests {
             down: false,
             batches: AtomicUsize::new(0),
         });
-        let writer = Writer::start(fake.clone(), 100);
-        // Queued before the writer runs, so they share one batch.
-        let pending: Vec<_> = ["a", "bad", "c"]
+        let heard = Arc::new(Heard::default());
+        let writer = start(&fake, &heard);
+        let results: Vec<bool> = writer
+            .submit_all(["a", "bad", "c"].map(insert))
+            .await
             .iter()
-            .map(|u| writer.enqueue(insert(u)))
+            .map(Result::is_ok)
             .collect();
-        let mut results = Vec::new();
-        for p in pending {
-            results.push(p.await.is_ok());
-        }
         assert_eq!(results, [true, false, true]);
         // One batch of three, then each write alone.
         assert_eq!(fake.batches.load(Ordering::SeqCst), 4);
+        assert_eq!(heard.0.load(Ordering::SeqCst), 2, "stored ones announced");
         writer.close().await;
     }
 
@@ -265,22 +405,51 @@ mod tests {
             down: true,
             batches: AtomicUsize::new(0),
         });
-        let writer = Writer::start(fake.clone(), 100);
-        let pending: Vec<_> = (0..50).map(|_| writer.enqueue(insert("a"))).collect();
-        for p in pending {
-            assert!(matches!(p.await, Err(StoreError::Unavailable(_))));
-        }
+        let heard = Arc::new(Heard::default());
+        let writer = start(&fake, &heard);
+        let replies = writer.submit_all((0..50).map(|_| insert("a"))).await;
+        assert!(
+            replies
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Unavailable(_))))
+        );
         assert!(
             fake.batches.load(Ordering::SeqCst) < 5,
             "no write-by-write retries against a dead database"
         );
+        assert_eq!(heard.0.load(Ordering::SeqCst), 0, "nothing announced");
         writer.close().await;
         assert!(
             matches!(
-                writer.submit(insert("a")).await,
+                writer.submit_all([insert("a")]).await.pop().unwrap(),
                 Err(StoreError::Unavailable(_))
             ),
             "closed"
         );
+    }
+
+    #[tokio::test]
+    async fn marks_share_a_commit_with_inserts_and_go_first() {
+        let fake = Arc::new(Fake {
+            down: false,
+            batches: AtomicUsize::new(0),
+        });
+        let heard = Arc::new(Heard::default());
+        let writer = start(&fake, &heard);
+        let mark = WriteOp::Mark(Mark {
+            packet_id: Uuid::new_v4(),
+            success: true,
+            karma_actions: Vec::new(),
+            error_message: None,
+            at: Utc::now(),
+            attempt: 1,
+        });
+        let replies = writer.submit_all([insert("a"), mark, insert("b")]).await;
+        assert!(replies.iter().all(Result::is_ok));
+        assert!(matches!(
+            replies[1],
+            Ok(WriteReply::Marked(MarkOutcome::Applied))
+        ));
+        writer.close().await;
     }
 }

@@ -1,0 +1,171 @@
+//! The leases this node granted: which packet is leased to whom, until when.
+use std::collections::{BTreeMap, HashMap};
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::queue::Queued;
+
+/// Who holds a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Holder {
+    /// A StreamPending call, by its number.
+    Stream(u64),
+    /// A poll of the JSON gateway: no stream, only the expiry ends it.
+    Poll,
+}
+
+#[derive(Debug)]
+pub struct Lease {
+    pub queued: Queued,
+    pub holder: Holder,
+    /// Which delivery this is: 1 the first.
+    pub attempt: u32,
+    /// (expiry, grant number): the key in the expiry index.
+    key: (Instant, u64),
+}
+
+#[derive(Default)]
+pub struct Leases {
+    by_id: HashMap<Uuid, Lease>,
+    /// Expiry order; one entry per lease, removed with it.
+    by_expiry: BTreeMap<(Instant, u64), Uuid>,
+    granted: u64,
+}
+
+impl Leases {
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn contains(&self, id: &Uuid) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    pub fn attempt(&self, id: &Uuid) -> Option<u32> {
+        self.by_id.get(id).map(|l| l.attempt)
+    }
+
+    /// Leases `queued` to `holder` until `expires`. True when that lease
+    /// expires before every other (the expiry timer must wake earlier).
+    pub fn grant(
+        &mut self,
+        queued: Queued,
+        holder: Holder,
+        attempt: u32,
+        expires: Instant,
+    ) -> bool {
+        self.granted += 1;
+        let key = (expires, self.granted);
+        let first = self
+            .by_expiry
+            .first_key_value()
+            .is_none_or(|(k, _)| key < *k);
+        let id = queued.id();
+        self.by_expiry.insert(key, id);
+        if let Some(old) = self.by_id.insert(
+            id,
+            Lease {
+                queued,
+                holder,
+                attempt,
+                key,
+            },
+        ) {
+            // A packet is leased once at a time; keep the index in step anyway.
+            self.by_expiry.remove(&old.key);
+        }
+        first
+    }
+
+    /// Ends the lease on `id`, if any.
+    pub fn end(&mut self, id: &Uuid) -> Option<Lease> {
+        let lease = self.by_id.remove(id)?;
+        self.by_expiry.remove(&lease.key);
+        Some(lease)
+    }
+
+    /// Ends every lease expired at `now`, soonest first.
+    pub fn expired(&mut self, now: Instant) -> Vec<Lease> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.by_expiry.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let id = entry.remove();
+            if let Some(lease) = self.by_id.remove(&id) {
+                out.push(lease);
+            }
+        }
+        out
+    }
+
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.by_expiry.first_key_value().map(|((at, _), _)| *at)
+    }
+
+    /// Ends every lease (shutdown).
+    pub fn drain(&mut self) -> Vec<Lease> {
+        self.by_expiry.clear();
+        self.by_id.drain().map(|(_, lease)| lease).collect()
+    }
+
+    /// Every leased packet's id.
+    pub fn ids(&self) -> impl Iterator<Item = &Uuid> {
+        self.by_id.keys()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use chrono::Utc;
+
+    use super::*;
+    use crate::domain::Packet;
+    use crate::domain::packet::{PacketDraft, TimestampInput};
+    use crate::store::PendingPacket;
+
+    fn queued() -> Queued {
+        let draft = PacketDraft {
+            user_id: Some("u".into()),
+            timestamp: Some(TimestampInput::At(Utc::now())),
+            cognitive_state: Some("ON_TASK".into()),
+            active_seconds: Some(5.0),
+            idle_seconds: Some(0.0),
+            away_seconds: Some(0.0),
+            raw_signals: Some(serde_json::json!({})),
+            ..Default::default()
+        };
+        Queued::local(PendingPacket {
+            packet: Arc::new(Packet::parse(draft, Utc::now()).unwrap()),
+            seq: 1,
+            received_at: Utc::now(),
+            attempts: 0,
+        })
+    }
+
+    #[test]
+    fn expire_in_order_and_forget_ended_leases() {
+        let mut leases = Leases::default();
+        let now = Instant::now();
+        let (a, b, c) = (queued(), queued(), queued());
+        let (ida, idb, idc) = (a.id(), b.id(), c.id());
+        assert!(leases.grant(a, Holder::Stream(1), 1, now + Duration::from_secs(2)));
+        assert!(!leases.grant(b, Holder::Poll, 1, now + Duration::from_secs(3)));
+        assert!(leases.grant(c, Holder::Stream(1), 2, now + Duration::from_secs(1)));
+        assert_eq!(leases.next_expiry(), Some(now + Duration::from_secs(1)));
+        assert_eq!(leases.end(&idc).unwrap().attempt, 2);
+        assert!(leases.expired(now + Duration::from_millis(1500)).is_empty());
+        let expired: Vec<Uuid> = leases
+            .expired(now + Duration::from_secs(5))
+            .iter()
+            .map(|l| l.queued.id())
+            .collect();
+        assert_eq!(expired, [ida, idb]);
+        assert_eq!(leases.len(), 0);
+        assert_eq!(leases.next_expiry(), None);
+    }
+}

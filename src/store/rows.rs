@@ -1,0 +1,180 @@
+//! Rows as both engines return them. Only how a UUID is stored differs
+//! (PostgreSQL: `uuid`; SQLite: hyphenated text), hence the `Id` parameter.
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{PendingPacket, StoreError, StoredPacket};
+use crate::domain::{DeliveryStatus, Packet};
+
+/// The columns [`PendingRow`] reads.
+pub(super) const PENDING_COLUMNS: &str = "seq, packet_id, user_id, employee_id, session_id, \
+     lesson_id, system_type, role, client_timestamp, cognitive_state, state, active_seconds, \
+     idle_seconds, away_seconds, focus_score, integrity_score, raw_signals, received_at, \
+     delivery_attempts";
+
+/// The columns [`StoredRow`] reads.
+pub(super) const STORED_COLUMNS: &str = "seq, packet_id, user_id, employee_id, session_id, \
+     lesson_id, system_type, role, client_timestamp, cognitive_state, state, active_seconds, \
+     idle_seconds, away_seconds, focus_score, integrity_score, raw_signals, received_at, \
+     delivery_attempts, status, processed_at, processed_by_karma, karma_actions, \
+     processing_error";
+
+/// A packet and what delivery needs of it.
+#[derive(sqlx::FromRow)]
+pub(super) struct PendingRow<Id> {
+    seq: i64,
+    packet_id: Id,
+    user_id: String,
+    employee_id: Option<String>,
+    session_id: Option<String>,
+    lesson_id: Option<String>,
+    system_type: Option<String>,
+    role: Option<String>,
+    client_timestamp: DateTime<Utc>,
+    cognitive_state: String,
+    state: Option<String>,
+    active_seconds: f64,
+    idle_seconds: f64,
+    away_seconds: f64,
+    focus_score: Option<f64>,
+    integrity_score: f64,
+    raw_signals: Json<Map<String, Value>>,
+    received_at: DateTime<Utc>,
+    delivery_attempts: i32,
+}
+
+/// A packet with its whole delivery record.
+#[derive(sqlx::FromRow)]
+pub(super) struct StoredRow<Id> {
+    #[sqlx(flatten)]
+    pending: PendingRow<Id>,
+    status: String,
+    processed_at: Option<DateTime<Utc>>,
+    processed_by_karma: bool,
+    karma_actions: Json<Vec<Value>>,
+    processing_error: Option<String>,
+}
+
+impl<Id: Into<Uuid>> PendingRow<Id> {
+    fn into_parts(self) -> (Packet, i64, DateTime<Utc>, u32) {
+        let packet = Packet {
+            packet_id: self.packet_id.into(),
+            user_id: self.user_id,
+            employee_id: self.employee_id,
+            session_id: self.session_id,
+            lesson_id: self.lesson_id,
+            system_type: self.system_type,
+            role: self.role,
+            client_timestamp: self.client_timestamp,
+            cognitive_state: self.cognitive_state,
+            state: self.state,
+            active_seconds: self.active_seconds,
+            idle_seconds: self.idle_seconds,
+            away_seconds: self.away_seconds,
+            focus_score: self.focus_score,
+            integrity_score: self.integrity_score,
+            raw_signals: self.raw_signals.0,
+        };
+        let attempts = self.delivery_attempts.max(0) as u32;
+        (packet, self.seq, self.received_at, attempts)
+    }
+
+    pub(super) fn into_pending(self) -> PendingPacket {
+        let (packet, seq, received_at, attempts) = self.into_parts();
+        PendingPacket {
+            packet: Arc::new(packet),
+            seq,
+            received_at,
+            attempts,
+        }
+    }
+}
+
+impl<Id: Into<Uuid>> StoredRow<Id> {
+    pub(super) fn into_stored(self) -> Result<StoredPacket, StoreError> {
+        let status = DeliveryStatus::parse(&self.status).ok_or_else(|| {
+            StoreError::Internal(format!("unknown status {:?} in the database", self.status))
+        })?;
+        let (packet, seq, received_at, delivery_attempts) = self.pending.into_parts();
+        Ok(StoredPacket {
+            seq,
+            packet,
+            received_at,
+            status,
+            delivery_attempts,
+            processed_at: self.processed_at,
+            processed_by_karma: self.processed_by_karma,
+            karma_actions: self.karma_actions.0,
+            error_message: self.processing_error,
+        })
+    }
+}
+
+/// Splits `items` into rounds in which no packet id appears twice, keeping
+/// each id's writes in their order: a statement that joins on the id
+/// applies each row once, so a second write of the same packet must come
+/// in a later statement.
+pub(super) fn rounds<T>(items: &[T], id: impl Fn(&T) -> Uuid) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut seen: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let round = seen.entry(id(item)).and_modify(|r| *r += 1).or_insert(0);
+        if rounds.len() <= *round {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(i);
+    }
+    rounds
+}
+
+/// Most rows one statement carries (SQLite binds every value of a row).
+/// Statements are built for power-of-two row counts only, so each
+/// connection prepares at most nine shapes of each.
+pub(super) const MAX_ROWS_PER_STATEMENT: usize = 256;
+
+/// Splits `items` into power-of-two chunks of at most `MAX_ROWS_PER_STATEMENT`.
+pub(super) fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let n = MAX_ROWS_PER_STATEMENT.min(1 << items.len().ilog2());
+        let (head, rest) = items.split_at(n);
+        items = rest;
+        Some(head)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_powers_of_two_covering_everything() {
+        for n in [0, 1, 3, 64, 300, 1000] {
+            let items: Vec<usize> = (0..n).collect();
+            let parts: Vec<&[usize]> = chunks(&items).collect();
+            assert_eq!(parts.concat(), items);
+            assert!(
+                parts
+                    .iter()
+                    .all(|c| c.len().is_power_of_two() && c.len() <= MAX_ROWS_PER_STATEMENT)
+            );
+        }
+    }
+
+    #[test]
+    fn rounds_never_repeat_an_id_and_keep_order() {
+        let a = Uuid::new_v4();
+        let b = Uuid::new_v4();
+        let items = [a, b, a, a, b];
+        assert_eq!(
+            rounds(&items, |id| *id),
+            vec![vec![0, 1], vec![2, 4], vec![3]]
+        );
+    }
+}
