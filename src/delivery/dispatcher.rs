@@ -595,15 +595,27 @@ impl Dispatcher {
     }
 
     /// Ends every stream with UNAVAILABLE (their clients reconnect
-    /// elsewhere) and refuses new ones, without waiting.
-    pub fn begin_shutdown(&self) {
+    /// elsewhere; what was sent before still arrives), ends their leases,
+    /// and refuses new streams, without waiting.
+    pub fn begin_shutdown(self: &Arc<Self>) {
         self.shutdown.cancel();
         let mut core = self.lock();
         core.closed = true;
-        for stream in core.streams.values() {
-            let _ = stream.tx.try_send(Err(Error::Unavailable(
-                "the bucket is shutting down; reconnect".into(),
-            )));
+        let sids: Vec<u64> = core.streams.keys().copied().collect();
+        let mut ended = Vec::new();
+        for sid in sids {
+            if let Some(stream) = core.streams.get(&sid) {
+                let _ = stream.tx.try_send(Err(Error::Unavailable(
+                    "the bucket is shutting down; reconnect".into(),
+                )));
+            }
+            ended.extend(core.remove_stream(sid));
+        }
+        let ends = core.begin_ending(ended);
+        drop(core);
+        if !ends.is_empty() {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.finish(ends).await });
         }
     }
 
@@ -613,10 +625,6 @@ impl Dispatcher {
         self.begin_shutdown();
         let ends = {
             let mut core = self.lock();
-            let sids: Vec<u64> = core.streams.keys().copied().collect();
-            for sid in sids {
-                core.remove_stream(sid);
-            }
             let leases = core.leases.drain();
             let mut ends = core.begin_ending(leases);
             ends.append(&mut core.stuck);

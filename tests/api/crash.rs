@@ -11,9 +11,12 @@ use bucket::proto::bucket::v1::bucket_service_client::BucketServiceClient;
 use crate::helpers::{Backend, TestDb, packet_for};
 use crate::on_every_backend;
 
-on_every_backend!(acknowledged_packets_survive_sigkill);
+on_every_backend!(
+    acknowledged_packets_survive_sigkill,
+    leased_packets_come_back_after_sigkill
+);
 
-fn start(db: &TestDb, port: u16) -> Child {
+pub fn start(db: &TestDb, port: u16) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_bucket"));
     command
         .env("BUCKET_LISTEN", format!("127.0.0.1:{port}"))
@@ -30,7 +33,7 @@ fn start(db: &TestDb, port: u16) -> Child {
     command.spawn().expect("the bucket binary")
 }
 
-async fn connect(port: u16) -> BucketServiceClient<tonic::transport::Channel> {
+pub async fn connect(port: u16) -> BucketServiceClient<tonic::transport::Channel> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(client) = BucketServiceClient::connect(format!("http://127.0.0.1:{port}")).await {
@@ -130,6 +133,104 @@ async fn acknowledged_packets_survive_sigkill(backend: Backend) {
         lost.len(),
         acked.len(),
         lost.first()
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Leases live in memory: a crash forgets them, and their packets are
+/// delivered again after the restart, the interrupted delivery uncounted.
+async fn leased_packets_come_back_after_sigkill(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let port = free_port();
+    let mut server = start(&db, port);
+    let mut client = connect(port).await;
+    let mut sent = HashSet::new();
+    for i in 0..20 {
+        let id = client
+            .ingest(pb::IngestRequest {
+                packet: Some(packet_for(&format!("lease{i}"))),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .packet_id;
+        sent.insert(id);
+    }
+    let mut stream = client
+        .stream_pending(pb::StreamPendingRequest {
+            consumer: "before-crash".into(),
+            max_in_flight: 5,
+            lease_seconds: 600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut leased = Vec::new();
+    for _ in 0..5 {
+        let d = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        leased.push(d.packet.unwrap().packet_id);
+    }
+    for id in &leased[..2] {
+        client
+            .mark_processed(pb::MarkProcessedRequest {
+                packet_id: id.clone(),
+                success: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        sent.remove(id);
+    }
+    server.kill().unwrap(); // SIGKILL while three packets are leased for 10 min
+    server.wait().unwrap();
+
+    let mut server = start(&db, port);
+    let mut client = connect(port).await;
+    let mut stream = client
+        .stream_pending(pb::StreamPendingRequest {
+            consumer: "after-crash".into(),
+            max_in_flight: 100,
+            lease_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut delivered = HashSet::new();
+    // With Redis the dead node's entries are claimed once its liveness key
+    // expires (10 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered.len() < sent.len() && Instant::now() < deadline {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), stream.message())
+            .await
+            .map(|m| m.transpose())
+        else {
+            continue;
+        };
+        let id = d.packet.unwrap().packet_id;
+        if leased.contains(&id) {
+            assert_eq!(
+                d.delivery_attempt, 1,
+                "a crash leaves the delivery uncounted"
+            );
+        }
+        assert!(delivered.insert(id.clone()), "{id} delivered twice");
+    }
+    assert_eq!(
+        delivered, sent,
+        "every unmarked packet again, the marked ones not"
     );
     server.kill().unwrap();
     server.wait().unwrap();

@@ -23,6 +23,7 @@ on_every_backend!(
     mark_failure_keeps_the_error,
     pending_packets_survive_a_restart,
     shutdown_ends_streams_and_releases_their_leases,
+    a_backlog_beyond_the_memory_window_is_delivered_in_order,
 );
 
 async fn backlog_oldest_first_then_live(backend: Backend) {
@@ -303,4 +304,45 @@ async fn shutdown_ends_streams_and_releases_their_leases(backend: Backend) {
     let again = next(&mut stream).await;
     assert_eq!(again.packet.unwrap().packet_id, id);
     assert_eq!(again.delivery_attempt, 2);
+}
+
+/// More packets than the memory queue holds: the rest wait in the database
+/// and are read back in order while new ones keep arriving.
+async fn a_backlog_beyond_the_memory_window_is_delivered_in_order(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut config = test_config(&db);
+    config.delivery.queue_window = 8;
+    let app = TestApp::spawn_with(db, config).await;
+    let mut client = app.client().await;
+    let mut sent = Vec::new();
+    for chunk in 0..4 {
+        let packets = (0..25)
+            .map(|i| packet_for(&format!("u{}", chunk * 25 + i)))
+            .collect();
+        let response = client
+            .ingest_batch(pb::IngestBatchRequest { packets })
+            .await
+            .unwrap()
+            .into_inner();
+        sent.extend(response.results.into_iter().map(|r| match r.outcome {
+            Some(pb::ingest_batch_result::Outcome::Ingested(i)) => i.packet_id,
+            other => panic!("{other:?}"),
+        }));
+    }
+    let mut stream = subscribe(&mut client, "drain", 4, 0).await;
+    let mut marker = app.client().await;
+    let mut received = Vec::new();
+    while received.len() < 120 {
+        let id = next(&mut stream).await.packet.unwrap().packet_id;
+        mark(&mut marker, &id).await;
+        received.push(id);
+        if received.len() == 50 {
+            // New packets while the backlog drains: after it.
+            for i in 0..20 {
+                sent.push(ingest(&mut client, packet_for(&format!("late{i}"))).await);
+            }
+        }
+    }
+    assert_eq!(received, sent, "every packet once, oldest first");
+    assert_quiet(&mut stream, 300).await;
 }

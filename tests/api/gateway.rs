@@ -255,6 +255,43 @@ async fn json_array_ingest_answers_each_item() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_array_mark_answers_each_item() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let (_, ingested) = post(&api(&app, "/ingest"), &json!([seed_json(), seed_json()])).await;
+    let a = ingested[0]["packet_id"].clone();
+    let b = ingested[1]["packet_id"].clone();
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let (code, answers) = post(
+        &api(&app, "/packets/mark-processed"),
+        &json!([
+            {"packet_id": a, "success": true, "karma_actions": [{"action": "completing_lessons", "reward": 5}]},
+            {"packet_id": b, "success": "maybe"},
+            {"packet_id": unknown},
+            {"packet_id": b, "success": false, "error_message": "karma API down"},
+            {"packet_id": a},
+        ]),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let answers = answers.as_array().unwrap();
+    assert_eq!(answers.len(), 5);
+    assert_eq!(answers[0]["message"], "Packet marked as processed");
+    assert_eq!(answers[0]["already_processed"], false);
+    assert_eq!(answers[1]["status"], "rejected");
+    assert_eq!(
+        answers[1]["detail"][0]["loc"],
+        json!(["body", 1, "success"])
+    );
+    assert_eq!(answers[2]["status"], "rejected");
+    assert_eq!(answers[2]["detail"][0]["type"], "not_found");
+    assert_eq!(answers[3]["message"], "Packet marked as failed");
+    assert_eq!(answers[4]["already_processed"], true);
+    let mut client = app.client().await;
+    let s = status(&mut client).await;
+    assert_eq!((s.processed_packets, s.failed_packets), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_maps_to_its_status() {
     let db = TestDb::new(Backend::Postgres).await;
     let mut config = test_config(&db);

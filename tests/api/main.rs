@@ -7,6 +7,7 @@ mod crash;
 mod delivery;
 mod gateway;
 mod ingest;
+mod marks;
 mod ops;
 mod queries;
 mod redis_queue;
