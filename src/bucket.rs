@@ -60,7 +60,7 @@ impl MarkRequest {
         let id = parse_uuid(&self.packet_id)
             .map_err(|why| violations.push(FieldViolation::new("packet_id", why)))
             .ok();
-        let actions_len = json::encoded_len(&Value::Array(self.karma_actions.clone()));
+        let actions_len = json::encoded_len(&self.karma_actions);
         if actions_len > MAX_RAW_SIGNALS_BYTES {
             violations.push(FieldViolation::new(
                 "karma_actions",

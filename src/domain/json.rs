@@ -10,7 +10,7 @@ pub fn depth(value: &serde_json::Value) -> usize {
 }
 
 /// Bytes of the compact JSON encoding.
-pub fn encoded_len(value: &serde_json::Value) -> usize {
+pub fn encoded_len(value: &(impl serde::Serialize + ?Sized)) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
