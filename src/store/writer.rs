@@ -288,9 +288,12 @@ mod tests {
 
     /// Fails a whole batch when it holds a packet of user "bad", or always
     /// when `down`; counts the batches it was asked to apply.
+    #[derive(Default)]
     struct Fake {
         down: bool,
         batches: AtomicUsize,
+        /// Per batch: how many inserts, and where its marks were.
+        seen: std::sync::Mutex<Vec<(usize, bool)>>,
     }
 
     #[async_trait]
@@ -301,6 +304,9 @@ mod tests {
             gate: Arc<RwLock<()>>,
         ) -> Result<(Vec<WriteReply>, OwnedRwLockReadGuard<()>), StoreError> {
             self.batches.fetch_add(1, Ordering::SeqCst);
+            let inserts = ops.iter().filter(|op| !op.is_delivery()).count();
+            let marks = ops.iter().any(WriteOp::is_delivery);
+            self.seen.lock().unwrap().push((inserts, marks));
             if self.down {
                 return Err(StoreError::Unavailable("connection refused".into()));
             }
@@ -380,10 +386,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_bad_write_does_not_fail_its_batch() {
-        let fake = Arc::new(Fake {
-            down: false,
-            batches: AtomicUsize::new(0),
-        });
+        let fake = Arc::new(Fake::default());
         let heard = Arc::new(Heard::default());
         let writer = start(&fake, &heard);
         let results: Vec<bool> = writer
@@ -403,7 +406,7 @@ mod tests {
     async fn a_dead_database_fails_every_waiter_at_once() {
         let fake = Arc::new(Fake {
             down: true,
-            batches: AtomicUsize::new(0),
+            ..Default::default()
         });
         let heard = Arc::new(Heard::default());
         let writer = start(&fake, &heard);
@@ -429,13 +432,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn marks_share_a_commit_with_inserts_and_go_first() {
-        let fake = Arc::new(Fake {
-            down: false,
-            batches: AtomicUsize::new(0),
-        });
+    async fn marks_never_wait_behind_an_ingest_burst() {
+        let fake = Arc::new(Fake::default());
         let heard = Arc::new(Heard::default());
-        let writer = start(&fake, &heard);
+        let writer = start(&fake, &heard); // max_commit 100
         let mark = WriteOp::Mark(Mark {
             packet_id: Uuid::new_v4(),
             success: true,
@@ -444,12 +444,22 @@ mod tests {
             at: Utc::now(),
             attempt: 1,
         });
-        let replies = writer.submit_all([insert("a"), mark, insert("b")]).await;
-        assert!(replies.iter().all(Result::is_ok));
+        // A burst of 1,000 inserts queued ahead of the mark.
+        let burst = writer.submit_all((0..1000).map(|_| insert("a")));
+        let marked = writer.submit_all([mark]);
+        let (inserted, marked) = tokio::join!(burst, marked);
+        assert!(inserted.iter().all(Result::is_ok));
         assert!(matches!(
-            replies[1],
+            marked[0],
             Ok(WriteReply::Marked(MarkOutcome::Applied))
         ));
+        let seen = fake.seen.lock().unwrap().clone();
+        let first_with_mark = seen.iter().position(|(_, mark)| *mark).unwrap();
+        assert!(
+            first_with_mark <= 1,
+            "the mark waited for {first_with_mark} commits of inserts: {seen:?}"
+        );
+        assert!(seen.iter().all(|(inserts, _)| *inserts <= 100), "{seen:?}");
         writer.close().await;
     }
 }
