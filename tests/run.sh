@@ -58,6 +58,12 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 export BUCKET_TEST_REDIS_URL=${BUCKET_TEST_REDIS_URL:-redis://127.0.0.1:6379}
 
+# --- the benchmark's smoke test: nats-server (target nats), a TTF font (plot) --
+[ -x /usr/sbin/nats-server ] || need_pkg nats-server nats-server
+# need_pkg checks for a command; a font is a file, so the file test decides
+# and the "command" given to need_pkg never exists.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_pkg fonts-dejavu-core fonts-dejavu-core
+
 # --- the browser test's tools, and the contract lint ---------------------------
 [ -x /usr/bin/chromium ] || need_pkg chromium chromium
 need_pkg node nodejs
@@ -71,10 +77,11 @@ echo "== buf lint: ok"
 
 # --- the tests ---------------------------------------------------------------
 cargo fmt --check
-# The consumer test runs examples/karma_consumer as a real process.
-cargo build --examples
+# The consumer test runs examples/karma_consumer as a real process, and the
+# benchmark's smoke test runs the bucket binary from the same target dir.
+cargo build --workspace --bins --examples
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --all-targets --no-fail-fast "$@"
+  cargo nextest run --workspace --all-targets --no-fail-fast "$@"
 else
-  cargo test --all-targets --no-fail-fast -- "$@"
+  cargo test --workspace --all-targets --no-fail-fast -- "$@"
 fi

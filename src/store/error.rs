@@ -27,6 +27,22 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        let transient = match &e {
+            rusqlite::Error::SqliteFailure(failure, _) => {
+                transient_code(&failure.extended_code.to_string())
+            }
+            _ => false,
+        };
+        if transient {
+            StoreError::Unavailable(e.to_string())
+        } else {
+            StoreError::Internal(e.to_string())
+        }
+    }
+}
+
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
         match e {

@@ -152,20 +152,43 @@ pub struct Writers {
     /// Writers of marks and lease ends; 0: the ingest writers take them
     /// first (SQLite, which has one writer anyway).
     pub delivery: usize,
+    /// The engine blocks its thread while it writes: writers get threads
+    /// of their own instead of runtime tasks.
+    pub blocking: bool,
+}
+
+/// A commit group: every write the writer took, by kind.
+#[derive(Debug, Default)]
+pub struct Group<'a> {
+    pub marks: Vec<&'a Mark>,
+    pub ends: Vec<LeaseEnd>,
+    pub max_deliveries: u32,
+    pub inserts: Vec<&'a Arc<Packet>>,
+    /// `received_at` of the inserted packets.
+    pub at: DateTime<Utc>,
+}
+
+/// Each kind's answers, in the group's order.
+#[derive(Debug)]
+pub struct Applied {
+    pub marks: Result<Vec<MarkOutcome>, StoreError>,
+    pub ends: Result<Vec<Released>, StoreError>,
+    pub inserts: Result<Vec<Inserted>, StoreError>,
 }
 
 /// One database engine.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
-    /// Applies `ops` in one transaction, all or nothing, one statement per
-    /// kind of write. Takes `gate` for reading just before COMMIT and hands
-    /// it back held, so the caller can announce what committed before a
-    /// reader of pending packets runs.
+    /// Applies a group with one statement per kind of write, whatever the
+    /// number of rows: SQLite in one transaction (one fsync), PostgreSQL a
+    /// statement that commits on its own per kind (no BEGIN/COMMIT round
+    /// trips). Takes `gate` for reading before the inserts commit and
+    /// returns it held, so the caller can announce them first.
     async fn write(
         &self,
-        ops: &[WriteOp],
-        gate: Arc<RwLock<()>>,
-    ) -> Result<(Vec<WriteReply>, OwnedRwLockReadGuard<()>), StoreError>;
+        group: &Group<'_>,
+        gate: &Arc<RwLock<()>>,
+    ) -> (Applied, Option<OwnedRwLockReadGuard<()>>);
     /// Pending packets after `seq`, oldest first.
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError>;
     /// Those of `ids` that are pending.

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
+use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::types::Json;
-use sqlx::{Acquire, Row};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use uuid::Uuid;
 
 use super::rows::{self, PENDING_COLUMNS, PendingRow, STORED_COLUMNS, StoredRow};
 use super::{
-    Backend, Counts, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket, Released, StoreError,
-    StoredPacket, UserQuery, WriteOp, WriteReply, Writers,
+    Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
+    Released, StoreError, StoredPacket, UserQuery, Writers,
 };
 use crate::domain::{DeliveryStatus, Packet};
 
@@ -31,6 +31,10 @@ impl PgBackend {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
+            // A ping before each use would be a network round trip per
+            // statement; a broken connection fails its statement instead
+            // (UNAVAILABLE, retried by the caller) and is replaced.
+            .test_before_acquire(false)
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
@@ -244,45 +248,60 @@ async fn end_all(
 impl Backend for PgBackend {
     async fn write(
         &self,
-        ops: &[WriteOp],
-        gate: Arc<RwLock<()>>,
-    ) -> Result<(Vec<WriteReply>, OwnedRwLockReadGuard<()>), StoreError> {
-        // Microseconds: what PostgreSQL keeps, so a receipt equals a re-read.
-        let now = Utc::now().trunc_subsecs(6);
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        let packets: Vec<&Arc<Packet>> = ops
-            .iter()
-            .filter_map(|op| match op {
-                WriteOp::Insert(p) => Some(p),
-                _ => None,
-            })
-            .collect();
-        let marks: Vec<&Mark> = ops
-            .iter()
-            .filter_map(|op| match op {
-                WriteOp::Mark(m) => Some(m),
-                _ => None,
-            })
-            .collect();
-        let mut inserted = insert_all(&mut tx, &packets, now).await?.into_iter();
-        let mut marked = mark_all(&mut tx, &marks).await?.into_iter();
-        let mut replies = Vec::with_capacity(ops.len());
-        for op in ops {
-            replies.push(match op {
-                WriteOp::Insert(_) => {
-                    WriteReply::Inserted(inserted.next().expect("one receipt per insert"))
-                }
-                WriteOp::Mark(_) => WriteReply::Marked(marked.next().expect("one per mark")),
-                WriteOp::EndLeases {
+        group: &Group<'_>,
+        gate: &Arc<RwLock<()>>,
+    ) -> (Applied, Option<OwnedRwLockReadGuard<()>>) {
+        let mut conn = match self.pool.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                let e = StoreError::from(e);
+                let marks = Err(e.clone());
+                let ends = Err(e.clone());
+                return (
+                    Applied {
+                        marks,
+                        ends,
+                        inserts: Err(e),
+                    },
+                    None,
+                );
+            }
+        };
+        let marks = match group.marks.is_empty() {
+            true => Ok(Vec::new()),
+            false => mark_all(&mut conn, &group.marks)
+                .await
+                .map_err(StoreError::from),
+        };
+        let ends = match group.ends.is_empty() {
+            true => Ok(Vec::new()),
+            false => end_all(&mut conn, &group.ends, group.max_deliveries)
+                .await
+                .map_err(StoreError::from),
+        };
+        if group.inserts.is_empty() {
+            let inserts = Ok(Vec::new());
+            return (
+                Applied {
+                    marks,
                     ends,
-                    max_deliveries,
-                } => WriteReply::Released(end_all(&mut tx, ends, *max_deliveries).await?),
-            });
+                    inserts,
+                },
+                None,
+            );
         }
-        let gate = gate.read_owned().await;
-        tx.commit().await?;
-        Ok((replies, gate))
+        let gate = gate.clone().read_owned().await;
+        let inserts = insert_all(&mut conn, &group.inserts, group.at)
+            .await
+            .map_err(StoreError::from);
+        (
+            Applied {
+                marks,
+                ends,
+                inserts,
+            },
+            Some(gate),
+        )
     }
 
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError> {
@@ -350,6 +369,7 @@ impl Backend for PgBackend {
         Writers {
             ingest: 4,
             delivery: 2,
+            blocking: false,
         }
     }
 }

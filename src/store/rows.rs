@@ -131,41 +131,9 @@ pub(super) fn rounds<T>(items: &[T], id: impl Fn(&T) -> Uuid) -> Vec<Vec<usize>>
     rounds
 }
 
-/// Most rows one statement carries (SQLite binds every value of a row).
-/// Statements are built for power-of-two row counts only, so each
-/// connection prepares at most nine shapes of each.
-pub(super) const MAX_ROWS_PER_STATEMENT: usize = 256;
-
-/// Splits `items` into power-of-two chunks of at most `MAX_ROWS_PER_STATEMENT`.
-pub(super) fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
-    std::iter::from_fn(move || {
-        if items.is_empty() {
-            return None;
-        }
-        let n = MAX_ROWS_PER_STATEMENT.min(1 << items.len().ilog2());
-        let (head, rest) = items.split_at(n);
-        items = rest;
-        Some(head)
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_are_powers_of_two_covering_everything() {
-        for n in [0, 1, 3, 64, 300, 1000] {
-            let items: Vec<usize> = (0..n).collect();
-            let parts: Vec<&[usize]> = chunks(&items).collect();
-            assert_eq!(parts.concat(), items);
-            assert!(
-                parts
-                    .iter()
-                    .all(|c| c.len().is_power_of_two() && c.len() <= MAX_ROWS_PER_STATEMENT)
-            );
-        }
-    }
+    use uuid::Uuid;
 
     #[test]
     fn rounds_never_repeat_an_id_and_keep_order() {
@@ -173,7 +141,7 @@ mod tests {
         let b = Uuid::new_v4();
         let items = [a, b, a, a, b];
         assert_eq!(
-            rounds(&items, |id| *id),
+            super::rounds(&items, |id| *id),
             vec![vec![0, 1], vec![2, 4], vec![3]]
         );
     }

@@ -13,12 +13,16 @@
 //! once).
 use std::sync::Arc;
 
+use std::collections::HashSet;
+
+use chrono::{SubsecRound, Utc};
 use tokio::sync::{Mutex, RwLock, mpsc, oneshot};
 use tokio::task::JoinSet;
+use uuid::Uuid;
 
 use super::{
-    Backend, CommitListener, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket, Released,
-    StoreError,
+    Applied, Backend, CommitListener, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
+    Released, StoreError,
 };
 use crate::domain::Packet;
 
@@ -97,7 +101,24 @@ impl Writer {
         let (delivery_tx, delivery_rx) = mpsc::unbounded_channel::<Job>();
         let mut tasks = JoinSet::new();
         if writers.delivery == 0 {
-            tasks.spawn(run_combined(shared, delivery_rx, ingest_rx));
+            let writer = run_combined(shared, delivery_rx, ingest_rx);
+            if writers.blocking {
+                // The engine blocks while it writes (SQLite): a thread of
+                // its own, so no runtime worker ever waits on the disk.
+                let (done_tx, done_rx) = oneshot::channel::<()>();
+                std::thread::Builder::new()
+                    .name("bucket-writer".into())
+                    .spawn(move || {
+                        futures::executor::block_on(writer);
+                        let _ = done_tx.send(());
+                    })
+                    .expect("spawn the writer thread");
+                tasks.spawn(async move {
+                    let _ = done_rx.await;
+                });
+            } else {
+                tasks.spawn(writer);
+            }
         } else {
             let ingest_rx = Arc::new(Mutex::new(ingest_rx));
             let delivery_rx = Arc::new(Mutex::new(delivery_rx));
@@ -210,62 +231,144 @@ fn drain_ready(rx: &mut mpsc::UnboundedReceiver<Job>, jobs: &mut Vec<Job>, max: 
     }
 }
 
+/// Applies a group of writes; each waiter gets its own answer. When a kind
+/// of write fails as a whole for another reason than the database being
+/// away, its writes are tried one at a time, so one bad write cannot fail
+/// its neighbours; against a dead database that would make each waiter sit
+/// through its own timeout, so they all fail at once.
 async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
-    let (ops, senders): (Vec<WriteOp>, Vec<_>) = jobs.drain(..).unzip();
     let started = std::time::Instant::now();
-    let result = shared.backend.write(&ops, shared.gate.clone()).await;
-    metrics::histogram!("bucket_commit_seconds").record(started.elapsed().as_secs_f64());
-    metrics::histogram!("bucket_commit_writes").record(ops.len() as f64);
-    match result {
-        Ok((replies, gate)) => {
-            announce(shared, &ops, &replies);
-            drop(gate);
-            for (reply_tx, reply) in senders.into_iter().zip(replies) {
-                let _ = reply_tx.send(Ok(reply));
-            }
-        }
-        // Alone, or the database itself is away: every waiter gets the
-        // error now. Retrying one by one only helps when one write is at
-        // fault, and against a dead database it would make each waiter sit
-        // through its own connection timeout.
-        Err(e) if ops.len() == 1 || matches!(e, StoreError::Unavailable(_)) => {
-            for reply_tx in senders {
-                let _ = reply_tx.send(Err(e.clone()));
-            }
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, batch = ops.len(), "batch failed; retrying one by one");
-            for (op, reply_tx) in ops.iter().zip(senders) {
-                let one = std::slice::from_ref(op);
-                let result = match shared.backend.write(one, shared.gate.clone()).await {
-                    Ok((mut replies, gate)) => {
-                        announce(shared, one, &replies);
-                        drop(gate);
-                        Ok(replies.pop().expect("one reply per op"))
-                    }
-                    Err(e) => Err(e),
-                };
-                let _ = reply_tx.send(result);
+    let count = jobs.len();
+    let mut inserts: Vec<(Arc<Packet>, oneshot::Sender<Reply>)> = Vec::new();
+    let mut marks: Vec<(Mark, oneshot::Sender<Reply>)> = Vec::new();
+    let mut ends: Vec<(Vec<LeaseEnd>, oneshot::Sender<Reply>)> = Vec::new();
+    let mut max_deliveries = 1;
+    for (op, reply_tx) in jobs.drain(..) {
+        match op {
+            WriteOp::Insert(packet) => inserts.push((packet, reply_tx)),
+            WriteOp::Mark(mark) => marks.push((mark, reply_tx)),
+            WriteOp::EndLeases {
+                ends: some,
+                max_deliveries: max,
+            } => {
+                max_deliveries = max;
+                ends.push((some, reply_tx));
             }
         }
     }
+    let at = Utc::now().trunc_subsecs(6);
+    let group = Group {
+        marks: marks.iter().map(|(m, _)| m).collect(),
+        ends: ends.iter().flat_map(|(e, _)| e.iter().copied()).collect(),
+        max_deliveries,
+        inserts: inserts.iter().map(|(p, _)| p).collect(),
+        at,
+    };
+    let (applied, gate) = shared.backend.write(&group, &shared.gate).await;
+    let inserted: Vec<Result<Inserted, StoreError>> = match applied.inserts {
+        Ok(receipts) => {
+            announce(shared, &group.inserts, &receipts);
+            drop(gate);
+            receipts.into_iter().map(Ok).collect()
+        }
+        Err(e) => {
+            drop(gate);
+            one_by_one(shared, &group.inserts, e, |p| Group {
+                inserts: vec![*p],
+                at,
+                ..Group::default()
+            })
+            .await
+            .into_iter()
+            .map(|answer| answer.and_then(|a| a.inserts.map(|mut r| r.remove(0))))
+            .collect()
+        }
+    };
+    let marked: Vec<Result<MarkOutcome, StoreError>> = match applied.marks {
+        Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+        Err(e) => one_by_one(shared, &group.marks, e, |m| Group {
+            marks: vec![*m],
+            ..Group::default()
+        })
+        .await
+        .into_iter()
+        .map(|answer| answer.and_then(|a| a.marks.map(|mut o| o.remove(0))))
+        .collect(),
+    };
+    let released: Result<Vec<Released>, StoreError> = match applied.ends {
+        // Failed beside other writes (one transaction on SQLite): alone.
+        Err(e) if !matches!(e, StoreError::Unavailable(_)) && !alone_already(&group) => {
+            let alone = Group {
+                ends: group.ends.clone(),
+                max_deliveries,
+                ..Group::default()
+            };
+            shared.backend.write(&alone, &shared.gate).await.0.ends
+        }
+        other => other,
+    };
+    for ((_, reply_tx), answer) in inserts.into_iter().zip(inserted) {
+        let _ = reply_tx.send(answer.map(WriteReply::Inserted));
+    }
+    for ((_, reply_tx), answer) in marks.into_iter().zip(marked) {
+        let _ = reply_tx.send(answer.map(WriteReply::Marked));
+    }
+    // Lease ends are the dispatcher's own writes, retried by it on failure.
+    for (mine, reply_tx) in ends {
+        let ids: HashSet<Uuid> = mine.iter().map(|e| e.packet_id).collect();
+        let answer = released.clone().map(|all| {
+            WriteReply::Released(
+                all.into_iter()
+                    .filter(|r| ids.contains(&r.packet_id))
+                    .collect(),
+            )
+        });
+        let _ = reply_tx.send(answer);
+    }
+    metrics::histogram!("bucket_commit_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("bucket_commit_writes").record(count as f64);
+}
+
+/// Whether the group held lease ends only.
+fn alone_already(group: &Group<'_>) -> bool {
+    group.inserts.is_empty() && group.marks.is_empty()
+}
+
+/// After a kind of write failed as a whole: each write alone (announcing
+/// the inserts that commit), or the error for all.
+async fn one_by_one<T>(
+    shared: &Shared,
+    items: &[T],
+    error: StoreError,
+    alone: impl Fn(&T) -> Group<'_>,
+) -> Vec<Result<Applied, StoreError>> {
+    if items.len() == 1 || matches!(error, StoreError::Unavailable(_)) {
+        return items.iter().map(|_| Err(error.clone())).collect();
+    }
+    tracing::debug!(%error, batch = items.len(), "batch failed; retrying one by one");
+    let mut answers = Vec::with_capacity(items.len());
+    for item in items {
+        let group = alone(item);
+        let (applied, _gate) = shared.backend.write(&group, &shared.gate).await;
+        if let Ok(receipts) = &applied.inserts {
+            announce(shared, &group.inserts, receipts);
+        }
+        answers.push(Ok(applied));
+    }
+    answers
 }
 
 /// Hands every newly stored packet to the listener.
-fn announce(shared: &Shared, ops: &[WriteOp], replies: &[WriteReply]) {
-    let committed: Vec<PendingPacket> = ops
+fn announce(shared: &Shared, packets: &[&Arc<Packet>], receipts: &[Inserted]) {
+    let committed: Vec<PendingPacket> = packets
         .iter()
-        .zip(replies)
-        .filter_map(|(op, reply)| match (op, reply) {
-            (WriteOp::Insert(packet), WriteReply::Inserted(r)) if r.created => {
-                Some(PendingPacket {
-                    packet: packet.clone(),
-                    seq: r.seq,
-                    received_at: r.received_at,
-                    attempts: 0,
-                })
-            }
-            _ => None,
+        .zip(receipts)
+        .filter(|(_, r)| r.created)
+        .map(|(packet, r)| PendingPacket {
+            packet: Arc::clone(packet),
+            seq: r.seq,
+            received_at: r.received_at,
+            attempts: 0,
         })
         .collect();
     if !committed.is_empty() {
@@ -279,7 +382,6 @@ mod tests {
 
     use async_trait::async_trait;
     use chrono::Utc;
-    use tokio::sync::OwnedRwLockReadGuard;
     use uuid::Uuid;
 
     use super::*;
@@ -300,33 +402,51 @@ mod tests {
     impl Backend for Fake {
         async fn write(
             &self,
-            ops: &[WriteOp],
-            gate: Arc<RwLock<()>>,
-        ) -> Result<(Vec<WriteReply>, OwnedRwLockReadGuard<()>), StoreError> {
+            group: &Group<'_>,
+            gate: &Arc<RwLock<()>>,
+        ) -> (Applied, Option<tokio::sync::OwnedRwLockReadGuard<()>>) {
             self.batches.fetch_add(1, Ordering::SeqCst);
-            let inserts = ops.iter().filter(|op| !op.is_delivery()).count();
-            let marks = ops.iter().any(WriteOp::is_delivery);
-            self.seen.lock().unwrap().push((inserts, marks));
-            if self.down {
-                return Err(StoreError::Unavailable("connection refused".into()));
-            }
-            let replies = ops
-                .iter()
-                .map(|op| match op {
-                    WriteOp::Insert(p) if p.user_id == "bad" => {
-                        Err(StoreError::Internal("constraint".into()))
-                    }
-                    WriteOp::Insert(p) => Ok(WriteReply::Inserted(Inserted {
+            self.seen
+                .lock()
+                .unwrap()
+                .push((group.inserts.len(), !group.marks.is_empty()));
+            let down = || StoreError::Unavailable("connection refused".into());
+            let guard = match group.inserts.is_empty() {
+                true => None,
+                false => Some(gate.clone().read_owned().await),
+            };
+            let inserts = if self.down {
+                Err(down())
+            } else if group.inserts.iter().any(|p| p.user_id == "bad") {
+                Err(StoreError::Internal("constraint".into()))
+            } else {
+                Ok(group
+                    .inserts
+                    .iter()
+                    .map(|p| Inserted {
                         packet_id: p.packet_id,
-                        received_at: Utc::now(),
+                        received_at: group.at,
                         created: true,
                         seq: 1,
-                    })),
-                    WriteOp::Mark(_) => Ok(WriteReply::Marked(MarkOutcome::Applied)),
-                    WriteOp::EndLeases { .. } => Ok(WriteReply::Released(Vec::new())),
-                })
-                .collect::<Result<_, _>>()?;
-            Ok((replies, gate.read_owned().await))
+                    })
+                    .collect())
+            };
+            let marks = match self.down {
+                true => Err(down()),
+                false => Ok(group.marks.iter().map(|_| MarkOutcome::Applied).collect()),
+            };
+            let ends = match self.down {
+                true => Err(down()),
+                false => Ok(Vec::new()),
+            };
+            (
+                Applied {
+                    marks,
+                    ends,
+                    inserts,
+                },
+                guard,
+            )
         }
         async fn pending_after(&self, _: i64, _: u32) -> Result<Vec<PendingPacket>, StoreError> {
             Ok(Vec::new())
@@ -350,6 +470,7 @@ mod tests {
             Writers {
                 ingest: 1,
                 delivery: 0,
+                blocking: false,
             }
         }
     }
