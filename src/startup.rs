@@ -16,7 +16,7 @@ use crate::grpc::BucketGrpc;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
 use crate::queue::redis::{RedisQueue, redis_url};
-use crate::store::Store;
+use crate::store::{CommitLimits, Store};
 use uuid::Uuid;
 
 pub struct Application {
@@ -59,7 +59,11 @@ impl Application {
             config.delivery.max_deliveries,
             config.delivery.queue_window,
         );
-        store.start_writers(config.max_commit, Arc::new(dispatcher.clone()));
+        let limits = CommitLimits {
+            max_writes: config.max_commit,
+            linger: Duration::from_micros(config.commit_linger_us),
+        };
+        store.start_writers(limits, Arc::new(dispatcher.clone()));
         match dispatcher.rebuild().await {
             Ok(queued) => tracing::info!(queued, "queue rebuilt from the database"),
             // Redis away: what is committed meanwhile waits in memory, and

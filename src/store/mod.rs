@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::domain::{DeliveryStatus, Packet};
 pub use error::StoreError;
-pub use writer::{WriteOp, WriteReply, Writer};
+pub use writer::{CommitLimits, WriteOp, WriteReply, Writer};
 
 /// A packet as stored, with its delivery state.
 #[derive(Debug, Clone)]
@@ -235,13 +235,9 @@ impl Store {
 
     /// Starts the writer tasks; `listener` hears of every committed insert.
     /// Clones made before share the writers.
-    pub fn start_writers(&self, max_commit: usize, listener: Arc<dyn CommitListener>) {
-        self.writer.start(
-            self.backend.clone(),
-            self.gate.clone(),
-            max_commit,
-            listener,
-        );
+    pub fn start_writers(&self, limits: CommitLimits, listener: Arc<dyn CommitListener>) {
+        self.writer
+            .start(self.backend.clone(), self.gate.clone(), limits, listener);
     }
 
     /// Stops taking writes, commits those already queued, and waits.

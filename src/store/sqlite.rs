@@ -34,6 +34,39 @@ pub struct SqliteBackend {
     /// page cache warm.
     writes: std::sync::Mutex<rusqlite::Connection>,
     reads: SqlitePool,
+    /// The checkpointer thread runs while this lives.
+    _checkpointing: Arc<()>,
+}
+
+/// How often the WAL is copied back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Copies the WAL into the database file from a connection of its own, so
+/// the writer never stops for it (SQLite's automatic checkpoint would run
+/// inside a commit, holding up every waiting write for tens of ms).
+/// PASSIVE: it never waits for, nor blocks, the writer or readers.
+fn checkpoint_in_background(
+    path: &std::path::Path,
+    alive: std::sync::Weak<()>,
+) -> Result<(), StoreError> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    std::thread::Builder::new()
+        .name("bucket-checkpoint".into())
+        .spawn(move || {
+            while alive.upgrade().is_some() {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                let done: rusqlite::Result<(i64, i64, i64)> =
+                    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    });
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Internal(format!("checkpoint thread: {e}")))?;
+    Ok(())
 }
 
 impl SqliteBackend {
@@ -54,8 +87,11 @@ impl SqliteBackend {
         let writes = rusqlite::Connection::open(options.get_filename())?;
         writes.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-             PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+             PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
+             PRAGMA wal_autocheckpoint = 0;",
         )?;
+        let checkpointing = Arc::new(());
+        checkpoint_in_background(options.get_filename(), Arc::downgrade(&checkpointing))?;
         writes.set_prepared_statement_cache_capacity(16);
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
@@ -66,6 +102,7 @@ impl SqliteBackend {
         Ok(Self {
             writes: std::sync::Mutex::new(writes),
             reads,
+            _checkpointing: checkpointing,
         })
     }
 }
