@@ -29,10 +29,11 @@ pub struct Config {
     #[arg(long, env = "BUCKET_MAX_COMMIT", default_value_t = 1000)]
     pub max_commit: usize,
 
-    /// SQLite: how long the writer lets writes gather before a commit when
-    /// they come in company (every commit costs an fsync), in microseconds.
-    #[arg(long, env = "BUCKET_COMMIT_LINGER_US", default_value_t = 300)]
-    pub commit_linger_us: u64,
+    /// How long a writer lets writes gather before a commit when they come
+    /// in company (every commit costs an fsync), in microseconds; unset:
+    /// 300 on SQLite, 1000 on PostgreSQL. 0 turns it off.
+    #[arg(long, env = "BUCKET_COMMIT_LINGER_US")]
+    pub commit_linger_us: Option<u64>,
 
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "BUCKET_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]

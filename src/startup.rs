@@ -61,7 +61,7 @@ impl Application {
         );
         let limits = CommitLimits {
             max_writes: config.max_commit,
-            linger: Duration::from_micros(config.commit_linger_us),
+            linger: config.commit_linger_us.map(Duration::from_micros),
         };
         store.start_writers(limits, Arc::new(dispatcher.clone()));
         match dispatcher.rebuild().await {

@@ -155,6 +155,9 @@ pub struct Writers {
     /// The engine blocks its thread while it writes: writers get threads
     /// of their own instead of runtime tasks.
     pub blocking: bool,
+    /// How long a writer lets writes gather when they come in company,
+    /// unless configured: every commit costs an fsync.
+    pub linger: std::time::Duration,
 }
 
 /// A commit group: every write the writer took, by kind.

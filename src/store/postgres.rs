@@ -364,12 +364,17 @@ impl Backend for PgBackend {
     }
 
     fn writers(&self) -> Writers {
-        // PostgreSQL takes concurrent transactions: inserts commit side by
-        // side, and marks have writers of their own.
+        // PostgreSQL takes concurrent transactions: two insert writers
+        // overlap one commit's round trips with the next, and marks have a
+        // writer of their own. More writers made smaller groups, more
+        // commits and more PostgreSQL CPU per packet (BENCHMARKS.md).
         Writers {
-            ingest: 4,
-            delivery: 2,
+            ingest: 2,
+            delivery: 1,
             blocking: false,
+            // Fewer, larger commits cost PostgreSQL less CPU, which on a
+            // shared machine is also lower latency (BENCHMARKS.md).
+            linger: Duration::from_millis(1),
         }
     }
 }

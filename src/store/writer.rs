@@ -63,8 +63,9 @@ type Lane = mpsc::UnboundedSender<Job>;
 pub struct CommitLimits {
     /// Most writes in one commit.
     pub max_writes: usize,
-    /// How long a writer thread (SQLite) waits for company; see `run_combined`.
-    pub linger: Duration,
+    /// How long a writer waits for company (see `gather`); None: the
+    /// engine's default.
+    pub linger: Option<Duration>,
 }
 
 /// Handle to the writer tasks.
@@ -81,8 +82,8 @@ struct Shared {
     gate: Arc<RwLock<()>>,
     listener: Arc<dyn CommitListener>,
     max_commit: usize,
-    /// How long a writer thread lets writes gather after the first one
-    /// arrives, when the previous group had company (see `run_combined`).
+    /// How long a writer lets writes gather after the first one arrives,
+    /// when the previous group had company (see `gather`).
     linger: Duration,
 }
 
@@ -109,10 +110,7 @@ impl Writer {
             gate,
             listener,
             max_commit: limits.max_writes.max(1),
-            linger: match writers.blocking {
-                true => limits.linger,
-                false => Duration::ZERO,
-            },
+            linger: limits.linger.unwrap_or(writers.linger),
         });
         let (ingest_tx, ingest_rx) = mpsc::unbounded_channel::<Job>();
         let (delivery_tx, delivery_rx) = mpsc::unbounded_channel::<Job>();
@@ -191,6 +189,7 @@ impl Writer {
 /// A writer of one lane, beside others of the same lane.
 async fn run_lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(shared.max_commit);
+    let mut last_group = 0;
     loop {
         {
             // One writer at a time gathers a batch; others wait their turn
@@ -199,9 +198,22 @@ async fn run_lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job
             if rx.recv_many(&mut jobs, shared.max_commit).await == 0 {
                 return; // closed and drained
             }
+            if gather(&shared, last_group) {
+                tokio::time::sleep(shared.linger).await;
+                drain_ready(&mut rx, &mut jobs, shared.max_commit);
+            }
         }
+        last_group = jobs.len();
         commit(&shared, &mut jobs).await;
     }
+}
+
+/// Whether to let writes gather before this commit. Every commit costs an
+/// fsync (tens of µs of CPU here, whatever its size), so when writes come
+/// in company (the last group had several) a short wait lets more share
+/// the next one. A lone client never waits: its groups have one write.
+fn gather(shared: &Shared, last_group: usize) -> bool {
+    last_group > 1 && !shared.linger.is_zero()
 }
 
 /// The one writer of an engine with one writer: every waiting delivery
@@ -229,11 +241,8 @@ async fn run_combined(
                     None => ingest_open = false,
                 },
             }
-            // Every commit costs an fsync (~50 µs of CPU here, whatever its
-            // size), so when writes come in company (the last group had
-            // several), a short wait lets more share the next one. A lone
-            // client never waits: its groups have one write.
-            if last_group > 1 && !shared.linger.is_zero() {
+            if gather(&shared, last_group) {
+                // A thread of its own (see `Writer::start`): it may sleep.
                 std::thread::sleep(shared.linger);
             }
             // Whatever else waits now joins this commit.
@@ -497,6 +506,7 @@ mod tests {
                 ingest: 1,
                 delivery: 0,
                 blocking: false,
+                linger: Duration::ZERO,
             }
         }
     }
@@ -529,7 +539,7 @@ mod tests {
         let writer = Writer::idle();
         let limits = CommitLimits {
             max_writes: 100,
-            linger: Duration::ZERO,
+            linger: Some(Duration::ZERO),
         };
         writer.start(
             fake.clone(),
