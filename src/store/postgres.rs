@@ -15,7 +15,7 @@ use sqlx::types::Json;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use uuid::Uuid;
 
-use super::rows::{self, PENDING_COLUMNS, PendingRow, STORED_COLUMNS, StoredRow};
+use super::rows::{self, PENDING_COLUMNS, PendingRow, StoredRow};
 use super::{
     Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
     Released, StoreError, StoredPacket, UserQuery, Writers,
@@ -336,13 +336,8 @@ impl Backend for PgBackend {
     }
 
     async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {
-        let sql = format!(
-            "SELECT {STORED_COLUMNS} FROM packets WHERE user_id = $1 \
-             AND ($2::text IS NULL OR status = $2) AND seq < $3 ORDER BY seq DESC LIMIT $4"
-        );
-        let rows: Vec<StoredRow<Uuid>> = sqlx::query_as(&sql)
+        let rows: Vec<StoredRow<Uuid>> = sqlx::query_as(&rows::user_packets_sql(query.status))
             .bind(&query.user_id)
-            .bind(query.status.map(DeliveryStatus::as_str))
             .bind(query.before_seq.unwrap_or(i64::MAX))
             .bind(i64::from(query.limit))
             .fetch_all(&self.pool)

@@ -23,6 +23,18 @@ pub(super) const STORED_COLUMNS: &str = "seq, packet_id, user_id, employee_id, s
      delivery_attempts, status, processed_at, processed_by_karma, karma_actions, \
      processing_error";
 
+/// One user's packets, newest first, before seq `$2`, at most `$3`. The
+/// status is written as a literal (from the enum, never from a caller), so
+/// the planner sees it and picks the partial index for failed and
+/// dead-letter packets.
+pub(super) fn user_packets_sql(status: Option<DeliveryStatus>) -> String {
+    let filter = status.map_or(String::new(), |s| format!(" AND status = '{}'", s.as_str()));
+    format!(
+        "SELECT {STORED_COLUMNS} FROM packets WHERE user_id = $1 AND seq < $2{filter} \
+         ORDER BY seq DESC LIMIT $3"
+    )
+}
+
 /// A packet and what delivery needs of it.
 #[derive(sqlx::FromRow)]
 pub(super) struct PendingRow<Id> {
@@ -131,9 +143,41 @@ pub(super) fn rounds<T>(items: &[T], id: impl Fn(&T) -> Uuid) -> Vec<Vec<usize>>
     rounds
 }
 
+/// Most rows one statement carries (SQLite binds every value of a row).
+/// Statements are built for power-of-two row counts only, so each
+/// connection prepares at most nine shapes.
+pub(super) const MAX_ROWS_PER_STATEMENT: usize = 256;
+
+/// Splits `items` into power-of-two chunks of at most `MAX_ROWS_PER_STATEMENT`.
+pub(super) fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let n = MAX_ROWS_PER_STATEMENT.min(1 << items.len().ilog2());
+        let (head, rest) = items.split_at(n);
+        items = rest;
+        Some(head)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use uuid::Uuid;
+
+    #[test]
+    fn chunks_are_powers_of_two_covering_everything() {
+        for n in [0, 1, 3, 64, 300, 1000] {
+            let items: Vec<usize> = (0..n).collect();
+            let parts: Vec<&[usize]> = super::chunks(&items).collect();
+            assert_eq!(parts.concat(), items);
+            assert!(
+                parts
+                    .iter()
+                    .all(|c| c.len().is_power_of_two() && c.len() <= super::MAX_ROWS_PER_STATEMENT)
+            );
+        }
+    }
 
     #[test]
     fn rounds_never_repeat_an_id_and_keep_order() {

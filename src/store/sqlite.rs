@@ -6,8 +6,9 @@
 //! hop per statement. sqlx, which hands every statement to a worker thread
 //! and back (two context switches, measured at ~60 µs of CPU each on this
 //! kind of machine), does the migrations and every read.
+use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +22,7 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use uuid::Uuid;
 use uuid::fmt::Hyphenated;
 
-use super::rows::{PENDING_COLUMNS, PendingRow, STORED_COLUMNS, StoredRow};
+use super::rows::{self, PENDING_COLUMNS, PendingRow, StoredRow};
 use super::{
     Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
     Released, StoreError, StoredPacket, UserQuery, Writers,
@@ -92,7 +93,8 @@ impl SqliteBackend {
         )?;
         let checkpointing = Arc::new(());
         checkpoint_in_background(options.get_filename(), Arc::downgrade(&checkpointing))?;
-        writes.set_prepared_statement_cache_capacity(16);
+        // Nine shapes of the insert, and the few one-row statements.
+        writes.set_prepared_statement_cache_capacity(24);
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             // A ping before each use is a round trip to sqlx's worker thread.
@@ -120,11 +122,11 @@ fn json(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).expect("JSON values always encode")
 }
 
-const INSERT: &str = "INSERT INTO packets (packet_id, user_id, employee_id, session_id, \
-     lesson_id, system_type, role, client_timestamp, cognitive_state, state, active_seconds, \
-     idle_seconds, away_seconds, focus_score, integrity_score, raw_signals, received_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
-     ON CONFLICT (packet_id) DO NOTHING RETURNING seq";
+const INSERT_HEAD: &str = "INSERT INTO packets (packet_id, user_id, employee_id, \
+     session_id, lesson_id, system_type, role, client_timestamp, cognitive_state, state, \
+     active_seconds, idle_seconds, away_seconds, focus_score, integrity_score, raw_signals, \
+     received_at)";
+const INSERT_TAIL: &str = "ON CONFLICT (packet_id) DO NOTHING RETURNING packet_id, seq";
 const STORED: &str = "SELECT seq, received_at FROM packets WHERE packet_id = ?1";
 const MARK: &str = "UPDATE packets SET status = ?2, processed_by_karma = ?3, \
      processed_at = ?4, karma_actions = ?5, processing_error = ?6, \
@@ -135,44 +137,88 @@ const END: &str = "UPDATE packets SET delivery_attempts = MAX(delivery_attempts,
      status = CASE WHEN MAX(delivery_attempts, ?2) >= ?3 THEN 'dead_letter' ELSE 'pending' END \
      WHERE packet_id = ?1 AND status = 'pending' RETURNING status";
 
+/// The multi-row INSERT for `n` rows (a power of two), built on first use:
+/// one statement per chunk costs far less per row than a statement per row.
+fn insert_sql(n: usize) -> &'static str {
+    static SHAPES: OnceLock<Vec<String>> = OnceLock::new();
+    let shapes = SHAPES.get_or_init(|| {
+        (0..=rows::MAX_ROWS_PER_STATEMENT.ilog2())
+            .map(|k| {
+                let row = format!("({})", ["?"; 17].join(", "));
+                format!(
+                    "{INSERT_HEAD} VALUES {} {INSERT_TAIL}",
+                    vec![row; 1 << k].join(", ")
+                )
+            })
+            .collect()
+    });
+    &shapes[n.ilog2() as usize]
+}
+
+/// A packet's values that need encoding, encoded once.
+struct Encoded<'a> {
+    packet: &'a Packet,
+    id: String,
+    client_timestamp: String,
+    raw_signals: String,
+}
+
 fn insert_all(
     tx: &rusqlite::Transaction<'_>,
     packets: &[&Arc<Packet>],
     at: DateTime<Utc>,
 ) -> rusqlite::Result<Vec<Inserted>> {
     let received_at = text_time(at);
-    let mut insert = tx.prepare_cached(INSERT)?;
+    let encoded: Vec<Encoded> = packets
+        .iter()
+        .map(|p| Encoded {
+            packet: p,
+            id: id(p.packet_id),
+            client_timestamp: text_time(p.client_timestamp),
+            raw_signals: json(&p.raw_signals),
+        })
+        .collect();
+    let mut created: HashMap<String, i64> = HashMap::with_capacity(packets.len());
+    for chunk in rows::chunks(&encoded) {
+        let mut insert = tx.prepare_cached(insert_sql(chunk.len()))?;
+        let mut at = 0;
+        let mut bind = |value: &dyn rusqlite::ToSql| {
+            at += 1;
+            insert.raw_bind_parameter(at, value)
+        };
+        for e in chunk {
+            let p = e.packet;
+            bind(&e.id)?;
+            bind(&p.user_id)?;
+            bind(&p.employee_id)?;
+            bind(&p.session_id)?;
+            bind(&p.lesson_id)?;
+            bind(&p.system_type)?;
+            bind(&p.role)?;
+            bind(&e.client_timestamp)?;
+            bind(&p.cognitive_state)?;
+            bind(&p.state)?;
+            bind(&p.active_seconds)?;
+            bind(&p.idle_seconds)?;
+            bind(&p.away_seconds)?;
+            bind(&p.focus_score)?;
+            bind(&p.integrity_score)?;
+            bind(&e.raw_signals)?;
+            bind(&received_at)?;
+        }
+        let mut returned = insert.raw_query();
+        while let Some(row) = returned.next()? {
+            created.insert(row.get(0)?, row.get(1)?);
+        }
+    }
     let mut stored = tx.prepare_cached(STORED)?;
     let mut receipts = Vec::with_capacity(packets.len());
-    for p in packets {
-        let packet_id = id(p.packet_id);
-        let created: Option<i64> = insert
-            .query_row(
-                params![
-                    packet_id,
-                    p.user_id,
-                    p.employee_id,
-                    p.session_id,
-                    p.lesson_id,
-                    p.system_type,
-                    p.role,
-                    text_time(p.client_timestamp),
-                    p.cognitive_state,
-                    p.state,
-                    p.active_seconds,
-                    p.idle_seconds,
-                    p.away_seconds,
-                    p.focus_score,
-                    p.integrity_score,
-                    json(&p.raw_signals),
-                    received_at,
-                ],
-                |row| row.get(0),
-            )
-            .optional()?;
-        receipts.push(match created {
+    for e in &encoded {
+        let packet_id = e.packet.packet_id;
+        // The first of several equal ids in a batch creates it.
+        receipts.push(match created.remove(&e.id) {
             Some(seq) => Inserted {
-                packet_id: p.packet_id,
+                packet_id,
                 received_at: at,
                 created: true,
                 seq,
@@ -180,9 +226,9 @@ fn insert_all(
             // Stored before (a retry, or twice in one batch): its receipt.
             None => {
                 let (seq, received_at): (i64, String) =
-                    stored.query_row([&packet_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                    stored.query_row([&e.id], |row| Ok((row.get(0)?, row.get(1)?)))?;
                 Inserted {
-                    packet_id: p.packet_id,
+                    packet_id,
                     received_at: DateTime::parse_from_rfc3339(&received_at)
                         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?
                         .with_timezone(&Utc),
@@ -319,17 +365,13 @@ impl Backend for SqliteBackend {
     }
 
     async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {
-        let sql = format!(
-            "SELECT {STORED_COLUMNS} FROM packets WHERE user_id = $1 \
-             AND ($2 IS NULL OR status = $2) AND seq < $3 ORDER BY seq DESC LIMIT $4"
-        );
-        let rows: Vec<StoredRow<Hyphenated>> = sqlx::query_as(&sql)
-            .bind(&query.user_id)
-            .bind(query.status.map(DeliveryStatus::as_str))
-            .bind(query.before_seq.unwrap_or(i64::MAX))
-            .bind(i64::from(query.limit))
-            .fetch_all(&self.reads)
-            .await?;
+        let rows: Vec<StoredRow<Hyphenated>> =
+            sqlx::query_as(&rows::user_packets_sql(query.status))
+                .bind(&query.user_id)
+                .bind(query.before_seq.unwrap_or(i64::MAX))
+                .bind(i64::from(query.limit))
+                .fetch_all(&self.reads)
+                .await?;
         rows.into_iter().map(StoredRow::into_stored).collect()
     }
 
