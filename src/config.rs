@@ -1,5 +1,6 @@
 //! Configuration: every setting is a flag and an environment variable.
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -20,6 +21,15 @@ pub struct Config {
 
     #[command(flatten)]
     pub delivery: DeliveryConfig,
+
+    #[command(flatten)]
+    pub auth: AuthConfig,
+
+    #[command(flatten)]
+    pub tls: TlsConfig,
+
+    #[command(flatten)]
+    pub limits: LimitsConfig,
 
     /// Most packets one IngestBatch (or one JSON array) may carry.
     #[arg(long, env = "BUCKET_MAX_BATCH", default_value_t = 500)]
@@ -96,6 +106,97 @@ pub struct DeliveryConfig {
     /// the database and is read back a window at a time.
     #[arg(long, env = "BUCKET_QUEUE_WINDOW", default_value_t = 8192)]
     pub queue_window: usize,
+}
+
+/// Bearer tokens by role. A role without tokens is open to anyone (and the
+/// startup log says so); an admin token may do everything.
+#[derive(Clone, Default, clap::Args)]
+pub struct AuthConfig {
+    /// Tokens of PRANA's browsers (Ingest, IngestBatch, REST ingest), comma-separated.
+    #[arg(
+        long,
+        env = "BUCKET_INGEST_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub ingest_tokens: Vec<String>,
+    /// A file of ingest tokens (comma- or line-separated), so they stay out
+    /// of process listings.
+    #[arg(long, env = "BUCKET_INGEST_TOKENS_FILE")]
+    pub ingest_tokens_file: Option<PathBuf>,
+    /// Tokens of consumers (StreamPending, MarkProcessed, MarkProcessedBatch,
+    /// REST packets/pending and packets/mark-processed).
+    #[arg(
+        long,
+        env = "BUCKET_CONSUMER_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub consumer_tokens: Vec<String>,
+    #[arg(long, env = "BUCKET_CONSUMER_TOKENS_FILE")]
+    pub consumer_tokens_file: Option<PathBuf>,
+    /// Tokens of operators (UserPackets, REST packets/user/…, the consumer
+    /// list in Status), allowed everything.
+    #[arg(
+        long,
+        env = "BUCKET_ADMIN_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_tokens: Vec<String>,
+    #[arg(long, env = "BUCKET_ADMIN_TOKENS_FILE")]
+    pub admin_tokens_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    // Never the tokens themselves: configs end up in logs and panics.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("ingest_tokens", &self.ingest_tokens.len())
+            .field("ingest_tokens_file", &self.ingest_tokens_file)
+            .field("consumer_tokens", &self.consumer_tokens.len())
+            .field("consumer_tokens_file", &self.consumer_tokens_file)
+            .field("admin_tokens", &self.admin_tokens.len())
+            .field("admin_tokens_file", &self.admin_tokens_file)
+            .finish()
+    }
+}
+
+/// TLS on the one port (gRPC, gRPC-web and HTTP alike); both or neither.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    #[arg(long, env = "BUCKET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long, env = "BUCKET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Limits that hold under abuse.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitsConfig {
+    /// Subscribers (StreamPending calls) one node serves at once; more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BUCKET_MAX_SUBSCRIBERS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_subscribers: u32,
+    /// Concurrent HTTP/2 streams (calls) on one connection.
+    #[arg(long, env = "BUCKET_MAX_CONCURRENT_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive: a ping after this many idle seconds...
+    #[arg(long, env = "BUCKET_KEEPALIVE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_seconds: u64,
+    /// ...and the connection is closed when it is not answered within this many.
+    #[arg(long, env = "BUCKET_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_timeout_seconds: u64,
+    /// Ingest calls (Ingest, IngestBatch, REST ingest) one client may make
+    /// per second, by token, else by address; 0: no limit.
+    #[arg(long, env = "BUCKET_INGEST_RATE", default_value_t = 0)]
+    pub ingest_rate: u32,
+    /// Calls a client may make at once above the rate (the bucket's size);
+    /// 0: twice the rate.
+    #[arg(long, env = "BUCKET_INGEST_BURST", default_value_t = 0)]
+    pub ingest_burst: u32,
 }
 
 impl DeliveryConfig {

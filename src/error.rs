@@ -14,6 +14,18 @@ pub enum Error {
     /// Storage (or another dependency) cannot serve now; retrying may work.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// No credential, or one this server does not know.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// A known credential without the role the call needs.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A limit was reached; retrying after `retry_after` may work.
+    #[error("resource exhausted: {message}")]
+    ResourceExhausted {
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -1,5 +1,6 @@
 //! The PRANA bucket: durable ingest of PRANA telemetry packets and their
 //! leased, at-least-once delivery to the Karma Tracker.
+pub mod auth;
 pub mod bucket;
 pub mod config;
 pub mod delivery;
@@ -7,8 +8,10 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod limits;
 pub mod proto;
 pub mod queue;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

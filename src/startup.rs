@@ -9,18 +9,23 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::auth::Access;
 use crate::bucket::Bucket;
 use crate::config::Config;
 use crate::delivery::Dispatcher;
 use crate::grpc::BucketGrpc;
+use crate::limits::{IngestRate, Limits};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
 use crate::queue::redis::{RedisQueue, redis_url};
 use crate::store::{CommitLimits, Store};
+use axum::middleware::from_fn_with_state;
 use uuid::Uuid;
 
 pub struct Application {
     listener: TcpListener,
+    access: Arc<Access>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     config: Config,
     store: Store,
     dispatcher: Arc<Dispatcher>,
@@ -58,6 +63,7 @@ impl Application {
             redis.clone(),
             config.delivery.max_deliveries,
             config.delivery.queue_window,
+            config.limits.max_subscribers,
         );
         let limits = CommitLimits {
             max_writes: config.max_commit,
@@ -82,11 +88,19 @@ impl Application {
         }
         let bucket = Arc::new(Bucket::new(store.clone(), dispatcher.clone(), &config));
 
+        let access = Arc::new(Access::from_config(&config.auth)?);
+        access.warn_open_roles();
+        let tls = match (&config.tls.tls_cert, &config.tls.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+            _ => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         Ok(Application {
             listener,
+            access,
+            tls,
             config,
             store,
             dispatcher,
@@ -108,31 +122,40 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let addr = self.local_addr();
-        let routes = self.routes()?;
         let dispatcher = self.dispatcher.clone();
         let stop = async move {
             shutdown.await;
             tracing::info!("shutting down");
             dispatcher.begin_shutdown();
         };
-        tracing::info!(%addr, database = %redact(&self.config.database_url), "bucket listening");
-        Server::builder()
+        let limits = &self.config.limits;
+        let server = Server::builder()
             .accept_http1(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_seconds)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_seconds)))
+            .max_concurrent_streams(limits.max_concurrent_streams)
             // CORS outside everything, so preflights and errors carry it too.
             .layer(crate::http::cors::layer(&self.config.cors_origins))
-            .add_routes(routes)
-            // Server::tcp_nodelay only reaches listeners tonic binds itself;
-            // without it, Nagle holds small HTTP/2 frames back behind delayed
-            // ACKs (20-40 ms per unary call beside a busy stream).
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(self.listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(60))),
-                stop,
-            )
-            .await
-            .context("serving")?;
+            .add_routes(self.routes()?);
+        // Server::tcp_nodelay only reaches listeners tonic binds itself;
+        // without it, Nagle holds small HTTP/2 frames back behind delayed
+        // ACKs (20-40 ms per unary call beside a busy stream).
+        let tcp = TcpIncoming::from(self.listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
+        let database = redact(&self.config.database_url);
+        match &self.tls {
+            None => {
+                tracing::info!(%addr, %database, "bucket listening (plaintext)");
+                server.serve_with_incoming_shutdown(tcp, stop).await
+            }
+            Some(tls) => {
+                tracing::info!(%addr, %database, "bucket listening (TLS)");
+                let incoming = crate::tls::incoming(tcp, tls.clone());
+                server.serve_with_incoming_shutdown(incoming, stop).await
+            }
+        }
+        .context("serving")?;
         self.dispatcher.shutdown().await;
         self.store.close().await;
         tracing::info!("stopped");
@@ -165,8 +188,19 @@ impl Application {
             .into_axum_router()
             .layer(tonic_web::GrpcWebLayer::new());
         let http = crate::http::router(self.bucket.clone(), self.config.max_body_bytes);
+        let limits = Arc::new(Limits {
+            ingest_rate: IngestRate::new(
+                self.config.limits.ingest_rate,
+                self.config.limits.ingest_burst,
+            ),
+        });
+        // Authentication outermost (the last layer added runs first), so an
+        // unknown caller costs nothing further, rate tokens included.
         Ok(Routes::from(
-            grpc.merge(http).fallback(crate::http::not_found),
+            grpc.merge(http)
+                .fallback(crate::http::not_found)
+                .layer(from_fn_with_state(limits, crate::limits::apply))
+                .layer(from_fn_with_state(self.access.clone(), crate::auth::check)),
         ))
     }
 }

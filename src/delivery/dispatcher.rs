@@ -46,6 +46,7 @@ pub struct Dispatcher {
     store: Store,
     redis: Option<Arc<RedisQueue>>,
     max_deliveries: u32,
+    max_subscribers: usize,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// A lease now expires before every other one.
@@ -286,6 +287,7 @@ impl Dispatcher {
         redis: Option<Arc<RedisQueue>>,
         max_deliveries: u32,
         window: usize,
+        max_subscribers: u32,
     ) -> Arc<Self> {
         let queue = match redis {
             // A buffer of what was read from the stream, bounded by demand.
@@ -307,6 +309,7 @@ impl Dispatcher {
             store,
             redis,
             max_deliveries: max_deliveries.max(1),
+            max_subscribers: max_subscribers.max(1) as usize,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             expiry_changed: Notify::new(),
@@ -398,6 +401,15 @@ impl Dispatcher {
             return Err(Error::Unavailable(
                 "the bucket is shutting down; reconnect".into(),
             ));
+        }
+        if core.streams.len() >= self.max_subscribers {
+            return Err(Error::ResourceExhausted {
+                message: format!(
+                    "this node serves {} subscribers at most; use another node or retry later",
+                    self.max_subscribers
+                ),
+                retry_after: None,
+            });
         }
         let sid = core.next_stream;
         core.next_stream += 1;

@@ -6,6 +6,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use crate::auth::Caller;
 use crate::bucket::Bucket;
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
@@ -146,8 +147,17 @@ impl BucketService for BucketGrpc {
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(convert::status(self.bucket.status().await?)))
+        let mut report = self.bucket.status().await?;
+        // Status is open to anyone; who consumes is the operators' business.
+        let admin = request
+            .extensions()
+            .get::<Caller>()
+            .is_some_and(|c| c.admin);
+        if !admin {
+            report.consumers.clear();
+        }
+        Ok(Response::new(convert::status(report)))
     }
 }

@@ -9,6 +9,9 @@ pub fn code_of(e: &Error) -> Code {
         Error::InvalidInput(_) => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
         Error::Unavailable(_) => Code::Unavailable,
+        Error::Unauthenticated(_) => Code::Unauthenticated,
+        Error::PermissionDenied(_) => Code::PermissionDenied,
+        Error::ResourceExhausted { .. } => Code::ResourceExhausted,
         Error::Internal(_) => Code::Internal,
     }
 }
@@ -26,6 +29,14 @@ impl From<Error> for Status {
                 );
                 Status::with_error_details(code, e.to_string(), details)
             }
+            Error::ResourceExhausted {
+                message,
+                retry_after: Some(after),
+            } => Status::with_error_details(
+                code,
+                message.clone(),
+                ErrorDetails::with_retry_info(Some(*after)),
+            ),
             Error::Internal(_) => {
                 tracing::error!(error = %e, "internal error");
                 Status::new(code, e.to_string())

@@ -3,12 +3,15 @@
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
 pub fn layer(origins: &[String]) -> CorsLayer {
     let base = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers(Any)
+        // Echo what the preflight asks for: a wildcard would not cover
+        // `authorization` (the Fetch standard names it as the exception),
+        // and the bearer token must get through.
+        .allow_headers(AllowHeaders::mirror_request())
         // Browsers hide response headers unless told; gRPC-web clients need these.
         .expose_headers([
             HeaderName::from_static("grpc-status"),

@@ -11,3 +11,4 @@ mod marks;
 mod ops;
 mod queries;
 mod redis_queue;
+mod security;

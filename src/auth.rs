@@ -1,0 +1,396 @@
+//! Who may call what: bearer tokens by role, checked in one layer for every
+//! door (gRPC, gRPC-web and the JSON gateway), before any handler runs.
+//!
+//! | role | may call |
+//! |---|---|
+//! | ingest (PRANA's browsers) | Ingest, IngestBatch, REST `ingest` |
+//! | consumer (the Karma Tracker) | StreamPending, MarkProcessed(Batch), REST `packets/pending`, `packets/mark-processed` |
+//! | admin (operators) | everything, and the consumer list in Status |
+//!
+//! A role without tokens is open, as before tokens existed; the startup log
+//! says so. Status, health, reflection and metrics stay open. Tokens are
+//! compared as SHA-256 digests in constant time, so neither a token's
+//! content nor its length leaks through timing.
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::AuthConfig;
+use crate::error::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Ingest,
+    Consumer,
+    Admin,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Consumer => "consumer",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// What the caller proved, for handlers that show more to some (Status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// An admin token, or no admin tokens configured at all.
+    pub admin: bool,
+}
+
+type TokenDigest = [u8; 32];
+
+/// The configured tokens of each role.
+pub struct Access {
+    ingest: Vec<TokenDigest>,
+    consumer: Vec<TokenDigest>,
+    admin: Vec<TokenDigest>,
+}
+
+/// The roles one token holds.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    ingest: bool,
+    consumer: bool,
+    admin: bool,
+}
+
+fn digest(token: &str) -> TokenDigest {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Tokens from a flag or variable, and from a file (comma- or
+/// line-separated); blanks ignored.
+fn tokens(listed: &[String], file: Option<&Path>) -> anyhow::Result<Vec<TokenDigest>> {
+    let mut all: Vec<String> = listed.to_vec();
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("reading tokens from {}: {e}", file.display()))?;
+        all.extend(text.split([',', '\n']).map(str::to_owned));
+    }
+    Ok(all
+        .iter()
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(digest)
+        .collect())
+}
+
+/// Whether `digest` is one of `set`, looking at every member.
+fn among(set: &[TokenDigest], digest: &TokenDigest) -> bool {
+    let mut found = subtle::Choice::from(0);
+    for member in set {
+        found |= member.ct_eq(digest);
+    }
+    found.into()
+}
+
+impl Access {
+    pub fn from_config(config: &AuthConfig) -> anyhow::Result<Access> {
+        Ok(Access {
+            ingest: tokens(&config.ingest_tokens, config.ingest_tokens_file.as_deref())?,
+            consumer: tokens(
+                &config.consumer_tokens,
+                config.consumer_tokens_file.as_deref(),
+            )?,
+            admin: tokens(&config.admin_tokens, config.admin_tokens_file.as_deref())?,
+        })
+    }
+
+    /// Says, once at startup, which roles anyone may take.
+    pub fn warn_open_roles(&self) {
+        for (role, set) in [
+            (Role::Ingest, &self.ingest),
+            (Role::Consumer, &self.consumer),
+            (Role::Admin, &self.admin),
+        ] {
+            if set.is_empty() {
+                tracing::warn!(
+                    role = role.name(),
+                    "no {} tokens configured: that role is open to anyone who can reach the port",
+                    role.name()
+                );
+            } else {
+                tracing::info!(
+                    role = role.name(),
+                    tokens = set.len(),
+                    "role protected by bearer tokens"
+                );
+            }
+        }
+    }
+
+    fn tokens_of(&self, role: Role) -> &[TokenDigest] {
+        match role {
+            Role::Ingest => &self.ingest,
+            Role::Consumer => &self.consumer,
+            Role::Admin => &self.admin,
+        }
+    }
+
+    fn held(&self, token: &str) -> Held {
+        let d = digest(token);
+        Held {
+            ingest: among(&self.ingest, &d),
+            consumer: among(&self.consumer, &d),
+            admin: among(&self.admin, &d),
+        }
+    }
+
+    /// Whether a call needing `required` (None: an open call) may go on
+    /// with these headers, and who the caller is.
+    pub fn decide(&self, required: Option<Role>, headers: &HeaderMap) -> Result<Caller, Error> {
+        let token = bearer(headers);
+        let held = token.map(|t| self.held(t)).unwrap_or_default();
+        let caller = Caller {
+            admin: self.admin.is_empty() || held.admin,
+        };
+        let Some(required) = required else {
+            return Ok(caller);
+        };
+        if self.tokens_of(required).is_empty() {
+            return Ok(caller);
+        }
+        let Some(_) = token else {
+            return Err(Error::Unauthenticated(format!(
+                "this call needs a bearer token of the {} role (authorization: Bearer …)",
+                required.name()
+            )));
+        };
+        let has = match required {
+            Role::Ingest => held.ingest,
+            Role::Consumer => held.consumer,
+            Role::Admin => false,
+        };
+        if held.admin || has {
+            Ok(caller)
+        } else if held.ingest || held.consumer {
+            Err(Error::PermissionDenied(format!(
+                "this token may not make calls of the {} role",
+                required.name()
+            )))
+        } else {
+            Err(Error::Unauthenticated("unknown bearer token".into()))
+        }
+    }
+}
+
+/// The token of `authorization: Bearer <token>`.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The role a path needs; None for open calls (Status, health, reflection,
+/// metrics, unknown paths, CORS preflights).
+pub fn required_role(path: &str) -> Option<Role> {
+    if let Some(method) = path.strip_prefix("/bucket.v1.BucketService/") {
+        return match method {
+            "Ingest" | "IngestBatch" => Some(Role::Ingest),
+            "StreamPending" | "MarkProcessed" | "MarkProcessedBatch" => Some(Role::Consumer),
+            "UserPackets" => Some(Role::Admin),
+            _ => None,
+        };
+    }
+    let rest = path.strip_prefix("/api/v1/bucket/prana/")?;
+    match rest {
+        "ingest" => Some(Role::Ingest),
+        "packets/pending" | "packets/mark-processed" => Some(Role::Consumer),
+        _ if rest.starts_with("packets/user/") => Some(Role::Admin),
+        _ => None,
+    }
+}
+
+/// gRPC and gRPC-web calls get gRPC statuses; everything else HTTP + JSON.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// An error answered in the caller's protocol: a trailers-only gRPC
+/// response (valid for gRPC-web too), or the gateway's HTTP + JSON.
+pub fn refuse(headers: &HeaderMap, error: Error) -> Response {
+    if !is_grpc(headers) {
+        return error.into_response();
+    }
+    let content_type = headers.get(header::CONTENT_TYPE).cloned();
+    let mut response = tonic::Status::from(error).into_http::<axum::body::Body>();
+    if let Some(ct) = content_type.filter(|ct| ct.as_bytes().starts_with(b"application/grpc-web")) {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    response
+}
+
+/// The layer: every request passes here first.
+pub async fn check(
+    State(access): State<Arc<Access>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let required = if request.method() == axum::http::Method::OPTIONS {
+        None
+    } else {
+        required_role(request.uri().path())
+    };
+    match access.decide(required, request.headers()) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(e) => refuse(request.headers(), e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access() -> Access {
+        Access::from_config(&AuthConfig {
+            ingest_tokens: vec!["browser".into()],
+            consumer_tokens: vec!["karma".into(), " ".into()],
+            admin_tokens: vec!["root".into()],
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    use axum::http::HeaderValue;
+
+    fn with(token: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn roles_decide_who_may_call_what() {
+        let a = access();
+        let none = HeaderMap::new();
+        assert!(matches!(
+            a.decide(Some(Role::Ingest), &none),
+            Err(Error::Unauthenticated(_))
+        ));
+        assert!(a.decide(Some(Role::Ingest), &with("browser")).is_ok());
+        assert!(matches!(
+            a.decide(Some(Role::Consumer), &with("browser")),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            a.decide(Some(Role::Consumer), &with("nobody")),
+            Err(Error::Unauthenticated(_))
+        ));
+        assert!(a.decide(Some(Role::Consumer), &with("karma")).is_ok());
+        assert!(matches!(
+            a.decide(Some(Role::Admin), &with("karma")),
+            Err(Error::PermissionDenied(_))
+        ));
+        // An admin may do everything.
+        for role in [Role::Ingest, Role::Consumer, Role::Admin] {
+            assert_eq!(
+                a.decide(Some(role), &with("root")).unwrap(),
+                Caller { admin: true }
+            );
+        }
+        // Open calls go through; only admins see what admins see.
+        assert_eq!(a.decide(None, &none).unwrap(), Caller { admin: false });
+        assert_eq!(
+            a.decide(None, &with("root")).unwrap(),
+            Caller { admin: true }
+        );
+        // A blank token in the list is no token.
+        assert!(a.decide(Some(Role::Consumer), &with(" ")).is_err());
+    }
+
+    #[test]
+    fn a_role_without_tokens_is_open() {
+        let a = Access::from_config(&AuthConfig {
+            ingest_tokens: vec!["browser".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(a.decide(Some(Role::Consumer), &HeaderMap::new()).is_ok());
+        assert_eq!(
+            a.decide(None, &HeaderMap::new()).unwrap(),
+            Caller { admin: true }
+        );
+        assert!(a.decide(Some(Role::Ingest), &HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn tokens_come_from_files_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "one,two\nthree\n\n").unwrap();
+        let a = Access::from_config(&AuthConfig {
+            consumer_tokens_file: Some(file),
+            ..Default::default()
+        })
+        .unwrap();
+        for t in ["one", "two", "three"] {
+            assert!(a.decide(Some(Role::Consumer), &with(t)).is_ok(), "{t}");
+        }
+        assert!(a.decide(Some(Role::Consumer), &with("four")).is_err());
+    }
+
+    #[test]
+    fn paths_map_to_roles() {
+        assert_eq!(
+            required_role("/bucket.v1.BucketService/Ingest"),
+            Some(Role::Ingest)
+        );
+        assert_eq!(
+            required_role("/bucket.v1.BucketService/MarkProcessedBatch"),
+            Some(Role::Consumer)
+        );
+        assert_eq!(
+            required_role("/bucket.v1.BucketService/UserPackets"),
+            Some(Role::Admin)
+        );
+        assert_eq!(required_role("/bucket.v1.BucketService/Status"), None);
+        assert_eq!(required_role("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(
+            required_role("/api/v1/bucket/prana/ingest"),
+            Some(Role::Ingest)
+        );
+        assert_eq!(
+            required_role("/api/v1/bucket/prana/packets/user/u1"),
+            Some(Role::Admin)
+        );
+        assert_eq!(required_role("/api/v1/bucket/prana/status"), None);
+        assert_eq!(required_role("/metrics"), None);
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_needs_a_token() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer(&h), None);
+    }
+}
