@@ -26,11 +26,18 @@ pub struct PgBackend {
     pool: PgPool,
 }
 
+/// The longest wait for a pooled connection (see [`PgBackend::connect`]).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl PgBackend {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
+            // While the database is away sqlx retries a refused connection
+            // until this runs out, so it bounds how long a request waits to
+            // hear UNAVAILABLE: a write queued behind a writer that is itself
+            // waiting waits for two of these (5 s made that 10 s).
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             // A ping before each use would be a network round trip per
             // statement; a broken connection fails its statement instead
             // (UNAVAILABLE, retried by the caller) and is replaced.

@@ -5,6 +5,7 @@ mod helpers;
 mod browser;
 mod crash;
 mod delivery;
+mod faults;
 mod gateway;
 mod ingest;
 mod marks;
