@@ -60,6 +60,12 @@ impl MarkRequest {
         let id = parse_uuid(&self.packet_id)
             .map_err(|why| violations.push(FieldViolation::new("packet_id", why)))
             .ok();
+        if self.karma_actions.iter().any(json::contains_nul) {
+            violations.push(FieldViolation::new(
+                "karma_actions",
+                "karma_actions must not contain U+0000 (NUL)",
+            ));
+        }
         let actions_len = json::encoded_len(&self.karma_actions);
         if actions_len > MAX_RAW_SIGNALS_BYTES {
             violations.push(FieldViolation::new(
@@ -70,6 +76,12 @@ impl MarkRequest {
             ));
         }
         let error_message = self.error_message.filter(|m| !m.is_empty());
+        if error_message.as_ref().is_some_and(|m| m.contains('\0')) {
+            violations.push(FieldViolation::new(
+                "error_message",
+                "error_message must not contain U+0000 (NUL)",
+            ));
+        }
         if error_message
             .as_ref()
             .is_some_and(|m| m.len() > MAX_ERROR_MESSAGE_BYTES)
@@ -120,6 +132,11 @@ impl Bucket {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Items per IngestBatch, MarkProcessedBatch or JSON array, at most.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
     }
 
     /// Stores one packet; answers only once it is committed.
@@ -347,6 +364,12 @@ impl Bucket {
             violations.push(FieldViolation::new(
                 "user_id",
                 format!("user_id must be 1 to {MAX_STRING_BYTES} bytes"),
+            ));
+        } else if user_id.contains('\0') {
+            // No stored user has one, and PostgreSQL refuses the query.
+            violations.push(FieldViolation::new(
+                "user_id",
+                "user_id must not contain U+0000 (NUL)",
             ));
         }
         if limit > MAX_USER_LIMIT {

@@ -75,6 +75,26 @@ need_pkg npm npm
 (cd examples/browser && npx --no-install buf lint ../..)
 echo "== buf lint: ok"
 
+# --- schemathesis: tests/api/openapi.rs runs it against GET /openapi.json ----
+# Pinned, in a venv of its own under the target dir (installed once).
+SCHEMATHESIS_VERSION=4.32.5
+st_venv="$(realpath -m "${CARGO_TARGET_DIR:-target}")/schemathesis-venv"
+if ! "$st_venv/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
+  need_pkg python3 python3
+  echo "== installing schemathesis $SCHEMATHESIS_VERSION"
+  rm -rf "$st_venv"
+  if ! python3 -m venv "$st_venv" >/dev/null 2>&1; then
+    # Debian's own python3 makes venvs only with python3-venv (ensurepip);
+    # need_pkg checks a command, and none is named python3-venv-absent.
+    rm -rf "$st_venv"
+    need_pkg python3-venv-absent python3-venv
+    python3 -m venv "$st_venv"
+  fi
+  "$st_venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+export BUCKET_TEST_SCHEMATHESIS="$st_venv/bin/schemathesis"
+echo "== schemathesis: $("$BUCKET_TEST_SCHEMATHESIS" --version)"
+
 # --- the tests ---------------------------------------------------------------
 cargo fmt --check
 # The consumer test runs examples/karma_consumer as a real process, and the

@@ -9,6 +9,19 @@ pub fn depth(value: &serde_json::Value) -> usize {
     }
 }
 
+/// Whether any string or key holds U+0000, which PostgreSQL cannot store
+/// (in `text` or `jsonb`): refused by every door so both engines agree.
+pub fn contains_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Object(map) => {
+            map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
+        }
+        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        _ => false,
+    }
+}
+
 /// Bytes of the compact JSON encoding.
 pub fn encoded_len(value: &(impl serde::Serialize + ?Sized)) -> usize {
     struct Counter(usize);
@@ -37,6 +50,13 @@ mod tests {
         assert_eq!(depth(&json!(1)), 0);
         assert_eq!(depth(&json!({})), 1);
         assert_eq!(depth(&json!({"a": [{"b": 1}]})), 3);
+    }
+
+    #[test]
+    fn nul_is_found_in_keys_and_nested_strings() {
+        assert!(!contains_nul(&json!({"a": ["b", 1, null]})));
+        assert!(contains_nul(&json!({"a": ["b\0"]})));
+        assert!(contains_nul(&json!({"a\0": 1})));
     }
 
     #[test]

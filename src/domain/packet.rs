@@ -20,6 +20,13 @@ pub const WINDOW_SECONDS: f64 = 5.0;
 pub const WINDOW_TOLERANCE: f64 = 0.1;
 /// How far ahead of the server's clock a client timestamp may be.
 pub const MAX_CLOCK_SKEW: Duration = Duration::hours(24);
+/// The earliest client timestamp: the first instant a
+/// google.protobuf.Timestamp may hold, so that every stored packet can be
+/// sent back over gRPC (protobuf's JSON mapping, grpcurl and Connect refuse
+/// year 0000; found by fuzz/, proto_packet). Earlier ones (a proto
+/// Timestamp, or ISO-8601 with a signed year) cannot be written as RFC 3339
+/// either, and PostgreSQL refuses those before 4713 BC.
+pub const MIN_TIMESTAMP: &str = "0001-01-01T00:00:00Z";
 
 pub const SYSTEM_TYPES: [&str; 2] = ["gurukul", "ems"];
 pub const ROLES: [&str; 2] = ["student", "employee"];
@@ -81,11 +88,9 @@ impl PacketDraft {
     /// ignored (as the original bucket did).
     pub fn from_json(body: &Value) -> PacketDraft {
         let Value::Object(map) = body else {
+            // Names the item itself: "" (the front door says where it is).
             return PacketDraft {
-                wrong_types: vec![FieldViolation::new(
-                    "body",
-                    "the packet must be a JSON object",
-                )],
+                wrong_types: vec![FieldViolation::new("", "the packet must be a JSON object")],
                 ..Default::default()
             };
         };
@@ -159,7 +164,7 @@ impl Packet {
     /// `now` is the server's clock, for the future-timestamp limit.
     pub fn parse(draft: PacketDraft, now: DateTime<Utc>) -> Result<Packet, Vec<FieldViolation>> {
         let mut v = Violations(draft.wrong_types);
-        if v.has("body") {
+        if v.has("") {
             return Err(v.0);
         }
 
@@ -200,6 +205,21 @@ impl Packet {
                     v.add("timestamp", "timestamp is more than 24 hours in the future");
                     None
                 }
+                Ok(at) if at < min_timestamp() => {
+                    v.add("timestamp", format!("timestamp is before {MIN_TIMESTAMP}"));
+                    None
+                }
+                // RFC 3339 allows second 60; chrono keeps it as a nanosecond
+                // count over 1e9, which no protobuf Timestamp holds: the
+                // packet could not be sent back over gRPC (found by fuzz/,
+                // json_packet). The gRPC door cannot send one at all.
+                Ok(at) if at.timestamp_subsec_nanos() >= 1_000_000_000 => {
+                    v.add(
+                        "timestamp",
+                        "timestamp is a leap second (:60), which a protobuf Timestamp cannot hold",
+                    );
+                    None
+                }
                 Ok(at) => Some(at),
                 Err(why) => {
                     v.add("timestamp", why);
@@ -238,6 +258,9 @@ impl Packet {
                         "raw_signals",
                         format!("raw_signals is nested deeper than {MAX_RAW_SIGNALS_DEPTH} levels"),
                     );
+                }
+                if json::contains_nul(&value) {
+                    v.add("raw_signals", "raw_signals must not contain U+0000 (NUL)");
                 }
                 let len = json::encoded_len(&value);
                 if len > MAX_RAW_SIGNALS_BYTES {
@@ -296,9 +319,28 @@ impl Packet {
     }
 }
 
+fn min_timestamp() -> DateTime<Utc> {
+    MIN_TIMESTAMP.parse().expect("a valid RFC 3339 constant")
+}
+
+/// Characters of a rejected value that a description quotes: enough to
+/// recognise it. Quoting all of it echoed a body-sized value back, and over
+/// gRPC the descriptions travel in the status trailers (`grpc-message`,
+/// `grpc-status-details-bin`), whose size hyper-based clients such as tonic
+/// cap at 16 KiB by default. Found by fuzz/ (json_packet).
+const MAX_QUOTED_CHARS: usize = 64;
+
+/// `value` quoted for a description, cut after [`MAX_QUOTED_CHARS`].
+fn quoted(value: &str) -> String {
+    match value.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
 /// Parses a packet id, accepting only the usual UUID text forms.
 pub fn parse_uuid(raw: &str) -> Result<Uuid, String> {
-    Uuid::try_parse(raw).map_err(|_| format!("{raw:?} is not a UUID"))
+    Uuid::try_parse(raw).map_err(|_| format!("{} is not a UUID", quoted(raw)))
 }
 
 fn parse_timestamp(input: TimestampInput) -> Result<DateTime<Utc>, String> {
@@ -312,7 +354,12 @@ fn parse_timestamp(input: TimestampInput) -> Result<DateTime<Utc>, String> {
             // The original accepted ISO-8601 without an offset, read as UTC.
             NaiveDateTime::parse_from_str(&text, "%Y-%m-%dT%H:%M:%S%.f")
                 .map(|naive| naive.and_utc())
-                .map_err(|_| format!("timestamp {text:?} is not an ISO-8601 / RFC 3339 date-time"))
+                .map_err(|_| {
+                    format!(
+                        "timestamp {} is not an ISO-8601 / RFC 3339 date-time",
+                        quoted(&text)
+                    )
+                })
         }
     }
 }
@@ -336,9 +383,14 @@ impl Violations {
         }
     }
 
-    /// An optional string: empty counts as absent; at most 256 bytes.
+    /// An optional string: empty counts as absent; at most 256 bytes, no
+    /// U+0000 (PostgreSQL cannot store it).
     fn bounded(&mut self, field: &str, value: Option<String>) -> Option<String> {
         let value = value.filter(|s| !s.is_empty())?;
+        if value.contains('\0') {
+            self.add(field, format!("{field} must not contain U+0000 (NUL)"));
+            return None;
+        }
         if value.len() > MAX_STRING_BYTES {
             self.add(
                 field,
@@ -358,8 +410,9 @@ impl Violations {
             self.add(
                 field,
                 format!(
-                    "{field} must be one of {}, got {value:?}",
-                    allowed.join(", ")
+                    "{field} must be one of {}, got {}",
+                    allowed.join(", "),
+                    quoted(&value)
                 ),
             );
             return None;
@@ -532,6 +585,40 @@ mod tests {
     }
 
     #[test]
+    fn nul_and_pre_rfc3339_timestamps_are_refused() {
+        let mut d = seed();
+        d.user_id = Some("a\0b".into());
+        assert_eq!(fields(d), ["user_id"]);
+        let mut d = seed();
+        d.raw_signals = Some(json!({"k\0": "v"}));
+        assert_eq!(fields(d), ["raw_signals"]);
+        let mut d = seed();
+        d.timestamp = Some(TimestampInput::Text("-0001-01-01T00:00:00".into()));
+        assert_eq!(fields(d.clone()), ["timestamp"]);
+        d.timestamp = Some(TimestampInput::Text(MIN_TIMESTAMP.into()));
+        assert!(Packet::parse(d, now()).is_ok());
+    }
+
+    #[test]
+    fn timestamps_fit_a_protobuf_timestamp() {
+        let mut d = seed();
+        for text in [
+            "0000-12-31T23:59:59Z",
+            "2024-01-20T10:29:60Z",
+            "2016-12-31T23:59:60.5",
+        ] {
+            d.timestamp = Some(TimestampInput::Text(text.into()));
+            assert_eq!(fields(d.clone()), ["timestamp"], "{text}");
+        }
+        d.timestamp = Some(TimestampInput::At(
+            DateTime::from_timestamp(-62_135_596_801, 0).unwrap(),
+        ));
+        assert_eq!(fields(d.clone()), ["timestamp"]);
+        d.timestamp = Some(TimestampInput::Text("0001-01-01T00:00:00Z".into()));
+        assert!(Packet::parse(d, now()).is_ok());
+    }
+
+    #[test]
     fn raw_signals_limits() {
         let mut d = seed();
         d.raw_signals = Some(json!({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": 1}}}}}}}}));
@@ -568,7 +655,7 @@ mod tests {
             .collect();
         assert_eq!(fields, ["user_id", "active_seconds", "focus_score", "role"]);
         let not_object = Packet::parse(PacketDraft::from_json(&json!([1])), now()).unwrap_err();
-        assert_eq!(not_object[0].field, "body");
+        assert_eq!(not_object[0].field, "");
     }
 
     #[test]
@@ -577,5 +664,20 @@ mod tests {
         let id = Uuid::new_v4();
         d.packet_id = Some(id.to_string());
         assert_eq!(Packet::parse(d, now()).unwrap().packet_id, id);
+    }
+
+    #[test]
+    fn descriptions_quote_a_bounded_prefix() {
+        assert_eq!(parse_uuid("nope").unwrap_err(), r#""nope" is not a UUID"#);
+        let mut d = seed();
+        d.packet_id = Some("x".repeat(100_000));
+        d.state = Some("\u{1}".repeat(100_000));
+        d.timestamp = Some(TimestampInput::Text("é".repeat(100_000)));
+        let violations = Packet::parse(d, now()).unwrap_err();
+        assert_eq!(violations.len(), 3, "{violations:?}");
+        for v in violations {
+            assert!(v.description.len() < 1024, "{v:?}");
+            assert!(v.description.contains(" bytes)"), "{v:?}");
+        }
     }
 }

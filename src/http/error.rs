@@ -66,7 +66,9 @@ impl IntoResponse for Error {
                 // FastAPI's 422: {"detail": [{"loc": [...], "msg": ..., "type": ...}]}.
                 let detail = violations
                     .into_iter()
-                    .map(|v| ValidationError::at(Vec::new(), &v.field, v.description, "value_error"))
+                    .map(|v| {
+                        ValidationError::at(Vec::new(), &v.field, v.description, "value_error")
+                    })
                     .collect();
                 (
                     StatusCode::UNPROCESSABLE_ENTITY,

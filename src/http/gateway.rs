@@ -1,23 +1,31 @@
 //! The original bucket's five REST paths, unchanged in paths and JSON
 //! shapes, over the same application code as gRPC. Translate only.
+//!
+//! Each answer is a struct whose fields serialize in the order `json!`
+//! wrote them (alphabetical), so the bytes are the seed's; the same structs
+//! describe the answers in the OpenAPI document (`openapi.rs`).
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
-use super::error::detail;
+use super::error::{ErrorMessage, HTTPValidationError, Loc, ValidationError, detail};
+use super::openapi::{IngestBody, MarkBodies};
+use crate::auth::Caller;
 use crate::bucket::{Bucket, MarkRequest, Marked};
 use crate::delivery::Delivery;
 use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft};
 use crate::error::Error;
-use crate::store::Inserted;
+use crate::store::{Inserted, StoredPacket};
 
 pub fn router(bucket: Arc<Bucket>) -> Router {
     Router::new()
@@ -30,6 +38,7 @@ pub fn router(bucket: Arc<Bucket>) -> Router {
 }
 
 type Body = Result<Json<Value>, JsonRejection>;
+type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
 
 /// Malformed JSON (400), wrong content type (415), too large (413): the
 /// extractor knows which; answer in FastAPI's `{"detail": ...}` shape.
@@ -37,26 +46,112 @@ fn rejected_body(rejection: JsonRejection) -> Response {
     detail(rejection.status(), rejection.body_text())
 }
 
+/// A query string the extractor refuses: 400 in the same shape (plain
+/// text would match no documented answer).
+fn bad_query(rejection: QueryRejection) -> Response {
+    detail(StatusCode::BAD_REQUEST, rejection.body_text())
+}
+
 fn time(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-fn receipt(r: &Inserted) -> Value {
-    json!({
-        "status": "ingested",
-        "packet_id": r.packet_id.to_string(),
-        "received_at": time(r.received_at),
-    })
+/// `"ingested"`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IngestedTag {
+    Ingested,
+}
+
+/// `"ok"`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OkTag {
+    Ok,
+}
+
+/// `"rejected"`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RejectedTag {
+    Rejected,
+}
+
+/// A stored packet's receipt (also for a retry of a stored `packet_id`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Receipt {
+    #[schema(format = "uuid")]
+    pub packet_id: String,
+    #[schema(format = DateTime)]
+    pub received_at: String,
+    pub status: IngestedTag,
+}
+
+impl From<&Inserted> for Receipt {
+    fn from(r: &Inserted) -> Self {
+        Receipt {
+            packet_id: r.packet_id.to_string(),
+            received_at: time(r.received_at),
+            status: IngestedTag::Ingested,
+        }
+    }
+}
+
+/// One item of a JSON array that was not accepted, with FastAPI's
+/// `detail` (each `loc` starts `["body", index]`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Rejected {
+    pub detail: Vec<ValidationError>,
+    pub status: RejectedTag,
+}
+
+/// One packet's receipt, or one answer per item of a JSON array.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum IngestAnswer {
+    One(Receipt),
+    Many(Vec<IngestItem>),
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum IngestItem {
+    Ingested(Receipt),
+    Rejected(Rejected),
 }
 
 /// One packet or (ours) a JSON array of packets, answered item by item.
-async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
+#[utoipa::path(
+    post,
+    path = "/api/v1/bucket/prana/ingest",
+    tag = "gateway",
+    request_body(
+        content = IngestBody,
+        content_type = "application/json",
+        description = "One packet, or a JSON array of at most 500 (BUCKET_MAX_BATCH) packets"
+    ),
+    responses(
+        (status = 200, description = "The packet's receipt; for an array, one answer per item \
+            (a receipt, or `rejected` with the item's violations)", body = IngestAnswer),
+        (status = 400, description = "Malformed JSON", body = ErrorMessage),
+        (status = 413, description = "Body over BUCKET_MAX_BODY_BYTES", body = ErrorMessage),
+        (status = 415, description = "Content type is not application/json", body = ErrorMessage),
+        (status = 422, description = "An invalid packet (every violated field named), or an \
+            array over the batch limit (`loc` `[\"body\"]`)", body = HTTPValidationError),
+        (status = 500, description = "Internal error", body = ErrorMessage),
+        (status = 503, description = "Storage is unavailable; nothing was stored", body = ErrorMessage),
+    )
+)]
+pub(super) async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
     let value = match raw {
         Ok(Json(value)) => value,
         Err(rejection) => return rejected_body(rejection),
     };
     match value {
         Value::Array(items) => {
+            if let Err(e) = fits_batch(&bucket, items.len()) {
+                return e.into_response();
+            }
             let drafts = items.iter().map(PacketDraft::from_json).collect();
             match bucket.ingest_batch(drafts).await {
                 Ok(results) => {
@@ -64,46 +159,55 @@ async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
                         .into_iter()
                         .enumerate()
                         .map(|(i, result)| match result {
-                            Ok(r) => receipt(&r),
-                            Err(e) => rejected(e, i),
+                            Ok(r) => IngestItem::Ingested(Receipt::from(&r)),
+                            Err(e) => IngestItem::Rejected(rejected(e, i)),
                         })
                         .collect();
-                    Json(Value::Array(answers)).into_response()
+                    Json(IngestAnswer::Many(answers)).into_response()
                 }
                 Err(e) => e.prefixed("body.").into_response(),
             }
         }
         one => match bucket.ingest(PacketDraft::from_json(&one)).await {
-            Ok(r) => Json(receipt(&r)).into_response(),
+            Ok(r) => Json(IngestAnswer::One(Receipt::from(&r))).into_response(),
             Err(e) => e.prefixed("body.").into_response(),
         },
     }
 }
 
-/// One rejected item of an array ingest, in the 422 shape.
-fn rejected(e: Error, index: usize) -> Value {
-    let detail: Vec<Value> = match &e {
+/// A JSON array over the batch limit is refused whole, naming the body
+/// (the array itself), before any item is looked at.
+fn fits_batch(bucket: &Bucket, len: usize) -> Result<(), Error> {
+    let max = bucket.max_batch();
+    if len > max {
+        return Err(Error::invalid(
+            "body",
+            format!("an array holds at most {max} items, got {len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// One rejected item of a JSON array, in the 422 shape.
+fn rejected(e: Error, index: usize) -> Rejected {
+    let at = || vec![Loc::Name("body".to_owned()), Loc::Index(index)];
+    let detail = match &e {
         Error::InvalidInput(vs) => vs
             .iter()
-            .map(|v| {
-                let mut loc = vec![json!("body"), json!(index)];
-                loc.extend(
-                    v.field
-                        .split('.')
-                        .filter(|f| !f.is_empty())
-                        .map(|f| json!(f)),
-                );
-                json!({"loc": loc, "msg": v.description, "type": "value_error"})
-            })
+            .map(|v| ValidationError::at(at(), &v.field, v.description.clone(), "value_error"))
             .collect(),
-        Error::NotFound(_) => {
-            vec![json!({"loc": ["body", index], "msg": e.to_string(), "type": "not_found"})]
-        }
-        other => {
-            vec![json!({"loc": ["body", index], "msg": other.to_string(), "type": "storage_error"})]
-        }
+        Error::NotFound(_) => vec![ValidationError::at(at(), "", e.to_string(), "not_found")],
+        other => vec![ValidationError::at(
+            at(),
+            "",
+            other.to_string(),
+            "storage_error",
+        )],
     };
-    json!({"status": "rejected", "detail": detail})
+    Rejected {
+        detail,
+        status: RejectedTag::Rejected,
+    }
 }
 
 /// A query parameter as an integer within bounds, else a 422 naming it.
@@ -142,27 +246,89 @@ fn bool_param(query: &HashMap<String, String>, name: &str) -> Result<bool, Field
     }
 }
 
-fn packet_json(packet: &Packet, received_at: DateTime<Utc>) -> Map<String, Value> {
-    let mut out = Map::new();
-    out.insert("packet_id".into(), json!(packet.packet_id.to_string()));
-    out.insert("user_id".into(), json!(packet.user_id));
-    out.insert("session_id".into(), json!(packet.session_id));
-    out.insert("lesson_id".into(), json!(packet.lesson_id));
-    out.insert("cognitive_state".into(), json!(packet.cognitive_state));
-    out.insert("focus_score".into(), json!(packet.focus_score));
-    out.insert("active_seconds".into(), json!(packet.active_seconds));
-    out.insert("idle_seconds".into(), json!(packet.idle_seconds));
-    out.insert("away_seconds".into(), json!(packet.away_seconds));
-    out.insert("received_at".into(), json!(time(received_at)));
-    out
+/// The page of `packets/pending`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PendingPage {
+    pub count: usize,
+    pub packets: Vec<LeasedPacket>,
+    /// Packets still pending after this poll.
+    pub queue_size: u64,
+}
+
+/// A packet leased to the poller until `lease_expires_at`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeasedPacket {
+    pub active_seconds: f64,
+    pub away_seconds: f64,
+    #[schema(format = DateTime)]
+    pub client_timestamp: String,
+    pub cognitive_state: String,
+    /// 1 for the first delivery, one more after each lease ended unmarked.
+    pub delivery_attempt: u32,
+    pub focus_score: Option<f64>,
+    pub idle_seconds: f64,
+    #[schema(format = DateTime)]
+    pub lease_expires_at: String,
+    pub lesson_id: Option<String>,
+    #[schema(format = "uuid")]
+    pub packet_id: String,
+    #[schema(value_type = Object)]
+    pub raw_signals: Map<String, Value>,
+    #[schema(format = DateTime)]
+    pub received_at: String,
+    pub session_id: Option<String>,
+    pub system_type: Option<String>,
+    pub user_id: String,
+}
+
+impl From<&Delivery> for LeasedPacket {
+    fn from(d: &Delivery) -> Self {
+        let p: &Packet = &d.packet;
+        LeasedPacket {
+            active_seconds: p.active_seconds,
+            away_seconds: p.away_seconds,
+            client_timestamp: time(p.client_timestamp),
+            cognitive_state: p.cognitive_state.clone(),
+            delivery_attempt: d.attempt,
+            focus_score: p.focus_score,
+            idle_seconds: p.idle_seconds,
+            lease_expires_at: time(d.lease_expires_at),
+            lesson_id: p.lesson_id.clone(),
+            packet_id: p.packet_id.to_string(),
+            raw_signals: p.raw_signals.clone(),
+            received_at: time(d.received_at),
+            session_id: p.session_id.clone(),
+            system_type: p.system_type.clone(),
+            user_id: p.user_id.clone(),
+        }
+    }
 }
 
 /// Leases up to `limit` packets, like StreamPending: unmarked ones come back
 /// after the lease (the original popped them and lost them on a crash).
-async fn pending(
-    State(bucket): State<Arc<Bucket>>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
+#[utoipa::path(
+    get,
+    path = "/api/v1/bucket/prana/packets/pending",
+    tag = "gateway",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100,
+            description = "How many packets to lease at most (default 10)"),
+        ("lease_seconds" = Option<u32>, Query, minimum = 1, maximum = 3600,
+            description = "How long the lease lasts (default BUCKET_LEASE_SECONDS)"),
+    ),
+    responses(
+        (status = 200, description = "The packets now leased to the caller", body = PendingPage),
+        (status = 400, description = "A query string that cannot be read", body = ErrorMessage),
+        (status = 422, description = "A parameter out of range, named by `loc`", body = HTTPValidationError),
+        (status = 500, description = "Internal error", body = ErrorMessage),
+        (status = 503, description = "Storage is unavailable", body = ErrorMessage),
+    )
+)]
+pub(super) async fn pending(State(bucket): State<Arc<Bucket>>, params: Params) -> Response {
+    let query = match params {
+        Ok(Query(q)) => q,
+        Err(rejection) => return bad_query(rejection),
+    };
     let params = int_param(&query, "limit", 10, 1..=100)
         .and_then(|limit| Ok((limit, int_param(&query, "lease_seconds", 0, 1..=3600)?)));
     let (limit, lease_seconds) = match params {
@@ -174,37 +340,26 @@ async fn pending(
         Err(e) => return e.into_response(),
     };
     let queue_size = bucket.status().await.map(|s| s.queue_size).unwrap_or(0);
-    let packets: Vec<Value> = deliveries.iter().map(delivered_json).collect();
-    Json(json!({"count": packets.len(), "packets": packets, "queue_size": queue_size}))
-        .into_response()
+    let packets: Vec<LeasedPacket> = deliveries.iter().map(LeasedPacket::from).collect();
+    Json(PendingPage {
+        count: packets.len(),
+        packets,
+        queue_size,
+    })
+    .into_response()
 }
 
-fn delivered_json(d: &Delivery) -> Value {
-    let packet = &d.packet;
-    let mut out = packet_json(packet, d.received_at);
-    out.insert("system_type".into(), json!(packet.system_type));
-    out.insert(
-        "raw_signals".into(),
-        Value::Object(packet.raw_signals.clone()),
-    );
-    out.insert(
-        "client_timestamp".into(),
-        json!(time(packet.client_timestamp)),
-    );
-    out.insert("delivery_attempt".into(), json!(d.attempt));
-    out.insert("lease_expires_at".into(), json!(time(d.lease_expires_at)));
-    Value::Object(out)
-}
-
+/// Every field as sent, so a wrong type is named rather than refused whole.
 #[derive(Deserialize)]
 struct MarkBody {
+    #[serde(default)]
     packet_id: Value,
     #[serde(default = "yes")]
     success: Value,
     #[serde(default)]
-    karma_actions: Option<Vec<Value>>,
+    karma_actions: Value,
     #[serde(default)]
-    error_message: Option<Value>,
+    error_message: Value,
 }
 
 fn yes() -> Value {
@@ -213,11 +368,15 @@ fn yes() -> Value {
 
 /// One mark body; type errors name the field relative to the body.
 fn mark_request(value: Value) -> Result<MarkRequest, Error> {
-    let body: MarkBody =
-        serde_json::from_value(value).map_err(|e| Error::invalid("", e.to_string()))?;
+    let body: MarkBody = serde_json::from_value(value)
+        .map_err(|_| Error::invalid("", "a mark must be a JSON object"))?;
     let mut violations = Vec::new();
     let packet_id = match body.packet_id {
         Value::String(s) => s,
+        Value::Null => {
+            violations.push(FieldViolation::new("packet_id", "packet_id is required"));
+            String::new()
+        }
         _ => {
             violations.push(FieldViolation::new(
                 "packet_id",
@@ -233,10 +392,21 @@ fn mark_request(value: Value) -> Result<MarkRequest, Error> {
         ));
         true
     });
+    let karma_actions = match body.karma_actions {
+        Value::Null => Vec::new(),
+        Value::Array(actions) => actions,
+        _ => {
+            violations.push(FieldViolation::new(
+                "karma_actions",
+                "karma_actions must be an array",
+            ));
+            Vec::new()
+        }
+    };
     let error_message = match body.error_message {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s),
-        Some(_) => {
+        Value::Null => None,
+        Value::String(s) => Some(s),
+        _ => {
             violations.push(FieldViolation::new(
                 "error_message",
                 "error_message must be a string",
@@ -250,28 +420,83 @@ fn mark_request(value: Value) -> Result<MarkRequest, Error> {
     Ok(MarkRequest {
         packet_id,
         success,
-        karma_actions: body.karma_actions.unwrap_or_default(),
+        karma_actions,
         error_message,
     })
 }
 
-fn marked_json(marked: &Marked) -> Value {
-    json!({
-        "status": "ok",
-        "message": marked.message(),
-        "packet_id": marked.packet_id.to_string(),
-        "already_processed": marked.already_processed,
-    })
+/// A recorded outcome.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MarkedAnswer {
+    /// True when the packet was already processed (the mark is idempotent).
+    pub already_processed: bool,
+    /// `Packet marked as processed`, `Packet marked as failed` or
+    /// `Packet already processed`.
+    pub message: String,
+    #[schema(format = "uuid")]
+    pub packet_id: String,
+    pub status: OkTag,
+}
+
+impl From<&Marked> for MarkedAnswer {
+    fn from(marked: &Marked) -> Self {
+        MarkedAnswer {
+            already_processed: marked.already_processed,
+            message: marked.message().to_owned(),
+            packet_id: marked.packet_id.to_string(),
+            status: OkTag::Ok,
+        }
+    }
+}
+
+/// One outcome's answer, or one answer per item of a JSON array.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum MarkAnswer {
+    One(MarkedAnswer),
+    Many(Vec<MarkItem>),
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum MarkItem {
+    Marked(MarkedAnswer),
+    Rejected(Rejected),
 }
 
 /// One outcome, or (ours) a JSON array of outcomes answered item by item.
-async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
+#[utoipa::path(
+    post,
+    path = "/api/v1/bucket/prana/packets/mark-processed",
+    tag = "gateway",
+    request_body(
+        content = MarkBodies,
+        content_type = "application/json",
+        description = "One outcome, or a JSON array of at most 500 (BUCKET_MAX_BATCH) outcomes"
+    ),
+    responses(
+        (status = 200, description = "The outcome recorded; for an array, one answer per item \
+            (recorded, or `rejected`: invalid, or `not_found`)", body = MarkAnswer),
+        (status = 400, description = "Malformed JSON", body = ErrorMessage),
+        (status = 404, description = "No packet with this id", body = ErrorMessage),
+        (status = 413, description = "Body over BUCKET_MAX_BODY_BYTES", body = ErrorMessage),
+        (status = 415, description = "Content type is not application/json", body = ErrorMessage),
+        (status = 422, description = "An invalid outcome (every violated field named), or an \
+            array over the batch limit (`loc` `[\"body\"]`)", body = HTTPValidationError),
+        (status = 500, description = "Internal error", body = ErrorMessage),
+        (status = 503, description = "Storage is unavailable; nothing was recorded", body = ErrorMessage),
+    )
+)]
+pub(super) async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
     let value = match raw {
         Ok(Json(value)) => value,
         Err(rejection) => return rejected_body(rejection),
     };
     match value {
         Value::Array(items) => {
+            if let Err(e) = fits_batch(&bucket, items.len()) {
+                return e.into_response();
+            }
             // Bad items are answered here; the rest go to the bucket together.
             let mut valid = Vec::new();
             let parsed: Vec<Result<(), Error>> = items
@@ -287,12 +512,12 @@ async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body) -> Respons
                 .enumerate()
                 .map(|(i, item)| {
                     match item.and_then(|()| outcomes.next().expect("one outcome per valid mark")) {
-                        Ok(marked) => marked_json(&marked),
-                        Err(e) => rejected(e, i),
+                        Ok(marked) => MarkItem::Marked(MarkedAnswer::from(&marked)),
+                        Err(e) => MarkItem::Rejected(rejected(e, i)),
                     }
                 })
                 .collect();
-            Json(Value::Array(answers)).into_response()
+            Json(MarkAnswer::Many(answers)).into_response()
         }
         one => {
             let marked = match mark_request(one) {
@@ -300,20 +525,118 @@ async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body) -> Respons
                 Err(e) => Err(e),
             };
             match marked {
-                Ok(marked) => Json(marked_json(&marked)).into_response(),
+                Ok(marked) => Json(MarkAnswer::One(MarkedAnswer::from(&marked))).into_response(),
                 Err(e) => e.prefixed("body.").into_response(),
             }
         }
     }
 }
 
+/// A packet of one user, with its delivery state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserPacket {
+    pub active_seconds: f64,
+    pub away_seconds: f64,
+    pub cognitive_state: String,
+    pub focus_score: Option<f64>,
+    pub idle_seconds: f64,
+    /// As the consumer reported them.
+    pub karma_actions: Vec<Value>,
+    pub lesson_id: Option<String>,
+    #[schema(format = "uuid")]
+    pub packet_id: String,
+    #[schema(format = DateTime)]
+    pub processed_at: Option<String>,
+    pub processed_by_karma: bool,
+    #[schema(format = DateTime)]
+    pub received_at: String,
+    pub session_id: Option<String>,
+    pub status: PacketState,
+    pub user_id: String,
+}
+
+/// Where a packet is in its delivery.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PacketState {
+    Pending,
+    Leased,
+    Processed,
+    Failed,
+    DeadLetter,
+}
+
+impl From<DeliveryStatus> for PacketState {
+    fn from(s: DeliveryStatus) -> Self {
+        match s {
+            DeliveryStatus::Pending => PacketState::Pending,
+            DeliveryStatus::Leased => PacketState::Leased,
+            DeliveryStatus::Processed => PacketState::Processed,
+            DeliveryStatus::Failed => PacketState::Failed,
+            DeliveryStatus::DeadLetter => PacketState::DeadLetter,
+        }
+    }
+}
+
+impl From<&StoredPacket> for UserPacket {
+    fn from(s: &StoredPacket) -> Self {
+        let p = &s.packet;
+        UserPacket {
+            active_seconds: p.active_seconds,
+            away_seconds: p.away_seconds,
+            cognitive_state: p.cognitive_state.clone(),
+            focus_score: p.focus_score,
+            idle_seconds: p.idle_seconds,
+            karma_actions: s.karma_actions.clone(),
+            lesson_id: p.lesson_id.clone(),
+            packet_id: p.packet_id.to_string(),
+            processed_at: s.processed_at.map(time),
+            processed_by_karma: s.processed_by_karma,
+            received_at: time(s.received_at),
+            session_id: p.session_id.clone(),
+            status: s.status.into(),
+            user_id: p.user_id.clone(),
+        }
+    }
+}
+
 /// Newest first. `processed_only=true`: processed packets; otherwise all
 /// (the original returned only unprocessed ones by mistake).
-async fn user_packets(
+#[utoipa::path(
+    get,
+    path = "/api/v1/bucket/prana/packets/user/{user_id}",
+    tag = "gateway",
+    params(
+        ("user_id" = String, Path, min_length = 1, max_length = 256, example = "user_123",
+            description = "The stored user (`user_id`, else `employee_id`, else `unknown`); at most 256 bytes"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500,
+            description = "How many packets at most (default 50)"),
+        ("processed_only" = Option<bool>, Query,
+            description = "Processed packets only (default false: every packet)"),
+    ),
+    responses(
+        (status = 200, description = "The user's packets, newest first", body = Vec<UserPacket>),
+        (status = 400, description = "A query string that cannot be read", body = ErrorMessage),
+        (status = 422, description = "A parameter out of range, or a user id over 256 bytes, \
+            named by `loc`", body = HTTPValidationError),
+        (status = 500, description = "Internal error", body = ErrorMessage),
+        (status = 503, description = "Storage is unavailable", body = ErrorMessage),
+    )
+)]
+pub(super) async fn user_packets(
     State(bucket): State<Arc<Bucket>>,
-    Path(user_id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    user_id: Result<Path<String>, PathRejection>,
+    params: Params,
 ) -> Response {
+    // A path segment that is not UTF-8 once decoded names the user id.
+    let user_id = match user_id {
+        Ok(Path(id)) => id,
+        Err(r) => return Error::invalid("path.user_id", r.body_text()).into_response(),
+    };
+    let query = match params {
+        Ok(Query(q)) => q,
+        Err(rejection) => return bad_query(rejection),
+    };
     let params = int_param(&query, "limit", 50, 1..=500)
         .and_then(|limit| Ok((limit, bool_param(&query, "processed_only")?)));
     let (limit, processed_only) = match params {
@@ -323,44 +646,82 @@ async fn user_packets(
     let filter = processed_only.then_some(DeliveryStatus::Processed);
     match bucket.user_packets(&user_id, limit, filter, "").await {
         Ok(page) => {
-            let list: Vec<Value> = page
-                .packets
-                .iter()
-                .map(|p| {
-                    let mut out = packet_json(&p.packet, p.received_at);
-                    out.insert("processed_at".into(), json!(p.processed_at.map(time)));
-                    out.insert("processed_by_karma".into(), json!(p.processed_by_karma));
-                    out.insert("karma_actions".into(), json!(p.karma_actions));
-                    out.insert("status".into(), json!(p.status.as_str()));
-                    Value::Object(out)
-                })
-                .collect();
-            Json(Value::Array(list)).into_response()
+            let list: Vec<UserPacket> = page.packets.iter().map(UserPacket::from).collect();
+            Json(list).into_response()
         }
         Err(e) => e.prefixed("path.").into_response(),
     }
 }
 
-async fn status(State(bucket): State<Arc<Bucket>>) -> Response {
+/// Counts and consumers, the seed's keys first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusAnswer {
+    pub consumers: Vec<ConsumerAnswer>,
+    pub dead_letter_packets: u64,
+    pub failed_packets: u64,
+    pub leased_packets: u64,
+    /// Always false: the bucket runs no model.
+    pub model_available: bool,
+    pub pending_packets: u64,
+    pub processed_packets: u64,
+    pub queue_size: u64,
+    pub redis_connected: bool,
+    pub total_packets: u64,
+}
+
+/// A connected StreamPending subscriber.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsumerAnswer {
+    #[schema(format = DateTime)]
+    pub connected_at: String,
+    pub consumer: String,
+    pub in_flight: u32,
+    pub max_in_flight: u32,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/bucket/prana/status",
+    tag = "gateway",
+    responses(
+        (status = 200, description = "Packets per state, and the connected consumers", body = StatusAnswer),
+        (status = 500, description = "Internal error", body = ErrorMessage),
+        (status = 503, description = "Storage is unavailable", body = ErrorMessage),
+    )
+)]
+pub(super) async fn status(
+    State(bucket): State<Arc<Bucket>>,
+    caller: Option<Extension<Caller>>,
+) -> Response {
     match bucket.status().await {
-        Ok(s) => Json(json!({
-            "queue_size": s.queue_size,
-            "redis_connected": s.redis_connected,
-            "model_available": false,
-            "total_packets": s.counts.total(),
-            "processed_packets": s.counts.processed,
-            "pending_packets": s.counts.pending,
-            "leased_packets": s.counts.leased,
-            "failed_packets": s.counts.failed,
-            "dead_letter_packets": s.counts.dead_letter,
-            "consumers": s.consumers.iter().map(|c| json!({
-                "consumer": c.consumer,
-                "in_flight": c.in_flight,
-                "max_in_flight": c.max_in_flight,
-                "connected_at": time(c.connected_at),
-            })).collect::<Vec<_>>(),
-        }))
-        .into_response(),
+        Ok(mut s) => {
+            // Open to anyone; who consumes is the operators' business.
+            if !caller.is_some_and(|Extension(c)| c.admin) {
+                s.consumers.clear();
+            }
+            Json(StatusAnswer {
+                consumers: s
+                    .consumers
+                    .iter()
+                    .map(|c| ConsumerAnswer {
+                        connected_at: time(c.connected_at),
+                        consumer: c.consumer.clone(),
+                        in_flight: c.in_flight,
+                        max_in_flight: c.max_in_flight,
+                    })
+                    .collect(),
+                dead_letter_packets: s.counts.dead_letter,
+                failed_packets: s.counts.failed,
+                leased_packets: s.counts.leased,
+                model_available: false,
+                pending_packets: s.counts.pending,
+                processed_packets: s.counts.processed,
+                queue_size: s.queue_size,
+                redis_connected: s.redis_connected,
+                total_packets: s.counts.total(),
+            })
+            .into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -2,6 +2,7 @@
 pub mod cors;
 mod error;
 mod gateway;
+mod openapi;
 mod ops;
 
 use std::sync::Arc;
@@ -12,11 +13,13 @@ use axum::http::StatusCode;
 
 use crate::bucket::Bucket;
 
-/// `/api/v1/...` (the seed's paths), `/healthz`, `/readyz`, `/metrics`.
+/// `/api/v1/...` (the seed's paths), `/healthz`, `/readyz`, `/metrics`,
+/// `/openapi.json` (their description).
 pub fn router(bucket: Arc<Bucket>, max_body_bytes: usize) -> Router {
     Router::new()
         .nest("/api/v1", gateway::router(bucket.clone()))
         .merge(ops::router(bucket))
+        .merge(openapi::router())
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 

@@ -5,13 +5,14 @@
 //! statement has one shape and is prepared once per connection.
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::types::Json;
+use sqlx::{Connection, Row};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use uuid::Uuid;
 
@@ -24,6 +25,38 @@ use crate::domain::{DeliveryStatus, Packet};
 
 pub struct PgBackend {
     pool: PgPool,
+    doubt: Arc<Doubt>,
+}
+
+/// Pooled connections are used without a ping (a round trip per statement),
+/// so after a database restart they are all dead and each would fail its
+/// next statement. Once a statement fails for want of the database, every
+/// connection is pinged before use for a while, and the dead are replaced.
+#[derive(Default)]
+struct Doubt {
+    until_ms: AtomicI64,
+}
+
+/// How long connections stay in doubt after a failure.
+const DOUBT: chrono::Duration = chrono::Duration::seconds(10);
+
+impl Doubt {
+    fn raise(&self) {
+        let until = (Utc::now() + DOUBT).timestamp_millis();
+        self.until_ms.store(until, Ordering::Relaxed);
+    }
+
+    fn active(&self) -> bool {
+        Utc::now().timestamp_millis() < self.until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Passes `result` on, raising doubt when the database was away.
+    fn note<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Unavailable(_)) = &result {
+            self.raise();
+        }
+        result
+    }
 }
 
 /// The longest wait for a pooled connection (see [`PgBackend::connect`]).
@@ -31,6 +64,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl PgBackend {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let doubt = Arc::new(Doubt::default());
+        let in_doubt = doubt.clone();
         let pool = PgPoolOptions::new()
             .max_connections(16)
             // While the database is away sqlx retries a refused connection
@@ -39,13 +74,16 @@ impl PgBackend {
             // waiting waits for two of these (5 s made that 10 s).
             .acquire_timeout(ACQUIRE_TIMEOUT)
             // A ping before each use would be a network round trip per
-            // statement; a broken connection fails its statement instead
-            // (UNAVAILABLE, retried by the caller) and is replaced.
+            // statement: only while in doubt (see `Doubt`).
             .test_before_acquire(false)
+            .before_acquire(move |conn, _| {
+                let in_doubt = in_doubt.clone();
+                Box::pin(async move { Ok(!in_doubt.active() || conn.ping().await.is_ok()) })
+            })
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, doubt })
     }
 }
 
@@ -261,7 +299,7 @@ impl Backend for PgBackend {
         let mut conn = match self.pool.acquire().await {
             Ok(conn) => conn,
             Err(e) => {
-                let e = StoreError::from(e);
+                let e = self.doubt.note::<()>(Err(StoreError::from(e))).unwrap_err();
                 let marks = Err(e.clone());
                 let ends = Err(e.clone());
                 return (
@@ -282,9 +320,11 @@ impl Backend for PgBackend {
         };
         let ends = match group.ends.is_empty() {
             true => Ok(Vec::new()),
-            false => end_all(&mut conn, &group.ends, group.max_deliveries)
-                .await
-                .map_err(StoreError::from),
+            false => self.doubt.note(
+                end_all(&mut conn, &group.ends, group.max_deliveries)
+                    .await
+                    .map_err(StoreError::from),
+            ),
         };
         if group.inserts.is_empty() {
             let inserts = Ok(Vec::new());
@@ -298,9 +338,11 @@ impl Backend for PgBackend {
             );
         }
         let gate = gate.clone().read_owned().await;
-        let inserts = insert_all(&mut conn, &group.inserts, group.at)
-            .await
-            .map_err(StoreError::from);
+        let inserts = self.doubt.note(
+            insert_all(&mut conn, &group.inserts, group.at)
+                .await
+                .map_err(StoreError::from),
+        );
         (
             Applied {
                 marks,
@@ -361,8 +403,8 @@ impl Backend for PgBackend {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        let pinged = sqlx::query("SELECT 1").execute(&self.pool).await;
+        self.doubt.note(pinged.map(drop).map_err(StoreError::from))
     }
 
     fn writers(&self) -> Writers {

@@ -2,6 +2,7 @@
 //! service on SQLite, PostgreSQL and PostgreSQL + Redis, and every front door.
 mod helpers;
 
+mod bad_input;
 mod browser;
 mod crash;
 mod delivery;
@@ -9,6 +10,7 @@ mod faults;
 mod gateway;
 mod ingest;
 mod marks;
+mod openapi;
 mod ops;
 mod queries;
 mod redis_queue;

@@ -224,12 +224,24 @@ async fn rest_paths_need_a_token_of_their_role() {
         let response = rest(get.clone(), format!("{}{path}", app.url()), None, None).await;
         assert_eq!(response.status(), 200, "{path} stays open");
     }
+    // A consumer connects: only an admin sees it in Status.
+    let mut karma = client(&app, Some("karma-token")).await;
+    let _stream = karma
+        .stream_pending(pb::StreamPendingRequest::default())
+        .await
+        .unwrap();
     let status: Value = rest(get.clone(), api("/status"), None, None)
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(status["consumers"], json!([]), "consumers hidden");
+    let status: Value = rest(get.clone(), api("/status"), Some("root-token"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["consumers"].as_array().unwrap().len(), 1);
 }
 
 /// A browser sends its token over gRPC-web after a CORS preflight that
