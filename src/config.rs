@@ -45,6 +45,12 @@ pub struct Config {
     #[arg(long, env = "BUCKET_COMMIT_LINGER_US")]
     pub commit_linger_us: Option<u64>,
 
+    /// Finished packets (processed, failed, dead_letter) older than this, by
+    /// received_at, are deleted: `30d`, `12h`, `90m`, or `off` to keep
+    /// everything. Pending packets are never deleted.
+    #[arg(long, env = "BUCKET_RETENTION", default_value = "30d", value_parser = crate::store::retention::parse)]
+    pub retention: crate::store::retention::Retention,
+
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "BUCKET_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

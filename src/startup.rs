@@ -86,6 +86,20 @@ impl Application {
                 Duration::from_secs(config.redis.reconcile_seconds.max(1)),
             );
         }
+        match config.retention.0 {
+            Some(period) => {
+                tracing::info!(
+                    days = period.as_secs_f64() / 86_400.0,
+                    "retention: finished packets are deleted after this long"
+                );
+                dispatcher.tasks().spawn(crate::store::retention::run(
+                    store.clone(),
+                    period,
+                    dispatcher.shutdown_token(),
+                ));
+            }
+            None => tracing::info!("retention off: every packet is kept"),
+        }
         let bucket = Arc::new(Bucket::new(store.clone(), dispatcher.clone(), &config));
 
         let access = Arc::new(Access::from_config(&config.auth)?);

@@ -354,6 +354,11 @@ impl Dispatcher {
         ));
     }
 
+    /// Tasks that end with the dispatcher (it waits for them at shutdown).
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }

@@ -10,6 +10,7 @@
 //! write.
 mod error;
 mod postgres;
+pub mod retention;
 mod rows;
 mod sqlite;
 mod writer;
@@ -192,6 +193,9 @@ pub trait Backend: Send + Sync + 'static {
         group: &Group<'_>,
         gate: &Arc<RwLock<()>>,
     ) -> (Applied, Option<OwnedRwLockReadGuard<()>>);
+    /// Deletes at most `limit` of the oldest finished packets (processed,
+    /// failed, dead_letter) received before `before`; answers how many.
+    async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
     /// Pending packets after `seq`, oldest first.
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError>;
     /// Those of `ids` that are pending.
@@ -332,6 +336,11 @@ impl Store {
 
     pub async fn counts(&self) -> Result<Counts, StoreError> {
         self.backend.counts().await
+    }
+
+    /// See [`Backend::prune`].
+    pub async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        self.backend.prune(before, limit).await
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

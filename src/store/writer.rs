@@ -483,6 +483,9 @@ mod tests {
                 guard,
             )
         }
+        async fn prune(&self, _: chrono::DateTime<Utc>, _: u32) -> Result<u64, StoreError> {
+            Ok(0)
+        }
         async fn pending_after(&self, _: i64, _: u32) -> Result<Vec<PendingPacket>, StoreError> {
             Ok(Vec::new())
         }

@@ -14,4 +14,5 @@ mod openapi;
 mod ops;
 mod queries;
 mod redis_queue;
+mod retention;
 mod security;
