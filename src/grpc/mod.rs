@@ -5,3 +5,6 @@ mod status;
 
 pub use service::BucketGrpc;
 pub use status::code_of;
+
+/// The proto → domain conversion of a packet (public for the fuzz target).
+pub use convert::draft;

@@ -7,6 +7,7 @@ mod browser;
 mod crash;
 mod delivery;
 mod faults;
+mod fuzz_regressions;
 mod gateway;
 mod ingest;
 mod marks;

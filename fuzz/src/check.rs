@@ -1,0 +1,476 @@
+//! What the fuzz targets assert, in one file shared by both targets and by
+//! the regression test (`tests/api/fuzz_regressions.rs` includes it with
+//! `#[path]`), so a saved crasher is replayed through exactly these checks.
+//!
+//! It uses only `bucket`'s public API and crates `bucket` itself depends on
+//! (serde_json, chrono, prost, prost-types, uuid), so it compiles in both
+//! places.
+//!
+//! Not only "no panic": an accepted packet must satisfy every rule of the
+//! README's "The packet", carry what was sent, and be storable and
+//! deliverable by every door; a rejection must name real fields.
+use bucket::domain::packet::{
+    LEGACY_STATES, MAX_CLOCK_SKEW, MAX_RAW_SIGNALS_BYTES, MAX_RAW_SIGNALS_DEPTH, MAX_STRING_BYTES,
+    ROLES, SYSTEM_TYPES, WINDOW_SECONDS, WINDOW_TOLERANCE, parse_uuid,
+};
+use bucket::domain::{FieldViolation, Packet, PacketDraft, json};
+use bucket::proto::bucket::v1 as pb;
+use bucket::proto::{from_timestamp, json_to_struct, struct_to_json, timestamp};
+use chrono::{DateTime, Utc};
+use prost::Message;
+use prost_types::value::Kind;
+use serde_json::{Map, Value};
+
+/// Every field a violation may name, but for the item itself.
+const FIELDS: [&str; 16] = [
+    "packet_id",
+    "user_id",
+    "employee_id",
+    "session_id",
+    "lesson_id",
+    "system_type",
+    "role",
+    "timestamp",
+    "cognitive_state",
+    "state",
+    "active_seconds",
+    "idle_seconds",
+    "away_seconds",
+    "focus_score",
+    "integrity_score",
+    "raw_signals",
+];
+
+/// A description long enough for any number `{}` prints (an f64 can take
+/// ~330 characters) but not for an echo of an unbounded input: a gRPC
+/// rejection carries the descriptions in its headers.
+const MAX_DESCRIPTION_BYTES: usize = 1024;
+
+/// The protobuf well-known Timestamp's range, which every packet sent back
+/// over gRPC must fit: 0001-01-01T00:00:00Z ..= 9999-12-31T23:59:59.999999999Z.
+const MIN_PROTO_SECONDS: i64 = -62_135_596_800;
+const MAX_PROTO_SECONDS: i64 = 253_402_300_799;
+
+/// The fields as the caller sent them, read independently of the code
+/// under test, to compare with what an accepted packet carries.
+#[derive(Debug, Default)]
+struct Sent {
+    packet_id: Option<String>,
+    user_id: Option<String>,
+    employee_id: Option<String>,
+    session_id: Option<String>,
+    lesson_id: Option<String>,
+    system_type: Option<String>,
+    role: Option<String>,
+    cognitive_state: Option<String>,
+    state: Option<String>,
+    active_seconds: Option<f64>,
+    idle_seconds: Option<f64>,
+    away_seconds: Option<f64>,
+    focus_score: Option<f64>,
+    integrity_score: Option<f64>,
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+impl Sent {
+    fn from_json(body: &Value) -> Sent {
+        let text = |f: &str| body.get(f).and_then(Value::as_str).and_then(non_empty);
+        let number = |f: &str| body.get(f).and_then(Value::as_f64);
+        Sent {
+            packet_id: text("packet_id"),
+            user_id: text("user_id"),
+            employee_id: text("employee_id"),
+            session_id: text("session_id"),
+            lesson_id: text("lesson_id"),
+            system_type: text("system_type"),
+            role: text("role"),
+            cognitive_state: text("cognitive_state"),
+            state: text("state"),
+            active_seconds: number("active_seconds"),
+            idle_seconds: number("idle_seconds"),
+            away_seconds: number("away_seconds"),
+            focus_score: number("focus_score"),
+            integrity_score: number("integrity_score"),
+        }
+    }
+
+    fn from_proto(p: &pb::PacketInput) -> Sent {
+        let system_type = match p.system_type {
+            0 => None,
+            1 => Some("gurukul".to_owned()),
+            2 => Some("ems".to_owned()),
+            other => Some(other.to_string()),
+        };
+        let role = match p.role {
+            0 => None,
+            1 => Some("student".to_owned()),
+            2 => Some("employee".to_owned()),
+            other => Some(other.to_string()),
+        };
+        Sent {
+            packet_id: non_empty(&p.packet_id),
+            user_id: non_empty(&p.user_id),
+            employee_id: non_empty(&p.employee_id),
+            session_id: non_empty(&p.session_id),
+            lesson_id: non_empty(&p.lesson_id),
+            system_type,
+            role,
+            cognitive_state: non_empty(&p.cognitive_state),
+            state: non_empty(&p.state),
+            active_seconds: Some(p.active_seconds),
+            idle_seconds: Some(p.idle_seconds),
+            away_seconds: Some(p.away_seconds),
+            focus_score: p.focus_score,
+            integrity_score: p.integrity_score,
+        }
+    }
+}
+
+/// json_packet: bytes → JSON → `PacketDraft::from_json` → `Packet::parse`,
+/// for the value and, when it is an array (the gateway's batch), for each
+/// item; plus the public pieces of the mark-processed body.
+pub fn json_packet(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        packet_id_text(text);
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    let now = Utc::now();
+    json_item(&value, now);
+    mark_body(&value);
+    if let Value::Array(items) = &value {
+        for item in items {
+            json_item(item, now);
+            mark_body(item);
+        }
+    }
+}
+
+fn json_item(value: &Value, now: DateTime<Utc>) {
+    let draft = PacketDraft::from_json(value);
+    let sent = Sent::from_json(value);
+    let raw_signals = value.get("raw_signals").cloned();
+    match Packet::parse(draft, now) {
+        Ok(packet) => {
+            assert!(value.is_object(), "accepted a body that is not an object");
+            accepted(&packet, &sent, now);
+            assert_eq!(
+                raw_signals.as_ref(),
+                Some(&Value::Object(packet.raw_signals.clone())),
+                "raw_signals changed"
+            );
+        }
+        Err(violations) => rejected(&violations, value.is_object()),
+    }
+}
+
+/// The mark-processed body: `MarkRequest::validate` (src/bucket.rs) and the
+/// gateway's `mark_request` are private, so only the public pieces they are
+/// built from are checked here: `parse_uuid` for `packet_id`, and
+/// `json::encoded_len` for the `karma_actions` size limit.
+fn mark_body(value: &Value) {
+    assert_eq!(
+        json::encoded_len(value),
+        serde_json::to_vec(value).expect("a Value encodes").len(),
+        "encoded_len is not the compact encoding's length"
+    );
+    let Value::Object(body) = value else {
+        return;
+    };
+    if let Some(Value::String(id)) = body.get("packet_id") {
+        packet_id_text(id);
+    }
+    if let Some(Value::Array(actions)) = body.get("karma_actions") {
+        assert_eq!(
+            json::encoded_len(actions),
+            serde_json::to_vec(actions).expect("a Value encodes").len(),
+            "encoded_len of karma_actions is not the compact encoding's length"
+        );
+    }
+}
+
+/// `parse_uuid` accepts a UUID that reads back the same from its hyphenated
+/// form (how it is stored), or says why not, briefly.
+fn packet_id_text(raw: &str) {
+    match parse_uuid(raw) {
+        Ok(id) => assert_eq!(parse_uuid(&id.to_string()), Ok(id), "UUID text round trip"),
+        Err(why) => description("packet_id", &why),
+    }
+}
+
+/// proto_packet: bytes → protobuf `IngestRequest` and `IngestBatchRequest`
+/// (the same bytes decode as both: field 1 is one PacketInput or many) →
+/// the gRPC door's proto→domain conversion → `Packet::parse`.
+pub fn proto_packet(data: &[u8]) {
+    let now = Utc::now();
+    if let Ok(request) = pb::IngestRequest::decode(data)
+        && let Some(packet) = request.packet
+    {
+        proto_item(packet, now);
+    }
+    if let Ok(batch) = pb::IngestBatchRequest::decode(data) {
+        for packet in batch.packets {
+            proto_item(packet, now);
+        }
+    }
+}
+
+fn proto_item(input: pb::PacketInput, now: DateTime<Utc>) {
+    let sent = Sent::from_proto(&input);
+    let raw_signals = input.raw_signals.clone();
+    let sent_timestamp = input.timestamp;
+    match Packet::parse(bucket::grpc::draft(input), now) {
+        Ok(packet) => {
+            accepted(&packet, &sent, now);
+            let sent_signals = raw_signals.expect("raw_signals is required");
+            same_struct(&sent_signals, &packet.raw_signals);
+            let ts = sent_timestamp.expect("timestamp is required");
+            assert_eq!(
+                from_timestamp(&ts),
+                Ok(packet.client_timestamp),
+                "timestamp changed"
+            );
+        }
+        Err(violations) => rejected(&violations, true),
+    }
+}
+
+/// An accepted packet: every documented rule, what was sent, and that every
+/// door and store can carry it.
+fn accepted(p: &Packet, sent: &Sent, now: DateTime<Utc>) {
+    // The three seconds: each a number >= 0, summing to 5.0 ± 0.1.
+    for (name, x) in [
+        ("active_seconds", p.active_seconds),
+        ("idle_seconds", p.idle_seconds),
+        ("away_seconds", p.away_seconds),
+    ] {
+        assert!(x.is_finite() && x >= 0.0, "{name} = {x}");
+    }
+    let sum = p.active_seconds + p.idle_seconds + p.away_seconds;
+    assert!(
+        (sum - WINDOW_SECONDS).abs() <= WINDOW_TOLERANCE + 1e-9,
+        "seconds sum to {sum}"
+    );
+    assert_eq!(Some(p.active_seconds), sent.active_seconds);
+    assert_eq!(Some(p.idle_seconds), sent.idle_seconds);
+    assert_eq!(Some(p.away_seconds), sent.away_seconds);
+
+    // Scores: focus 0..=100 as sent; integrity 0..=1, as sent, else
+    // focus / 100, else 0.5.
+    if let Some(f) = p.focus_score {
+        assert!((0.0..=100.0).contains(&f), "focus_score = {f}");
+    }
+    assert_eq!(p.focus_score, sent.focus_score);
+    assert!(
+        (0.0..=1.0).contains(&p.integrity_score),
+        "integrity_score = {}",
+        p.integrity_score
+    );
+    let integrity = sent
+        .integrity_score
+        .or(sent.focus_score.map(|f| f / 100.0))
+        .unwrap_or(0.5);
+    assert_eq!(p.integrity_score, integrity);
+
+    // Strings: present ones non-empty, at most 256 bytes, storable.
+    for (name, s) in [
+        ("user_id", Some(&p.user_id)),
+        ("employee_id", p.employee_id.as_ref()),
+        ("session_id", p.session_id.as_ref()),
+        ("lesson_id", p.lesson_id.as_ref()),
+        ("system_type", p.system_type.as_ref()),
+        ("role", p.role.as_ref()),
+        ("cognitive_state", Some(&p.cognitive_state)),
+        ("state", p.state.as_ref()),
+    ] {
+        let Some(s) = s else { continue };
+        assert!(!s.is_empty(), "{name} is empty");
+        assert!(s.len() <= MAX_STRING_BYTES, "{name} is {} bytes", s.len());
+        // PostgreSQL's TEXT cannot hold U+0000 (and SQLite's C API is
+        // not meant to): the insert would fail, a 500 instead of a 422.
+        assert!(!s.contains('\0'), "{name} holds a NUL: {s:?}");
+    }
+    let user = sent
+        .user_id
+        .as_ref()
+        .or(sent.employee_id.as_ref())
+        .map_or("unknown", String::as_str);
+    assert_eq!(p.user_id, user);
+    assert_eq!(p.employee_id, sent.employee_id);
+    assert_eq!(p.session_id, sent.session_id);
+    assert_eq!(p.lesson_id, sent.lesson_id);
+    assert_eq!(p.system_type, sent.system_type);
+    assert_eq!(p.role, sent.role);
+    assert_eq!(p.state, sent.state);
+    assert_eq!(
+        Some(&p.cognitive_state),
+        sent.cognitive_state.as_ref().or(sent.state.as_ref())
+    );
+    if let Some(s) = &p.system_type {
+        assert!(SYSTEM_TYPES.contains(&s.as_str()), "system_type {s:?}");
+    }
+    if let Some(r) = &p.role {
+        assert!(ROLES.contains(&r.as_str()), "role {r:?}");
+    }
+    if let Some(s) = &p.state {
+        assert!(LEGACY_STATES.contains(&s.as_str()), "state {s:?}");
+    }
+    if let Some(id) = &sent.packet_id {
+        assert_eq!(Ok(p.packet_id), parse_uuid(id), "packet_id changed");
+    }
+
+    // Timestamp: at most 24 h ahead, and one that the gRPC door can send
+    // back: a valid google.protobuf.Timestamp that reads back the same.
+    assert!(
+        p.client_timestamp <= now + MAX_CLOCK_SKEW,
+        "timestamp {} is too far ahead",
+        p.client_timestamp
+    );
+    let ts = timestamp(p.client_timestamp);
+    assert!(
+        (MIN_PROTO_SECONDS..=MAX_PROTO_SECONDS).contains(&ts.seconds)
+            && (0..1_000_000_000).contains(&ts.nanos),
+        "timestamp {:?} ({}) is not a valid protobuf Timestamp",
+        p.client_timestamp,
+        p.client_timestamp
+    );
+    assert_eq!(
+        from_timestamp(&ts),
+        Ok(p.client_timestamp),
+        "timestamp does not survive the gRPC door"
+    );
+
+    // raw_signals: an object, at most 8 levels deep and 16 KiB encoded,
+    // storable in PostgreSQL's JSONB (no U+0000), and the same (numbers
+    // compared as doubles) once through the protobuf Struct that the
+    // gRPC door sends it back as.
+    let signals = Value::Object(p.raw_signals.clone());
+    let depth = depth(&signals);
+    assert!(depth <= MAX_RAW_SIGNALS_DEPTH, "raw_signals {depth} deep");
+    let len = serde_json::to_vec(&signals).expect("a Value encodes").len();
+    assert!(len <= MAX_RAW_SIGNALS_BYTES, "raw_signals {len} bytes");
+    assert!(!holds_nul(&signals), "raw_signals holds a NUL");
+    let back = Value::Object(struct_to_json(json_to_struct(&p.raw_signals)));
+    assert!(
+        same_json(&signals, &back),
+        "raw_signals changed through a protobuf Struct: {signals} -> {back}"
+    );
+
+    // The JSON encoding the Redis queue's entries and SQLite's raw_signals
+    // column use: bit for bit (serde_json's float_roundtrip).
+    let bytes = serde_json::to_vec(p).expect("a packet encodes");
+    let again: Packet = serde_json::from_slice(&bytes).expect("a packet decodes");
+    assert_eq!(&again, p, "the packet changed through its JSON encoding");
+}
+
+/// A rejection: at least one violation, each naming a real field with a
+/// short description. An item that is not an object gets one violation of
+/// the item itself, named `""` (the front door prefixes where the item is:
+/// `body`, `body.2`, `packet`), or `body` as the gateway called it before.
+fn rejected(violations: &[FieldViolation], is_object: bool) {
+    assert!(!violations.is_empty(), "rejected without a violation");
+    if !is_object {
+        assert!(
+            matches!(violations, [v] if v.field.is_empty() || v.field == "body"),
+            "a body that is not an object: {violations:?}"
+        );
+        return description("body", &violations[0].description);
+    }
+    for v in violations {
+        assert!(!v.field.is_empty(), "violation without a field: {v:?}");
+        assert!(
+            FIELDS.contains(&v.field.as_str()),
+            "violation names no field of the packet: {v:?}"
+        );
+        description(&v.field, &v.description);
+    }
+}
+
+fn description(field: &str, text: &str) {
+    assert!(!text.is_empty(), "{field}: empty description");
+    assert!(
+        text.len() <= MAX_DESCRIPTION_BYTES,
+        "{field}: description of {} bytes: {}…",
+        text.len(),
+        text.chars().take(120).collect::<String>()
+    );
+}
+
+/// Nesting depth as the README counts it (`{}` is 1), without recursion.
+fn depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0)];
+    while let Some((v, above)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Object(map) => Box::new(map.values()),
+            Value::Array(items) => Box::new(items.iter()),
+            _ => continue,
+        };
+        deepest = deepest.max(above + 1);
+        stack.extend(children.map(|c| (c, above + 1)));
+    }
+    deepest
+}
+
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
+/// Equal JSON, numbers compared as doubles (a Struct holds only doubles).
+fn same_json(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// The Struct sent and the JSON accepted hold the same values: finite
+/// numbers equal, others (NaN, ±inf: JSON has none) null.
+fn same_struct(sent: &prost_types::Struct, got: &Map<String, Value>) {
+    assert_eq!(sent.fields.len(), got.len(), "raw_signals lost keys");
+    for (k, v) in &sent.fields {
+        let g = got
+            .get(k)
+            .unwrap_or_else(|| panic!("raw_signals lost {k:?}"));
+        same_value(v, g);
+    }
+}
+
+fn same_value(sent: &prost_types::Value, got: &Value) {
+    match (&sent.kind, got) {
+        (None | Some(Kind::NullValue(_)), Value::Null) => {}
+        (Some(Kind::BoolValue(a)), Value::Bool(b)) => assert_eq!(a, b),
+        (Some(Kind::StringValue(a)), Value::String(b)) => assert_eq!(a, b),
+        (Some(Kind::NumberValue(n)), Value::Number(m)) => {
+            assert_eq!(Some(*n), m.as_f64(), "number {n:e} became {m}")
+        }
+        (Some(Kind::NumberValue(n)), Value::Null) => {
+            assert!(!n.is_finite(), "number {n:e} became null")
+        }
+        (Some(Kind::StructValue(s)), Value::Object(m)) => same_struct(s, m),
+        (Some(Kind::ListValue(l)), Value::Array(items)) => {
+            assert_eq!(l.values.len(), items.len(), "list length changed");
+            for (a, b) in l.values.iter().zip(items) {
+                same_value(a, b);
+            }
+        }
+        (kind, got) => panic!("{kind:?} became {got}"),
+    }
+}
