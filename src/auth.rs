@@ -4,8 +4,8 @@
 //! | role | may call |
 //! |---|---|
 //! | ingest (PRANA's browsers) | Ingest, IngestBatch, REST `ingest` |
-//! | consumer (the Karma Tracker) | StreamPending, MarkProcessed(Batch), REST `packets/pending`, `packets/mark-processed` |
-//! | admin (operators) | everything, and the consumer list in Status |
+//! | consumer (the Karma Tracker) | StreamPending, MarkProcessed(Batch), ExtendLease, REST `packets/pending`, `packets/mark-processed` |
+//! | admin (operators) | everything (UserPackets, Redrive, Replay, REST `packets/user/…`, `packets/redrive`, `packets/replay`), and the consumer list in Status |
 //!
 //! A role without tokens is open, as before tokens existed; the startup log
 //! says so. Status, health, reflection and metrics stay open. Tokens are
@@ -201,8 +201,10 @@ pub fn required_role(path: &str) -> Option<Role> {
     if let Some(method) = path.strip_prefix("/bucket.v1.BucketService/") {
         return match method {
             "Ingest" | "IngestBatch" => Some(Role::Ingest),
-            "StreamPending" | "MarkProcessed" | "MarkProcessedBatch" => Some(Role::Consumer),
-            "UserPackets" => Some(Role::Admin),
+            "StreamPending" | "MarkProcessed" | "MarkProcessedBatch" | "ExtendLease" => {
+                Some(Role::Consumer)
+            }
+            "UserPackets" | "Redrive" | "Replay" => Some(Role::Admin),
             _ => None,
         };
     }
@@ -210,6 +212,7 @@ pub fn required_role(path: &str) -> Option<Role> {
     match rest {
         "ingest" => Some(Role::Ingest),
         "packets/pending" | "packets/mark-processed" => Some(Role::Consumer),
+        "packets/redrive" | "packets/replay" => Some(Role::Admin),
         _ if rest.starts_with("packets/user/") => Some(Role::Admin),
         _ => None,
     }

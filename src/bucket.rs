@@ -2,16 +2,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::config::{Config, DeliveryConfig};
-use crate::delivery::{ConsumerInfo, Delivery, Dispatcher, SubscribeOptions, Subscription};
+use crate::delivery::{
+    ConsumerInfo, Delivery, Dispatcher, LeaseChange, LeaseToken, SubscribeOptions, Subscription,
+};
 use crate::domain::packet::{MAX_RAW_SIGNALS_BYTES, MAX_STRING_BYTES, parse_uuid};
 use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, json};
 use crate::error::Error;
-use crate::store::{Counts, Inserted, Mark, MarkOutcome, Store, StoredPacket, UserQuery};
+use crate::store::{
+    Counts, Inserted, Mark, MarkOutcome, Requeue, RequeueReason, Store, StoredPacket, UserQuery,
+};
 
 pub const MAX_LEASE_SECONDS: u32 = 3600;
 pub const MAX_IN_FLIGHT: u32 = 10_000;
@@ -24,6 +28,18 @@ pub struct Bucket {
     dispatcher: Arc<Dispatcher>,
     delivery: DeliveryConfig,
     max_batch: usize,
+}
+
+/// Which finished packets Redrive or Replay sends back to pending, as the
+/// operator asked; see [`Bucket::requeue`].
+#[derive(Debug, Clone, Default)]
+pub struct RequeueRequest {
+    /// Redrive: dead_letter and/or failed (empty: both). Replay: unused.
+    pub statuses: Vec<DeliveryStatus>,
+    /// Empty: every user.
+    pub user_id: String,
+    pub received_from: Option<DateTime<Utc>>,
+    pub received_before: Option<DateTime<Utc>>,
 }
 
 /// What MarkProcessed did.
@@ -350,6 +366,140 @@ impl Bucket {
             .into_iter()
             .map(|r| r.expect("every mark answered"))
             .collect()
+    }
+
+    /// ExtendLease: moves the end of each lease a token names to
+    /// `lease_seconds` from now, or ends it (0: a nack). Each token is
+    /// answered on its own, with the packet it leases.
+    pub async fn extend_lease(
+        &self,
+        tokens: &[String],
+        lease_seconds: u32,
+    ) -> Result<Vec<Result<(Uuid, LeaseChange), Error>>, Error> {
+        let mut violations = Vec::new();
+        if tokens.len() > self.max_batch {
+            violations.push(FieldViolation::new(
+                "lease_tokens",
+                format!(
+                    "at most {} tokens at once, got {}",
+                    self.max_batch,
+                    tokens.len()
+                ),
+            ));
+        }
+        if lease_seconds > MAX_LEASE_SECONDS {
+            violations.push(FieldViolation::new(
+                "lease_seconds",
+                format!("lease_seconds must be at most {MAX_LEASE_SECONDS}, got {lease_seconds}"),
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(Error::InvalidInput(violations));
+        }
+        let lease = (lease_seconds > 0).then(|| Duration::from_secs(u64::from(lease_seconds)));
+        let parsed: Vec<Option<LeaseToken>> = tokens.iter().map(|t| LeaseToken::parse(t)).collect();
+        let valid: Vec<LeaseToken> = parsed.iter().flatten().cloned().collect();
+        let mut changed = self
+            .dispatcher
+            .change_leases(&valid, lease)
+            .await
+            .into_iter();
+        Ok(parsed
+            .into_iter()
+            .map(|token| match token {
+                None => Err(Error::invalid(
+                    "lease_token",
+                    "not a lease token this server makes (StreamPending sends them)",
+                )),
+                Some(t) => changed
+                    .next()
+                    .expect("one answer per valid token")
+                    .map(|c| (t.packet_id, c)),
+            })
+            .collect())
+    }
+
+    /// Redrive (dead_letter and failed packets) or Replay (processed ones):
+    /// the selected packets are pending again, delivered from the start,
+    /// their outcome kept in their history. Answers how many.
+    pub async fn requeue(
+        &self,
+        reason: RequeueReason,
+        request: RequeueRequest,
+    ) -> Result<u64, Error> {
+        let mut violations = Vec::new();
+        let user_id = match request.user_id.as_str() {
+            "" => None,
+            u if u.len() > MAX_STRING_BYTES || u.contains('\0') => {
+                violations.push(FieldViolation::new(
+                    "user_id",
+                    format!("user_id must be at most {MAX_STRING_BYTES} bytes, without U+0000"),
+                ));
+                None
+            }
+            u => Some(u.to_owned()),
+        };
+        if let (Some(from), Some(before)) = (request.received_from, request.received_before)
+            && from >= before
+        {
+            violations.push(FieldViolation::new(
+                "received_before",
+                "received_before must be later than received_from",
+            ));
+        }
+        let statuses = match reason {
+            RequeueReason::Replay => {
+                if user_id.is_none()
+                    && request.received_from.is_none()
+                    && request.received_before.is_none()
+                {
+                    violations.push(FieldViolation::new(
+                        "user_id",
+                        "Replay needs a user_id or a received_from/received_before range \
+                         (replaying every processed packet is refused)",
+                    ));
+                }
+                vec![DeliveryStatus::Processed]
+            }
+            RequeueReason::Redrive if request.statuses.is_empty() => {
+                vec![DeliveryStatus::DeadLetter, DeliveryStatus::Failed]
+            }
+            RequeueReason::Redrive => {
+                if let Some(s) = request
+                    .statuses
+                    .iter()
+                    .find(|s| !matches!(s, DeliveryStatus::DeadLetter | DeliveryStatus::Failed))
+                {
+                    violations.push(FieldViolation::new(
+                        "statuses",
+                        format!("Redrive takes dead_letter and failed packets, not {s}"),
+                    ));
+                }
+                request.statuses
+            }
+        };
+        if !violations.is_empty() {
+            return Err(Error::InvalidInput(violations));
+        }
+        let requeue = Requeue {
+            reason,
+            statuses,
+            user_id,
+            received_from: request.received_from,
+            received_before: request.received_before,
+        };
+        let rows = self.store.requeue(&requeue, Utc::now()).await?;
+        let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
+        let first = rows.iter().map(|(_, seq)| *seq).min().unwrap_or(0);
+        self.dispatcher.requeued(&ids, first - 1).await;
+        let reason = match reason {
+            RequeueReason::Redrive => "redrive",
+            RequeueReason::Replay => "replay",
+        };
+        tracing::info!(reason, count = ids.len(), "packets sent back to pending");
+        metrics::counter!("bucket_packets_requeued_total", "reason" => reason)
+            .increment(ids.len() as u64);
+        Ok(ids.len() as u64)
     }
 
     pub async fn user_packets(

@@ -186,6 +186,12 @@ pub struct LimitsConfig {
     /// refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "BUCKET_MAX_SUBSCRIBERS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_subscribers: u32,
+
+    /// On SIGTERM, how long requests under way may take to finish before
+    /// their connections are closed (streams end at once, their leases
+    /// handed back).
+    #[arg(long, env = "BUCKET_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+    pub shutdown_grace_seconds: u64,
     /// Concurrent HTTP/2 streams (calls) on one connection.
     #[arg(long, env = "BUCKET_MAX_CONCURRENT_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,

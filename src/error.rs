@@ -11,6 +11,10 @@ pub enum Error {
     InvalidInput(Vec<FieldViolation>),
     #[error("{0} not found")]
     NotFound(String),
+    /// The request is well formed but the state does not allow it (a lease
+    /// this caller does not hold).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
     /// Storage (or another dependency) cannot serve now; retrying may work.
     #[error("unavailable: {0}")]
     Unavailable(String),

@@ -61,6 +61,7 @@ impl Application {
         let dispatcher = Dispatcher::new(
             store.clone(),
             redis.clone(),
+            &node,
             config.delivery.max_deliveries,
             config.delivery.queue_window,
             config.limits.max_subscribers,
@@ -137,10 +138,21 @@ impl Application {
     ) -> anyhow::Result<()> {
         let addr = self.local_addr();
         let dispatcher = self.dispatcher.clone();
-        let stop = async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            dispatcher.begin_shutdown();
+        let signalled = tokio_util::sync::CancellationToken::new();
+        let stop = {
+            let signalled = signalled.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: new calls refused, streams ended");
+                dispatcher.begin_shutdown();
+                signalled.cancel();
+            }
+        };
+        // After the signal, requests under way get this long to finish.
+        let grace = Duration::from_secs(self.config.limits.shutdown_grace_seconds);
+        let grace_over = async move {
+            signalled.cancelled().await;
+            tokio::time::sleep(grace).await;
         };
         let limits = &self.config.limits;
         let server = Server::builder()
@@ -158,18 +170,26 @@ impl Application {
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
         let database = redact(&self.config.database_url);
-        match &self.tls {
-            None => {
-                tracing::info!(%addr, %database, "bucket listening (plaintext)");
-                server.serve_with_incoming_shutdown(tcp, stop).await
+        let serving = async {
+            match &self.tls {
+                None => {
+                    tracing::info!(%addr, %database, "bucket listening (plaintext)");
+                    server.serve_with_incoming_shutdown(tcp, stop).await
+                }
+                Some(tls) => {
+                    tracing::info!(%addr, %database, "bucket listening (TLS)");
+                    let incoming = crate::tls::incoming(tcp, tls.clone());
+                    server.serve_with_incoming_shutdown(incoming, stop).await
+                }
             }
-            Some(tls) => {
-                tracing::info!(%addr, %database, "bucket listening (TLS)");
-                let incoming = crate::tls::incoming(tcp, tls.clone());
-                server.serve_with_incoming_shutdown(incoming, stop).await
-            }
+        };
+        tokio::select! {
+            served = serving => served.context("serving")?,
+            () = grace_over => tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "shutdown grace period over; closing the connections still busy"
+            ),
         }
-        .context("serving")?;
         self.dispatcher.shutdown().await;
         self.store.close().await;
         tracing::info!("stopped");

@@ -12,7 +12,7 @@ use crate::error::Error;
 /// Reads until the queue needs no more; returns how many packets were read.
 pub(super) async fn refill(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
     let mut total = 0;
-    while let Some(read) = dispatcher.lock_queue(|queue, _| queue.refill()) {
+    while let Some(read) = dispatcher.lock_queue(|queue, _| queue.begin_refill()) {
         let (rows, quiet) = dispatcher
             .store()
             .pending_after(read.after_seq, read.limit as u32)

@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use super::leases::{Holder, Lease, Leases};
+use super::leases::{Holder, Lease, LeaseToken, Leases};
 use super::subscription::Subscription;
-use super::{ConsumerInfo, Delivery, Held, SubscribeOptions, backlog, expiry};
+use super::{ConsumerInfo, Delivery, Held, LeaseChange, SubscribeOptions, backlog, expiry};
 use crate::domain::DeliveryStatus;
 use crate::error::Error;
 use crate::queue::memory::MemoryQueue;
@@ -37,6 +37,12 @@ pub trait QueueSink: Send + Sync + 'static {
     fn settle_remote(&self, ids: &[Uuid]);
     /// Every packet this node holds (for the reconciler).
     fn held_ids(&self) -> HashSet<Uuid>;
+    /// ExtendLease, for leases this node granted (asked by another node).
+    fn change_leases(
+        &self,
+        tokens: &[LeaseToken],
+        lease: Option<Duration>,
+    ) -> Vec<Result<LeaseChange, Error>>;
 }
 
 pub type Sent = Result<Delivery, Error>;
@@ -56,6 +62,8 @@ pub struct Dispatcher {
 }
 
 struct Core {
+    /// This node's name, in every lease token it makes.
+    node: Arc<str>,
     queue: MemoryQueue,
     leases: Leases,
     streams: HashMap<u64, Stream>,
@@ -124,6 +132,7 @@ impl Core {
                 received_at: queued.pending.received_at,
                 attempt,
                 lease_expires_at: Utc::now() + stream.lease,
+                lease_token: token(&self.node, self.leases.next_grant(), queued.id()),
             };
             match stream.tx.try_send(Ok(delivery)) {
                 Ok(()) => {
@@ -262,6 +271,37 @@ impl Core {
         true
     }
 
+    /// ExtendLease for leases granted here: each token's lease must be the
+    /// one this node holds under that grant. `lease`: the new length; None
+    /// ends the leases (a nack). Returns the ended leases too, to count.
+    fn change_leases(
+        &mut self,
+        tokens: &[LeaseToken],
+        lease: Option<Duration>,
+    ) -> (Vec<Result<LeaseChange, Error>>, Vec<Lease>, bool) {
+        let mut ended = Vec::new();
+        let mut first = false;
+        let results = tokens
+            .iter()
+            .map(|t| {
+                if !self.leases.holds(&t.packet_id, t.grant) {
+                    return Err(not_held(t.packet_id));
+                }
+                match lease {
+                    Some(lease) => {
+                        first |= self.leases.extend(&t.packet_id, Instant::now() + lease);
+                        Ok(LeaseChange::Extended(Utc::now() + lease))
+                    }
+                    None => {
+                        ended.extend(self.leases.end(&t.packet_id));
+                        Ok(LeaseChange::Ended)
+                    }
+                }
+            })
+            .collect();
+        (results, ended, first)
+    }
+
     fn wanted(&self) -> usize {
         let room: usize = self
             .streams
@@ -270,6 +310,24 @@ impl Core {
             .sum();
         room.saturating_sub(self.queue.len())
     }
+}
+
+/// The opaque text of a [`LeaseToken`].
+fn token(node: &str, grant: u64, packet_id: Uuid) -> String {
+    LeaseToken {
+        node: node.to_owned(),
+        grant,
+        packet_id,
+    }
+    .to_string()
+}
+
+fn not_held(packet_id: Uuid) -> Error {
+    Error::FailedPrecondition(format!(
+        "the lease on packet {packet_id} is not held under this token: it ended \
+         (expired, marked, handed back, or its node stopped), or the packet was \
+         delivered again"
+    ))
 }
 
 #[derive(Default)]
@@ -281,10 +339,12 @@ struct Finished {
 }
 
 impl Dispatcher {
+    /// `node`: this node's name (the Redis consumer's), in lease tokens;
     /// `window`: how many packets the memory queue holds at most.
     pub fn new(
         store: Store,
         redis: Option<Arc<RedisQueue>>,
+        node: &str,
         max_deliveries: u32,
         window: usize,
         max_subscribers: u32,
@@ -296,6 +356,7 @@ impl Dispatcher {
         };
         Arc::new(Dispatcher {
             core: Mutex::new(Core {
+                node: node.into(),
                 queue,
                 leases: Leases::default(),
                 streams: HashMap::new(),
@@ -455,6 +516,11 @@ impl Dispatcher {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<Delivery>, Error> {
+        if self.lock().closed {
+            return Err(Error::Unavailable(
+                "the bucket is shutting down; poll another node".into(),
+            ));
+        }
         let short = limit.saturating_sub(self.lock().queue.len());
         if short > 0 {
             match &self.redis {
@@ -479,11 +545,13 @@ impl Dispatcher {
             && let Some(queued) = core.queue.pop()
         {
             let attempt = queued.pending.attempts + 1;
+            let lease_token = token(&core.node, core.leases.next_grant(), queued.id());
             out.push(Delivery {
                 packet: queued.pending.packet.clone(),
                 received_at: queued.pending.received_at,
                 attempt,
                 lease_expires_at: Utc::now() + lease,
+                lease_token,
             });
             expiry_changed |=
                 core.leases
@@ -523,6 +591,88 @@ impl Dispatcher {
             redis.remove_entries(done);
             if !elsewhere.is_empty() {
                 redis.publish_settled(&elsewhere).await;
+            }
+        }
+    }
+
+    /// ExtendLease: changes the leases `tokens` name, here or (through
+    /// Redis) on the node that granted them; each answered on its own, in
+    /// order. `lease`: the new length from now; None ends them (a nack: the
+    /// delivery is counted as one that ended unmarked, and the packet goes
+    /// out again).
+    pub async fn change_leases(
+        self: &Arc<Self>,
+        tokens: &[LeaseToken],
+        lease: Option<Duration>,
+    ) -> Vec<Result<LeaseChange, Error>> {
+        let node = self.lock().node.clone();
+        let mut results: Vec<Option<Result<LeaseChange, Error>>> =
+            tokens.iter().map(|_| None).collect();
+        // Grouped by node, one call each, in token order within a node.
+        let mut by_node: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, t) in tokens.iter().enumerate() {
+            by_node.entry(t.node.as_str()).or_default().push(i);
+        }
+        for (holder, at) in by_node {
+            let mine: Vec<LeaseToken> = at.iter().map(|&i| tokens[i].clone()).collect();
+            let answers = if holder == &*node {
+                self.change_local(&mine, lease)
+            } else {
+                match &self.redis {
+                    Some(redis) => redis.change_leases(holder, &mine, lease).await,
+                    // One node: a token of another node is one from before a restart.
+                    None => mine.iter().map(|t| Err(not_held(t.packet_id))).collect(),
+                }
+            };
+            for (i, answer) in at.into_iter().zip(answers) {
+                results[i] = Some(answer);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every token answered"))
+            .collect()
+    }
+
+    /// [`Dispatcher::change_leases`] for the leases this node granted.
+    fn change_local(
+        self: &Arc<Self>,
+        tokens: &[LeaseToken],
+        lease: Option<Duration>,
+    ) -> Vec<Result<LeaseChange, Error>> {
+        let mut core = self.lock();
+        let (results, ended, first) = core.change_leases(tokens, lease);
+        // Handed back like an expiry: counted, then out again.
+        let ends = core.begin_ending(ended);
+        self.pump(core);
+        if first {
+            self.expiry_changed.notify_one();
+        }
+        if !ends.is_empty() {
+            metrics::counter!("bucket_leases_nacked_total").increment(ends.len() as u64);
+            let me = self.clone();
+            self.tasks.spawn(async move { me.finish(ends).await });
+        }
+        results
+    }
+
+    /// Packets an operator made pending again (Redrive, Replay), after
+    /// `after_seq` in arrival order: one node reads them back from the
+    /// database; several add their ids to the Redis stream (if that fails,
+    /// the reconciler adds them within BUCKET_RECONCILE_SECONDS).
+    pub async fn requeued(self: &Arc<Self>, ids: &[Uuid], after_seq: i64) {
+        if ids.is_empty() {
+            return;
+        }
+        match &self.redis {
+            None => {
+                self.lock().queue.rewind(after_seq);
+                self.backlog_wanted.notify_one();
+            }
+            Some(redis) => {
+                if let Err(e) = redis.add_ids(ids).await {
+                    tracing::warn!(error = %e, count = ids.len(), "could not queue packets sent back to pending; the reconciler will");
+                }
             }
         }
     }
@@ -740,6 +890,14 @@ impl QueueSink for Arc<Dispatcher> {
             .copied()
             .chain(core.queue.ids())
             .collect()
+    }
+
+    fn change_leases(
+        &self,
+        tokens: &[LeaseToken],
+        lease: Option<Duration>,
+    ) -> Vec<Result<LeaseChange, Error>> {
+        self.change_local(tokens, lease)
     }
 }
 

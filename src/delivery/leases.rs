@@ -1,5 +1,6 @@
 //! The leases this node granted: which packet is leased to whom, until when.
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -44,6 +45,33 @@ impl Leases {
 
     pub fn attempt(&self, id: &Uuid) -> Option<u32> {
         self.by_id.get(id).map(|l| l.attempt)
+    }
+
+    /// The number the next [`Leases::grant`] gives its lease (for the
+    /// delivery's token, made before the lease).
+    pub fn next_grant(&self) -> u64 {
+        self.granted + 1
+    }
+
+    /// Whether the lease on `id` is the one granted as number `grant`.
+    pub fn holds(&self, id: &Uuid, grant: u64) -> bool {
+        self.by_id.get(id).is_some_and(|l| l.key.1 == grant)
+    }
+
+    /// Moves the lease on `id` to end at `expires`. True when it now
+    /// expires before every other (the expiry timer must wake earlier).
+    pub fn extend(&mut self, id: &Uuid, expires: Instant) -> bool {
+        let Some(lease) = self.by_id.get_mut(id) else {
+            return false;
+        };
+        self.by_expiry.remove(&lease.key);
+        // The grant number stays: it keeps the key unique and names the lease.
+        lease.key.0 = expires;
+        let key = lease.key;
+        self.by_expiry.insert(key, *id);
+        self.by_expiry
+            .first_key_value()
+            .is_some_and(|(k, _)| *k == key)
     }
 
     /// Leases `queued` to `holder` until `expires`. True when that lease
@@ -116,6 +144,56 @@ impl Leases {
     }
 }
 
+/// Names one lease, for ExtendLease: the node that granted it, the grant's
+/// number there, and the packet. A grant number is never reused by a node,
+/// and a node's name is new at every start, so a token names one delivery
+/// of one packet to one stream, and nothing after that lease ends. Clients
+/// see an opaque string: `{node}.{grant, hex}.{packet id, 32 hex}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseToken {
+    pub node: String,
+    pub grant: u64,
+    pub packet_id: Uuid,
+}
+
+/// Longest node name a token may carry.
+const MAX_NODE_CHARS: usize = 64;
+
+impl LeaseToken {
+    /// A token this server makes, or None.
+    pub fn parse(text: &str) -> Option<LeaseToken> {
+        let mut parts = text.split('.');
+        let (node, grant, packet) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some()
+            || node.is_empty()
+            || node.len() > MAX_NODE_CHARS
+            || !node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || grant.is_empty()
+            || grant.len() > 16
+            || packet.len() != 32
+        {
+            return None;
+        }
+        Some(LeaseToken {
+            node: node.to_owned(),
+            grant: u64::from_str_radix(grant, 16).ok()?,
+            packet_id: Uuid::try_parse(packet).ok()?,
+        })
+    }
+}
+
+impl fmt::Display for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{:x}.{}",
+            self.node,
+            self.grant,
+            self.packet_id.simple()
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -167,5 +245,60 @@ mod tests {
         assert_eq!(expired, [ida, idb]);
         assert_eq!(leases.len(), 0);
         assert_eq!(leases.next_expiry(), None);
+    }
+
+    #[test]
+    fn an_extended_lease_moves_in_the_expiry_order_and_keeps_its_grant() {
+        let mut leases = Leases::default();
+        let now = Instant::now();
+        let (a, b) = (queued(), queued());
+        let (ida, idb) = (a.id(), b.id());
+        let grant_a = leases.next_grant();
+        leases.grant(a, Holder::Stream(1), 1, now + Duration::from_secs(1));
+        let grant_b = leases.next_grant();
+        leases.grant(b, Holder::Stream(2), 1, now + Duration::from_secs(2));
+        assert_ne!(grant_a, grant_b);
+        assert!(leases.holds(&ida, grant_a));
+        assert!(!leases.holds(&ida, grant_b), "another delivery's grant");
+        // Later than b: no longer the first to expire.
+        assert!(!leases.extend(&ida, now + Duration::from_secs(5)));
+        assert!(leases.holds(&ida, grant_a));
+        assert_eq!(leases.next_expiry(), Some(now + Duration::from_secs(2)));
+        let expired: Vec<Uuid> = leases
+            .expired(now + Duration::from_secs(3))
+            .iter()
+            .map(|l| l.queued.id())
+            .collect();
+        assert_eq!(expired, [idb]);
+        // Shortened: first again.
+        assert!(leases.extend(&ida, now + Duration::from_millis(500)));
+        assert!(!leases.extend(&idb, now), "an ended lease is not extended");
+        assert_eq!(leases.expired(now + Duration::from_secs(1)).len(), 1);
+    }
+
+    #[test]
+    fn tokens_round_trip_and_refuse_anything_else() {
+        let token = LeaseToken {
+            node: "1a2b3c4d".into(),
+            grant: 0x2f,
+            packet_id: Uuid::new_v4(),
+        };
+        let text = token.to_string();
+        assert!(text.len() <= 128, "{text}");
+        assert_eq!(LeaseToken::parse(&text), Some(token.clone()));
+        for bad in [
+            "",
+            "node",
+            "a.b.c",
+            "1a2b3c4d.2f",
+            &format!("{text}.x"),
+            &format!(".2f.{}", token.packet_id.simple()),
+            &format!("1a2b3c4d.zz.{}", token.packet_id.simple()),
+            &format!("1a2b3c4d.2f.{}", token.packet_id),
+            &format!("no de.2f.{}", token.packet_id.simple()),
+            &format!("n.11112222333344445.{}", token.packet_id.simple()),
+        ] {
+            assert_eq!(LeaseToken::parse(bad), None, "{bad:?}");
+        }
     }
 }

@@ -9,6 +9,10 @@
 //! dead_letter after `max_deliveries` deliveries. A crash forgets the
 //! leases: their packets are pending in the database and delivered again,
 //! with the interrupted delivery not counted.
+//!
+//! Each delivery carries a lease token naming its lease (node, grant
+//! number, packet): ExtendLease presents it to move the lease's end, or to
+//! end it at once (a nack), on whichever node granted it.
 mod backlog;
 mod dispatcher;
 mod expiry;
@@ -23,6 +27,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::Packet;
 pub use dispatcher::{Dispatcher, QueueSink};
+pub use leases::LeaseToken;
 pub use subscription::Subscription;
 
 /// One packet sent to a consumer, leased to it until `lease_expires_at`.
@@ -33,6 +38,17 @@ pub struct Delivery {
     /// 1 for the first delivery, 2 after one lease ended unmarked, ...
     pub attempt: u32,
     pub lease_expires_at: DateTime<Utc>,
+    /// Names this lease for ExtendLease (a [`LeaseToken`] as text).
+    pub lease_token: String,
+}
+
+/// What ExtendLease did to one lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseChange {
+    /// It now ends then.
+    Extended(DateTime<Utc>),
+    /// It ended now (a nack): the packet goes out again.
+    Ended,
 }
 
 /// What a subscriber asked for, defaults applied and bounds checked.

@@ -1,12 +1,12 @@
 //! Proto messages to and from the domain.
-use crate::bucket::{MarkRequest, Marked, StatusReport};
+use crate::bucket::{MarkRequest, Marked, RequeueRequest, StatusReport};
 use crate::delivery::{ConsumerInfo, Delivery};
 use crate::domain::packet::TimestampInput;
 use crate::domain::{DeliveryStatus, Packet, PacketDraft};
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
 use crate::proto::{action_to_struct, from_timestamp, json_to_struct, struct_to_json, timestamp};
-use crate::store::{Inserted, StoredPacket};
+use crate::store::{HistoryEntry, Inserted, RequeueReason, StoredPacket};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
@@ -168,14 +168,74 @@ pub fn packet(s: StoredPacket) -> pb::Packet {
         processed_by_karma: s.processed_by_karma,
         karma_actions: s.karma_actions.iter().map(action_to_struct).collect(),
         error_message: s.error_message.unwrap_or_default(),
+        history: s.history.into_iter().map(history_entry).collect(),
         ..packet_base(&s.packet, s.received_at)
     }
+}
+
+fn history_entry(h: HistoryEntry) -> pb::PacketHistoryEntry {
+    let reason = match h.reason {
+        RequeueReason::Redrive => pb::RequeueReason::Redrive,
+        RequeueReason::Replay => pb::RequeueReason::Replay,
+    };
+    let status =
+        DeliveryStatus::parse(&h.status).map_or(pb::PacketStatus::Unspecified, status_to_pb);
+    pb::PacketHistoryEntry {
+        reason: reason as i32,
+        requeued_at: Some(timestamp(h.requeued_at)),
+        status: status as i32,
+        delivery_attempts: h.delivery_attempts,
+        processed_at: h.processed_at.map(timestamp),
+        processed_by_karma: h.processed_by_karma,
+        karma_actions: h.karma_actions.iter().map(action_to_struct).collect(),
+        error_message: h.error_message.unwrap_or_default(),
+    }
+}
+
+/// A Redrive or Replay request's filters, checked as far as the proto
+/// types allow (the rest is [`crate::bucket::Bucket::requeue`]'s).
+pub fn requeue_request(
+    statuses: &[i32],
+    user_id: String,
+    received_from: Option<prost_types::Timestamp>,
+    received_before: Option<prost_types::Timestamp>,
+) -> Result<RequeueRequest, Error> {
+    let mut violations = Vec::new();
+    let mut time = |field: &str, ts: Option<prost_types::Timestamp>| {
+        ts.and_then(|ts| {
+            from_timestamp(&ts)
+                .map_err(|why| violations.push(crate::domain::FieldViolation::new(field, why)))
+                .ok()
+        })
+    };
+    let received_from = time("received_from", received_from);
+    let received_before = time("received_before", received_before);
+    let mut parsed = Vec::new();
+    for raw in statuses {
+        match status_filter(*raw) {
+            Ok(Some(s)) => parsed.push(s),
+            _ => violations.push(crate::domain::FieldViolation::new(
+                "statuses",
+                format!("{raw} is not a PacketStatus Redrive takes (DEAD_LETTER, FAILED)"),
+            )),
+        }
+    }
+    if !violations.is_empty() {
+        return Err(Error::InvalidInput(violations));
+    }
+    Ok(RequeueRequest {
+        statuses: parsed,
+        user_id,
+        received_from,
+        received_before,
+    })
 }
 
 pub fn delivery(d: Delivery) -> pb::StreamPendingResponse {
     pb::StreamPendingResponse {
         delivery_attempt: d.attempt,
         lease_expires_at: Some(timestamp(d.lease_expires_at)),
+        lease_token: d.lease_token,
         packet: Some(pb::Packet {
             status: pb::PacketStatus::Leased as i32,
             delivery_attempts: d.attempt,

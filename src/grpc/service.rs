@@ -8,9 +8,11 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::auth::Caller;
 use crate::bucket::Bucket;
+use crate::delivery::LeaseChange;
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
 use crate::proto::bucket::v1::bucket_service_server::BucketService;
+use crate::store::RequeueReason;
 
 pub struct BucketGrpc {
     bucket: Arc<Bucket>,
@@ -127,6 +129,67 @@ impl BucketService for BucketGrpc {
             });
         }
         Ok(Response::new(response))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let req = request.into_inner();
+        let results = self
+            .bucket
+            .extend_lease(&req.lease_tokens, req.lease_seconds)
+            .await?;
+        let mut response = pb::ExtendLeaseResponse::default();
+        for (index, result) in results.into_iter().enumerate() {
+            let outcome = match result {
+                Ok((packet_id, change)) => {
+                    response.extended += 1;
+                    pb::extend_lease_result::Outcome::Extended(pb::ExtendedLease {
+                        packet_id: packet_id.to_string(),
+                        lease_expires_at: match change {
+                            LeaseChange::Extended(until) => Some(crate::proto::timestamp(until)),
+                            LeaseChange::Ended => None,
+                        },
+                    })
+                }
+                Err(e) => {
+                    response.rejected += 1;
+                    pb::extend_lease_result::Outcome::Error(convert::ingest_error(&e))
+                }
+            };
+            response.results.push(pb::ExtendLeaseResult {
+                index: index as u32,
+                outcome: Some(outcome),
+            });
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn redrive(
+        &self,
+        request: Request<pb::RedriveRequest>,
+    ) -> Result<Response<pb::RedriveResponse>, Status> {
+        let req = request.into_inner();
+        let filter = convert::requeue_request(
+            &req.statuses,
+            req.user_id,
+            req.received_from,
+            req.received_before,
+        )?;
+        let redriven = self.bucket.requeue(RequeueReason::Redrive, filter).await?;
+        Ok(Response::new(pb::RedriveResponse { redriven }))
+    }
+
+    async fn replay(
+        &self,
+        request: Request<pb::ReplayRequest>,
+    ) -> Result<Response<pb::ReplayResponse>, Status> {
+        let req = request.into_inner();
+        let filter =
+            convert::requeue_request(&[], req.user_id, req.received_from, req.received_before)?;
+        let replayed = self.bucket.requeue(RequeueReason::Replay, filter).await?;
+        Ok(Response::new(pb::ReplayResponse { replayed }))
     }
 
     async fn user_packets(

@@ -8,6 +8,7 @@ pub fn code_of(e: &Error) -> Code {
     match e {
         Error::InvalidInput(_) => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::Unavailable(_) => Code::Unavailable,
         Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::PermissionDenied(_) => Code::PermissionDenied,

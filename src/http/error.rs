@@ -77,6 +77,7 @@ impl IntoResponse for Error {
                     .into_response()
             }
             Error::NotFound(what) => detail(StatusCode::NOT_FOUND, format!("{what} not found")),
+            Error::FailedPrecondition(why) => detail(StatusCode::CONFLICT, why),
             Error::Unavailable(why) => detail(StatusCode::SERVICE_UNAVAILABLE, why),
             Error::Unauthenticated(why) => {
                 let mut response = detail(StatusCode::UNAUTHORIZED, why);

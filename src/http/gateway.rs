@@ -37,12 +37,12 @@ pub fn router(bucket: Arc<Bucket>) -> Router {
         .with_state(bucket)
 }
 
-type Body = Result<Json<Value>, JsonRejection>;
+pub(super) type Body = Result<Json<Value>, JsonRejection>;
 type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
 
 /// Malformed JSON (400), wrong content type (415), too large (413): the
 /// extractor knows which; answer in FastAPI's `{"detail": ...}` shape.
-fn rejected_body(rejection: JsonRejection) -> Response {
+pub(super) fn rejected_body(rejection: JsonRejection) -> Response {
     detail(rejection.status(), rejection.body_text())
 }
 

@@ -1,4 +1,5 @@
 //! The plain-HTTP front doors: the seed's JSON gateway and operations.
+mod admin;
 pub mod cors;
 mod error;
 mod gateway;
@@ -17,7 +18,10 @@ use crate::bucket::Bucket;
 /// `/openapi.json` (their description).
 pub fn router(bucket: Arc<Bucket>, max_body_bytes: usize) -> Router {
     Router::new()
-        .nest("/api/v1", gateway::router(bucket.clone()))
+        .nest(
+            "/api/v1",
+            gateway::router(bucket.clone()).merge(admin::router(bucket.clone())),
+        )
         .merge(ops::router(bucket))
         .merge(openapi::router())
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use utoipa::{OpenApi, ToSchema};
 
-use super::gateway;
+use super::{admin, gateway};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -32,6 +32,8 @@ use super::gateway;
         gateway::mark_processed,
         gateway::user_packets,
         gateway::status,
+        admin::redrive,
+        admin::replay,
         healthz,
         readyz,
         metrics,
@@ -39,6 +41,7 @@ use super::gateway;
     ),
     tags(
         (name = "gateway", description = "The seed's five paths under /api/v1/bucket/prana"),
+        (name = "admin", description = "Operators' calls beside the seed's paths (admin role)"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]

@@ -19,6 +19,10 @@ pub struct MemoryQueue {
     window: usize,
     /// Some(seq): pending packets after `seq` may be in the database only.
     spilled: Option<i64>,
+    /// Packets after this seq became pending again (Redrive, Replay) since
+    /// the last refill began: a refill under way may have read before, so
+    /// its end must not forget them.
+    rewound: Option<i64>,
 }
 
 /// A read of the database's pending packets that the queue asks for.
@@ -37,6 +41,7 @@ impl MemoryQueue {
             waiting: HashMap::new(),
             window: window.max(2),
             spilled: Some(0),
+            rewound: None,
         }
     }
 
@@ -48,6 +53,7 @@ impl MemoryQueue {
             waiting: HashMap::new(),
             window: usize::MAX,
             spilled: None,
+            rewound: None,
         }
     }
 
@@ -127,6 +133,23 @@ impl MemoryQueue {
         })
     }
 
+    /// [`MemoryQueue::refill`], for the reader about to make that read: a
+    /// rewind from now on is one this read may miss.
+    pub fn begin_refill(&mut self) -> Option<Refill> {
+        let read = self.refill()?;
+        self.rewound = None;
+        Some(read)
+    }
+
+    /// Packets after `after_seq`, older than what the queue took since,
+    /// are pending again in the database (an operator sent them back): the
+    /// next refill reads from there.
+    pub fn rewind(&mut self, after_seq: i64) {
+        let lower = |at: Option<i64>| Some(at.map_or(after_seq, |s| s.min(after_seq)));
+        self.spilled = lower(self.spilled);
+        self.rewound = lower(self.rewound);
+    }
+
     /// Takes the rows a refill read (pending, after `after_seq`, in seq
     /// order), skipping those this node already holds. No packet committed
     /// between the read and this call (the store's gate), so a short read
@@ -146,7 +169,12 @@ impl MemoryQueue {
                 self.push_back(Queued::local(pending));
             }
         }
-        self.spilled = (!exhausted).then_some(last);
+        let next = (!exhausted).then_some(last);
+        // Rewound while this read ran: read those again.
+        self.spilled = match (next, self.rewound.take()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 }
 
@@ -232,6 +260,32 @@ mod tests {
         let leased = a.packet.packet_id;
         q.refilled(read, vec![a, b], |id| *id == leased);
         assert_eq!(drain(&mut q), [2]);
+    }
+
+    #[test]
+    fn a_rewind_reads_old_packets_again_even_during_a_refill() {
+        let mut q = MemoryQueue::new(8);
+        let read = q.begin_refill().unwrap();
+        q.refilled(read, vec![pending(5)], |_| false);
+        assert_eq!(q.refill(), None, "everything is held");
+        // Packets 2 and 3 are pending again: read from 1 on.
+        q.rewind(1);
+        let read = q.begin_refill().unwrap();
+        assert_eq!(read.after_seq, 1);
+        q.refilled(read, vec![pending(2), pending(3)], |_| false);
+        assert_eq!(q.refill(), None);
+        // A rewind while a read is under way: that read may predate it.
+        let read = q.begin_refill();
+        assert_eq!(read, None, "nothing to read yet");
+        q.rewind(0);
+        let read = q.begin_refill().unwrap();
+        q.rewind(3);
+        q.refilled(read, Vec::new(), |_| false);
+        assert_eq!(q.refill().map(|r| r.after_seq), Some(3), "read again");
+        let read = q.begin_refill().unwrap();
+        q.refilled(read, Vec::new(), |_| false);
+        assert_eq!(q.refill(), None);
+        assert_eq!(drain(&mut q), [5, 2, 3]);
     }
 
     #[test]

@@ -15,26 +15,35 @@
 //! other nodes claim its entries, check them against the database, and
 //! deliver what is still pending.
 //!
+//! ExtendLease may reach any node: a lease granted elsewhere is changed by
+//! asking its node on that node's channel `{prefix}leases:{name}` and
+//! waiting (briefly) for the answer on the asker's.
+//!
 //! While Redis cannot be reached a node keeps serving its own streams from
 //! memory; the reconciler puts back into the stream whatever pending packets
 //! it lacks once Redis answers again.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::config::Options;
 use fred::types::streams::XReadResponse;
 use fred::types::{Expiration, Key};
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{QueueError, Queued, codec};
 use crate::config::RedisConfig;
-use crate::delivery::QueueSink;
+use crate::delivery::{LeaseChange, LeaseToken, QueueSink};
+use crate::error::Error;
 use crate::store::{PendingPacket, Store};
 
 const GROUP: &str = "dispatch";
@@ -47,6 +56,69 @@ const PAGE: usize = 512;
 /// A node renews its liveness key this often; the key outlives two misses.
 const HEARTBEAT: Duration = Duration::from_secs(3);
 const NODE_TTL_MS: i64 = 10_000;
+/// How long a node asked to change its leases has to answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What nodes say to each other about leases, on `{prefix}leases:{node}`.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LeaseMessage {
+    /// Change these leases (ExtendLease); answer on `from`'s channel.
+    Ask {
+        id: u64,
+        from: String,
+        tokens: Vec<String>,
+        /// The new length; None ends the leases.
+        lease_ms: Option<u64>,
+    },
+    Answer {
+        id: u64,
+        results: Vec<LeaseAnswer>,
+    },
+}
+
+/// `n` answers: the node holding the leases could not be asked in time.
+fn unavailable(holder: &str, n: usize) -> Vec<Result<LeaseChange, Error>> {
+    (0..n)
+        .map(|_| {
+            Err(Error::Unavailable(format!(
+                "node {holder}, which holds this lease, did not answer in time; retry"
+            )))
+        })
+        .collect()
+}
+
+/// One token's outcome, as it travels between nodes.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LeaseAnswer {
+    Extended(DateTime<Utc>),
+    Ended,
+    NotHeld(String),
+    Unavailable(String),
+}
+
+impl From<Result<LeaseChange, Error>> for LeaseAnswer {
+    fn from(result: Result<LeaseChange, Error>) -> Self {
+        match result {
+            Ok(LeaseChange::Extended(until)) => Self::Extended(until),
+            Ok(LeaseChange::Ended) => Self::Ended,
+            Err(Error::FailedPrecondition(why)) => Self::NotHeld(why),
+            Err(e) => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<LeaseAnswer> for Result<LeaseChange, Error> {
+    fn from(answer: LeaseAnswer) -> Self {
+        match answer {
+            LeaseAnswer::Extended(until) => Ok(LeaseChange::Extended(until)),
+            LeaseAnswer::Ended => Ok(LeaseChange::Ended),
+            LeaseAnswer::NotHeld(why) => Err(Error::FailedPrecondition(why)),
+            LeaseAnswer::Unavailable(why) => Err(Error::Unavailable(why)),
+        }
+    }
+}
 
 /// A packet to XADD, and the entry it replaces (removed once it is added).
 struct Outgoing {
@@ -68,6 +140,14 @@ pub struct RedisQueue {
     channel: String,
     node_key: String,
     node_prefix: String,
+    /// `{prefix}leases:`; this node's lease channel is that and its name.
+    leases_prefix: String,
+    /// ExtendLease asks sent to other nodes, waiting for their answer.
+    asks: Mutex<HashMap<u64, oneshot::Sender<Vec<LeaseAnswer>>>>,
+    next_ask: AtomicU64,
+    /// True once this node listens on its lease channel (answers to its
+    /// asks come there).
+    listening: watch::Sender<bool>,
     /// This node's name in the consumer group.
     consumer: String,
     outgoing: mpsc::UnboundedSender<Outgoing>,
@@ -158,6 +238,10 @@ impl RedisQueue {
             channel: format!("{prefix}settled"),
             node_key: format!("{prefix}node:{node}"),
             node_prefix: format!("{prefix}node:"),
+            leases_prefix: format!("{prefix}leases:"),
+            asks: Mutex::new(HashMap::new()),
+            next_ask: AtomicU64::new(0),
+            listening: watch::Sender::new(false),
             consumer: node.to_owned(),
             outgoing,
             done,
@@ -492,19 +576,29 @@ impl RedisQueue {
         shutdown: CancellationToken,
     ) {
         let mut messages = self.subscriber.message_rx();
-        while let Err(e) = self.subscriber.subscribe(self.channel.as_str()).await {
+        let leases = format!("{}{}", self.leases_prefix, self.consumer);
+        let channels = vec![self.channel.clone(), leases.clone()];
+        while let Err(e) = self.subscriber.subscribe(channels.clone()).await {
             tracing::debug!(error = %e, "subscribing to outcomes; retrying");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
+        self.listening.send_replace(true);
         loop {
             let message = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 message = messages.recv() => message,
             };
             match message {
+                Ok(message) if &*message.channel == leases.as_str() => {
+                    let text: Option<String> = message.value.convert().ok();
+                    match text.and_then(|t| serde_json::from_str(&t).ok()) {
+                        Some(m) => self.on_lease_message(m, &sink),
+                        None => tracing::debug!("unreadable lease message"),
+                    }
+                }
                 Ok(message) => {
                     let text: Option<String> = message.value.convert().ok();
                     let ids: Vec<Uuid> = text
@@ -631,6 +725,100 @@ impl RedisQueue {
             match last {
                 Some(last) if page.len() == PAGE => start = format!("({last}"),
                 _ => return Ok(ids),
+            }
+        }
+    }
+
+    /// ExtendLease for leases `holder` (another node) granted: asks it, and
+    /// waits for its answer at most [`ASK_TIMEOUT`].
+    pub async fn change_leases(
+        &self,
+        holder: &str,
+        tokens: &[LeaseToken],
+        lease: Option<Duration>,
+    ) -> Vec<Result<LeaseChange, Error>> {
+        let id = self.next_ask.fetch_add(1, Ordering::Relaxed);
+        let ask = LeaseMessage::Ask {
+            id,
+            from: self.consumer.clone(),
+            tokens: tokens.iter().map(LeaseToken::to_string).collect(),
+            lease_ms: lease.map(|l| l.as_millis() as u64),
+        };
+        let started = tokio::time::Instant::now();
+        let mut listening = self.listening.subscribe();
+        let ready = tokio::time::timeout(ASK_TIMEOUT, listening.wait_for(|l| *l))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !ready {
+            return unavailable(holder, tokens.len());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.asks.lock().expect("asks lock").insert(id, tx);
+        let text = serde_json::to_string(&ask).expect("a lease message encodes");
+        let channel = format!("{}{holder}", self.leases_prefix);
+        let published: Result<i64, _> = self.fast().publish(channel.as_str(), text).await;
+        let answer = match published {
+            // Nobody listens: that node stopped, and its leases with it.
+            Ok(0) => Ok(None),
+            Ok(_) => tokio::time::timeout(ASK_TIMEOUT.saturating_sub(started.elapsed()), rx)
+                .await
+                .map(|r| r.ok())
+                .map_err(|_| ()),
+            Err(_) => Err(()),
+        };
+        self.asks.lock().expect("asks lock").remove(&id);
+        match answer {
+            Ok(Some(results)) if results.len() == tokens.len() => {
+                results.into_iter().map(Into::into).collect()
+            }
+            Ok(None) => tokens
+                .iter()
+                .map(|t| {
+                    Err(Error::FailedPrecondition(format!(
+                        "the lease on packet {} is not held: the node that granted it stopped",
+                        t.packet_id
+                    )))
+                })
+                .collect(),
+            _ => unavailable(holder, tokens.len()),
+        }
+    }
+
+    /// A lease message on this node's channel: an ask from another node
+    /// (answered on its channel), or the answer to one of ours.
+    fn on_lease_message(self: &Arc<Self>, message: LeaseMessage, sink: &Arc<dyn QueueSink>) {
+        match message {
+            LeaseMessage::Answer { id, results } => {
+                if let Some(tx) = self.asks.lock().expect("asks lock").remove(&id) {
+                    let _ = tx.send(results);
+                }
+            }
+            LeaseMessage::Ask {
+                id,
+                from,
+                tokens,
+                lease_ms,
+            } => {
+                let parsed: Vec<LeaseToken> =
+                    tokens.iter().filter_map(|t| LeaseToken::parse(t)).collect();
+                if parsed.len() != tokens.len() {
+                    return;
+                }
+                let results = sink
+                    .change_leases(&parsed, lease_ms.map(Duration::from_millis))
+                    .into_iter()
+                    .map(LeaseAnswer::from)
+                    .collect();
+                let answer = LeaseMessage::Answer { id, results };
+                let text = serde_json::to_string(&answer).expect("a lease message encodes");
+                let channel = format!("{}{from}", self.leases_prefix);
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let sent: Result<(), _> = me.fast().publish(channel.as_str(), text).await;
+                    if let Err(e) = sent {
+                        tracing::debug!(error = %e, "could not answer a lease ask");
+                    }
+                });
             }
         }
     }

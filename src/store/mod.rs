@@ -39,6 +39,65 @@ pub struct StoredPacket {
     pub processed_by_karma: bool,
     pub karma_actions: Vec<Value>,
     pub error_message: Option<String>,
+    /// What it had each time an operator sent it back to pending.
+    pub history: Vec<HistoryEntry>,
+}
+
+/// Why an operator sent finished packets back to pending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequeueReason {
+    /// Dead-letter or failed packets, to be tried again.
+    Redrive,
+    /// Processed packets, to be processed again.
+    Replay,
+}
+
+impl RequeueReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Redrive => "redrive",
+            Self::Replay => "replay",
+        }
+    }
+}
+
+/// What a packet had when it was sent back to pending: one entry of its
+/// `history` column (a JSON list), oldest first.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryEntry {
+    pub reason: RequeueReason,
+    pub requeued_at: DateTime<Utc>,
+    /// `processed`, `failed` or `dead_letter`.
+    pub status: String,
+    pub delivery_attempts: u32,
+    pub processed_at: Option<DateTime<Utc>>,
+    pub processed_by_karma: bool,
+    pub karma_actions: Vec<Value>,
+    pub error_message: Option<String>,
+}
+
+/// Which finished packets go back to pending (Redrive, Replay); the
+/// filters combine.
+#[derive(Debug, Clone)]
+pub struct Requeue {
+    pub reason: RequeueReason,
+    /// Finished statuses only (processed, failed, dead_letter); not empty.
+    pub statuses: Vec<DeliveryStatus>,
+    pub user_id: Option<String>,
+    pub received_from: Option<DateTime<Utc>>,
+    pub received_before: Option<DateTime<Utc>>,
+}
+
+impl Requeue {
+    /// `status IN (...)` from the enum's names, never a caller's text.
+    fn status_list(&self) -> String {
+        self.statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// A committed packet waiting for delivery: what the dispatcher holds.
@@ -196,6 +255,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Deletes at most `limit` of the oldest finished packets (processed,
     /// failed, dead_letter) received before `before`; answers how many.
     async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+    /// Sends the packets `requeue` selects back to pending, their outcome
+    /// appended to their history and their delivery count at 0; answers
+    /// their ids and seqs.
+    async fn requeue(
+        &self,
+        requeue: &Requeue,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<(Uuid, i64)>, StoreError>;
     /// Pending packets after `seq`, oldest first.
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError>;
     /// Those of `ids` that are pending.
@@ -341,6 +408,18 @@ impl Store {
     /// See [`Backend::prune`].
     pub async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
         self.backend.prune(before, limit).await
+    }
+
+    /// See [`Backend::requeue`].
+    pub async fn requeue(
+        &self,
+        requeue: &Requeue,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        if requeue.statuses.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.backend.requeue(requeue, at).await
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::rows::{self, PENDING_COLUMNS, PendingRow, StoredRow};
 use super::{
     Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
-    Released, StoreError, StoredPacket, UserQuery, Writers,
+    Released, Requeue, StoreError, StoredPacket, UserQuery, Writers,
 };
 use crate::domain::{DeliveryStatus, Packet};
 
@@ -365,6 +365,37 @@ impl Backend for PgBackend {
         .await
         .map_err(StoreError::from);
         Ok(self.doubt.note(deleted)?.rows_affected())
+    }
+
+    async fn requeue(
+        &self,
+        requeue: &Requeue,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        let sql = format!(
+            "UPDATE packets SET history = history || jsonb_build_array(jsonb_build_object(\
+             'reason', $1::text, 'requeued_at', $2::timestamptz, 'status', status, \
+             'delivery_attempts', delivery_attempts, 'processed_at', processed_at, \
+             'processed_by_karma', processed_by_karma, 'karma_actions', karma_actions, \
+             'error_message', processing_error)), \
+             status = 'pending', delivery_attempts = 0, processed_at = NULL, \
+             processed_by_karma = FALSE, karma_actions = '[]', processing_error = NULL \
+             WHERE status IN ({}) AND ($3::text IS NULL OR user_id = $3) \
+             AND ($4::timestamptz IS NULL OR received_at >= $4) \
+             AND ($5::timestamptz IS NULL OR received_at < $5) \
+             RETURNING packet_id, seq",
+            requeue.status_list()
+        );
+        let rows: Result<Vec<(Uuid, i64)>, StoreError> = sqlx::query_as(&sql)
+            .bind(requeue.reason.as_str())
+            .bind(at)
+            .bind(requeue.user_id.as_deref())
+            .bind(requeue.received_from)
+            .bind(requeue.received_before)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from);
+        self.doubt.note(rows)
     }
 
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError> {

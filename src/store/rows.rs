@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{PendingPacket, StoreError, StoredPacket};
+use super::{HistoryEntry, PendingPacket, StoreError, StoredPacket};
 use crate::domain::{DeliveryStatus, Packet};
 
 /// The columns [`PendingRow`] reads.
@@ -21,7 +21,7 @@ pub(super) const STORED_COLUMNS: &str = "seq, packet_id, user_id, employee_id, s
      lesson_id, system_type, role, client_timestamp, cognitive_state, state, active_seconds, \
      idle_seconds, away_seconds, focus_score, integrity_score, raw_signals, received_at, \
      delivery_attempts, status, processed_at, processed_by_karma, karma_actions, \
-     processing_error";
+     processing_error, history";
 
 /// One user's packets, newest first, before seq `$2`, at most `$3`. The
 /// status is written as a literal (from the enum, never from a caller), so
@@ -69,6 +69,7 @@ pub(super) struct StoredRow<Id> {
     processed_by_karma: bool,
     karma_actions: Json<Vec<Value>>,
     processing_error: Option<String>,
+    history: Json<Vec<HistoryEntry>>,
 }
 
 impl<Id: Into<Uuid>> PendingRow<Id> {
@@ -122,6 +123,7 @@ impl<Id: Into<Uuid>> StoredRow<Id> {
             processed_by_karma: self.processed_by_karma,
             karma_actions: self.karma_actions.0,
             error_message: self.processing_error,
+            history: self.history.0,
         })
     }
 }

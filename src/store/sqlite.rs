@@ -26,7 +26,7 @@ use uuid::fmt::Hyphenated;
 use super::rows::{self, PENDING_COLUMNS, PendingRow, StoredRow};
 use super::{
     Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
-    Released, StoreError, StoredPacket, UserQuery, Writers,
+    Released, Requeue, StoreError, StoredPacket, UserQuery, Writers,
 };
 use crate::domain::{DeliveryStatus, Packet};
 
@@ -360,6 +360,60 @@ impl Backend for SqliteBackend {
         .await
         .map_err(|e| StoreError::Internal(format!("pruning task: {e}")))?
         .map_err(StoreError::from)
+    }
+
+    async fn requeue(
+        &self,
+        requeue: &Requeue,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        // The outcome goes into the history as one JSON object; booleans
+        // are stored as 0/1, hence the CASE.
+        let sql = format!(
+            "UPDATE packets SET history = json_insert(history, '$[#]', json_object(\
+             'reason', ?1, 'requeued_at', ?2, 'status', status, \
+             'delivery_attempts', delivery_attempts, 'processed_at', processed_at, \
+             'processed_by_karma', json(CASE WHEN processed_by_karma THEN 'true' ELSE 'false' END), \
+             'karma_actions', json(karma_actions), 'error_message', processing_error)), \
+             status = 'pending', delivery_attempts = 0, processed_at = NULL, \
+             processed_by_karma = FALSE, karma_actions = '[]', processing_error = NULL \
+             WHERE status IN ({}) AND (?3 IS NULL OR user_id = ?3) \
+             AND (?4 IS NULL OR received_at >= ?4) AND (?5 IS NULL OR received_at < ?5) \
+             RETURNING packet_id, seq",
+            requeue.status_list()
+        );
+        let params = (
+            requeue.reason.as_str(),
+            text_time(at),
+            requeue.user_id.clone(),
+            requeue.received_from.map(text_time),
+            requeue.received_before.map(text_time),
+        );
+        // On the writing connection, like every write (SQLite has one writer).
+        let writes = self.writes.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writes.lock().expect("writer connection lock");
+            let tx = conn.transaction()?;
+            let rows = {
+                let mut statement = tx.prepare(&sql)?;
+                let rows = statement.query_map(
+                    params![params.0, params.1, params.2, params.3, params.4],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+                )?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(rows)
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("requeue task: {e}")))??
+        .into_iter()
+        .map(|(id, seq)| {
+            Uuid::try_parse(&id)
+                .map(|id| (id, seq))
+                .map_err(|e| StoreError::Internal(format!("packet_id {id:?}: {e}")))
+        })
+        .collect()
     }
 
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError> {

@@ -486,6 +486,13 @@ mod tests {
         async fn prune(&self, _: chrono::DateTime<Utc>, _: u32) -> Result<u64, StoreError> {
             Ok(0)
         }
+        async fn requeue(
+            &self,
+            _: &super::super::Requeue,
+            _: chrono::DateTime<Utc>,
+        ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+            Ok(Vec::new())
+        }
         async fn pending_after(&self, _: i64, _: u32) -> Result<Vec<PendingPacket>, StoreError> {
             Ok(Vec::new())
         }

@@ -12,6 +12,7 @@ mod gateway;
 mod ingest;
 mod marks;
 mod openapi;
+mod operator;
 mod ops;
 mod queries;
 mod redis_queue;

@@ -60,6 +60,16 @@ async fn the_document_names_every_path_and_every_answer() {
             &["200", "400", "422", "500", "503"],
         ),
         ("get", format!("{P}/status"), &["200", "500", "503"]),
+        (
+            "post",
+            format!("{P}/packets/redrive"),
+            &["200", "400", "413", "415", "422", "500", "503"],
+        ),
+        (
+            "post",
+            format!("{P}/packets/replay"),
+            &["200", "400", "413", "415", "422", "500", "503"],
+        ),
         ("get", "/healthz".into(), &["200"]),
         ("get", "/readyz".into(), &["200", "503"]),
         ("get", "/metrics".into(), &["200"]),
