@@ -13,6 +13,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
 
+    // For reflection only: what google/rpc/error_details.proto imports.
+    let wkt = protox::compile(
+        [
+            "google/protobuf/any.proto",
+            "google/protobuf/duration.proto",
+        ],
+        ["proto"],
+    )?;
+    std::fs::write(
+        out.join("well_known_descriptor.bin"),
+        prost::Message::encode_to_vec(&wkt),
+    )?;
+
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

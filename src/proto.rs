@@ -14,6 +14,11 @@ pub mod bucket {
 /// The compiled contract, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("bucket_descriptor");
 
+/// `google/protobuf/any.proto` and `duration.proto`, which the error
+/// details (`google/rpc/*.proto`, from tonic-types) import: reflection
+/// serves a file only with its imports.
+pub const WELL_KNOWN_TYPES: &[u8] = tonic::include_file_descriptor_set!("well_known_descriptor");
+
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: at.timestamp(),

@@ -15,8 +15,8 @@ use crate::config::Config;
 use crate::delivery::Dispatcher;
 use crate::grpc::BucketGrpc;
 use crate::limits::{IngestRate, Limits};
-use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
+use crate::proto::{FILE_DESCRIPTOR_SET, WELL_KNOWN_TYPES};
 use crate::queue::redis::{RedisQueue, redis_url};
 use crate::store::{CommitLimits, Store};
 use axum::middleware::from_fn_with_state;
@@ -202,10 +202,18 @@ impl Application {
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.BadRequest & co., so grpcurl and buf curl print an
+            // error's details instead of bytes.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(WELL_KNOWN_TYPES)
             .build_v1()?;
         let reflection_alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.BadRequest & co., so grpcurl and buf curl print an
+            // error's details instead of bytes.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(WELL_KNOWN_TYPES)
             .build_v1alpha()?;
         let (health_reporter, health) = tonic_health::server::health_reporter();
         tokio::spawn(report_health(

@@ -1,13 +1,13 @@
 // Serves the page from its own origin (so CORS is exercised), opens it in
 // headless Chromium, and prints the page's result as one JSON line.
-// Usage: node run.mjs BUCKET_URL USER N
+// Usage: node run.mjs BUCKET_URL USER N [TOKEN]
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
-const [bucket = "http://127.0.0.1:3000", user = "prana_demo", n = "5"] = process.argv.slice(2);
+const [bucket = "http://127.0.0.1:3000", user = "prana_demo", n = "5", token = ""] = process.argv.slice(2);
 const root = dirname(fileURLToPath(import.meta.url));
 const files = {
   "/": ["index.html", "text/html"],
@@ -23,7 +23,7 @@ const server = createServer(async (req, res) => {
   res.writeHead(200, { "content-type": entry[1] }).end(await readFile(join(root, entry[0])));
 });
 await new Promise((ok) => server.listen(0, "127.0.0.1", ok));
-const page = `http://127.0.0.1:${server.address().port}/?bucket=${encodeURIComponent(bucket)}&user=${encodeURIComponent(user)}&n=${n}`;
+const page = `http://127.0.0.1:${server.address().port}/?bucket=${encodeURIComponent(bucket)}&user=${encodeURIComponent(user)}&n=${n}&token=${encodeURIComponent(token)}`;
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",

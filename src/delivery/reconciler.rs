@@ -1,19 +1,39 @@
-//! Several nodes: puts back into the Redis stream every pending packet it
-//! lacks, at start, each time Redis (re)connects, and every `every`. The
-//! stream can lose entries (Redis restarted without persistence, a node
-//! stopped between commit and XADD); the database cannot, so no packet is
-//! lost.
+//! Several nodes: puts back into the Redis stream the pending packets it
+//! lacks. The stream can lose entries (Redis restarted without
+//! persistence, a node stopped between commit and XADD); the database
+//! cannot, so no packet is lost.
+//!
+//! Its cost does not grow with what is stored. At start and each time
+//! Redis (re)connects, a full pass: skipped when the stream holds at least
+//! as many entries as packets are pending (the count is kept by the
+//! database, no scan; after Redis lost its data the stream is short), else
+//! it pages through the pending packets by seq. Every `every`, an incremental pass looks only at packets received
+//! since the previous pass (by the `received_at` index) and at stream
+//! entries added since then (entry ids are times): the one loss that
+//! happens without a reconnection, a node stopping between commit and
+//! XADD, is always recent.
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::dispatcher::{Dispatcher, QueueSink};
 use crate::error::Error;
 
-/// One pass; returns how many ids were added.
+/// Pending ids read per query.
+const PAGE: u32 = 10_000;
+/// How far before the previous pass the incremental one looks at packets,
+/// for commits in flight then.
+const OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
+/// How much earlier it reads stream entries: entry ids are Redis's clock,
+/// received_at the node's, and they may differ.
+const CLOCK_SLACK: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+/// A full pass; returns how many ids were added.
 pub async fn reconcile(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
     let Some(redis) = dispatcher.redis() else {
         return Ok(0);
@@ -22,28 +42,71 @@ pub async fn reconcile(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
         // Redis away: what is committed meanwhile waits in this node's memory.
         tracing::warn!(error = %e, "queue not ready");
     }
+    let (in_stream, _) = redis.depth().await?;
+    let pending = dispatcher.store().counts().await?.pending;
+    if in_stream >= pending {
+        return Ok(0);
+    }
     // Held here first: an entry removed between the two reads is one this
     // node just took, so it is in one of the two sets.
     let held = dispatcher.held_ids();
-    let in_stream: HashSet<_> = redis.stream_ids().await?;
-    let missing: Vec<_> = dispatcher
-        .store()
-        .pending_ids()
-        .await?
-        .into_iter()
-        .filter(|id| !in_stream.contains(id) && !held.contains(id))
-        .collect();
-    redis.add_ids(&missing).await?;
-    if !missing.is_empty() {
-        tracing::info!(
-            queued = missing.len(),
-            "pending packets put back on the queue"
-        );
-    }
-    Ok(missing.len())
+    let in_stream = redis.stream_ids(None).await?;
+    add_missing(dispatcher, 0, &in_stream, &held).await
 }
 
-/// Reconciles on every Redis (re)connection and every `every`.
+/// An incremental pass over what was received since `since`.
+pub async fn reconcile_since(
+    dispatcher: &Arc<Dispatcher>,
+    since: DateTime<Utc>,
+) -> Result<usize, Error> {
+    let Some(redis) = dispatcher.redis() else {
+        return Ok(0);
+    };
+    let Some(first) = dispatcher.store().first_seq_since(since - OVERLAP).await? else {
+        return Ok(0);
+    };
+    let held = dispatcher.held_ids();
+    let in_stream = redis
+        .stream_ids(Some(since - OVERLAP - CLOCK_SLACK))
+        .await?;
+    add_missing(dispatcher, first - 1, &in_stream, &held).await
+}
+
+/// Adds the pending packets after seq `after` that are neither in the
+/// stream nor held here, page by page.
+async fn add_missing(
+    dispatcher: &Arc<Dispatcher>,
+    mut after: i64,
+    in_stream: &HashSet<Uuid>,
+    held: &HashSet<Uuid>,
+) -> Result<usize, Error> {
+    let redis = dispatcher.redis().expect("reconciling a Redis queue");
+    let mut added = 0;
+    loop {
+        let page = dispatcher.store().pending_ids(after, PAGE).await?;
+        let Some(&(_, last)) = page.last() else {
+            break;
+        };
+        after = last;
+        let missing: Vec<Uuid> = page
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !in_stream.contains(id) && !held.contains(id))
+            .collect();
+        redis.add_ids(&missing).await?;
+        added += missing.len();
+        if page.len() < PAGE as usize {
+            break;
+        }
+    }
+    if added > 0 {
+        tracing::info!(queued = added, "pending packets put back on the queue");
+    }
+    Ok(added)
+}
+
+/// A full pass on every Redis (re)connection, an incremental one every
+/// `every`.
 pub async fn run<T: Clone>(
     dispatcher: Arc<Dispatcher>,
     mut connected: broadcast::Receiver<T>,
@@ -53,19 +116,28 @@ pub async fn run<T: Clone>(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is now; start already reconciled
+    let mut last = Utc::now();
     loop {
-        tokio::select! {
+        let full = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tick.tick() => false,
             event = connected.recv() => match event {
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     tracing::info!("Redis connected; reconciling the queue with the database");
+                    true
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-        }
-        if let Err(e) = reconcile(&dispatcher).await {
-            tracing::warn!(error = %e, "queue reconciliation failed; will retry");
+        };
+        let started = Utc::now();
+        let done = if full {
+            reconcile(&dispatcher).await
+        } else {
+            reconcile_since(&dispatcher, last).await
+        };
+        match done {
+            Ok(_) => last = started,
+            Err(e) => tracing::warn!(error = %e, "queue reconciliation failed; will retry"),
         }
     }
 }

@@ -708,10 +708,17 @@ impl RedisQueue {
         Ok(claimed)
     }
 
-    /// Every packet id in the stream (for the reconciler).
-    pub async fn stream_ids(&self) -> Result<std::collections::HashSet<Uuid>, QueueError> {
+    /// The packet ids in the stream, all or those of entries added since
+    /// `since` (for the reconciler).
+    pub async fn stream_ids(
+        &self,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<std::collections::HashSet<Uuid>, QueueError> {
         let mut ids = std::collections::HashSet::new();
-        let mut start = "-".to_owned();
+        // Entry ids begin with the time (ms) they were added.
+        let mut start = since.map_or("-".to_owned(), |t| {
+            format!("{}-0", t.timestamp_millis().max(0))
+        });
         loop {
             let page: Vec<Entry> = self
                 .fast()

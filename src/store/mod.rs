@@ -267,8 +267,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError>;
     /// Those of `ids` that are pending.
     async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError>;
-    /// Ids of pending packets, oldest first.
-    async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError>;
+    /// Ids (and seqs) of pending packets after seq `after`, oldest first,
+    /// at most `limit`.
+    async fn pending_ids(&self, after: i64, limit: u32) -> Result<Vec<(Uuid, i64)>, StoreError>;
+    /// The first seq of the packets received at or after `since` (by the
+    /// `received_at` index), if any.
+    async fn first_seq_since(&self, since: DateTime<Utc>) -> Result<Option<i64>, StoreError>;
     async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError>;
     async fn counts(&self) -> Result<Counts, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
@@ -393,8 +397,18 @@ impl Store {
         self.backend.pending_among(ids).await
     }
 
-    pub async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError> {
-        self.backend.pending_ids().await
+    /// See [`Backend::pending_ids`].
+    pub async fn pending_ids(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        self.backend.pending_ids(after, limit).await
+    }
+
+    /// See [`Backend::first_seq_since`].
+    pub async fn first_seq_since(&self, since: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
+        self.backend.first_seq_since(since).await
     }
 
     pub async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {

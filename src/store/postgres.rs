@@ -421,12 +421,24 @@ impl Backend for PgBackend {
         Ok(rows.into_iter().map(PendingRow::into_pending).collect())
     }
 
-    async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT packet_id FROM packets WHERE status = 'pending' ORDER BY seq",
+    async fn pending_ids(&self, after: i64, limit: u32) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT packet_id, seq FROM packets WHERE status = 'pending' AND seq > $1 \
+             ORDER BY seq LIMIT $2",
         )
+        .bind(after)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn first_seq_since(&self, since: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT MIN(seq) FROM packets WHERE received_at >= $1")
+                .bind(since)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {

@@ -441,13 +441,25 @@ impl Backend for SqliteBackend {
         Ok(rows.into_iter().map(PendingRow::into_pending).collect())
     }
 
-    async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError> {
-        let ids: Vec<Hyphenated> = sqlx::query_scalar(
-            "SELECT packet_id FROM packets WHERE status = 'pending' ORDER BY seq",
+    async fn pending_ids(&self, after: i64, limit: u32) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        let rows: Vec<(Hyphenated, i64)> = sqlx::query_as(
+            "SELECT packet_id, seq FROM packets WHERE status = 'pending' AND seq > $1 \
+             ORDER BY seq LIMIT $2",
         )
+        .bind(after)
+        .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await?;
-        Ok(ids.into_iter().map(Uuid::from).collect())
+        Ok(rows.into_iter().map(|(id, seq)| (id.into(), seq)).collect())
+    }
+
+    async fn first_seq_since(&self, since: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT MIN(seq) FROM packets WHERE received_at >= $1")
+                .bind(text_time(since))
+                .fetch_one(&self.reads)
+                .await?,
+        )
     }
 
     async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {

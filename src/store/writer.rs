@@ -499,8 +499,14 @@ mod tests {
         async fn pending_among(&self, _: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
             Ok(Vec::new())
         }
-        async fn pending_ids(&self) -> Result<Vec<Uuid>, StoreError> {
+        async fn pending_ids(&self, _: i64, _: u32) -> Result<Vec<(Uuid, i64)>, StoreError> {
             Ok(Vec::new())
+        }
+        async fn first_seq_since(
+            &self,
+            _: chrono::DateTime<Utc>,
+        ) -> Result<Option<i64>, StoreError> {
+            Ok(None)
         }
         async fn user_packets(&self, _: &UserQuery) -> Result<Vec<StoredPacket>, StoreError> {
             Ok(Vec::new())

@@ -1,12 +1,13 @@
 //! A real browser: examples/browser's page, in headless Chromium, ingests
-//! over gRPC-web from another origin; the packets must be in the database.
+//! over gRPC-web from another origin, with an ingest token (so CORS must let
+//! `authorization` through); the packets must be in the database.
 use std::path::Path;
 use std::time::Duration;
 
 use bucket::proto::bucket::v1 as pb;
 use serde_json::Value;
 
-use crate::helpers::{Backend, TestApp, user_packets};
+use crate::helpers::{Backend, TestApp, TestDb, test_config, user_packets};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prana_page_in_chromium_ingests_over_grpc_web() {
@@ -15,12 +16,16 @@ async fn prana_page_in_chromium_ingests_over_grpc_web() {
         dir.join("dist/app.js").exists() && dir.join("node_modules/playwright-core").exists(),
         "the page is not built: run `bash tests/run.sh` (it installs chromium and node, then builds it)"
     );
-    let app = TestApp::spawn(Backend::Sqlite).await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.auth.ingest_tokens = vec!["prana-browser-token".into()];
+    let app = TestApp::spawn_with(db, config).await;
     let run = tokio::process::Command::new("node")
         .arg("run.mjs")
         .arg(app.url())
         .arg("browser_user")
         .arg("5")
+        .arg("prana-browser-token")
         .current_dir(&dir)
         .kill_on_drop(true)
         .output();

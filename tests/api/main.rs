@@ -18,3 +18,4 @@ mod queries;
 mod redis_queue;
 mod retention;
 mod security;
+mod walkthrough;

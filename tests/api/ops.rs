@@ -230,6 +230,59 @@ async fn reflection_lists_the_service_v1_and_v1alpha() {
         response.message_response,
         Some(ra::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
     ));
+    // The error details a refusal carries, and what they import, asked for
+    // as grpcurl and buf curl do, so they can decode them.
+    let mut client = r1::server_reflection_client::ServerReflectionClient::new(channel(&app).await);
+    let ask = |request| r1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    use r1::server_reflection_request::MessageRequest;
+    use r1::server_reflection_response::MessageResponse;
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter([
+            ask(MessageRequest::FileContainingSymbol(
+                "google.rpc.BadRequest".into(),
+            )),
+            ask(MessageRequest::FileContainingSymbol(
+                "google.rpc.RetryInfo".into(),
+            )),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut imports = Vec::new();
+    for _ in 0..2 {
+        let Some(MessageResponse::FileDescriptorResponse(files)) =
+            responses.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("error details not served");
+        };
+        let file = <prost_types::FileDescriptorProto as prost::Message>::decode(
+            files.file_descriptor_proto[0].as_slice(),
+        )
+        .unwrap();
+        assert_eq!(file.package(), "google.rpc");
+        imports.extend(file.dependency);
+    }
+    assert!(!imports.is_empty());
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter(
+            imports
+                .iter()
+                .map(|name| ask(MessageRequest::FileByFilename(name.clone())))
+                .collect::<Vec<_>>(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    for name in &imports {
+        let answer = responses.next().await.unwrap().unwrap().message_response;
+        assert!(
+            matches!(answer, Some(MessageResponse::FileDescriptorResponse(_))),
+            "{name}: {answer:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -291,3 +291,37 @@ async fn leases_end_and_dead_letter_across_nodes() {
             .is_err()
     );
 }
+
+/// An entry lost while Redis stays up (a node stopped between commit and
+/// XADD, simulated by deleting the entry): the periodic pass, which looks
+/// only at recent packets, puts it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recent_packet_missing_from_the_stream_is_put_back() {
+    let db = TestDb::new(Backend::Redis).await;
+    let mut config = test_config(&db);
+    config.redis.reconcile_seconds = 1;
+    let app = TestApp::spawn_with(db.clone(), config).await;
+    let mut client = app.client().await;
+    let id = ingest(&mut client, packet_for("lost")).await;
+
+    let (url, prefix) = db.redis.clone().expect("a Redis backend");
+    let redis = Builder::from_config(Config::from_url(&url).unwrap())
+        .build()
+        .unwrap();
+    redis.init().await.unwrap();
+    let key = format!("{prefix}pending");
+    let entries: Vec<(String, HashMap<String, String>)> =
+        redis.xrange(&key, "-", "+", None).await.unwrap();
+    let lost: Vec<String> = entries
+        .into_iter()
+        .filter(|(_, fields)| fields.get("id") == Some(&id))
+        .map(|(entry, _)| entry)
+        .collect();
+    assert_eq!(lost.len(), 1, "the packet's entry");
+    let _: i64 = redis.xdel(&key, lost).await.unwrap();
+
+    let mut stream = subscribe(&mut client, "karma", 0, 0).await;
+    let d = next(&mut stream).await;
+    assert_eq!(d.packet.unwrap().packet_id, id);
+    redis.quit().await.unwrap();
+}
