@@ -10,6 +10,7 @@ mod plot;
 mod proc_stats;
 mod redis_keys;
 mod report;
+mod scale;
 mod server;
 mod tracker;
 
@@ -52,6 +53,30 @@ enum Command {
     Sweep(SweepArgs),
     /// Draw the p99-against-rate PNG from a CSV of e2e runs
     Plot(PlotArgs),
+    /// Load N packets, then measure Status, /metrics, UserPackets, RSS and
+    /// the database's size with them stored
+    Scale(ScaleArgs),
+}
+
+#[derive(Args, Debug)]
+struct ScaleArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Packets loaded (all pending unless --processed)
+    #[arg(long, default_value_t = 1_000_000)]
+    packets: u64,
+    /// Packets per IngestBatch while loading
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// IngestBatch calls outstanding while loading
+    #[arg(long, default_value_t = 4)]
+    outstanding: usize,
+    /// Share of the packets then marked processed (0 to 1)
+    #[arg(long, default_value_t = 0.0)]
+    processed: f64,
+    /// Calls measured per kind
+    #[arg(long, default_value_t = 1000)]
+    samples: usize,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -365,6 +390,20 @@ async fn run(command: Command) -> Result<ExitCode> {
             .await
         }
         Command::Sweep(a) => sweep(a).await,
+        Command::Scale(a) => {
+            let server = Server::start(&a.server).await?;
+            let plan = scale::ScalePlan {
+                packets: a.packets,
+                batch_size: a.batch_size,
+                outstanding: a.outstanding,
+                processed: a.processed,
+                samples: a.samples,
+            };
+            let result = scale::scale(&server, &plan).await;
+            server.stop().await;
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plot(a) => {
             let out = a.out.unwrap_or_else(|| a.csv.with_extension("png"));
             plot::draw(&a.csv, &out, &a.font)?;

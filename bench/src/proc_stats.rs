@@ -56,6 +56,11 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Resident set size now (VmRSS), in MiB.
+pub fn vm_rss_mib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmRSS:").map(|k| k as f64 / 1024.0)
+}
+
 /// Peak resident set size over the process's life (VmHWM), in MiB.
 pub fn vm_hwm_mib(pid: u32) -> Option<f64> {
     status_kib(pid, "VmHWM:").map(|k| k as f64 / 1024.0)

@@ -286,6 +286,23 @@ impl Server {
         Ok(url.to_string())
     }
 
+    /// The size of the run's database: SQLite's file and WAL, or
+    /// PostgreSQL's `pg_database_size`.
+    pub async fn database_bytes(&self) -> Option<u64> {
+        if let Some(pg) = &self.pg {
+            let mut conn = PgConnection::connect(&pg.admin).await.ok()?;
+            let (bytes,): (i64,) = sqlx::query_as("SELECT pg_database_size($1)")
+                .bind(&pg.name)
+                .fetch_one(&mut conn)
+                .await
+                .ok()?;
+            return Some(bytes as u64);
+        }
+        let dir = self.tmp.as_ref()?.path();
+        let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+        Some(size("bucket.db") + size("bucket.db-wal"))
+    }
+
     /// Processes of the store the bucket talks to, whose CPU the bucket's own
     /// figure leaves out: the PostgreSQL backends serving the run's database
     /// (as connected now) and redis-server.

@@ -148,6 +148,40 @@ fn drain() {
     assert_none_lost(&finish(cmd, &["drain"]));
 }
 
+#[test]
+fn scale() {
+    let mut cmd = Command::new(bench());
+    cmd.args([
+        "scale",
+        "--packets",
+        "3000",
+        "--processed",
+        "0.5",
+        "--samples",
+        "50",
+    ])
+    .arg("--server-bin")
+    .arg(server_bin());
+    let out = finish(cmd, &["scale"]);
+    assert!(
+        out.contains("stored: 3000 total, 1500 pending, 1500 processed"),
+        "{out}"
+    );
+    for line in [
+        "Status (gRPC)",
+        "/metrics",
+        "UserPackets",
+        "server RSS",
+        "database",
+    ] {
+        assert!(
+            out.contains(line),
+            "no {line} line:
+{out}"
+        );
+    }
+}
+
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
 #[test]

@@ -171,7 +171,10 @@ async fn redrive_sends_dead_letters_back_with_their_count_reset(backend: Backend
     let mine = dead_letters(&app, "a", 3, 3).await;
     dead_letters(&app, "b", 2, 5).await;
     let s = status(&mut client).await;
-    assert_eq!((s.dead_letter_packets, s.pending_packets), (5, 0));
+    assert_eq!(
+        (s.dead_letter_packets, s.pending_packets + s.leased_packets),
+        (5, 0)
+    );
 
     // Only user a's, over REST (the same call).
     let http = reqwest::Client::new();
@@ -185,7 +188,12 @@ async fn redrive_sends_dead_letters_back_with_their_count_reset(backend: Backend
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body, serde_json::json!({"redriven": 3}));
     let s = status(&mut client).await;
-    assert_eq!((s.dead_letter_packets, s.pending_packets), (2, 3));
+    // (With Redis, a dead letter's entry may still be acknowledged in the
+    // background and count as leased for a moment: the sum is exact.)
+    assert_eq!(
+        (s.dead_letter_packets, s.pending_packets + s.leased_packets),
+        (2, 3)
+    );
 
     // Delivered again, from the first attempt, oldest first.
     let mut stream = subscribe(&mut client, "karma", 0, 30).await;
