@@ -43,10 +43,19 @@ pub struct SqliteBackend {
 /// How often the WAL is copied back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// WAL frames (4 KiB pages) past which the checkpointer truncates the WAL.
+const WAL_LIMIT_FRAMES: i64 = 16_384;
+
 /// Copies the WAL into the database file from a connection of its own, so
 /// the writer never stops for it (SQLite's automatic checkpoint would run
 /// inside a commit, holding up every waiting write for tens of ms).
-/// PASSIVE: it never waits for, nor blocks, the writer or readers.
+/// PASSIVE: it never waits for, nor blocks, the writer or readers. But
+/// under steady writes a PASSIVE checkpoint never finds the WAL complete,
+/// and SQLite only starts the WAL over when it is, so the file grew without
+/// bound (545 MB of WAL beside an 82 MB database after 200,000 packets).
+/// Past 64 MiB, right after a PASSIVE pass (so little is left to copy),
+/// a TRUNCATE checkpoint holds writers back for that remainder and empties
+/// the file.
 fn checkpoint_in_background(
     path: &std::path::Path,
     alive: std::sync::Weak<()>,
@@ -58,10 +67,18 @@ fn checkpoint_in_background(
         .spawn(move || {
             while alive.upgrade().is_some() {
                 std::thread::sleep(CHECKPOINT_EVERY);
-                let done: rusqlite::Result<(i64, i64, i64)> =
-                    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                let checkpoint = |mode: &str| -> rusqlite::Result<(i64, i64, i64)> {
+                    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    });
+                    })
+                };
+                let done = checkpoint("PASSIVE").and_then(|(busy, frames, copied)| {
+                    if frames > WAL_LIMIT_FRAMES {
+                        tracing::debug!(busy, frames, copied, "WAL over its limit: truncating");
+                        checkpoint("TRUNCATE")?;
+                    }
+                    Ok(())
+                });
                 if let Err(e) = done {
                     tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
                 }
