@@ -32,11 +32,11 @@ pub struct Config {
     pub limits: LimitsConfig,
 
     /// Most packets one IngestBatch (or one JSON array) may carry.
-    #[arg(long, env = "BUCKET_MAX_BATCH", default_value_t = 500)]
+    #[arg(long, env = "BUCKET_MAX_BATCH", default_value_t = 500, value_parser = usize_in::<1, 10_000>)]
     pub max_batch: usize,
 
     /// Most queued writes the writer commits in one transaction.
-    #[arg(long, env = "BUCKET_MAX_COMMIT", default_value_t = 1000)]
+    #[arg(long, env = "BUCKET_MAX_COMMIT", default_value_t = 1000, value_parser = usize_in::<1, 100_000>)]
     pub max_commit: usize,
 
     /// How long a writer lets writes gather before a commit when they come
@@ -52,7 +52,7 @@ pub struct Config {
     pub retention: crate::store::retention::Retention,
 
     /// Largest accepted request body, in bytes.
-    #[arg(long, env = "BUCKET_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "BUCKET_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = usize_in::<1024, { 256 * 1024 * 1024 }>)]
     pub max_body_bytes: usize,
 
     /// Browser origins allowed to call gRPC-web and the JSON gateway, comma-separated; `*` for any.
@@ -88,29 +88,29 @@ pub struct RedisConfig {
     pub redis_prefix: String,
     /// How often the Redis queue is checked against the database's pending
     /// packets (also on every reconnect), in seconds.
-    #[arg(long, env = "BUCKET_RECONCILE_SECONDS", default_value_t = 30)]
+    #[arg(long, env = "BUCKET_RECONCILE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub reconcile_seconds: u64,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeliveryConfig {
     /// Lease length when a subscriber does not ask for one, in seconds.
-    #[arg(long, env = "BUCKET_LEASE_SECONDS", default_value_t = 30)]
+    #[arg(long, env = "BUCKET_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub lease_seconds: u32,
     /// In-flight packets per stream when a subscriber does not ask.
-    #[arg(long, env = "BUCKET_MAX_IN_FLIGHT", default_value_t = 64)]
+    #[arg(long, env = "BUCKET_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub max_in_flight: u32,
     /// Deliveries before a packet becomes dead_letter.
-    #[arg(long, env = "BUCKET_MAX_DELIVERIES", default_value_t = 5)]
+    #[arg(long, env = "BUCKET_MAX_DELIVERIES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_deliveries: u32,
     /// Longest pause of the lease timer (which otherwise wakes at each
     /// expiry): how often lease ends the database refused are retried, in
     /// milliseconds.
-    #[arg(long, env = "BUCKET_SWEEP_MS", default_value_t = 500)]
+    #[arg(long, env = "BUCKET_SWEEP_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60000))]
     pub sweep_ms: u64,
     /// Most packets one node's memory queue holds; a larger backlog waits in
     /// the database and is read back a window at a time.
-    #[arg(long, env = "BUCKET_QUEUE_WINDOW", default_value_t = 8192)]
+    #[arg(long, env = "BUCKET_QUEUE_WINDOW", default_value_t = 8192, value_parser = usize_in::<2, 10_000_000>)]
     pub queue_window: usize,
 }
 
@@ -190,7 +190,7 @@ pub struct LimitsConfig {
     /// On SIGTERM, how long requests under way may take to finish before
     /// their connections are closed (streams end at once, their leases
     /// handed back).
-    #[arg(long, env = "BUCKET_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+    #[arg(long, env = "BUCKET_SHUTDOWN_GRACE_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub shutdown_grace_seconds: u64,
     /// Concurrent HTTP/2 streams (calls) on one connection.
     #[arg(long, env = "BUCKET_MAX_CONCURRENT_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -218,8 +218,60 @@ impl DeliveryConfig {
 }
 
 impl Config {
-    /// Defaults with no flags and no environment, for tests.
+    /// Defaults with no flags and no environment, for tests: a `BUCKET_*`,
+    /// `DATABASE_URL` or `REDIS_*` in the shell that runs them changes
+    /// nothing.
     pub fn defaults() -> Self {
-        Config::parse_from(["bucket"])
+        let command = <Config as clap::CommandFactory>::command()
+            .mut_args(|arg| arg.env(None::<&'static str>));
+        let matches = command.get_matches_from(["bucket"]);
+        <Config as clap::FromArgMatches>::from_arg_matches(&matches)
+            .expect("the defaults are valid")
+    }
+}
+
+/// A whole number in `MIN..=MAX`, refused at startup otherwise (never
+/// clamped behind the operator's back).
+fn usize_in<const MIN: usize, const MAX: usize>(text: &str) -> Result<usize, String> {
+    let n: usize = text.trim().parse().map_err(|e| format!("{text:?}: {e}"))?;
+    if (MIN..=MAX).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not in {MIN}..={MAX}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_ignore_the_environment() {
+        // SAFETY: nextest runs each test in a process of its own; no other
+        // thread reads the environment here.
+        unsafe {
+            std::env::set_var("BUCKET_MAX_BATCH", "7");
+            std::env::set_var("DATABASE_URL", "postgres://elsewhere/db");
+            std::env::set_var("REDIS_HOST", "redis.elsewhere");
+        }
+        let config = Config::defaults();
+        assert_eq!(config.max_batch, 500);
+        assert_eq!(config.database_url, "sqlite://bucket.db");
+        assert_eq!(config.redis.redis_host, None);
+        // The real parse does read them.
+        assert_eq!(Config::parse_from(["bucket"]).max_batch, 7);
+    }
+
+    #[test]
+    fn bounds_are_refused_not_clamped() {
+        for args in [
+            ["bucket", "--max-deliveries", "0"],
+            ["bucket", "--max-deliveries", "4294967296"],
+            ["bucket", "--queue-window", "1"],
+            ["bucket", "--max-batch", "0"],
+            ["bucket", "--lease-seconds", "3601"],
+        ] {
+            assert!(Config::try_parse_from(args).is_err(), "{args:?}");
+        }
     }
 }

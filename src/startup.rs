@@ -17,7 +17,7 @@ use crate::grpc::BucketGrpc;
 use crate::limits::{IngestRate, Limits};
 use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
 use crate::proto::{FILE_DESCRIPTOR_SET, WELL_KNOWN_TYPES};
-use crate::queue::redis::{RedisQueue, redis_url};
+use crate::queue::redis::{RedisQueue, RedisTarget};
 use crate::store::{CommitLimits, Store};
 use axum::middleware::from_fn_with_state;
 use uuid::Uuid;
@@ -41,18 +41,18 @@ impl Application {
             .await
             .with_context(|| format!("opening {}", redact(&config.database_url)))?;
         let node = Uuid::new_v4().simple().to_string()[..8].to_owned();
-        let redis = match redis_url(&config.redis) {
+        let redis = match RedisTarget::from_config(&config.redis)? {
             None => {
                 tracing::info!("no REDIS_URL: in-memory queue (one node)");
                 None
             }
-            Some(url) => {
-                let redis = RedisQueue::connect(&url, &config.redis, &node, store.clone())?;
+            Some(target) => {
+                let redis = RedisQueue::connect(&target, &config.redis, &node, store.clone())?;
                 if tokio::time::timeout(Duration::from_secs(2), redis.wait_connected())
                     .await
                     .is_err()
                 {
-                    tracing::warn!(redis = %redact(&url), "Redis does not answer; serving from memory and reconnecting");
+                    tracing::warn!(redis = %target.display, "Redis does not answer; serving from memory and reconnecting");
                 }
                 Some(redis)
             }
@@ -84,7 +84,7 @@ impl Application {
             redis.start(Arc::new(dispatcher.clone()), dispatcher.shutdown_token());
             dispatcher.start_reconciler(
                 redis.reconnections(),
-                Duration::from_secs(config.redis.reconcile_seconds.max(1)),
+                Duration::from_secs(config.redis.reconcile_seconds),
             );
         }
         match config.retention.0 {

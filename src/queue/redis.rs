@@ -170,19 +170,51 @@ impl From<fred::error::Error> for QueueError {
     }
 }
 
-/// The Redis URL from `REDIS_URL`, else from the seed's `REDIS_HOST` & co.
-pub fn redis_url(config: &RedisConfig) -> Option<String> {
-    if let Some(url) = &config.redis_url {
-        return Some(url.clone());
+/// Where Redis is, from `REDIS_URL`, else from the seed's `REDIS_HOST` &
+/// co. (None: no Redis, the in-memory queue). Built field by field, never
+/// by pasting a URL together: a password may hold `@`, `:` or `/`.
+#[derive(Clone)]
+pub struct RedisTarget {
+    config: Config,
+    /// For logs: no password.
+    pub display: String,
+}
+
+impl RedisTarget {
+    pub fn from_config(config: &RedisConfig) -> Result<Option<RedisTarget>, QueueError> {
+        let mut target = if let Some(url) = &config.redis_url {
+            RedisTarget {
+                config: Config::from_url(url)?,
+                display: redact_url(url),
+            }
+        } else if let Some(host) = &config.redis_host {
+            RedisTarget {
+                config: Config {
+                    server: ServerConfig::new_centralized(host.clone(), config.redis_port),
+                    ..Default::default()
+                },
+                display: format!("redis://{host}:{}", config.redis_port),
+            }
+        } else {
+            return Ok(None);
+        };
+        // Seed-style credentials apply on top of a URL that lacks them.
+        if target.config.username.is_none() {
+            target.config.username = config.redis_username.clone();
+        }
+        if target.config.password.is_none() {
+            target.config.password = config.redis_password.clone();
+        }
+        Ok(Some(target))
     }
-    let host = config.redis_host.as_ref()?;
-    let auth = match (&config.redis_username, &config.redis_password) {
-        (Some(user), Some(pass)) => format!("{user}:{pass}@"),
-        (None, Some(pass)) => format!(":{pass}@"),
-        (Some(user), None) => format!("{user}@"),
-        (None, None) => String::new(),
-    };
-    Some(format!("redis://{auth}{host}:{}", config.redis_port))
+}
+
+/// The URL without its credentials.
+fn redact_url(url: &str) -> String {
+    match url.split_once("://").zip(url.rsplit_once('@')) {
+        Some(((scheme, _), (_, host))) => format!("{scheme}://…@{host}"),
+        None => url.to_owned(),
+    }
 }
 
 /// A stream entry: its id and fields.
@@ -192,19 +224,12 @@ impl RedisQueue {
     /// Builds the clients and starts connecting, without waiting: a Redis
     /// that is down at start is retried forever (exponential backoff).
     pub fn connect(
-        url: &str,
+        target: &RedisTarget,
         config: &RedisConfig,
         node: &str,
         store: Store,
     ) -> Result<Arc<RedisQueue>, QueueError> {
-        let mut redis_config = Config::from_url(url)?;
-        // Seed-style settings apply on top of a URL that lacks them.
-        if redis_config.username.is_none() {
-            redis_config.username = config.redis_username.clone();
-        }
-        if redis_config.password.is_none() {
-            redis_config.password = config.redis_password.clone();
-        }
+        let mut redis_config = target.config.clone();
         redis_config.fail_fast = false;
         let build = |command_timeout: Duration| {
             Builder::from_config(redis_config.clone())

@@ -30,7 +30,12 @@ impl OwnRedis {
     }
 
     async fn start(port: u16) -> OwnRedis {
+        Self::start_with(port, &[]).await
+    }
+
+    async fn start_with(port: u16, extra: &[&str]) -> OwnRedis {
         let child = Command::new("redis-server")
+            .args(extra)
             .args([
                 "--port",
                 &port.to_string(),
@@ -323,5 +328,50 @@ async fn a_recent_packet_missing_from_the_stream_is_put_back() {
     let mut stream = subscribe(&mut client, "karma", 0, 0).await;
     let d = next(&mut stream).await;
     assert_eq!(d.packet.unwrap().packet_id, id);
+    redis.quit().await.unwrap();
+}
+
+/// The seed's settings (REDIS_HOST, REDIS_PORT, REDIS_PASSWORD) with a
+/// password holding `@`, `:` and `/`: the connection is built field by
+/// field, so it reaches Redis as typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_with_url_characters_works() {
+    const PASSWORD: &str = "p@ss:w/rd?#%";
+    let port = OwnRedis::free_port();
+    let _redis = OwnRedis::start_with(port, &["--requirepass", PASSWORD]).await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.redis.redis_url = None;
+    config.redis.redis_host = Some("127.0.0.1".into());
+    config.redis.redis_port = port;
+    config.redis.redis_password = Some(PASSWORD.into());
+    let app = TestApp::spawn_with(db.clone(), config).await;
+    let mut client = app.client().await;
+    wait_for_redis(&mut client, true).await;
+    let id = ingest(&mut client, packet_for("u")).await;
+    let mut stream = subscribe(&mut client, "karma", 0, 0).await;
+    assert_eq!(next(&mut stream).await.packet.unwrap().packet_id, id);
+
+    // And the packet went through this Redis, authenticated.
+    let redis = Builder::from_config(Config {
+        server: ServerConfig::new_centralized("127.0.0.1", port),
+        password: Some(PASSWORD.into()),
+        ..Default::default()
+    })
+    .build()
+    .unwrap();
+    redis.init().await.unwrap();
+    let (_, keys): (String, Vec<String>) = redis
+        .custom(
+            fred::types::CustomCommand::new_static(
+                "SCAN",
+                fred::types::ClusterHash::FirstKey,
+                false,
+            ),
+            vec!["0", "MATCH", "*pending", "COUNT", "1000"],
+        )
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the queue is in this Redis");
     redis.quit().await.unwrap();
 }
