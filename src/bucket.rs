@@ -11,6 +11,7 @@ use crate::delivery::{
     ConsumerInfo, Delivery, Dispatcher, LeaseChange, LeaseToken, SubscribeOptions, Subscription,
 };
 use crate::domain::packet::{MAX_RAW_SIGNALS_BYTES, MAX_STRING_BYTES, parse_uuid};
+use crate::domain::page_token::PageToken;
 use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, json};
 use crate::error::Error;
 use crate::store::{
@@ -530,13 +531,10 @@ impl Bucket {
         }
         let before_seq = match page_token {
             "" => None,
-            token => match token.parse::<i64>() {
-                Ok(seq) if seq > 0 => Some(seq),
-                _ => {
-                    violations.push(FieldViolation::new(
-                        "page_token",
-                        "page_token is not one this server gave",
-                    ));
+            token => match PageToken::decode(token, user_id, status) {
+                Ok(t) => Some(t.before_seq),
+                Err(e) => {
+                    violations.push(FieldViolation::new("page_token", e.describe()));
                     None
                 }
             },
@@ -557,7 +555,9 @@ impl Bucket {
             .await?;
         let next_page_token = if packets.len() > limit as usize {
             packets.truncate(limit as usize);
-            packets.last().map(|p| p.seq.to_string())
+            packets
+                .last()
+                .map(|p| PageToken::encode(p.seq, user_id, status))
         } else {
             None
         };

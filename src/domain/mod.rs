@@ -2,6 +2,7 @@
 pub mod delivery;
 pub mod json;
 pub mod packet;
+pub mod page_token;
 
 pub use delivery::DeliveryStatus;
 pub use packet::{FieldViolation, Packet, PacketDraft};

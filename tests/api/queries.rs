@@ -1,6 +1,7 @@
 //! UserPackets and Status.
 use bucket::proto::bucket::v1 as pb;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 use crate::helpers::{Backend, TestApp, ingest, mark, next, packet_for, status, subscribe};
 use crate::on_every_backend;
@@ -101,6 +102,38 @@ async fn user_packets_pages_newest_first_and_filters(backend: Backend) {
             client.user_packets(bad).await.unwrap_err().code(),
             Code::InvalidArgument
         );
+    }
+
+    // A page token is bound to its query: alice's is refused for bob's
+    // pages, or for alice's with another filter, naming page_token.
+    let first = client
+        .user_packets(pb::UserPacketsRequest {
+            user_id: "alice".into(),
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.next_page_token.is_empty());
+    for other in [
+        pb::UserPacketsRequest {
+            user_id: "bob".into(),
+            page_token: first.next_page_token.clone(),
+            ..Default::default()
+        },
+        pb::UserPacketsRequest {
+            user_id: "alice".into(),
+            status_filter: pb::PacketStatus::Pending as i32,
+            page_token: first.next_page_token.clone(),
+            ..Default::default()
+        },
+    ] {
+        let refused = client.user_packets(other).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        let field = &refused.get_details_bad_request().unwrap().field_violations[0];
+        assert_eq!(field.field, "page_token");
+        assert!(field.description.contains("another query"), "{field:?}");
     }
 }
 
