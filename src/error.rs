@@ -68,11 +68,44 @@ fn summary(violations: &[FieldViolation]) -> String {
         .join("; ")
 }
 
+/// What clients hear when storage cannot answer now.
+pub const STORAGE_UNAVAILABLE: &str = "storage is unavailable; retry with backoff";
+/// What clients hear of a storage failure that is a bug.
+pub const STORAGE_INTERNAL: &str = "internal storage error (the cause is in the server's log)";
+
 impl From<StoreError> for Error {
+    /// The driver's text (hosts, SQL, constraint names) stays in the log,
+    /// logged here once; clients hear what to do about it.
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(msg) => Error::Unavailable(msg),
-            StoreError::Internal(msg) => Error::Internal(msg),
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(%cause, "storage unavailable");
+                Error::Unavailable(STORAGE_UNAVAILABLE.into())
+            }
+            StoreError::Internal(cause) => {
+                tracing::error!(%cause, "storage error");
+                Error::Internal(STORAGE_INTERNAL.into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_errors_reach_clients_without_the_drivers_text() {
+        let secret = "connection to 10.0.0.7:5432 refused (user bucket_prod)";
+        for e in [
+            StoreError::Unavailable(secret.into()),
+            StoreError::Internal(format!("duplicate key violates packets_pkey: {secret}")),
+        ] {
+            let text = Error::from(e).to_string();
+            assert!(
+                !text.contains("10.0.0.7") && !text.contains("packets_pkey"),
+                "{text}"
+            );
         }
     }
 }
