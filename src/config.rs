@@ -36,6 +36,11 @@ pub struct Config {
     pub max_batch: usize,
 
     /// Most queued writes the writer commits in one transaction.
+    /// Inserts waiting for a commit at once; past it ingest answers
+    /// UNAVAILABLE (retry with backoff) instead of queueing without bound.
+    #[arg(long, env = "BUCKET_MAX_QUEUED_WRITES", default_value_t = 100_000, value_parser = usize_in::<1, 10_000_000>)]
+    pub max_queued_writes: usize,
+
     #[arg(long, env = "BUCKET_MAX_COMMIT", default_value_t = 1000, value_parser = usize_in::<1, 100_000>)]
     pub max_commit: usize,
 

@@ -86,6 +86,8 @@ impl From<StoreError> for Error {
                 tracing::error!(%cause, "storage error");
                 Error::Internal(STORAGE_INTERNAL.into())
             }
+            // Counted (bucket_writes_refused_total), not logged per call.
+            StoreError::Overloaded => Error::Unavailable(StoreError::Overloaded.to_string()),
         }
     }
 }

@@ -69,6 +69,7 @@ impl Application {
         let limits = CommitLimits {
             max_writes: config.max_commit,
             linger: config.commit_linger_us.map(Duration::from_micros),
+            max_queued: config.max_queued_writes,
         };
         store.start_writers(limits, Arc::new(dispatcher.clone()));
         match dispatcher.rebuild().await {

@@ -8,6 +8,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("storage error: {0}")]
     Internal(String),
+    /// Too many inserts already wait for a commit: refused before queueing
+    /// (nothing written); a retry after a short backoff may succeed.
+    #[error("the bucket is overloaded: too many writes are waiting; retry with backoff")]
+    Overloaded,
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
-use tokio::sync::{Mutex, RwLock, mpsc, oneshot};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, RwLock, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -55,7 +55,13 @@ pub enum WriteReply {
 }
 
 type Reply = Result<WriteReply, StoreError>;
-type Job = (WriteOp, oneshot::Sender<Reply>);
+/// A write, who waits for it, and (an insert) its place in the ingest
+/// lane's bound, given back when a commit takes it.
+type Job = (
+    WriteOp,
+    oneshot::Sender<Reply>,
+    Option<OwnedSemaphorePermit>,
+);
 type Lane = mpsc::UnboundedSender<Job>;
 
 /// How much one commit takes.
@@ -66,6 +72,10 @@ pub struct CommitLimits {
     /// How long a writer waits for company (see `gather`); None: the
     /// engine's default.
     pub linger: Option<Duration>,
+    /// Inserts that may wait for a commit at once; past it ingest is
+    /// refused UNAVAILABLE (retryable) instead of queueing without bound.
+    /// Marks and lease ends are never refused (they free what is held).
+    pub max_queued: usize,
 }
 
 /// Handle to the writer tasks.
@@ -73,6 +83,8 @@ pub struct CommitLimits {
 pub struct Writer {
     /// (ingest, delivery); None once closed.
     lanes: Arc<std::sync::Mutex<Option<(Lane, Lane)>>>,
+    /// Room in the ingest lane (see [`CommitLimits::max_queued`]).
+    room: Arc<std::sync::Mutex<Option<Arc<Semaphore>>>>,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
 
@@ -92,6 +104,7 @@ impl Writer {
     pub fn idle() -> Writer {
         Writer {
             lanes: Arc::new(std::sync::Mutex::new(None)),
+            room: Arc::new(std::sync::Mutex::new(None)),
             tasks: Arc::new(Mutex::new(JoinSet::new())),
         }
     }
@@ -144,6 +157,8 @@ impl Writer {
                 tasks.spawn(run_lane(shared.clone(), delivery_rx.clone()));
             }
         }
+        *self.room.lock().expect("writer lock poisoned") =
+            Some(Arc::new(Semaphore::new(limits.max_queued.max(1))));
         *self.lanes.lock().expect("writer lock poisoned") = Some((ingest_tx, delivery_tx));
         *self
             .tasks
@@ -157,24 +172,33 @@ impl Writer {
         let mut replies = Vec::with_capacity(waiting.len());
         for reply in waiting {
             replies.push(match reply {
-                Some(rx) => rx.await.unwrap_or_else(|_| {
+                Ok(rx) => rx.await.unwrap_or_else(|_| {
                     Err(StoreError::Internal("the writer task stopped".into()))
                 }),
-                None => Err(StoreError::Unavailable(
-                    "the bucket is shutting down".into(),
-                )),
+                Err(refused) => Err(refused),
             });
         }
         replies
     }
 
-    fn enqueue(&self, op: WriteOp) -> Option<oneshot::Receiver<Reply>> {
+    fn enqueue(&self, op: WriteOp) -> Result<oneshot::Receiver<Reply>, StoreError> {
+        let closed = || StoreError::Unavailable("the bucket is shutting down".into());
         let (reply_tx, reply_rx) = oneshot::channel();
+        let slot = if op.is_delivery() {
+            None
+        } else {
+            let room = self.room.lock().expect("writer lock poisoned").clone();
+            let permit = room.ok_or_else(closed)?.try_acquire_owned().map_err(|_| {
+                metrics::counter!("bucket_writes_refused_total").increment(1);
+                StoreError::Overloaded
+            })?;
+            Some(permit)
+        };
         let lanes = self.lanes.lock().expect("writer lock poisoned");
-        let (ingest, delivery) = lanes.as_ref()?;
+        let (ingest, delivery) = lanes.as_ref().ok_or_else(closed)?;
         let lane = if op.is_delivery() { delivery } else { ingest };
-        lane.send((op, reply_tx)).ok()?;
-        Some(reply_rx)
+        lane.send((op, reply_tx, slot)).map_err(|_| closed())?;
+        Ok(reply_rx)
     }
 
     /// Refuses new writes, commits every write already queued, and waits
@@ -278,7 +302,7 @@ async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
     let mut marks: Vec<(Mark, oneshot::Sender<Reply>)> = Vec::new();
     let mut ends: Vec<(Vec<LeaseEnd>, oneshot::Sender<Reply>)> = Vec::new();
     let mut max_deliveries = 1;
-    for (op, reply_tx) in jobs.drain(..) {
+    for (op, reply_tx, _slot) in jobs.drain(..) {
         match op {
             WriteOp::Insert(packet) => inserts.push((packet, reply_tx)),
             WriteOp::Mark(mark) => marks.push((mark, reply_tx)),
@@ -552,10 +576,15 @@ mod tests {
     }
 
     fn start(fake: &Arc<Fake>, heard: &Arc<Heard>) -> Writer {
+        start_with(fake, heard, 100_000)
+    }
+
+    fn start_with(fake: &Arc<Fake>, heard: &Arc<Heard>, max_queued: usize) -> Writer {
         let writer = Writer::idle();
         let limits = CommitLimits {
             max_writes: 100,
             linger: Some(Duration::ZERO),
+            max_queued,
         };
         writer.start(
             fake.clone(),
@@ -564,6 +593,41 @@ mod tests {
             heard.clone(),
         );
         writer
+    }
+
+    #[tokio::test]
+    async fn past_the_bound_inserts_are_refused_and_marks_still_pass() {
+        let fake = Arc::new(Fake::default());
+        let heard = Arc::new(Heard::default());
+        let writer = start_with(&fake, &heard, 10);
+        // All 30 are queued before the writer runs (one thread, no await
+        // in between): 10 fit, 20 are refused before anything is written.
+        let mark = WriteOp::Mark(Mark {
+            packet_id: Uuid::new_v4(),
+            success: true,
+            karma_actions: Vec::new(),
+            error_message: None,
+            at: Utc::now(),
+            attempt: 1,
+        });
+        let replies = writer
+            .submit_all((0..30).map(|_| insert("a")).chain([mark]))
+            .await;
+        let stored = replies[..30].iter().filter(|r| r.is_ok()).count();
+        let refused = replies[..30]
+            .iter()
+            .filter(|r| matches!(r, Err(StoreError::Overloaded)))
+            .count();
+        assert_eq!((stored, refused), (10, 20));
+        assert!(replies[30].is_ok(), "a mark is never refused");
+        assert_eq!(
+            heard.0.load(Ordering::SeqCst),
+            10,
+            "only stored ones announced"
+        );
+        // Room again once committed.
+        assert!(writer.submit_all([insert("a")]).await[0].is_ok());
+        writer.close().await;
     }
 
     #[tokio::test]
