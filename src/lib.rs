@@ -11,6 +11,7 @@ pub mod http;
 pub mod limits;
 pub mod proto;
 pub mod queue;
+pub mod request_id;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

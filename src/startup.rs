@@ -243,7 +243,9 @@ impl Application {
             grpc.merge(http)
                 .fallback(crate::http::not_found)
                 .layer(from_fn_with_state(limits, crate::limits::apply))
-                .layer(from_fn_with_state(self.access.clone(), crate::auth::check)),
+                .layer(from_fn_with_state(self.access.clone(), crate::auth::check))
+                // Outermost: refusals get an id, a log span and a count too.
+                .layer(axum::middleware::from_fn(crate::request_id::tag)),
         ))
     }
 }

@@ -17,6 +17,7 @@ pub fn layer(origins: &[String]) -> CorsLayer {
             HeaderName::from_static("grpc-status"),
             HeaderName::from_static("grpc-message"),
             HeaderName::from_static("grpc-status-details-bin"),
+            HeaderName::from_static("x-request-id"),
         ])
         .max_age(Duration::from_secs(24 * 3600));
     if origins.iter().any(|o| o.trim() == "*") {

@@ -373,6 +373,60 @@ async fn metrics_move() {
     ] {
         assert!(after.contains(name), "{name} missing");
     }
+    // Per method and outcome, gRPC and REST alike.
+    for series in [
+        "bucket_requests_total{method=\"Ingest\",code=\"Ok\"}",
+        "bucket_requests_total{method=\"Ingest\",code=\"InvalidArgument\"}",
+        "bucket_requests_total{method=\"metrics\",code=\"200\"}",
+        "bucket_request_seconds_count{method=\"Ingest\"}",
+    ] {
+        assert!(after.contains(series), "{series} missing:\n{after}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_has_an_id_echoed_back() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/bucket/prana/status", app.url());
+    let given = http
+        .get(&url)
+        .header("x-request-id", "trace-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.headers()["x-request-id"], "trace-abc-123");
+    let made = http.get(&url).send().await.unwrap();
+    let id = made.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::try_parse(id).is_ok(), "{id}");
+    // One that cannot be echoed safely is replaced.
+    let odd = http
+        .get(&url)
+        .header("x-request-id", "a b")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(odd.headers()["x-request-id"], "a b");
+
+    // gRPC: in the response metadata, refusals included.
+    let mut client = app.client().await;
+    let mut request = tonic::Request::new(pb::StatusRequest {});
+    request
+        .metadata_mut()
+        .insert("x-request-id", "grpc-trace-7".parse().unwrap());
+    let response = client.status(request).await.unwrap();
+    assert_eq!(
+        response.metadata().get("x-request-id").unwrap(),
+        "grpc-trace-7"
+    );
+    let mut bad = tonic::Request::new(pb::IngestRequest { packet: None });
+    bad.metadata_mut()
+        .insert("x-request-id", "grpc-trace-8".parse().unwrap());
+    let refused = client.ingest(bad).await.unwrap_err();
+    assert_eq!(
+        refused.metadata().get("x-request-id").unwrap(),
+        "grpc-trace-8"
+    );
 }
 
 /// Runs examples/karma_consumer (built by `cargo build --examples`, which
