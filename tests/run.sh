@@ -74,6 +74,14 @@ need_pkg npm npm
 # buf lint (STANDARD, see buf.yaml) on proto/: the contract stays clean.
 (cd examples/browser && npx --no-install buf lint ../..)
 echo "== buf lint: ok"
+# buf breaking (FILE rules): the contract against the last committed one.
+# With uncommitted changes to proto/ that is HEAD; on a clean checkout (CI)
+# it is the commit before, so a commit that breaks the contract fails.
+if git diff --quiet HEAD -- proto 2>/dev/null; then against=HEAD~1; else against=HEAD; fi
+if git rev-parse --verify --quiet "$against" >/dev/null; then
+  (cd examples/browser && npx --no-install buf breaking ../.. --against "../../.git#ref=$against")
+  echo "== buf breaking against $against: ok"
+fi
 
 # --- schemathesis: tests/api/openapi.rs runs it against GET /openapi.json ----
 # Pinned, in a venv of its own under the target dir (installed once).
