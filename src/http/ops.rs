@@ -24,11 +24,16 @@ pub fn router(bucket: Arc<Bucket>) -> Router {
 async fn readyz(State(bucket): State<Arc<Bucket>>) -> Response {
     match bucket.store().ping().await {
         Ok(()) => axum::Json(json!({ "status": "ready" })).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({ "status": "unavailable", "detail": e.to_string() })),
-        )
-            .into_response(),
+        Err(e) => {
+            // The driver's text (hosts, users) stays in the log.
+            tracing::warn!(cause = %e, "not ready: the database does not answer");
+            let detail = crate::error::STORAGE_UNAVAILABLE;
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({ "status": "unavailable", "detail": detail })),
+            )
+                .into_response()
+        }
     }
 }
 
