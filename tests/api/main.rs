@@ -6,6 +6,7 @@ mod bad_input;
 mod browser;
 mod crash;
 mod delivery;
+mod deploy;
 mod faults;
 mod fuzz_regressions;
 mod gateway;
