@@ -902,7 +902,14 @@ impl QueueSink for Arc<Dispatcher> {
 }
 
 impl From<QueueError> for Error {
+    /// Clients hear what to do; the cause is logged here, once.
     fn from(e: QueueError) -> Self {
-        Error::Unavailable(e.to_string())
+        match e {
+            QueueError::Store(e) => e.into(),
+            e => {
+                tracing::warn!(cause = %e, "queue unavailable");
+                Error::Unavailable("the queue is unavailable; retry with backoff".into())
+            }
+        }
     }
 }

@@ -33,6 +33,13 @@ impl Queued {
     }
 }
 
+/// Why the Redis queue could not do something, with its cause.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("queue unavailable: {0}")]
-pub struct QueueError(pub String);
+pub enum QueueError {
+    #[error("queue unavailable: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error("queue unavailable: not connected to Redis")]
+    NotConnected,
+    #[error("queue: {0}")]
+    Store(#[from] crate::store::StoreError),
+}

@@ -164,12 +164,6 @@ struct Receivers {
     done: mpsc::UnboundedReceiver<String>,
 }
 
-impl From<fred::error::Error> for QueueError {
-    fn from(e: fred::error::Error) -> Self {
-        QueueError(e.to_string())
-    }
-}
-
 /// Where Redis is, from `REDIS_URL`, else from the seed's `REDIS_HOST` &
 /// co. (None: no Redis, the in-memory queue). Built field by field, never
 /// by pasting a URL together: a password may hold `@`, `:` or `/`.
@@ -207,6 +201,16 @@ impl RedisTarget {
         }
         Ok(Some(target))
     }
+}
+
+/// The code of a Redis error reply (its first word: `BUSYGROUP`,
+/// `NOGROUP`, …), which names the error the way a kind would; fred files
+/// the ones it does not know under one kind.
+fn error_code(e: &fred::error::Error) -> Option<&str> {
+    e.details()
+        .split_whitespace()
+        .next()
+        .filter(|w| w.chars().all(|c| c.is_ascii_uppercase()))
 }
 
 /// The URL without its credentials.
@@ -324,7 +328,7 @@ impl RedisQueue {
     pub async fn ensure_group(&self) -> Result<(), QueueError> {
         let created: Result<(), _> = self.fast().xgroup_create(&self.key, GROUP, "0", true).await;
         match created {
-            Err(e) if !e.details().contains("BUSYGROUP") => Err(e.into()),
+            Err(e) if error_code(&e) != Some("BUSYGROUP") => Err(e.into()),
             _ => Ok(()),
         }
     }
@@ -442,7 +446,7 @@ impl RedisQueue {
 
     async fn xadd(&self, batch: &[Outgoing]) -> Result<(), QueueError> {
         if !self.connected() {
-            return Err(QueueError("not connected".into()));
+            return Err(QueueError::NotConnected);
         }
         let pipeline = self.commands.pipeline();
         for item in batch {
@@ -512,7 +516,7 @@ impl RedisQueue {
             };
             match read {
                 Ok(queued) => sink.feed(queued),
-                Err(e) if e.0.contains("NOGROUP") => {
+                Err(QueueError::Redis(e)) if error_code(&e) == Some("NOGROUP") => {
                     // Redis restarted empty: the group is gone with the stream.
                     if let Err(e) = self.ensure_group().await {
                         tracing::warn!(error = %e, "could not create the consumer group");
@@ -580,11 +584,7 @@ impl RedisQueue {
         }
         if !lookup.is_empty() {
             let ids: Vec<Uuid> = lookup.keys().copied().collect();
-            let found = self
-                .store
-                .pending_among(&ids)
-                .await
-                .map_err(|e| QueueError(e.to_string()))?;
+            let found = self.store.pending_among(&ids).await?;
             for pending in found {
                 let entry = lookup.remove(&pending.packet.packet_id);
                 out.push(Queued { pending, entry });
@@ -882,5 +882,28 @@ impl RedisQueue {
             _ => 0,
         };
         Ok((len, held))
+    }
+}
+
+#[cfg(test)]
+mod error_code_tests {
+    use super::*;
+    use fred::error::{Error, ErrorKind};
+
+    #[test]
+    fn redis_error_codes_are_read_from_the_reply() {
+        let busy = Error::new(
+            ErrorKind::Unknown,
+            "BUSYGROUP Consumer Group name already exists",
+        );
+        assert_eq!(error_code(&busy), Some("BUSYGROUP"));
+        let gone = Error::new(
+            ErrorKind::Unknown,
+            "NOGROUP No such key 'bucket:pending' or consumer group 'dispatch'",
+        );
+        assert_eq!(error_code(&gone), Some("NOGROUP"));
+        // Not an error reply: a message that merely mentions a code.
+        let io = Error::new(ErrorKind::IO, "connection reset while reading NOGROUP");
+        assert_eq!(error_code(&io), None);
     }
 }
