@@ -101,7 +101,7 @@ mod tests {
         let secret = "connection to 10.0.0.7:5432 refused (user bucket_prod)";
         for e in [
             StoreError::Unavailable(secret.into()),
-            StoreError::Internal(format!("duplicate key violates packets_pkey: {secret}")),
+            StoreError::Internal(format!("duplicate key violates packets_pkey: {secret}").into()),
         ] {
             let text = Error::from(e).to_string();
             assert!(

@@ -1,17 +1,68 @@
-//! The store's error: whether retrying later may help, or not.
+//! The store's error: whether retrying later may help, or not, with the
+//! driver's error kept as its source.
+use std::fmt;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or is overloaded, or the store is
     /// shutting down: nothing was written, and a retry may succeed.
     #[error("storage unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     #[error("storage error: {0}")]
-    Internal(String),
+    Internal(#[source] Cause),
     /// Too many inserts already wait for a commit: refused before queueing
     /// (nothing written); a retry after a short backoff may succeed.
     #[error("the bucket is overloaded: too many writes are waiting; retry with backoff")]
     Overloaded,
+}
+
+/// What went wrong underneath: the driver's error (sqlx, rusqlite), or a
+/// message of the store's own. Shared, because a failed commit answers
+/// every write that waited for it with the same error.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    pub fn of(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Cause(Arc::new(e))
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// A cause that is only a message (the store's own).
+#[derive(Debug)]
+struct Message(String);
+
+impl fmt::Display for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Message {}
+
+impl From<String> for Cause {
+    fn from(message: String) -> Self {
+        Cause::of(Message(message))
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -24,9 +75,9 @@ impl From<sqlx::Error> for StoreError {
             _ => false,
         };
         if unavailable {
-            StoreError::Unavailable(e.to_string())
+            StoreError::Unavailable(Cause::of(e))
         } else {
-            StoreError::Internal(e.to_string())
+            StoreError::Internal(Cause::of(e))
         }
     }
 }
@@ -40,9 +91,9 @@ impl From<rusqlite::Error> for StoreError {
             _ => false,
         };
         if transient {
-            StoreError::Unavailable(e.to_string())
+            StoreError::Unavailable(Cause::of(e))
         } else {
-            StoreError::Internal(e.to_string())
+            StoreError::Internal(Cause::of(e))
         }
     }
 }
@@ -51,7 +102,7 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
         match e {
             sqlx::migrate::MigrateError::Execute(inner) => inner.into(),
-            other => StoreError::Internal(other.to_string()),
+            other => StoreError::Internal(Cause::of(other)),
         }
     }
 }
@@ -73,7 +124,22 @@ fn transient_code(code: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::transient_code;
+    use super::{StoreError, transient_code};
+
+    #[test]
+    fn the_drivers_error_is_kept_as_the_source() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(5),
+            Some("database is locked".into()),
+        );
+        let e = StoreError::from(busy);
+        assert!(matches!(e, StoreError::Unavailable(_)));
+        let cause = std::error::Error::source(&e).expect("the driver's error");
+        assert!(cause.to_string().contains("database is locked"), "{cause}");
+        // Shared, not copied, by every waiter of a failed commit.
+        let again = e.clone();
+        assert_eq!(again.to_string(), e.to_string());
+    }
 
     #[test]
     fn classifies_codes() {

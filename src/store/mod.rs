@@ -294,16 +294,18 @@ impl Store {
     /// Connects to `database_url` and applies migrations; writing starts
     /// with [`Store::start_writers`].
     pub async fn connect(database_url: &str) -> Result<Store, StoreError> {
-        let backend: Arc<dyn Backend> =
-            if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
-                Arc::new(postgres::PgBackend::connect(database_url).await?)
-            } else if database_url.starts_with("sqlite:") {
-                Arc::new(sqlite::SqliteBackend::connect(database_url).await?)
-            } else {
-                return Err(StoreError::Internal(format!(
-                    "DATABASE_URL must start with sqlite: or postgres:, got {database_url:?}"
-                )));
-            };
+        let backend: Arc<dyn Backend> = if database_url.starts_with("postgres:")
+            || database_url.starts_with("postgresql:")
+        {
+            Arc::new(postgres::PgBackend::connect(database_url).await?)
+        } else if database_url.starts_with("sqlite:") {
+            Arc::new(sqlite::SqliteBackend::connect(database_url).await?)
+        } else {
+            return Err(StoreError::Internal(
+                format!("DATABASE_URL must start with sqlite: or postgres:, got {database_url:?}")
+                    .into(),
+            ));
+        };
         Ok(Store {
             backend,
             writer: Writer::idle(),
@@ -447,5 +449,5 @@ pub struct Quiet {
 }
 
 fn unexpected(reply: WriteReply) -> StoreError {
-    StoreError::Internal(format!("writer answered with the wrong reply: {reply:?}"))
+    StoreError::Internal(format!("writer answered with the wrong reply: {reply:?}").into())
 }

@@ -110,7 +110,7 @@ impl<Id: Into<Uuid>> PendingRow<Id> {
 impl<Id: Into<Uuid>> StoredRow<Id> {
     pub(super) fn into_stored(self) -> Result<StoredPacket, StoreError> {
         let status = DeliveryStatus::parse(&self.status).ok_or_else(|| {
-            StoreError::Internal(format!("unknown status {:?} in the database", self.status))
+            StoreError::Internal(format!("unknown status {:?} in the database", self.status).into())
         })?;
         let (packet, seq, received_at, delivery_attempts) = self.pending.into_parts();
         Ok(StoredPacket {

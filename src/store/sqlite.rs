@@ -84,7 +84,7 @@ fn checkpoint_in_background(
                 }
             }
         })
-        .map_err(|e| StoreError::Internal(format!("checkpoint thread: {e}")))?;
+        .map_err(|e| StoreError::Internal(format!("checkpoint thread: {e}").into()))?;
     Ok(())
 }
 
@@ -375,7 +375,7 @@ impl Backend for SqliteBackend {
             Ok::<_, rusqlite::Error>(deleted as u64)
         })
         .await
-        .map_err(|e| StoreError::Internal(format!("pruning task: {e}")))?
+        .map_err(|e| StoreError::Internal(format!("pruning task: {e}").into()))?
         .map_err(StoreError::from)
     }
 
@@ -423,12 +423,12 @@ impl Backend for SqliteBackend {
             Ok::<_, rusqlite::Error>(rows)
         })
         .await
-        .map_err(|e| StoreError::Internal(format!("requeue task: {e}")))??
+        .map_err(|e| StoreError::Internal(format!("requeue task: {e}").into()))??
         .into_iter()
         .map(|(id, seq)| {
             Uuid::try_parse(&id)
                 .map(|id| (id, seq))
-                .map_err(|e| StoreError::Internal(format!("packet_id {id:?}: {e}")))
+                .map_err(|e| StoreError::Internal(format!("packet_id {id:?}: {e}").into()))
         })
         .collect()
     }
