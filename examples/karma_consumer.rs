@@ -6,21 +6,18 @@
 //! goes away; packets it had not marked come back to some consumer, so a
 //! crash here loses nothing.
 //!
+//! It uses the `bucket-client` crate (client/), as the Karma Tracker would.
+//!
 //! cargo run --example karma_consumer -- http://127.0.0.1:3000 [name]
+//! (a consumer token, if the bucket wants one: BUCKET_TOKEN=...)
 use std::time::Duration;
 
-use bucket::proto::bucket::v1 as pb;
-use bucket::proto::bucket::v1::bucket_service_client::BucketServiceClient;
-use bucket::proto::json_to_struct;
+use bucket_client::{Marker, connect, json_to_struct, pb};
 use serde_json::json;
-use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 /// Packets a stream may hold unmarked: enough to keep the marker's batches
 /// full while one is on its way.
 const IN_FLIGHT: u32 = 256;
-/// The bucket's default batch limit.
-const MAX_BATCH: usize = 500;
 
 /// The seed's mapping idea: focused work earns karma, distraction none.
 fn karma_actions(cognitive_state: &str, focus_score: Option<f64>) -> Vec<serde_json::Value> {
@@ -39,35 +36,12 @@ fn karma_actions(cognitive_state: &str, focus_score: Option<f64>) -> Vec<serde_j
     }
 }
 
-/// Records outcomes in batches until the stream's side hangs up.
-async fn mark_in_batches(
-    mut client: BucketServiceClient<Channel>,
-    mut outcomes: mpsc::Receiver<pb::MarkProcessedRequest>,
-) -> Result<(), tonic::Status> {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while outcomes.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let response = client
-            .mark_processed_batch(pb::MarkProcessedBatchRequest {
-                marks: std::mem::take(&mut batch),
-            })
-            .await?
-            .into_inner();
-        for result in response.results {
-            if let Some(pb::mark_processed_batch_result::Outcome::Error(e)) = result.outcome {
-                // The packet comes back when its lease ends; nothing to redo here.
-                eprintln!("mark {} refused: {}", result.index, e.message);
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn consume(url: &str, name: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let channel = Channel::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await?;
-    let mut client = BucketServiceClient::new(channel);
+async fn consume(
+    url: &str,
+    name: &str,
+    token: Option<&str>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut client = connect(url, token).await?;
     let mut stream = client
         .stream_pending(pb::StreamPendingRequest {
             consumer: name.to_owned(),
@@ -77,8 +51,7 @@ async fn consume(url: &str, name: &str) -> Result<(), Box<dyn std::error::Error>
         .await?
         .into_inner();
     println!("subscribed to {url} as {name}");
-    let (outcomes, pending_marks) = mpsc::channel(IN_FLIGHT as usize);
-    let marker = tokio::spawn(mark_in_batches(client.clone(), pending_marks));
+    let (marker, marking) = Marker::spawn(client.clone(), IN_FLIGHT as usize);
     while let Some(delivery) = stream.message().await? {
         let Some(packet) = delivery.packet else {
             continue;
@@ -101,12 +74,12 @@ async fn consume(url: &str, name: &str) -> Result<(), Box<dyn std::error::Error>
                 .collect(),
             error_message: String::new(),
         };
-        if outcomes.send(outcome).await.is_err() {
+        if marker.mark(outcome).await.is_err() {
             break; // the marker failed: reconnect
         }
     }
-    drop(outcomes);
-    marker.await??;
+    drop(marker);
+    marking.await??;
     Ok(())
 }
 
@@ -117,9 +90,10 @@ async fn main() {
         .next()
         .unwrap_or_else(|| "http://127.0.0.1:3000".to_owned());
     let name = args.next().unwrap_or_else(|| "karma-tracker".to_owned());
+    let token = std::env::var("BUCKET_TOKEN").ok();
     let mut backoff = Duration::from_millis(100);
     loop {
-        match consume(&url, &name).await {
+        match consume(&url, &name, token.as_deref()).await {
             // The bucket ended the stream (shutdown): reconnect at once.
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
