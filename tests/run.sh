@@ -70,6 +70,10 @@ need_pkg node nodejs
 need_pkg npm npm
 # `npm ci` rejects this lock (npm 11 omits other platforms' optional buf
 # binaries from it); `install --no-save` still resolves from the lock.
+# The browser client package (clients/ts): generated from proto/ with buf,
+# type-checked and built with tsc; the browser example depends on it.
+(cd clients/ts && npm install --no-save --no-audit --no-fund --loglevel=error && npm run --silent build)
+echo "== clients/ts: built and type-checked"
 (cd examples/browser && npm install --no-save --no-audit --no-fund --loglevel=error && npm run --silent build)
 # buf lint (STANDARD, see buf.yaml) on proto/: the contract stays clean.
 (cd examples/browser && npx --no-install buf lint ../..)

@@ -2,10 +2,13 @@
 // bucket over gRPC-web with Connect-ES, as PRANA's bucket_bridge.js does
 // over REST. Query string: ?bucket=http://host:3000&user=...&n=5&token=...
 // (token: an ingest token, sent as `authorization: Bearer ...`).
-import { ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
-import { createGrpcWebTransport } from "@connectrpc/connect-web";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { BucketService, Role, SystemType } from "../gen/bucket/v1/bucket_pb";
+import {
+  ConnectError,
+  createBucketClient,
+  Role,
+  SystemType,
+  timestampFromDate,
+} from "@prana/bucket-client";
 
 const params = new URLSearchParams(location.search);
 const baseUrl = params.get("bucket") ?? "http://localhost:3000";
@@ -13,11 +16,6 @@ const user = params.get("user") ?? "prana_demo";
 const n = Number(params.get("n") ?? "5");
 const token = params.get("token");
 
-/** The ingest token on every call, as PRANA's bridge would send it. */
-const bearer: Interceptor = (next) => async (req) => {
-  if (token) req.header.set("authorization", `Bearer ${token}`);
-  return next(req);
-};
 
 /** One 5-second window: the three seconds add up to 5.0. */
 function window5s(i: number) {
@@ -43,7 +41,7 @@ let step = "start";
 async function run() {
   // Binary protobuf framing. (Connect-ES's non-binary gRPC-web mode is JSON,
   // which tonic does not speak; grpc-web-text is covered by the Rust tests.)
-  const binary = createClient(BucketService, createGrpcWebTransport({ baseUrl, useBinaryFormat: true, interceptors: [bearer] }));
+  const binary = createBucketClient(baseUrl, { token: token ?? undefined });
 
   const ingested: string[] = [];
   for (let i = 0; i < n; i++) {
