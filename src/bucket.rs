@@ -431,14 +431,13 @@ impl Bucket {
         let mut violations = Vec::new();
         let user_id = match request.user_id.as_str() {
             "" => None,
-            u if u.len() > MAX_STRING_BYTES || u.contains('\0') => {
-                violations.push(FieldViolation::new(
-                    "user_id",
-                    format!("user_id must be at most {MAX_STRING_BYTES} bytes, without U+0000"),
-                ));
-                None
-            }
-            u => Some(u.to_owned()),
+            u => match user_id_violation(u) {
+                Some(v) => {
+                    violations.push(v);
+                    None
+                }
+                None => Some(u.to_owned()),
+            },
         };
         if let (Some(from), Some(before)) = (request.received_from, request.received_before)
             && from >= before
@@ -511,18 +510,7 @@ impl Bucket {
         page_token: &str,
     ) -> Result<UserPage, Error> {
         let mut violations = Vec::new();
-        if user_id.is_empty() || user_id.len() > MAX_STRING_BYTES {
-            violations.push(FieldViolation::new(
-                "user_id",
-                format!("user_id must be 1 to {MAX_STRING_BYTES} bytes"),
-            ));
-        } else if user_id.contains('\0') {
-            // No stored user has one, and PostgreSQL refuses the query.
-            violations.push(FieldViolation::new(
-                "user_id",
-                "user_id must not contain U+0000 (NUL)",
-            ));
-        }
+        violations.extend(user_id_violation(user_id));
         if limit > MAX_USER_LIMIT {
             violations.push(FieldViolation::new(
                 "limit",
@@ -600,6 +588,24 @@ fn parse(draft: PacketDraft) -> Result<Packet, Error> {
         }
         Error::InvalidInput(violations)
     })
+}
+
+/// What is wrong with a user id a query names, if anything.
+fn user_id_violation(user_id: &str) -> Option<FieldViolation> {
+    if user_id.is_empty() || user_id.len() > MAX_STRING_BYTES {
+        Some(FieldViolation::new(
+            "user_id",
+            format!("user_id must be 1 to {MAX_STRING_BYTES} bytes"),
+        ))
+    } else if user_id.contains('\0') {
+        // No stored user has one, and PostgreSQL refuses the query.
+        Some(FieldViolation::new(
+            "user_id",
+            "user_id must not contain U+0000 (NUL)",
+        ))
+    } else {
+        None
+    }
 }
 
 fn or_default(value: u32, default: u32) -> u32 {

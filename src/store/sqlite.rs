@@ -89,6 +89,22 @@ fn checkpoint_in_background(
 }
 
 impl SqliteBackend {
+    /// Runs `work` on the writing connection, on a blocking thread (SQLite
+    /// has one writer; an operator's write waits between commit groups).
+    async fn on_writer<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        work: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let writes = self.writes.clone();
+        tokio::task::spawn_blocking(move || {
+            work(&mut writes.lock().expect("writer connection lock"))
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("{what} task: {e}").into()))?
+        .map_err(StoreError::from)
+    }
+
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
@@ -360,10 +376,8 @@ impl Backend for SqliteBackend {
     async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
         // On the writing connection, between two commit groups: a batch of
         // `limit` rows takes a few ms, the time of one commit.
-        let writes = self.writes.clone();
         let before = text_time(before);
-        tokio::task::spawn_blocking(move || {
-            let conn = writes.lock().expect("writer connection lock");
+        self.on_writer("pruning", move |conn| {
             let deleted = conn.execute(PRUNE, params![before, limit])?;
             if deleted > 0 {
                 // Give the freed pages back. Each step of this pragma frees
@@ -372,11 +386,9 @@ impl Backend for SqliteBackend {
                 let mut steps = vacuum.raw_query();
                 while steps.next()?.is_some() {}
             }
-            Ok::<_, rusqlite::Error>(deleted as u64)
+            Ok(deleted as u64)
         })
         .await
-        .map_err(|e| StoreError::Internal(format!("pruning task: {e}").into()))?
-        .map_err(StoreError::from)
     }
 
     async fn requeue(
@@ -406,31 +418,28 @@ impl Backend for SqliteBackend {
             requeue.received_from.map(text_time),
             requeue.received_before.map(text_time),
         );
-        // On the writing connection, like every write (SQLite has one writer).
-        let writes = self.writes.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = writes.lock().expect("writer connection lock");
-            let tx = conn.transaction()?;
-            let rows = {
-                let mut statement = tx.prepare(&sql)?;
-                let rows = statement.query_map(
-                    params![params.0, params.1, params.2, params.3, params.4],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
-                )?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            };
-            tx.commit()?;
-            Ok::<_, rusqlite::Error>(rows)
-        })
-        .await
-        .map_err(|e| StoreError::Internal(format!("requeue task: {e}").into()))??
-        .into_iter()
-        .map(|(id, seq)| {
-            Uuid::try_parse(&id)
-                .map(|id| (id, seq))
-                .map_err(|e| StoreError::Internal(format!("packet_id {id:?}: {e}").into()))
-        })
-        .collect()
+        let rows = self
+            .on_writer("requeue", move |conn| {
+                let tx = conn.transaction()?;
+                let rows = {
+                    let mut statement = tx.prepare(&sql)?;
+                    let rows = statement.query_map(
+                        params![params.0, params.1, params.2, params.3, params.4],
+                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+                    )?;
+                    rows.collect::<Result<Vec<_>, _>>()?
+                };
+                tx.commit()?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(id, seq)| {
+                Uuid::try_parse(&id)
+                    .map(|id| (id, seq))
+                    .map_err(|e| StoreError::Internal(format!("packet_id {id:?}: {e}").into()))
+            })
+            .collect()
     }
 
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError> {

@@ -8,7 +8,7 @@ use tonic::Code;
 
 use crate::helpers::{
     Backend, TestApp, TestDb, assert_quiet, ingest, mark, next, packet_for, status, subscribe,
-    test_config,
+    test_config, user_packets,
 };
 use crate::on_every_backend;
 
@@ -243,15 +243,8 @@ async fn mark_failure_keeps_the_error(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(failed.message, "Packet marked as failed");
-    let page = client
-        .user_packets(pb::UserPacketsRequest {
-            user_id: "u".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let p = &page.packets[0];
+    let packets = user_packets(&mut client, "u").await;
+    let p = &packets[0];
     assert_eq!(p.status, pb::PacketStatus::Failed as i32);
     assert_eq!(p.error_message, "karma tracker returned 500");
     assert!(!p.processed_by_karma);

@@ -9,7 +9,7 @@ use tonic_types::StatusExt;
 
 use crate::helpers::{
     Backend, TestApp, TestDb, assert_quiet, ingest, mark, next, packet_for, status, subscribe,
-    test_config,
+    test_config, user_packets,
 };
 
 async fn extend(
@@ -204,15 +204,8 @@ async fn redrive_sends_dead_letters_back_with_their_count_reset(backend: Backend
         mark(&mut client, id).await;
     }
     assert_quiet(&mut stream, 500).await;
-    let page = client
-        .user_packets(pb::UserPacketsRequest {
-            user_id: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    for p in &page.packets {
+    let packets = user_packets(&mut client, "a").await;
+    for p in &packets {
         assert_eq!(p.status, pb::PacketStatus::Processed as i32);
         assert_eq!(p.history.len(), 1, "what it had is kept");
         let h = &p.history[0];
@@ -291,15 +284,8 @@ async fn replay_delivers_processed_packets_again_and_keeps_their_outcome(backend
     assert_eq!(d.delivery_attempt, 1);
     assert_quiet(&mut stream, 300).await;
 
-    let page = client
-        .user_packets(pb::UserPacketsRequest {
-            user_id: "u".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let p = &page.packets[0];
+    let packets = user_packets(&mut client, "u").await;
+    let p = &packets[0];
     assert_ne!(
         p.status,
         pb::PacketStatus::Processed as i32,
