@@ -612,22 +612,33 @@ fn check_grpc(name: &str, answer: Result<(), tonic::Status>, code: Code, fields:
 }
 
 async fn call_rest(http: &reqwest::Client, base: &str, call: Rest) -> (u16, String, Vec<u8>) {
-    let request = match call {
-        Rest::Post(path, value) => http
-            .post(format!("{base}{path}"))
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&value).unwrap()),
-        Rest::PostRaw(path, content_type, bytes) => {
-            let r = http.post(format!("{base}{path}")).body(bytes);
-            if content_type.is_empty() {
-                r
-            } else {
-                r.header("content-type", content_type)
-            }
-        }
-        Rest::Get(path) => http.get(format!("{base}{path}")),
+    // (method, path, content type, body), kept for a retry over raw TCP.
+    let (method, path, content_type, body) = match call {
+        Rest::Post(path, value) => (
+            "POST",
+            path.to_owned(),
+            "application/json",
+            serde_json::to_vec(&value).unwrap(),
+        ),
+        Rest::PostRaw(path, content_type, bytes) => ("POST", path.to_owned(), content_type, bytes),
+        Rest::Get(path) => ("GET", path, "", Vec::new()),
     };
-    let response = request.send().await.expect("an HTTP answer");
+    let url = format!("{base}{path}");
+    let mut request = if method == "GET" {
+        http.get(&url)
+    } else {
+        http.post(&url).body(body.clone())
+    };
+    if !content_type.is_empty() {
+        request = request.header("content-type", content_type);
+    }
+    let response = match request.send().await {
+        Ok(response) => response,
+        // The server may answer (413) and close before a large body is all
+        // sent: the client then fails writing it and never reads the answer.
+        Err(e) if e.is_request() => return raw_http(base, method, &path, content_type, body).await,
+        Err(e) => panic!("an HTTP answer: {e:?}"),
+    };
     let code = response.status().as_u16();
     let content_type = response
         .headers()
@@ -635,6 +646,69 @@ async fn call_rest(http: &reqwest::Client, base: &str, call: Rest) -> (u16, Stri
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default();
     (code, content_type, response.bytes().await.unwrap().to_vec())
+}
+
+/// One HTTP/1.1 request over its own connection, written by a task of its
+/// own (a broken pipe there is ignored) while the answer is read: status,
+/// content type, body.
+async fn raw_http(
+    base: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, prefix) = base
+        .trim_start_matches("http://")
+        .split_once('/')
+        .expect("a base URL with a path");
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let mut head = format!(
+        "{method} /{prefix}{path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
+         content-length: {}\r\n",
+        body.len()
+    );
+    if !content_type.is_empty() {
+        head.push_str(&format!("content-type: {content_type}\r\n"));
+    }
+    head.push_str("\r\n");
+    let writer = tokio::spawn(async move {
+        let _ = write.write_all(head.as_bytes()).await;
+        let _ = write.write_all(&body).await;
+        // Held open until the answer is read: hyper closes a half-closed
+        // connection without answering.
+        std::future::pending::<()>().await;
+        drop(write);
+    });
+    let mut answer = Vec::new();
+    let _ = read.read_to_end(&mut answer).await;
+    writer.abort();
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "no head for {path} {content_type:?}: {:?}",
+                String::from_utf8_lossy(&answer)
+            )
+        });
+    let head = String::from_utf8_lossy(&answer[..split]).to_string();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (code, content_type, answer[split + 4..].to_vec())
 }
 
 fn check_rest(name: &str, answer: (u16, String, Vec<u8>), status: u16, locs: &Value) {
