@@ -12,11 +12,8 @@
 //! compared as SHA-256 digests in constant time, so neither a token's
 //! content nor its length leaks through timing.
 use std::path::Path;
-use std::sync::Arc;
 
-use axum::extract::{Request, State};
 use axum::http::{HeaderMap, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -238,26 +235,6 @@ pub fn refuse(headers: &HeaderMap, error: Error) -> Response {
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     response
-}
-
-/// The layer: every request passes here first.
-pub async fn check(
-    State(access): State<Arc<Access>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let required = if request.method() == axum::http::Method::OPTIONS {
-        None
-    } else {
-        required_role(request.uri().path())
-    };
-    match access.decide(required, request.headers()) {
-        Ok(caller) => {
-            request.extensions_mut().insert(caller);
-            next.run(request).await
-        }
-        Err(e) => refuse(request.headers(), e),
-    }
 }
 
 #[cfg(test)]

@@ -2,19 +2,14 @@
 //! client (so one runaway browser cannot starve the rest), and the right
 //! gRPC status for a message over the size limit.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
-use axum::middleware::Next;
-use axum::response::Response;
-use http_body::Frame;
-use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::auth::{Role, is_grpc, refuse, required_role};
 use crate::error::Error;
 
 /// A token bucket per client: `rate` calls a second, `burst` at once.
@@ -96,35 +91,21 @@ fn client(request: &Request) -> String {
     addr.map_or_else(|| "unknown".to_owned(), |a| format!("addr:{}", a.ip()))
 }
 
-/// The layer.
-pub async fn apply(State(limits): State<Arc<Limits>>, request: Request, next: Next) -> Response {
-    let grpc = is_grpc(request.headers());
-    if let Some(rate) = &limits.ingest_rate
-        && required_role(request.uri().path()) == Some(Role::Ingest)
-        && let Err(wait) = rate.take(&client(&request), Instant::now())
-    {
-        metrics::counter!("bucket_rate_limited_total").increment(1);
-        let error = Error::ResourceExhausted {
-            message: "this client sends faster than the ingest rate limit; retry later".into(),
-            retry_after: Some(wait),
+impl Limits {
+    /// Takes an ingest call's token from its client's bucket, when a rate
+    /// is set; refuses with how long to wait otherwise.
+    pub fn admit_ingest(&self, request: &Request) -> Result<(), Error> {
+        let Some(rate) = &self.ingest_rate else {
+            return Ok(());
         };
-        return refuse(request.headers(), error);
-    }
-    let mut response = next.run(request).await;
-    if !grpc {
-        return response;
-    }
-    // The status comes in the headers (trailers-only) or in the trailers.
-    too_large_is_resource_exhausted(response.headers_mut());
-    response.map(|body| {
-        axum::body::Body::new(body.map_frame(|frame| match frame.into_trailers() {
-            Ok(mut trailers) => {
-                too_large_is_resource_exhausted(&mut trailers);
-                Frame::trailers(trailers)
+        rate.take(&client(request), Instant::now()).map_err(|wait| {
+            metrics::counter!("bucket_rate_limited_total").increment(1);
+            Error::ResourceExhausted {
+                message: "this client sends faster than the ingest rate limit; retry later".into(),
+                retry_after: Some(wait),
             }
-            Err(frame) => frame,
-        }))
-    })
+        })
+    }
 }
 
 /// What tonic's message says (percent-encoded) when a message is too large.
@@ -133,7 +114,7 @@ const TOO_LARGE: &[u8] = b"message%20length%20too%20large";
 /// tonic answers OUT_OF_RANGE for a message over its decoding limit; the
 /// gRPC status table says RESOURCE_EXHAUSTED, which clients know not to
 /// retry unchanged.
-fn too_large_is_resource_exhausted(headers: &mut HeaderMap) {
+pub fn too_large_is_resource_exhausted(headers: &mut HeaderMap) {
     let out_of_range = headers.get("grpc-status").map(HeaderValue::as_bytes) == Some(b"11");
     let too_large = headers.get("grpc-message").is_some_and(|m| {
         m.as_bytes()

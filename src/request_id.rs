@@ -1,22 +1,16 @@
 //! Every request gets an id: `x-request-id` from the caller (up to 128
 //! visible ASCII characters) or a new UUIDv7, echoed on the response (a
 //! REST header; gRPC response metadata) and carried by every log line of
-//! the request (a span). The same layer counts requests by method and
-//! outcome and times them (`bucket_requests_total{method, code}`,
-//! `bucket_request_seconds{method}`), for gRPC, gRPC-web and REST alike.
-use std::time::Instant;
-
+//! the request (a span). Requests are counted and timed by `Method`
+//! (`crate::edge` does both, for gRPC, gRPC-web and REST alike).
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue};
-use axum::middleware::Next;
-use axum::response::Response;
-use tracing::Instrument;
 use uuid::Uuid;
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The caller's id when it is one we can echo and log safely.
-fn given(request: &Request) -> Option<HeaderValue> {
+pub fn given(request: &Request) -> Option<HeaderValue> {
     let value = request.headers().get(&HEADER)?;
     let ok = !value.is_empty()
         && value.len() <= 128
@@ -24,78 +18,106 @@ fn given(request: &Request) -> Option<HeaderValue> {
     ok.then(|| value.clone())
 }
 
-/// The method a path names, with a bounded set of values: an RPC's name,
-/// `rest:<path>` for the gateway (a user id never becomes a label), or
-/// `other`.
-pub fn method_label(path: &str) -> String {
-    if let Some(rpc) = path.strip_prefix("/bucket.v1.BucketService/") {
-        return rpc.to_owned();
-    }
-    if let Some(rest) = path.strip_prefix("/api/v1/bucket/prana/") {
-        let rest = if rest.starts_with("packets/user/") {
-            "packets/user"
+/// A new id: a UUIDv7, so ids sort by time in logs.
+pub fn new_id() -> HeaderValue {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = Uuid::now_v7().hyphenated().encode_lower(&mut text);
+    HeaderValue::from_str(text).expect("a UUID is a header value")
+}
+
+/// What a request's path names, with a bounded set of labels for metrics
+/// and logs (a user id never becomes one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Method(u8);
+
+/// Every label a request can get; the index is the `Method`.
+const LABELS: &[&str] = &[
+    "other",
+    "Ingest",
+    "IngestBatch",
+    "StreamPending",
+    "MarkProcessed",
+    "MarkProcessedBatch",
+    "ExtendLease",
+    "UserPackets",
+    "Status",
+    "Redrive",
+    "Replay",
+    "rest:ingest",
+    "rest:packets/pending",
+    "rest:packets/mark-processed",
+    "rest:packets/user",
+    "rest:status",
+    "rest:packets/redrive",
+    "rest:packets/replay",
+    "health",
+    "reflection",
+    "healthz",
+    "readyz",
+    "metrics",
+    "openapi.json",
+];
+
+/// Where each kind of label sits in `LABELS`.
+const RPCS: std::ops::Range<usize> = 1..11;
+const REST: std::ops::Range<usize> = 11..18;
+const HEALTH: usize = 18;
+const REFLECTION: usize = 19;
+const OPS: std::ops::Range<usize> = 20..24;
+
+impl Method {
+    pub const COUNT: usize = LABELS.len();
+
+    pub fn of(path: &str) -> Method {
+        let (range, name) = if let Some(rpc) = path.strip_prefix("/bucket.v1.BucketService/") {
+            (RPCS, rpc)
+        } else if let Some(rest) = path.strip_prefix("/api/v1/bucket/prana/") {
+            let rest = if rest.starts_with("packets/user/") {
+                "packets/user"
+            } else {
+                rest
+            };
+            return Method::find(REST, |l| l.strip_prefix("rest:") == Some(rest));
+        } else if matches!(
+            path,
+            "/grpc.health.v1.Health/Check" | "/grpc.health.v1.Health/Watch"
+        ) {
+            return Method::at(HEALTH);
+        } else if path.starts_with("/grpc.reflection.") {
+            return Method::at(REFLECTION);
         } else {
-            rest
+            (OPS, path.strip_prefix('/').unwrap_or(path))
         };
-        return match rest {
-            "ingest"
-            | "packets/pending"
-            | "packets/mark-processed"
-            | "packets/user"
-            | "status"
-            | "packets/redrive"
-            | "packets/replay" => format!("rest:{rest}"),
-            _ => "other".to_owned(),
-        };
+        Method::find(range, |l| l == name)
     }
-    match path {
-        "/grpc.health.v1.Health/Check" | "/grpc.health.v1.Health/Watch" => "health".into(),
-        p if p.starts_with("/grpc.reflection.") => "reflection".into(),
-        "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => path[1..].to_owned(),
-        _ => "other".into(),
-    }
-}
 
-/// The outcome to count: the gRPC status when the answer carries it in
-/// its headers (every refusal does), else OK for gRPC, else the HTTP status.
-fn code_label(response: &Response, grpc: bool) -> String {
-    if let Some(code) = response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-    {
-        return format!("{:?}", tonic::Code::from_i32(code));
+    /// The label in `range` that `matches`, else `other`.
+    fn find(range: std::ops::Range<usize>, matches: impl Fn(&str) -> bool) -> Method {
+        let start = range.start;
+        LABELS[range]
+            .iter()
+            .position(|l| matches(l))
+            .map_or(Method(0), |i| Method::at(start + i))
     }
-    if grpc && response.status().is_success() {
-        return "Ok".into();
-    }
-    response.status().as_u16().to_string()
-}
 
-pub async fn tag(mut request: Request, next: Next) -> Response {
-    let id = given(&request).unwrap_or_else(|| {
-        HeaderValue::from_str(&Uuid::now_v7().to_string()).expect("a UUID is a header value")
-    });
-    request.headers_mut().insert(HEADER, id.clone());
-    let path = request.uri().path().to_owned();
-    let grpc = crate::auth::is_grpc(request.headers());
-    let method = method_label(&path);
-    let span = tracing::info_span!(
-        "request",
-        request_id = %id.to_str().unwrap_or_default(),
-        method = %method
-    );
-    let started = Instant::now();
-    let mut response = next.run(request).instrument(span).await;
-    response.headers_mut().insert(HEADER, id);
-    let code = code_label(&response, grpc);
-    metrics::counter!("bucket_requests_total", "method" => method.clone(), "code" => code)
-        .increment(1);
-    // For a stream, the time to its first answer (its headers).
-    metrics::histogram!("bucket_request_seconds", "method" => method)
-        .record(started.elapsed().as_secs_f64());
-    response
+    /// The method with this index (below `COUNT`).
+    pub fn at(index: usize) -> Method {
+        Method(u8::try_from(index).expect("fewer than 256 labels"))
+    }
+
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+
+    pub fn label(self) -> &'static str {
+        LABELS[self.index()]
+    }
+
+    /// Methods whose requests are a stream of messages (reflection), so a
+    /// request message over the limit can end the call after its headers.
+    pub fn streams_requests(self) -> bool {
+        self.index() == REFLECTION
+    }
 }
 
 #[cfg(test)]
@@ -104,17 +126,47 @@ mod tests {
 
     #[test]
     fn labels_stay_few() {
-        assert_eq!(method_label("/bucket.v1.BucketService/Ingest"), "Ingest");
+        let label = |path| Method::of(path).label();
+        assert_eq!(label("/bucket.v1.BucketService/Ingest"), "Ingest");
+        assert_eq!(label("/bucket.v1.BucketService/Nope"), "other");
+        assert_eq!(label("/bucket.v1.BucketService/rest:ingest"), "other");
         assert_eq!(
-            method_label("/api/v1/bucket/prana/packets/user/alice"),
+            label("/api/v1/bucket/prana/packets/user/alice"),
             "rest:packets/user"
         );
-        assert_eq!(method_label("/api/v1/bucket/prana/nope"), "other");
+        assert_eq!(label("/api/v1/bucket/prana/ingest"), "rest:ingest");
+        assert_eq!(label("/api/v1/bucket/prana/nope"), "other");
         assert_eq!(
-            method_label("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            label("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
             "reflection"
         );
-        assert_eq!(method_label("/metrics"), "metrics");
-        assert_eq!(method_label("/random/guess"), "other");
+        assert!(
+            Method::of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+                .streams_requests()
+        );
+        assert!(!Method::of("/bucket.v1.BucketService/Ingest").streams_requests());
+        assert_eq!(label("/grpc.health.v1.Health/Check"), "health");
+        assert_eq!(label("/metrics"), "metrics");
+        assert_eq!(label("/Ingest"), "other");
+        assert_eq!(label("/random/guess"), "other");
+    }
+
+    #[test]
+    fn every_label_has_a_path() {
+        for i in 0..Method::COUNT {
+            let label = Method::at(i).label();
+            let path = if let Some(rest) = label.strip_prefix("rest:") {
+                format!("/api/v1/bucket/prana/{rest}")
+            } else if RPCS.contains(&i) {
+                format!("/bucket.v1.BucketService/{label}")
+            } else if i == HEALTH {
+                "/grpc.health.v1.Health/Check".into()
+            } else if i == REFLECTION {
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".into()
+            } else {
+                format!("/{label}")
+            };
+            assert_eq!(Method::of(&path), Method::at(i), "{path}");
+        }
     }
 }

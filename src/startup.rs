@@ -13,13 +13,13 @@ use crate::auth::Access;
 use crate::bucket::Bucket;
 use crate::config::Config;
 use crate::delivery::Dispatcher;
+use crate::edge::EdgeLayer;
 use crate::grpc::BucketGrpc;
 use crate::limits::{IngestRate, Limits};
 use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
 use crate::proto::{FILE_DESCRIPTOR_SET, WELL_KNOWN_TYPES};
 use crate::queue::redis::{RedisQueue, RedisTarget};
 use crate::store::{CommitLimits, Store};
-use axum::middleware::from_fn_with_state;
 use uuid::Uuid;
 
 pub struct Application {
@@ -231,21 +231,18 @@ impl Application {
             .into_axum_router()
             .layer(tonic_web::GrpcWebLayer::new());
         let http = crate::http::router(self.bucket.clone(), self.config.max_body_bytes);
-        let limits = Arc::new(Limits {
+        let limits = Limits {
             ingest_rate: IngestRate::new(
                 self.config.limits.ingest_rate,
                 self.config.limits.ingest_burst,
             ),
-        });
-        // Authentication outermost (the last layer added runs first), so an
-        // unknown caller costs nothing further, rate tokens included.
+        };
+        // One layer before everything: request id, authentication, ingest
+        // rate, per-method metrics.
         Ok(Routes::from(
             grpc.merge(http)
                 .fallback(crate::http::not_found)
-                .layer(from_fn_with_state(limits, crate::limits::apply))
-                .layer(from_fn_with_state(self.access.clone(), crate::auth::check))
-                // Outermost: refusals get an id, a log span and a count too.
-                .layer(axum::middleware::from_fn(crate::request_id::tag)),
+                .layer(EdgeLayer::new(self.access.clone(), limits)),
         ))
     }
 }

@@ -8,6 +8,7 @@
 //! kind of machine), does the migrations and every read.
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -38,27 +39,38 @@ pub struct SqliteBackend {
     reads: SqlitePool,
     /// The checkpointer thread runs while this lives.
     _checkpointing: Arc<()>,
+    /// Set by the checkpointer when the writer should let the WAL start over.
+    restart_wal: Arc<AtomicBool>,
 }
 
 /// How often the WAL is copied back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
-/// WAL frames (4 KiB pages) past which the checkpointer truncates the WAL.
+/// WAL frames (4 KiB pages) past which the WAL is started over.
 const WAL_LIMIT_FRAMES: i64 = 16_384;
+
+/// The WAL file is cut back to this when it is started over.
+const WAL_KEEP_BYTES: i64 = WAL_LIMIT_FRAMES * 4096;
 
 /// Copies the WAL into the database file from a connection of its own, so
 /// the writer never stops for it (SQLite's automatic checkpoint would run
 /// inside a commit, holding up every waiting write for tens of ms).
-/// PASSIVE: it never waits for, nor blocks, the writer or readers. But
-/// under steady writes a PASSIVE checkpoint never finds the WAL complete,
-/// and SQLite only starts the WAL over when it is, so the file grew without
-/// bound (545 MB of WAL beside an 82 MB database after 200,000 packets).
-/// Past 64 MiB, right after a PASSIVE pass (so little is left to copy),
-/// a TRUNCATE checkpoint holds writers back for that remainder and empties
-/// the file.
+/// PASSIVE: it never waits for, nor blocks, the writer or readers.
+///
+/// But under steady writes a checkpoint from another connection never
+/// finds the WAL complete (frames keep coming while it copies), and SQLite
+/// starts the WAL over only when it is, so the file grew without bound
+/// (545 MB of WAL beside an 82 MB database after 200,000 packets). Past
+/// `WAL_LIMIT_FRAMES` this thread raises `restart`, and the writer, between
+/// two commits, copies the little left since this pass (`finish_checkpoint`):
+/// the next commit then writes from the start of the file. A TRUNCATE
+/// checkpoint from here did the same by holding every writer back until it
+/// had copied and cut the file: 30-40 ms stalls each second at 5,000
+/// packets/s, the p99 of the whole path (BENCHMARKS.md).
 fn checkpoint_in_background(
     path: &std::path::Path,
     alive: std::sync::Weak<()>,
+    restart: Arc<AtomicBool>,
 ) -> Result<(), StoreError> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
@@ -67,25 +79,35 @@ fn checkpoint_in_background(
         .spawn(move || {
             while alive.upgrade().is_some() {
                 std::thread::sleep(CHECKPOINT_EVERY);
-                let checkpoint = |mode: &str| -> rusqlite::Result<(i64, i64, i64)> {
-                    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                };
-                let done = checkpoint("PASSIVE").and_then(|(busy, frames, copied)| {
-                    if frames > WAL_LIMIT_FRAMES {
-                        tracing::debug!(busy, frames, copied, "WAL over its limit: truncating");
-                        checkpoint("TRUNCATE")?;
+                match passive_checkpoint(&conn) {
+                    Ok(frames) if frames > WAL_LIMIT_FRAMES => {
+                        restart.store(true, Ordering::Relaxed)
                     }
-                    Ok(())
-                });
-                if let Err(e) = done {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying"),
                 }
             }
         })
         .map_err(|e| StoreError::Internal(format!("checkpoint thread: {e}").into()))?;
     Ok(())
+}
+
+/// Copies what it can of the WAL into the database; answers the frames in
+/// the WAL.
+fn passive_checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+}
+
+/// On the writing connection, between commits, when the checkpointer asked:
+/// nothing can add frames meanwhile, so (unless a reader still needs old
+/// frames; then it is asked again on its next pass) the WAL ends up fully
+/// copied and the next commit starts it over.
+fn finish_checkpoint(conn: &rusqlite::Connection, restart: &AtomicBool) {
+    if restart.swap(false, Ordering::Relaxed)
+        && let Err(e) = passive_checkpoint(conn)
+    {
+        tracing::warn!(error = %e, "WAL checkpoint on the writer failed; retrying");
+    }
 }
 
 impl SqliteBackend {
@@ -130,8 +152,14 @@ impl SqliteBackend {
              PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
              PRAGMA wal_autocheckpoint = 0;",
         )?;
+        writes.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
         let checkpointing = Arc::new(());
-        checkpoint_in_background(options.get_filename(), Arc::downgrade(&checkpointing))?;
+        let restart = Arc::new(AtomicBool::new(false));
+        checkpoint_in_background(
+            options.get_filename(),
+            Arc::downgrade(&checkpointing),
+            restart.clone(),
+        )?;
         // Nine shapes of the insert, and the few one-row statements.
         writes.set_prepared_statement_cache_capacity(24);
         let reads = SqlitePoolOptions::new()
@@ -144,6 +172,7 @@ impl SqliteBackend {
             writes: Arc::new(std::sync::Mutex::new(writes)),
             reads,
             _checkpointing: checkpointing,
+            restart_wal: restart,
         })
     }
 }
@@ -353,6 +382,7 @@ impl Backend for SqliteBackend {
             false => Some(gate.clone().read_owned().await),
         };
         let mut conn = self.writes.lock().expect("writer connection lock");
+        finish_checkpoint(&conn, &self.restart_wal);
         let written = (|| {
             let tx = conn.transaction()?;
             let marks = mark_all(&tx, &group.marks)?;
