@@ -452,5 +452,44 @@ async fn postgres_days_are_ready_ahead_after_startup() {
         let day = partition_of(days_ago(-ahead));
         assert!(days.contains(&day), "{day} in {days:?}");
     }
+
+    // A packet for a day without a partition (a clock far ahead) lands in
+    // the default partition; creating its day moves it there, counts
+    // unchanged.
+    let later = days_ago(-3);
+    sqlx::query(&format!("DROP TABLE {}", partition_of(later)))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "WITH claimed AS (INSERT INTO packet_ids (packet_id, received_at, seq) \
+         VALUES ($1, $2, nextval('packet_seq')) RETURNING seq) \
+         INSERT INTO packets (seq, packet_id, user_id, client_timestamp, cognitive_state, \
+         active_seconds, idle_seconds, away_seconds, integrity_score, raw_signals, received_at) \
+         SELECT seq, $1, 'ahead_user', now(), 'ON_TASK', 1, 0, 0, 0.9, '{}', $2 FROM claimed",
+    )
+    .bind(id)
+    .bind(later)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let store = Store::connect(&app.db.url).await.unwrap();
+    let home = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT tableoid::regclass::text FROM packets WHERE packet_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        home().await,
+        partition_of(later),
+        "moved when its day was made"
+    );
+    assert_counts_match(&store, &app.db).await;
+    assert_eq!(store.counts().await.unwrap().pending, 1);
     pool.close().await;
 }
