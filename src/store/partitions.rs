@@ -165,7 +165,7 @@ pub(super) async fn prune(
                 done: false,
             });
         }
-        let deleted = delete_finished(pool, &table(day), before.min(to), limit).await?;
+        let deleted = delete_finished(pool, &table(day), Some(from), before.min(to), limit).await?;
         if deleted > 0 {
             return Ok(Pruned {
                 packets: deleted,
@@ -173,7 +173,7 @@ pub(super) async fn prune(
             });
         }
     }
-    let deleted = delete_finished(pool, "packets_default", before, limit).await?;
+    let deleted = delete_finished(pool, "packets_default", None, before, limit).await?;
     if deleted > 0 {
         return Ok(Pruned {
             packets: deleted,
@@ -265,38 +265,50 @@ async fn drop_day(
 }
 
 /// Deletes at most `limit` of the oldest finished packets of `partition`
-/// received before `before`, with their ids. Through the parent table, so
-/// the count triggers fire.
+/// received from `from` (if given) and before `before`, with their ids.
+/// Through the parent table, so the count triggers fire; the range is
+/// repeated there so PostgreSQL plans for that partition only.
 async fn delete_finished(
     pool: &PgPool,
     partition: &str,
+    from: Option<DateTime<Utc>>,
     before: DateTime<Utc>,
     limit: u32,
 ) -> Result<u64, sqlx::Error> {
-    let deleted: i64 = sqlx::query_scalar(&format!(
-        "WITH gone AS (DELETE FROM packets WHERE (seq, received_at) IN (\
-         SELECT seq, received_at FROM {partition} WHERE received_at < $1 \
+    let range = match from {
+        Some(_) => "received_at >= $3 AND received_at < $1",
+        None => "received_at < $1",
+    };
+    let sql = format!(
+        "WITH gone AS (DELETE FROM packets WHERE {range} AND (seq, received_at) IN (\
+         SELECT seq, received_at FROM {partition} WHERE {range} \
          AND status IN ('processed', 'failed', 'dead_letter') ORDER BY received_at LIMIT $2) \
          RETURNING packet_id), \
          forgotten AS (DELETE FROM packet_ids WHERE packet_id IN (SELECT packet_id FROM gone)) \
          SELECT COUNT(*) FROM gone"
-    ))
-    .bind(before)
-    .bind(i64::from(limit))
-    .persistent(false)
-    .fetch_one(pool)
-    .await?;
+    );
+    let mut query = sqlx::query_scalar(&sql)
+        .bind(before)
+        .bind(i64::from(limit))
+        .persistent(false);
+    if let Some(from) = from {
+        query = query.bind(from);
+    }
+    let deleted: i64 = query.fetch_one(pool).await?;
     Ok(deleted.max(0) as u64)
 }
 
 /// Deletes at most `limit` ids received before `before` whose packets are
 /// gone (with a dropped day); answers how many.
 async fn forget_ids(pool: &PgPool, before: DateTime<Utc>, limit: u32) -> Result<u64, sqlx::Error> {
+    // LEFT JOIN LATERAL with LIMIT keeps this a loop over the old ids,
+    // each looking in its one partition (NOT EXISTS may become an anti-join
+    // reading every partition).
     let forgotten = sqlx::query(
         "DELETE FROM packet_ids WHERE packet_id IN (\
-         SELECT i.packet_id FROM packet_ids i WHERE i.received_at < $1 AND NOT EXISTS (\
-         SELECT 1 FROM packets p WHERE p.seq = i.seq AND p.received_at = i.received_at) \
-         ORDER BY i.received_at LIMIT $2)",
+         SELECT i.packet_id FROM packet_ids i LEFT JOIN LATERAL (SELECT 1 AS found FROM packets p \
+         WHERE p.seq = i.seq AND p.received_at = i.received_at LIMIT 1) x ON TRUE \
+         WHERE i.received_at < $1 AND x.found IS NULL ORDER BY i.received_at LIMIT $2)",
     )
     .bind(before)
     .bind(i64::from(limit))

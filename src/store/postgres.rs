@@ -290,8 +290,8 @@ async fn mark_all(
             // Through the packet itself: an id whose day was dropped is not
             // a packet any more.
             sqlx::query_scalar(
-                "SELECT i.packet_id FROM packet_ids i JOIN packets p \
-                 ON p.seq = i.seq AND p.received_at = i.received_at \
+                "SELECT i.packet_id FROM packet_ids i CROSS JOIN LATERAL (SELECT 1 FROM packets p \
+                 WHERE p.seq = i.seq AND p.received_at = i.received_at LIMIT 1) x \
                  WHERE i.packet_id = ANY($1)",
             )
             .bind(&rest)
@@ -463,10 +463,13 @@ impl Backend for PgBackend {
     }
 
     async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
+        // LATERAL with LIMIT keeps this a loop over the ids, each looking
+        // in one partition; a semi-join would be free to read every
+        // partition's pending rows.
         let sql = format!(
-            "SELECT {PENDING_COLUMNS} FROM packets WHERE status = 'pending' \
-             AND (seq, received_at) IN (SELECT seq, received_at FROM packet_ids \
-             WHERE packet_id = ANY($1)) ORDER BY seq"
+            "SELECT x.* FROM packet_ids i CROSS JOIN LATERAL (SELECT {PENDING_COLUMNS} \
+             FROM packets WHERE seq = i.seq AND received_at = i.received_at \
+             AND status = 'pending' LIMIT 1) x WHERE i.packet_id = ANY($1) ORDER BY x.seq"
         );
         let rows: Vec<PendingRow<Uuid>> =
             sqlx::query_as(&sql).bind(ids).fetch_all(&self.pool).await?;
