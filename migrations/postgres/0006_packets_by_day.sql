@@ -7,9 +7,10 @@
 -- received_at, seq), written by the same INSERT statement as the packet (a
 -- data-modifying CTE: one statement, one round trip, one commit), so a
 -- retried id is never stored twice, even on another day. Whatever addresses
--- a packet by id (marks, lease ends, ExtendLease, Redrive of ids) joins
--- through packet_ids and so carries (seq, received_at): PostgreSQL prunes to
--- the one partition and uses its primary key.
+-- a packet by id (marks, lease ends, the queue's look-ups of pending ids,
+-- the receipt of a retry) goes through packet_ids and so carries (seq,
+-- received_at): PostgreSQL prunes to the one partition and uses its primary
+-- key.
 --
 -- Counts are kept per day and status (the triggers of 0004, now grouped by
 -- day too), so dropping a day takes its counts away exactly, with no scan:
@@ -18,6 +19,9 @@
 -- Partitions are created by the bucket, a few days ahead, at startup and
 -- every minute (src/store/partitions.rs); packets_default takes any row no
 -- day partition covers (a node's clock far off), so an insert never fails.
+--
+-- This copies the table once, in one transaction, with it locked: on a
+-- large database, plan the upgrade's downtime as for a copy of the table.
 
 ALTER TABLE packets RENAME TO packets_unpartitioned;
 DROP TRIGGER packets_counted_insert ON packets_unpartitioned;

@@ -140,16 +140,18 @@ async fn create(pool: &PgPool, day: NaiveDate) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
-/// One step of retention (see [`super::Backend::prune`]): drops a day
-/// whose packets are all older than `before` and none pending or leased;
-/// else deletes a batch of finished packets older than `before` from a day
-/// that must stay, or from the default partition; else forgets a batch of
-/// ids whose packets went with their day.
+/// One step of retention (see [`super::Backend::prune`]): drops a day that
+/// is over, whose packets are all older than `before` and none pending or
+/// leased; else deletes a batch of finished packets older than `before`
+/// from such a day that must stay (or is not over: a period shorter than a
+/// day), or from the default partition; else forgets a batch of ids whose
+/// packets went with their day.
 pub(super) async fn prune(
     pool: &PgPool,
     before: DateTime<Utc>,
     limit: u32,
 ) -> Result<Pruned, StoreError> {
+    let now = Utc::now();
     for day in days(pool).await? {
         let (from, to) = bounds(day);
         if from >= before {
@@ -158,7 +160,11 @@ pub(super) async fn prune(
         if !all_older(pool, day, before).await? {
             continue;
         }
-        if let Some(packets) = drop_day(pool, day, before).await? {
+        // Today's partition stays even when all it holds is old: new
+        // packets go there.
+        if to <= now
+            && let Some(packets) = drop_day(pool, day, before).await?
+        {
             tracing::info!(day = %day, packets, "retention: day partition dropped");
             return Ok(Pruned {
                 packets,
