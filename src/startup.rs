@@ -89,19 +89,18 @@ impl Application {
             );
         }
         match config.retention.0 {
-            Some(period) => {
-                tracing::info!(
-                    days = period.as_secs_f64() / 86_400.0,
-                    "retention: finished packets are deleted after this long"
-                );
-                dispatcher.tasks().spawn(crate::store::retention::run(
-                    store.clone(),
-                    period,
-                    dispatcher.shutdown_token(),
-                ));
-            }
+            Some(period) => tracing::info!(
+                days = period.as_secs_f64() / 86_400.0,
+                "retention: finished packets are deleted after this long"
+            ),
             None => tracing::info!("retention off: every packet is kept"),
         }
+        // Even with retention off: it also readies the days ahead.
+        dispatcher.tasks().spawn(crate::store::retention::run(
+            store.clone(),
+            config.retention.0,
+            dispatcher.shutdown_token(),
+        ));
         let bucket = Arc::new(Bucket::new(store.clone(), dispatcher.clone(), &config));
 
         let access = Arc::new(Access::from_config(&config.auth)?);

@@ -9,6 +9,7 @@
 //! commit whatever is waiting in one transaction, one statement per kind of
 //! write.
 mod error;
+mod partitions;
 mod postgres;
 pub mod retention;
 mod rows;
@@ -231,6 +232,15 @@ pub struct Group<'a> {
     pub at: DateTime<Utc>,
 }
 
+/// What one step of retention did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Packets deleted (or dropped with their day).
+    pub packets: u64,
+    /// Nothing is left to do until the next pass.
+    pub done: bool,
+}
+
 /// Each kind's answers, in the group's order.
 #[derive(Debug)]
 pub struct Applied {
@@ -252,9 +262,18 @@ pub trait Backend: Send + Sync + 'static {
         group: &Group<'_>,
         gate: &Arc<RwLock<()>>,
     ) -> (Applied, Option<OwnedRwLockReadGuard<()>>);
-    /// Deletes at most `limit` of the oldest finished packets (processed,
-    /// failed, dead_letter) received before `before`; answers how many.
-    async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+    /// One step of retention, bounded by `limit` rows: deletes finished
+    /// packets (processed, failed, dead_letter) received before `before`,
+    /// oldest first. SQLite deletes at most `limit` rows; PostgreSQL drops
+    /// a whole day once all its packets are older than `before` and none is
+    /// pending or leased, or else deletes rows of such a day (see
+    /// `partitions`). Pending and leased packets are never deleted.
+    async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<Pruned, StoreError>;
+    /// Readies storage for the days ahead (PostgreSQL creates their
+    /// partitions); run at startup and every minute.
+    async fn prepare(&self, _now: DateTime<Utc>) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Sends the packets `requeue` selects back to pending, their outcome
     /// appended to their history and their delivery count at 0; answers
     /// their ids and seqs.
@@ -422,8 +441,13 @@ impl Store {
     }
 
     /// See [`Backend::prune`].
-    pub async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+    pub async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<Pruned, StoreError> {
         self.backend.prune(before, limit).await
+    }
+
+    /// See [`Backend::prepare`].
+    pub async fn prepare(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.backend.prepare(now).await
     }
 
     /// See [`Backend::requeue`].

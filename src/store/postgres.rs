@@ -3,6 +3,10 @@
 //! Each kind of write is one statement per commit group whatever its size:
 //! the rows travel as arrays and `UNNEST` turns them into a table, so every
 //! statement has one shape and is prepared once per connection.
+//!
+//! `packets` is partitioned by day (migration 0006); `packet_ids` holds each
+//! id once with where its packet is, so statements that address packets by
+//! id join through it and touch one partition each.
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -16,9 +20,10 @@ use sqlx::{Connection, Row};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use uuid::Uuid;
 
+use super::partitions;
 use super::rows::{self, PENDING_COLUMNS, PendingRow, StoredRow};
 use super::{
-    Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
+    Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket, Pruned,
     Released, Requeue, StoreError, StoredPacket, UserQuery, Writers,
 };
 use crate::domain::{DeliveryStatus, Packet};
@@ -83,31 +88,52 @@ impl PgBackend {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        // Until the days are there, packets go to the default partition,
+        // which takes them; the retention task tries again every minute.
+        if let Err(e) = partitions::create_ahead(&pool, Utc::now()).await {
+            tracing::warn!(error = %e, "day partitions not created ahead; will retry");
+        }
         Ok(Self { pool, doubt })
     }
 }
 
-const INSERT: &str = "INSERT INTO packets (packet_id, user_id, employee_id, session_id, \
+/// The id is claimed in `packet_ids` and the packet stored by one statement:
+/// only the ids claimed (not already there, first of equals in the batch)
+/// get a packet row.
+const INSERT: &str = "WITH u AS (SELECT nextval('packet_seq') AS seq, u.* \
+     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
+     $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[], \
+     $11::float8[], $12::float8[], $13::float8[], $14::float8[], $15::float8[], $16::jsonb[]) \
+     AS u(packet_id, user_id, employee_id, session_id, lesson_id, system_type, role, \
+     client_timestamp, cognitive_state, state, active_seconds, idle_seconds, away_seconds, \
+     focus_score, integrity_score, raw_signals)), \
+     claimed AS (INSERT INTO packet_ids (packet_id, received_at, seq) \
+     SELECT packet_id, $17::timestamptz, seq FROM u ON CONFLICT (packet_id) DO NOTHING \
+     RETURNING seq) \
+     INSERT INTO packets (seq, packet_id, user_id, employee_id, session_id, \
      lesson_id, system_type, role, client_timestamp, cognitive_state, state, active_seconds, \
      idle_seconds, away_seconds, focus_score, integrity_score, raw_signals, received_at) \
-     SELECT u.*, $17::timestamptz FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
-     $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[], \
-     $11::float8[], $12::float8[], $13::float8[], $14::float8[], $15::float8[], $16::jsonb[]) AS u \
-     ON CONFLICT (packet_id) DO NOTHING RETURNING packet_id, seq";
+     SELECT u.*, $17::timestamptz FROM u JOIN claimed USING (seq) \
+     RETURNING packet_id, seq";
 
 const MARK: &str = "UPDATE packets p SET status = m.status, processed_by_karma = m.ok, \
      processed_at = m.at, karma_actions = m.actions, processing_error = m.error, \
      delivery_attempts = GREATEST(p.delivery_attempts, m.attempt) \
+     FROM (SELECT m.*, i.seq, i.received_at \
      FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::jsonb[], \
      $6::text[], $7::int4[]) AS m(id, status, ok, at, actions, error, attempt) \
-     WHERE p.packet_id = m.id AND p.status <> 'processed' RETURNING p.packet_id";
+     JOIN packet_ids i ON i.packet_id = m.id) m \
+     WHERE p.seq = m.seq AND p.received_at = m.received_at AND p.status <> 'processed' \
+     RETURNING p.packet_id";
 
 const END: &str = "UPDATE packets p \
      SET delivery_attempts = GREATEST(p.delivery_attempts, e.attempts), \
      status = CASE WHEN GREATEST(p.delivery_attempts, e.attempts) >= $3 \
      THEN 'dead_letter' ELSE 'pending' END \
-     FROM UNNEST($1::uuid[], $2::int4[]) AS e(id, attempts) \
-     WHERE p.packet_id = e.id AND p.status = 'pending' RETURNING p.packet_id, p.status";
+     FROM (SELECT e.*, i.seq, i.received_at FROM UNNEST($1::uuid[], $2::int4[]) AS e(id, attempts) \
+     JOIN packet_ids i ON i.packet_id = e.id) e \
+     WHERE p.seq = e.seq AND p.received_at = e.received_at AND p.status = 'pending' \
+     RETURNING p.packet_id, p.status";
 
 /// Stores `packets`; a packet whose id is already stored gets the stored receipt.
 async fn insert_all(
@@ -165,32 +191,55 @@ async fn insert_all(
     for row in rows {
         created.insert(row.try_get("packet_id")?, row.try_get("seq")?);
     }
-    let mut receipts = Vec::with_capacity(packets.len());
-    for p in packets {
-        // The first of several equal ids in a batch creates it.
-        let receipt = match created.remove(&p.packet_id) {
-            Some(seq) => Inserted {
+    // The first of several equal ids in a batch creates it.
+    let fresh: Vec<Option<i64>> = packets
+        .iter()
+        .map(|p| created.remove(&p.packet_id))
+        .collect();
+    let retried: Vec<Uuid> = packets
+        .iter()
+        .zip(&fresh)
+        .filter(|(_, seq)| seq.is_none())
+        .map(|(p, _)| p.packet_id)
+        .collect();
+    // Retries get the stored receipt, all in one query. An id whose day
+    // retention dropped is still there until retention forgets it: a late
+    // retry of it is answered as the duplicate it is.
+    let stored: HashMap<Uuid, (i64, DateTime<Utc>)> = if retried.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (Uuid, i64, DateTime<Utc>)>(
+            "SELECT packet_id, seq, received_at FROM packet_ids WHERE packet_id = ANY($1)",
+        )
+        .bind(&retried)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(id, seq, at)| (id, (seq, at)))
+        .collect()
+    };
+    packets
+        .iter()
+        .zip(fresh)
+        .map(|(p, seq)| match seq {
+            Some(seq) => Ok(Inserted {
                 packet_id: p.packet_id,
                 received_at: now,
                 created: true,
                 seq,
-            },
+            }),
             None => {
-                let row = sqlx::query("SELECT seq, received_at FROM packets WHERE packet_id = $1")
-                    .bind(p.packet_id)
-                    .fetch_one(&mut *conn)
-                    .await?;
-                Inserted {
+                let (seq, received_at) =
+                    stored.get(&p.packet_id).ok_or(sqlx::Error::RowNotFound)?;
+                Ok(Inserted {
                     packet_id: p.packet_id,
-                    received_at: row.try_get("received_at")?,
+                    received_at: *received_at,
                     created: false,
-                    seq: row.try_get("seq")?,
-                }
+                    seq: *seq,
+                })
             }
-        };
-        receipts.push(receipt);
-    }
-    Ok(receipts)
+        })
+        .collect()
 }
 
 /// Records `marks`; each answer in their order.
@@ -238,12 +287,18 @@ async fn mark_all(
         let known: HashSet<Uuid> = if rest.is_empty() {
             HashSet::new()
         } else {
-            sqlx::query_scalar("SELECT packet_id FROM packets WHERE packet_id = ANY($1)")
-                .bind(&rest)
-                .fetch_all(&mut *conn)
-                .await?
-                .into_iter()
-                .collect()
+            // Through the packet itself: an id whose day was dropped is not
+            // a packet any more.
+            sqlx::query_scalar(
+                "SELECT i.packet_id FROM packet_ids i CROSS JOIN LATERAL (SELECT 1 FROM packets p \
+                 WHERE p.seq = i.seq AND p.received_at = i.received_at LIMIT 1) x \
+                 WHERE i.packet_id = ANY($1)",
+            )
+            .bind(&rest)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
         };
         for (i, m) in round.into_iter().zip(batch) {
             outcomes[i] = if applied.contains(&m.packet_id) {
@@ -353,18 +408,14 @@ impl Backend for PgBackend {
         )
     }
 
-    async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
-        let deleted = sqlx::query(
-            "DELETE FROM packets WHERE seq IN (SELECT seq FROM packets \
-             WHERE received_at < $1 AND status IN ('processed', 'failed', 'dead_letter') \
-             ORDER BY received_at LIMIT $2)",
-        )
-        .bind(before)
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await
-        .map_err(StoreError::from);
-        Ok(self.doubt.note(deleted)?.rows_affected())
+    async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<Pruned, StoreError> {
+        self.doubt
+            .note(partitions::prune(&self.pool, before, limit).await)
+    }
+
+    async fn prepare(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.doubt
+            .note(partitions::create_ahead(&self.pool, now).await)
     }
 
     async fn requeue(
@@ -412,9 +463,13 @@ impl Backend for PgBackend {
     }
 
     async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
+        // LATERAL with LIMIT keeps this a loop over the ids, each looking
+        // in one partition; a semi-join would be free to read every
+        // partition's pending rows.
         let sql = format!(
-            "SELECT {PENDING_COLUMNS} FROM packets WHERE status = 'pending' \
-             AND packet_id = ANY($1) ORDER BY seq"
+            "SELECT x.* FROM packet_ids i CROSS JOIN LATERAL (SELECT {PENDING_COLUMNS} \
+             FROM packets WHERE seq = i.seq AND received_at = i.received_at \
+             AND status = 'pending' LIMIT 1) x WHERE i.packet_id = ANY($1) ORDER BY x.seq"
         );
         let rows: Vec<PendingRow<Uuid>> =
             sqlx::query_as(&sql).bind(ids).fetch_all(&self.pool).await?;
@@ -453,8 +508,9 @@ impl Backend for PgBackend {
 
     async fn counts(&self) -> Result<Counts, StoreError> {
         let rows: Vec<(String, i64)> =
-            // Kept by triggers (migration 0004): five rows, whatever is stored.
-            sqlx::query_as("SELECT status, n FROM packet_counts")
+            // Kept by triggers per day and status (migration 0006): a few
+            // rows a day, whatever is stored.
+            sqlx::query_as("SELECT status, SUM(n)::int8 FROM packet_counts GROUP BY status")
                 .fetch_all(&self.pool)
                 .await?;
         Ok(Counts::from_rows(rows))

@@ -1,7 +1,9 @@
 //! Retention: finished packets (processed, failed, dead_letter) older than
-//! the retention period, by `received_at`, are deleted in small batches,
+//! the retention period, by `received_at`, are deleted in small steps,
 //! oldest first, so a year of telemetry does not pile up. Pending packets
-//! are never deleted.
+//! are never deleted. On PostgreSQL a step is mostly dropping a whole day
+//! (see `partitions`), so the same task also creates the days ahead, and
+//! runs even with retention off.
 use std::time::Duration;
 
 use chrono::Utc;
@@ -9,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Store;
 
-/// Rows one delete takes: a few ms of the writer, like one commit.
+/// Rows one step deletes at most: a few ms of the writer, like one commit.
 const BATCH: u32 = 1000;
-/// Pause between two batches, so ingest keeps the writer most of the time.
+/// Pause between two steps, so ingest keeps the writer most of the time.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(100);
 /// How often the oldest packets are looked at.
 const EVERY: Duration = Duration::from_secs(60);
@@ -54,7 +56,7 @@ pub fn parse_period(text: &str) -> Result<Option<Duration>, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
-/// Deletes what retention allows, batch by batch; returns how many.
+/// Deletes what retention allows, step by step; returns how many.
 pub async fn prune_now(store: &Store, period: Duration, shutdown: &CancellationToken) -> u64 {
     let Ok(period) = chrono::Duration::from_std(period) else {
         return 0;
@@ -63,10 +65,10 @@ pub async fn prune_now(store: &Store, period: Duration, shutdown: &CancellationT
     let mut total = 0;
     while !shutdown.is_cancelled() {
         match store.prune(before, BATCH).await {
-            Ok(n) => {
-                total += n;
-                metrics::counter!("bucket_packets_pruned_total").increment(n);
-                if n < u64::from(BATCH) {
+            Ok(step) => {
+                total += step.packets;
+                metrics::counter!("bucket_packets_pruned_total").increment(step.packets);
+                if step.done {
                     break;
                 }
             }
@@ -83,10 +85,16 @@ pub async fn prune_now(store: &Store, period: Duration, shutdown: &CancellationT
     total
 }
 
-/// Runs retention every minute until `shutdown`.
-pub async fn run(store: Store, period: Duration, shutdown: CancellationToken) {
+/// Every minute until `shutdown`: readies the days ahead, and deletes what
+/// retention allows if `period` is set.
+pub async fn run(store: Store, period: Option<Duration>, shutdown: CancellationToken) {
     loop {
-        prune_now(&store, period, &shutdown).await;
+        if let Err(e) = store.prepare(Utc::now()).await {
+            tracing::warn!(error = %e, "retention: readying the days ahead failed; will retry");
+        }
+        if let Some(period) = period {
+            prune_now(&store, period, &shutdown).await;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(EVERY) => {}

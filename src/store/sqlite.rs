@@ -26,7 +26,7 @@ use uuid::fmt::Hyphenated;
 
 use super::rows::{self, PENDING_COLUMNS, PendingRow, StoredRow};
 use super::{
-    Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
+    Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket, Pruned,
     Released, Requeue, StoreError, StoredPacket, UserQuery, Writers,
 };
 use crate::domain::{DeliveryStatus, Packet};
@@ -403,7 +403,7 @@ impl Backend for SqliteBackend {
         (applied, gate)
     }
 
-    async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+    async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<Pruned, StoreError> {
         // On the writing connection, between two commit groups: a batch of
         // `limit` rows takes a few ms, the time of one commit.
         let before = text_time(before);
@@ -419,6 +419,10 @@ impl Backend for SqliteBackend {
             Ok(deleted as u64)
         })
         .await
+        .map(|packets| Pruned {
+            packets,
+            done: packets < u64::from(limit),
+        })
     }
 
     async fn requeue(

@@ -507,8 +507,15 @@ mod tests {
                 guard,
             )
         }
-        async fn prune(&self, _: chrono::DateTime<Utc>, _: u32) -> Result<u64, StoreError> {
-            Ok(0)
+        async fn prune(
+            &self,
+            _: chrono::DateTime<Utc>,
+            _: u32,
+        ) -> Result<super::super::Pruned, StoreError> {
+            Ok(super::super::Pruned {
+                packets: 0,
+                done: true,
+            })
         }
         async fn requeue(
             &self,
