@@ -1,8 +1,10 @@
 //! Types that can only hold valid values.
 pub mod delivery;
 pub mod json;
+pub mod labels;
 pub mod packet;
 pub mod page_token;
 
 pub use delivery::DeliveryStatus;
+pub use labels::{LegacyState, SenderRole, SystemType};
 pub use packet::{FieldViolation, Packet, PacketDraft};

@@ -23,7 +23,7 @@ use super::openapi::{IngestBody, MarkBodies};
 use crate::auth::Caller;
 use crate::bucket::{Bucket, MarkRequest, Marked};
 use crate::delivery::Delivery;
-use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft};
+use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, SystemType};
 use crate::error::Error;
 use crate::store::{Inserted, StoredPacket};
 
@@ -277,7 +277,8 @@ pub struct LeasedPacket {
     #[schema(format = DateTime)]
     pub received_at: String,
     pub session_id: Option<String>,
-    pub system_type: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub system_type: Option<SystemType>,
     pub user_id: String,
 }
 
@@ -298,7 +299,7 @@ impl From<&Delivery> for LeasedPacket {
             raw_signals: p.raw_signals.clone(),
             received_at: time(d.received_at),
             session_id: p.session_id.clone(),
-            system_type: p.system_type.clone(),
+            system_type: p.system_type,
             user_id: p.user_id.clone(),
         }
     }
