@@ -13,7 +13,7 @@ use bucket::domain::packet::{
     MAX_CLOCK_SKEW, MAX_RAW_SIGNALS_BYTES, MAX_RAW_SIGNALS_DEPTH, MAX_STRING_BYTES, WINDOW_SECONDS,
     WINDOW_TOLERANCE, parse_uuid,
 };
-use bucket::domain::{FieldViolation, Packet, PacketDraft, json};
+use bucket::domain::{FieldViolation, Packet, json};
 use bucket::proto::bucket::v1 as pb;
 use bucket::proto::{from_timestamp, json_to_struct, struct_to_json, timestamp};
 use chrono::{DateTime, Utc};
@@ -129,7 +129,7 @@ impl Sent {
     }
 }
 
-/// json_packet: bytes → JSON → `PacketDraft::from_json` → `Packet::parse`,
+/// json_packet: bytes → JSON → `bucket::http::draft` → `Packet::parse`,
 /// for the value and, when it is an array (the gateway's batch), for each
 /// item; plus the public pieces of the mark-processed body.
 pub fn json_packet(data: &[u8]) {
@@ -151,7 +151,7 @@ pub fn json_packet(data: &[u8]) {
 }
 
 fn json_item(value: &Value, now: DateTime<Utc>) {
-    let draft = PacketDraft::from_json(value);
+    let draft = bucket::http::draft(value);
     let sent = Sent::from_json(value);
     let raw_signals = value.get("raw_signals").cloned();
     match Packet::parse(draft, now) {

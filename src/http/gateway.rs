@@ -23,7 +23,7 @@ use super::openapi::{IngestBody, MarkBodies};
 use crate::auth::Caller;
 use crate::bucket::{Bucket, MarkRequest, Marked};
 use crate::delivery::Delivery;
-use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, SystemType};
+use crate::domain::{DeliveryStatus, FieldViolation, Packet, SystemType};
 use crate::error::Error;
 use crate::store::{Inserted, StoredPacket};
 
@@ -152,7 +152,7 @@ pub(super) async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Resp
             if let Err(e) = fits_batch(&bucket, items.len()) {
                 return e.into_response();
             }
-            let drafts = items.iter().map(PacketDraft::from_json).collect();
+            let drafts = items.iter().map(super::draft).collect();
             match bucket.ingest_batch(drafts).await {
                 Ok(results) => {
                     let answers = results
@@ -168,7 +168,7 @@ pub(super) async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Resp
                 Err(e) => e.prefixed("body.").into_response(),
             }
         }
-        one => match bucket.ingest(PacketDraft::from_json(&one)).await {
+        one => match bucket.ingest(super::draft(&one)).await {
             Ok(r) => Json(IngestAnswer::One(Receipt::from(&r))).into_response(),
             Err(e) => e.prefixed("body.").into_response(),
         },
