@@ -263,7 +263,7 @@ pub fn delivery(d: Delivery) -> pb::StreamPendingResponse {
     pb::StreamPendingResponse {
         delivery_attempt: d.attempt,
         lease_expires_at: Some(timestamp(d.lease_expires_at)),
-        lease_token: d.lease_token,
+        lease_token: d.lease_token.to_string(),
         packet: Some(pb::Packet {
             status: pb::PacketStatus::Leased as i32,
             delivery_attempts: d.attempt,
