@@ -3,26 +3,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::config::{Config, DeliveryConfig};
 use crate::delivery::{
     ConsumerInfo, Delivery, Dispatcher, LeaseChange, LeaseToken, SubscribeOptions, Subscription,
 };
-use crate::domain::packet::{MAX_RAW_SIGNALS_BYTES, MAX_STRING_BYTES, parse_uuid};
+use crate::domain::lease;
+use crate::domain::mark::{MarkRequest, ValidMark};
 use crate::domain::page_token::PageToken;
-use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, json};
+use crate::domain::subscribe::Subscribe;
+use crate::domain::user_page::{PageBounds, user_id_violation};
+use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft};
 use crate::error::Error;
 use crate::store::{
     Counts, Inserted, Mark, MarkOutcome, Requeue, RequeueReason, Store, StoredPacket, UserQuery,
 };
-
-pub const MAX_LEASE_SECONDS: u32 = 3600;
-pub const MAX_IN_FLIGHT: u32 = 10_000;
-pub const DEFAULT_USER_LIMIT: u32 = 50;
-pub const MAX_USER_LIMIT: u32 = 500;
-pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 
 pub struct Bucket {
     store: Store,
@@ -58,66 +54,6 @@ impl Marked {
             (true, _) => "Packet already processed",
             (false, true) => "Packet marked as processed",
             (false, false) => "Packet marked as failed",
-        }
-    }
-}
-
-/// One outcome as a consumer reports it, before validation.
-#[derive(Debug, Clone, Default)]
-pub struct MarkRequest {
-    pub packet_id: String,
-    pub success: bool,
-    pub karma_actions: Vec<Value>,
-    pub error_message: Option<String>,
-}
-
-impl MarkRequest {
-    fn validate(self, at: chrono::DateTime<Utc>) -> Result<Mark, Error> {
-        let mut violations = Vec::new();
-        let id = parse_uuid(&self.packet_id)
-            .map_err(|why| violations.push(FieldViolation::new("packet_id", why)))
-            .ok();
-        if self.karma_actions.iter().any(json::contains_nul) {
-            violations.push(FieldViolation::new(
-                "karma_actions",
-                "karma_actions must not contain U+0000 (NUL)",
-            ));
-        }
-        let actions_len = json::encoded_len(&self.karma_actions);
-        if actions_len > MAX_RAW_SIGNALS_BYTES {
-            violations.push(FieldViolation::new(
-                "karma_actions",
-                format!(
-                    "karma_actions is {actions_len} bytes encoded, over {MAX_RAW_SIGNALS_BYTES}"
-                ),
-            ));
-        }
-        let error_message = self.error_message.filter(|m| !m.is_empty());
-        if error_message.as_ref().is_some_and(|m| m.contains('\0')) {
-            violations.push(FieldViolation::new(
-                "error_message",
-                "error_message must not contain U+0000 (NUL)",
-            ));
-        }
-        if error_message
-            .as_ref()
-            .is_some_and(|m| m.len() > MAX_ERROR_MESSAGE_BYTES)
-        {
-            violations.push(FieldViolation::new(
-                "error_message",
-                format!("error_message is over {MAX_ERROR_MESSAGE_BYTES} bytes"),
-            ));
-        }
-        match id {
-            Some(packet_id) if violations.is_empty() => Ok(Mark {
-                packet_id,
-                success: self.success,
-                karma_actions: self.karma_actions,
-                error_message,
-                at,
-                attempt: 0,
-            }),
-            _ => Err(Error::InvalidInput(violations)),
         }
     }
 }
@@ -220,32 +156,12 @@ impl Bucket {
         max_in_flight: u32,
         lease_seconds: u32,
     ) -> Result<Subscription, Error> {
-        let mut violations = Vec::new();
-        if consumer.len() > MAX_STRING_BYTES {
-            violations.push(FieldViolation::new(
-                "consumer",
-                format!("consumer is over {MAX_STRING_BYTES} bytes"),
-            ));
-        }
-        if max_in_flight > MAX_IN_FLIGHT {
-            violations.push(FieldViolation::new(
-                "max_in_flight",
-                format!("max_in_flight must be at most {MAX_IN_FLIGHT}, got {max_in_flight}"),
-            ));
-        }
-        let lease = self.lease_seconds("lease_seconds", lease_seconds, &mut violations);
-        if !violations.is_empty() {
-            return Err(Error::InvalidInput(violations));
-        }
-        let consumer = if consumer.is_empty() {
-            "anonymous"
-        } else {
-            consumer
-        };
+        let asked = Subscribe::check(consumer, max_in_flight, lease_seconds)
+            .map_err(Error::InvalidInput)?;
         self.dispatcher.subscribe(SubscribeOptions {
-            consumer: consumer.to_owned(),
-            max_in_flight: or_default(max_in_flight, self.delivery.max_in_flight),
-            lease,
+            consumer: asked.consumer,
+            max_in_flight: asked.max_in_flight.unwrap_or(self.delivery.max_in_flight),
+            lease: self.lease(asked.lease_seconds),
         })
     }
 
@@ -255,28 +171,17 @@ impl Bucket {
         limit: u32,
         lease_seconds: u32,
     ) -> Result<Vec<Delivery>, Error> {
-        let mut violations = Vec::new();
-        let lease = self.lease_seconds("lease_seconds", lease_seconds, &mut violations);
-        if !violations.is_empty() {
-            return Err(Error::InvalidInput(violations));
-        }
-        self.dispatcher.lease_now(limit as usize, lease).await
+        let asked = lease::lease_seconds("lease_seconds", lease_seconds)
+            .map_err(|v| Error::InvalidInput(vec![v]))?;
+        self.dispatcher
+            .lease_now(limit as usize, self.lease(asked))
+            .await
     }
 
-    fn lease_seconds(
-        &self,
-        field: &str,
-        seconds: u32,
-        violations: &mut Vec<FieldViolation>,
-    ) -> Duration {
-        if seconds > MAX_LEASE_SECONDS {
-            violations.push(FieldViolation::new(
-                field,
-                format!("{field} must be at most {MAX_LEASE_SECONDS}, got {seconds}"),
-            ));
-        }
+    /// The lease asked for, else the configured one.
+    fn lease(&self, seconds: Option<u32>) -> Duration {
         Duration::from_secs(u64::from(
-            or_default(seconds, self.delivery.lease_seconds).max(1),
+            seconds.unwrap_or(self.delivery.lease_seconds).max(1),
         ))
     }
 
@@ -310,13 +215,25 @@ impl Bucket {
         let mut valid = Vec::new();
         let mut valid_at = Vec::new();
         for (i, request) in requests.into_iter().enumerate() {
-            match request.validate(at) {
-                Ok(mark) => {
-                    valid.push(mark);
+            match request.validate() {
+                Ok(ValidMark {
+                    packet_id,
+                    success,
+                    karma_actions,
+                    error_message,
+                }) => {
+                    valid.push(Mark {
+                        packet_id,
+                        success,
+                        karma_actions,
+                        error_message,
+                        at,
+                        attempt: 0,
+                    });
                     valid_at.push(i);
                     results.push(None);
                 }
-                Err(e) => results.push(Some(Err(e))),
+                Err(violations) => results.push(Some(Err(Error::InvalidInput(violations)))),
             }
         }
         // The delivery being marked is written with the outcome, so the
@@ -388,16 +305,14 @@ impl Bucket {
                 ),
             ));
         }
-        if lease_seconds > MAX_LEASE_SECONDS {
-            violations.push(FieldViolation::new(
-                "lease_seconds",
-                format!("lease_seconds must be at most {MAX_LEASE_SECONDS}, got {lease_seconds}"),
-            ));
-        }
+        let lease = lease::lease_seconds("lease_seconds", lease_seconds)
+            .map_err(|v| violations.push(v))
+            .ok()
+            .flatten()
+            .map(|seconds| Duration::from_secs(u64::from(seconds)));
         if !violations.is_empty() {
             return Err(Error::InvalidInput(violations));
         }
-        let lease = (lease_seconds > 0).then(|| Duration::from_secs(u64::from(lease_seconds)));
         let parsed: Vec<Option<LeaseToken>> = tokens.iter().map(|t| LeaseToken::parse(t)).collect();
         let valid: Vec<LeaseToken> = parsed.iter().flatten().cloned().collect();
         let mut changed = self
@@ -509,28 +424,8 @@ impl Bucket {
         status: Option<DeliveryStatus>,
         page_token: &str,
     ) -> Result<UserPage, Error> {
-        let mut violations = Vec::new();
-        violations.extend(user_id_violation(user_id));
-        if limit > MAX_USER_LIMIT {
-            violations.push(FieldViolation::new(
-                "limit",
-                format!("limit must be at most {MAX_USER_LIMIT}, got {limit}"),
-            ));
-        }
-        let before_seq = match page_token {
-            "" => None,
-            token => match PageToken::decode(token, user_id, status) {
-                Ok(t) => Some(t.before_seq),
-                Err(e) => {
-                    violations.push(FieldViolation::new("page_token", e.describe()));
-                    None
-                }
-            },
-        };
-        if !violations.is_empty() {
-            return Err(Error::InvalidInput(violations));
-        }
-        let limit = or_default(limit, DEFAULT_USER_LIMIT);
+        let PageBounds { limit, before_seq } =
+            PageBounds::check(user_id, limit, status, page_token).map_err(Error::InvalidInput)?;
         // One extra row tells whether another page follows.
         let mut packets = self
             .store
@@ -588,26 +483,4 @@ fn parse(draft: PacketDraft) -> Result<Packet, Error> {
         }
         Error::InvalidInput(violations)
     })
-}
-
-/// What is wrong with a user id a query names, if anything.
-fn user_id_violation(user_id: &str) -> Option<FieldViolation> {
-    if user_id.is_empty() || user_id.len() > MAX_STRING_BYTES {
-        Some(FieldViolation::new(
-            "user_id",
-            format!("user_id must be 1 to {MAX_STRING_BYTES} bytes"),
-        ))
-    } else if user_id.contains('\0') {
-        // No stored user has one, and PostgreSQL refuses the query.
-        Some(FieldViolation::new(
-            "user_id",
-            "user_id must not contain U+0000 (NUL)",
-        ))
-    } else {
-        None
-    }
-}
-
-fn or_default(value: u32, default: u32) -> u32 {
-    if value == 0 { default } else { value }
 }

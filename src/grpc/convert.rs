@@ -1,6 +1,7 @@
 //! Proto messages to and from the domain.
-use crate::bucket::{MarkRequest, Marked, RequeueRequest, StatusReport};
+use crate::bucket::{Marked, RequeueRequest, StatusReport};
 use crate::delivery::{ConsumerInfo, Delivery};
+use crate::domain::mark::MarkRequest;
 use crate::domain::packet::TimestampInput;
 use crate::domain::{DeliveryStatus, Packet, PacketDraft, SenderRole, SystemType};
 use crate::error::Error;

@@ -21,8 +21,11 @@ use utoipa::ToSchema;
 use super::error::{ErrorMessage, HTTPValidationError, Loc, ValidationError, detail};
 use super::openapi::{IngestBody, MarkBodies};
 use crate::auth::Caller;
-use crate::bucket::{Bucket, MarkRequest, Marked};
+use crate::bucket::{Bucket, Marked};
 use crate::delivery::Delivery;
+use crate::domain::lease::{DEFAULT_POLL, MAX_LEASE_SECONDS, MAX_POLL};
+use crate::domain::mark::MarkRequest;
+use crate::domain::user_page::{DEFAULT_USER_LIMIT, MAX_USER_LIMIT};
 use crate::domain::{DeliveryStatus, FieldViolation, Packet, SystemType};
 use crate::error::Error;
 use crate::store::{Inserted, StoredPacket};
@@ -330,8 +333,13 @@ pub(super) async fn pending(State(bucket): State<Arc<Bucket>>, params: Params) -
         Ok(Query(q)) => q,
         Err(rejection) => return bad_query(rejection),
     };
-    let params = int_param(&query, "limit", 10, 1..=100)
-        .and_then(|limit| Ok((limit, int_param(&query, "lease_seconds", 0, 1..=3600)?)));
+    // An absent lease_seconds is 0, "the default", as over gRPC.
+    let params = int_param(&query, "limit", DEFAULT_POLL, 1..=MAX_POLL).and_then(|limit| {
+        Ok((
+            limit,
+            int_param(&query, "lease_seconds", 0, 1..=MAX_LEASE_SECONDS)?,
+        ))
+    });
     let (limit, lease_seconds) = match params {
         Ok(p) => p,
         Err(v) => return Error::InvalidInput(vec![v]).into_response(),
@@ -638,7 +646,7 @@ pub(super) async fn user_packets(
         Ok(Query(q)) => q,
         Err(rejection) => return bad_query(rejection),
     };
-    let params = int_param(&query, "limit", 50, 1..=500)
+    let params = int_param(&query, "limit", DEFAULT_USER_LIMIT, 1..=MAX_USER_LIMIT)
         .and_then(|limit| Ok((limit, bool_param(&query, "processed_only")?)));
     let (limit, processed_only) = match params {
         Ok(p) => p,
