@@ -9,6 +9,7 @@
 //! Not only "no panic": an accepted packet must satisfy every rule of the
 //! README's "The packet", carry what was sent, and be storable and
 //! deliverable by every door; a rejection must name real fields.
+use bucket::domain::mark::{MAX_ERROR_MESSAGE_BYTES, MAX_KARMA_ACTIONS_BYTES, MarkRequest};
 use bucket::domain::packet::{
     MAX_CLOCK_SKEW, MAX_RAW_SIGNALS_BYTES, MAX_RAW_SIGNALS_DEPTH, MAX_STRING_BYTES, WINDOW_SECONDS,
     WINDOW_TOLERANCE, parse_uuid,
@@ -168,10 +169,11 @@ fn json_item(value: &Value, now: DateTime<Utc>) {
     }
 }
 
-/// The mark-processed body: `MarkRequest::validate` (src/bucket.rs) and the
-/// gateway's `mark_request` are private, so only the public pieces they are
-/// built from are checked here: `parse_uuid` for `packet_id`, and
-/// `json::encoded_len` for the `karma_actions` size limit.
+/// The mark-processed body: the gateway's reading of it is private, so the
+/// fields of the right JSON types are given to `MarkRequest::validate`
+/// (src/domain/mark.rs) here, beside checks of the public pieces it is
+/// built from: `parse_uuid` for `packet_id`, and `json::encoded_len` for
+/// the `karma_actions` size limit.
 fn mark_body(value: &Value) {
     assert_eq!(
         json::encoded_len(value),
@@ -190,6 +192,51 @@ fn mark_body(value: &Value) {
             serde_json::to_vec(actions).expect("a Value encodes").len(),
             "encoded_len of karma_actions is not the compact encoding's length"
         );
+    }
+    let request = MarkRequest {
+        packet_id: body
+            .get("packet_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        success: body.get("success").and_then(Value::as_bool).unwrap_or(true),
+        karma_actions: body
+            .get("karma_actions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+        error_message: body
+            .get("error_message")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    };
+    let sent = request.clone();
+    match request.validate() {
+        Ok(mark) => {
+            assert_eq!(Ok(mark.packet_id), parse_uuid(&sent.packet_id));
+            assert_eq!(mark.success, sent.success);
+            assert!(json::encoded_len(&mark.karma_actions) <= MAX_KARMA_ACTIONS_BYTES);
+            assert!(!mark.karma_actions.iter().any(json::contains_nul));
+            assert_eq!(mark.karma_actions, sent.karma_actions);
+            if let Some(m) = &mark.error_message {
+                assert!(!m.is_empty() && m.len() <= MAX_ERROR_MESSAGE_BYTES && !m.contains('\0'));
+            }
+            assert_eq!(
+                mark.error_message,
+                sent.error_message.filter(|m| !m.is_empty())
+            );
+        }
+        Err(violations) => {
+            assert!(!violations.is_empty(), "mark rejected without a violation");
+            for v in violations {
+                assert!(
+                    ["packet_id", "karma_actions", "error_message"].contains(&v.field.as_str()),
+                    "mark violation names {:?}",
+                    v.field
+                );
+                description(&v.field, &v.description);
+            }
+        }
     }
 }
 
