@@ -9,6 +9,7 @@ use crate::config::{Config, DeliveryConfig};
 use crate::delivery::{
     ConsumerInfo, Delivery, Dispatcher, LeaseChange, LeaseToken, SubscribeOptions, Subscription,
 };
+use crate::domain::batch::Batch;
 use crate::domain::lease;
 use crate::domain::mark::{MarkRequest, ValidMark};
 use crate::domain::page_token::PageToken;
@@ -87,9 +88,11 @@ impl Bucket {
         &self.store
     }
 
-    /// Items per IngestBatch, MarkProcessedBatch or JSON array, at most.
-    pub fn max_batch(&self) -> usize {
-        self.max_batch
+    /// Whether a request's list of `len` items is within the batch limit.
+    pub fn fits(&self, batch: Batch, len: usize) -> Result<(), Error> {
+        batch
+            .check(self.max_batch, len)
+            .map_err(|v| Error::InvalidInput(vec![v]))
     }
 
     /// Stores one packet; answers only once it is committed.
@@ -112,16 +115,7 @@ impl Bucket {
         &self,
         drafts: Vec<PacketDraft>,
     ) -> Result<Vec<Result<Inserted, Error>>, Error> {
-        if drafts.len() > self.max_batch {
-            return Err(Error::invalid(
-                "packets",
-                format!(
-                    "a batch holds at most {} packets, got {}",
-                    self.max_batch,
-                    drafts.len()
-                ),
-            ));
-        }
+        self.fits(Batch::Packets, drafts.len())?;
         let started = Instant::now();
         let mut results: Vec<Option<Result<Inserted, Error>>> = Vec::with_capacity(drafts.len());
         let mut valid = Vec::new();
@@ -196,16 +190,7 @@ impl Bucket {
         &self,
         requests: Vec<MarkRequest>,
     ) -> Result<Vec<Result<Marked, Error>>, Error> {
-        if requests.len() > self.max_batch {
-            return Err(Error::invalid(
-                "marks",
-                format!(
-                    "a batch holds at most {} marks, got {}",
-                    self.max_batch,
-                    requests.len()
-                ),
-            ));
-        }
+        self.fits(Batch::Marks, requests.len())?;
         Ok(self.mark_many(requests).await)
     }
 
@@ -294,17 +279,11 @@ impl Bucket {
         tokens: &[String],
         lease_seconds: u32,
     ) -> Result<Vec<Result<(Uuid, LeaseChange), Error>>, Error> {
-        let mut violations = Vec::new();
-        if tokens.len() > self.max_batch {
-            violations.push(FieldViolation::new(
-                "lease_tokens",
-                format!(
-                    "at most {} tokens at once, got {}",
-                    self.max_batch,
-                    tokens.len()
-                ),
-            ));
-        }
+        let mut violations: Vec<FieldViolation> = Batch::LeaseTokens
+            .check(self.max_batch, tokens.len())
+            .err()
+            .into_iter()
+            .collect();
         let lease = lease::lease_seconds("lease_seconds", lease_seconds)
             .map_err(|v| violations.push(v))
             .ok()

@@ -1,4 +1,5 @@
 //! Types that can only hold valid values.
+pub mod batch;
 pub mod delivery;
 pub mod json;
 pub mod labels;

@@ -23,6 +23,7 @@ use super::openapi::{IngestBody, MarkBodies};
 use crate::auth::Caller;
 use crate::bucket::{Bucket, Marked};
 use crate::delivery::Delivery;
+use crate::domain::batch::Batch;
 use crate::domain::lease::{DEFAULT_POLL, MAX_LEASE_SECONDS, MAX_POLL};
 use crate::domain::mark::MarkRequest;
 use crate::domain::user_page::{DEFAULT_USER_LIMIT, MAX_USER_LIMIT};
@@ -152,7 +153,8 @@ pub(super) async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Resp
     };
     match value {
         Value::Array(items) => {
-            if let Err(e) = fits_batch(&bucket, items.len()) {
+            // Refused whole, naming the array, before any item is read.
+            if let Err(e) = bucket.fits(Batch::JsonArray, items.len()) {
                 return e.into_response();
             }
             let drafts = items.iter().map(super::draft).collect();
@@ -176,19 +178,6 @@ pub(super) async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Resp
             Err(e) => e.prefixed("body.").into_response(),
         },
     }
-}
-
-/// A JSON array over the batch limit is refused whole, naming the body
-/// (the array itself), before any item is looked at.
-fn fits_batch(bucket: &Bucket, len: usize) -> Result<(), Error> {
-    let max = bucket.max_batch();
-    if len > max {
-        return Err(Error::invalid(
-            "body",
-            format!("an array holds at most {max} items, got {len}"),
-        ));
-    }
-    Ok(())
 }
 
 /// One rejected item of a JSON array, in the 422 shape.
@@ -503,7 +492,8 @@ pub(super) async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body)
     };
     match value {
         Value::Array(items) => {
-            if let Err(e) = fits_batch(&bucket, items.len()) {
+            // Refused whole, naming the array, before any item is read.
+            if let Err(e) = bucket.fits(Batch::JsonArray, items.len()) {
                 return e.into_response();
             }
             // Bad items are answered here; the rest go to the bucket together.
