@@ -3,26 +3,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::config::{Config, DeliveryConfig};
 use crate::delivery::{
     ConsumerInfo, Delivery, Dispatcher, LeaseChange, LeaseToken, SubscribeOptions, Subscription,
 };
-use crate::domain::packet::{MAX_RAW_SIGNALS_BYTES, MAX_STRING_BYTES, parse_uuid};
+use crate::domain::batch::Batch;
+use crate::domain::lease;
+use crate::domain::mark::{MarkRequest, ValidMark};
 use crate::domain::page_token::PageToken;
-use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, json};
+use crate::domain::subscribe::Subscribe;
+use crate::domain::user_page::{PageBounds, user_id_violation};
+use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft};
 use crate::error::Error;
 use crate::store::{
     Counts, Inserted, Mark, MarkOutcome, Requeue, RequeueReason, Store, StoredPacket, UserQuery,
 };
-
-pub const MAX_LEASE_SECONDS: u32 = 3600;
-pub const MAX_IN_FLIGHT: u32 = 10_000;
-pub const DEFAULT_USER_LIMIT: u32 = 50;
-pub const MAX_USER_LIMIT: u32 = 500;
-pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 
 pub struct Bucket {
     store: Store,
@@ -62,66 +59,6 @@ impl Marked {
     }
 }
 
-/// One outcome as a consumer reports it, before validation.
-#[derive(Debug, Clone, Default)]
-pub struct MarkRequest {
-    pub packet_id: String,
-    pub success: bool,
-    pub karma_actions: Vec<Value>,
-    pub error_message: Option<String>,
-}
-
-impl MarkRequest {
-    fn validate(self, at: chrono::DateTime<Utc>) -> Result<Mark, Error> {
-        let mut violations = Vec::new();
-        let id = parse_uuid(&self.packet_id)
-            .map_err(|why| violations.push(FieldViolation::new("packet_id", why)))
-            .ok();
-        if self.karma_actions.iter().any(json::contains_nul) {
-            violations.push(FieldViolation::new(
-                "karma_actions",
-                "karma_actions must not contain U+0000 (NUL)",
-            ));
-        }
-        let actions_len = json::encoded_len(&self.karma_actions);
-        if actions_len > MAX_RAW_SIGNALS_BYTES {
-            violations.push(FieldViolation::new(
-                "karma_actions",
-                format!(
-                    "karma_actions is {actions_len} bytes encoded, over {MAX_RAW_SIGNALS_BYTES}"
-                ),
-            ));
-        }
-        let error_message = self.error_message.filter(|m| !m.is_empty());
-        if error_message.as_ref().is_some_and(|m| m.contains('\0')) {
-            violations.push(FieldViolation::new(
-                "error_message",
-                "error_message must not contain U+0000 (NUL)",
-            ));
-        }
-        if error_message
-            .as_ref()
-            .is_some_and(|m| m.len() > MAX_ERROR_MESSAGE_BYTES)
-        {
-            violations.push(FieldViolation::new(
-                "error_message",
-                format!("error_message is over {MAX_ERROR_MESSAGE_BYTES} bytes"),
-            ));
-        }
-        match id {
-            Some(packet_id) if violations.is_empty() => Ok(Mark {
-                packet_id,
-                success: self.success,
-                karma_actions: self.karma_actions,
-                error_message,
-                at,
-                attempt: 0,
-            }),
-            _ => Err(Error::InvalidInput(violations)),
-        }
-    }
-}
-
 /// A page of one user's packets, newest first.
 #[derive(Debug, Clone)]
 pub struct UserPage {
@@ -151,9 +88,11 @@ impl Bucket {
         &self.store
     }
 
-    /// Items per IngestBatch, MarkProcessedBatch or JSON array, at most.
-    pub fn max_batch(&self) -> usize {
-        self.max_batch
+    /// Whether a request's list of `len` items is within the batch limit.
+    pub fn fits(&self, batch: Batch, len: usize) -> Result<(), Error> {
+        batch
+            .check(self.max_batch, len)
+            .map_err(|v| Error::InvalidInput(vec![v]))
     }
 
     /// Stores one packet; answers only once it is committed.
@@ -176,16 +115,7 @@ impl Bucket {
         &self,
         drafts: Vec<PacketDraft>,
     ) -> Result<Vec<Result<Inserted, Error>>, Error> {
-        if drafts.len() > self.max_batch {
-            return Err(Error::invalid(
-                "packets",
-                format!(
-                    "a batch holds at most {} packets, got {}",
-                    self.max_batch,
-                    drafts.len()
-                ),
-            ));
-        }
+        self.fits(Batch::Packets, drafts.len())?;
         let started = Instant::now();
         let mut results: Vec<Option<Result<Inserted, Error>>> = Vec::with_capacity(drafts.len());
         let mut valid = Vec::new();
@@ -220,32 +150,12 @@ impl Bucket {
         max_in_flight: u32,
         lease_seconds: u32,
     ) -> Result<Subscription, Error> {
-        let mut violations = Vec::new();
-        if consumer.len() > MAX_STRING_BYTES {
-            violations.push(FieldViolation::new(
-                "consumer",
-                format!("consumer is over {MAX_STRING_BYTES} bytes"),
-            ));
-        }
-        if max_in_flight > MAX_IN_FLIGHT {
-            violations.push(FieldViolation::new(
-                "max_in_flight",
-                format!("max_in_flight must be at most {MAX_IN_FLIGHT}, got {max_in_flight}"),
-            ));
-        }
-        let lease = self.lease_seconds("lease_seconds", lease_seconds, &mut violations);
-        if !violations.is_empty() {
-            return Err(Error::InvalidInput(violations));
-        }
-        let consumer = if consumer.is_empty() {
-            "anonymous"
-        } else {
-            consumer
-        };
+        let asked = Subscribe::check(consumer, max_in_flight, lease_seconds)
+            .map_err(Error::InvalidInput)?;
         self.dispatcher.subscribe(SubscribeOptions {
-            consumer: consumer.to_owned(),
-            max_in_flight: or_default(max_in_flight, self.delivery.max_in_flight),
-            lease,
+            consumer: asked.consumer,
+            max_in_flight: asked.max_in_flight.unwrap_or(self.delivery.max_in_flight),
+            lease: self.lease(asked.lease_seconds),
         })
     }
 
@@ -255,28 +165,17 @@ impl Bucket {
         limit: u32,
         lease_seconds: u32,
     ) -> Result<Vec<Delivery>, Error> {
-        let mut violations = Vec::new();
-        let lease = self.lease_seconds("lease_seconds", lease_seconds, &mut violations);
-        if !violations.is_empty() {
-            return Err(Error::InvalidInput(violations));
-        }
-        self.dispatcher.lease_now(limit as usize, lease).await
+        let asked = lease::lease_seconds("lease_seconds", lease_seconds)
+            .map_err(|v| Error::InvalidInput(vec![v]))?;
+        self.dispatcher
+            .lease_now(limit as usize, self.lease(asked))
+            .await
     }
 
-    fn lease_seconds(
-        &self,
-        field: &str,
-        seconds: u32,
-        violations: &mut Vec<FieldViolation>,
-    ) -> Duration {
-        if seconds > MAX_LEASE_SECONDS {
-            violations.push(FieldViolation::new(
-                field,
-                format!("{field} must be at most {MAX_LEASE_SECONDS}, got {seconds}"),
-            ));
-        }
+    /// The lease asked for, else the configured one.
+    fn lease(&self, seconds: Option<u32>) -> Duration {
         Duration::from_secs(u64::from(
-            or_default(seconds, self.delivery.lease_seconds).max(1),
+            seconds.unwrap_or(self.delivery.lease_seconds).max(1),
         ))
     }
 
@@ -291,16 +190,7 @@ impl Bucket {
         &self,
         requests: Vec<MarkRequest>,
     ) -> Result<Vec<Result<Marked, Error>>, Error> {
-        if requests.len() > self.max_batch {
-            return Err(Error::invalid(
-                "marks",
-                format!(
-                    "a batch holds at most {} marks, got {}",
-                    self.max_batch,
-                    requests.len()
-                ),
-            ));
-        }
+        self.fits(Batch::Marks, requests.len())?;
         Ok(self.mark_many(requests).await)
     }
 
@@ -310,13 +200,25 @@ impl Bucket {
         let mut valid = Vec::new();
         let mut valid_at = Vec::new();
         for (i, request) in requests.into_iter().enumerate() {
-            match request.validate(at) {
-                Ok(mark) => {
-                    valid.push(mark);
+            match request.validate() {
+                Ok(ValidMark {
+                    packet_id,
+                    success,
+                    karma_actions,
+                    error_message,
+                }) => {
+                    valid.push(Mark {
+                        packet_id,
+                        success,
+                        karma_actions,
+                        error_message,
+                        at,
+                        attempt: 0,
+                    });
                     valid_at.push(i);
                     results.push(None);
                 }
-                Err(e) => results.push(Some(Err(e))),
+                Err(violations) => results.push(Some(Err(Error::InvalidInput(violations)))),
             }
         }
         // The delivery being marked is written with the outcome, so the
@@ -377,27 +279,19 @@ impl Bucket {
         tokens: &[String],
         lease_seconds: u32,
     ) -> Result<Vec<Result<(Uuid, LeaseChange), Error>>, Error> {
-        let mut violations = Vec::new();
-        if tokens.len() > self.max_batch {
-            violations.push(FieldViolation::new(
-                "lease_tokens",
-                format!(
-                    "at most {} tokens at once, got {}",
-                    self.max_batch,
-                    tokens.len()
-                ),
-            ));
-        }
-        if lease_seconds > MAX_LEASE_SECONDS {
-            violations.push(FieldViolation::new(
-                "lease_seconds",
-                format!("lease_seconds must be at most {MAX_LEASE_SECONDS}, got {lease_seconds}"),
-            ));
-        }
+        let mut violations: Vec<FieldViolation> = Batch::LeaseTokens
+            .check(self.max_batch, tokens.len())
+            .err()
+            .into_iter()
+            .collect();
+        let lease = lease::lease_seconds("lease_seconds", lease_seconds)
+            .map_err(|v| violations.push(v))
+            .ok()
+            .flatten()
+            .map(|seconds| Duration::from_secs(u64::from(seconds)));
         if !violations.is_empty() {
             return Err(Error::InvalidInput(violations));
         }
-        let lease = (lease_seconds > 0).then(|| Duration::from_secs(u64::from(lease_seconds)));
         let parsed: Vec<Option<LeaseToken>> = tokens.iter().map(|t| LeaseToken::parse(t)).collect();
         let valid: Vec<LeaseToken> = parsed.iter().flatten().cloned().collect();
         let mut changed = self
@@ -509,28 +403,8 @@ impl Bucket {
         status: Option<DeliveryStatus>,
         page_token: &str,
     ) -> Result<UserPage, Error> {
-        let mut violations = Vec::new();
-        violations.extend(user_id_violation(user_id));
-        if limit > MAX_USER_LIMIT {
-            violations.push(FieldViolation::new(
-                "limit",
-                format!("limit must be at most {MAX_USER_LIMIT}, got {limit}"),
-            ));
-        }
-        let before_seq = match page_token {
-            "" => None,
-            token => match PageToken::decode(token, user_id, status) {
-                Ok(t) => Some(t.before_seq),
-                Err(e) => {
-                    violations.push(FieldViolation::new("page_token", e.describe()));
-                    None
-                }
-            },
-        };
-        if !violations.is_empty() {
-            return Err(Error::InvalidInput(violations));
-        }
-        let limit = or_default(limit, DEFAULT_USER_LIMIT);
+        let PageBounds { limit, before_seq } =
+            PageBounds::check(user_id, limit, status, page_token).map_err(Error::InvalidInput)?;
         // One extra row tells whether another page follows.
         let mut packets = self
             .store
@@ -588,26 +462,4 @@ fn parse(draft: PacketDraft) -> Result<Packet, Error> {
         }
         Error::InvalidInput(violations)
     })
-}
-
-/// What is wrong with a user id a query names, if anything.
-fn user_id_violation(user_id: &str) -> Option<FieldViolation> {
-    if user_id.is_empty() || user_id.len() > MAX_STRING_BYTES {
-        Some(FieldViolation::new(
-            "user_id",
-            format!("user_id must be 1 to {MAX_STRING_BYTES} bytes"),
-        ))
-    } else if user_id.contains('\0') {
-        // No stored user has one, and PostgreSQL refuses the query.
-        Some(FieldViolation::new(
-            "user_id",
-            "user_id must not contain U+0000 (NUL)",
-        ))
-    } else {
-        None
-    }
-}
-
-fn or_default(value: u32, default: u32) -> u32 {
-    if value == 0 { default } else { value }
 }

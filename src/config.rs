@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::domain::lease::MAX_LEASE_SECONDS;
+use crate::domain::subscribe::MAX_IN_FLIGHT;
+
 #[derive(Debug, Clone, Parser)]
 #[command(name = "bucket", version, about = "PRANA telemetry bucket")]
 pub struct Config {
@@ -100,10 +103,10 @@ pub struct RedisConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeliveryConfig {
     /// Lease length when a subscriber does not ask for one, in seconds.
-    #[arg(long, env = "BUCKET_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    #[arg(long, env = "BUCKET_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_LEASE_SECONDS)))]
     pub lease_seconds: u32,
     /// In-flight packets per stream when a subscriber does not ask.
-    #[arg(long, env = "BUCKET_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    #[arg(long, env = "BUCKET_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_IN_FLIGHT)))]
     pub max_in_flight: u32,
     /// Deliveries before a packet becomes dead_letter.
     #[arg(long, env = "BUCKET_MAX_DELIVERIES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]

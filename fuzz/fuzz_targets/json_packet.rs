@@ -1,5 +1,5 @@
 //! Arbitrary bytes as a JSON gateway body: one packet, or an array of them
-//! (a batch), through `PacketDraft::from_json` and `Packet::parse`; the
+//! (a batch), through `bucket::http::draft` and `Packet::parse`; the
 //! checks are in src/check.rs.
 #![no_main]
 

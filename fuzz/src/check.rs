@@ -9,11 +9,12 @@
 //! Not only "no panic": an accepted packet must satisfy every rule of the
 //! README's "The packet", carry what was sent, and be storable and
 //! deliverable by every door; a rejection must name real fields.
+use bucket::domain::mark::{MAX_ERROR_MESSAGE_BYTES, MAX_KARMA_ACTIONS_BYTES, MarkRequest};
 use bucket::domain::packet::{
-    LEGACY_STATES, MAX_CLOCK_SKEW, MAX_RAW_SIGNALS_BYTES, MAX_RAW_SIGNALS_DEPTH, MAX_STRING_BYTES,
-    ROLES, SYSTEM_TYPES, WINDOW_SECONDS, WINDOW_TOLERANCE, parse_uuid,
+    MAX_CLOCK_SKEW, MAX_RAW_SIGNALS_BYTES, MAX_RAW_SIGNALS_DEPTH, MAX_STRING_BYTES, WINDOW_SECONDS,
+    WINDOW_TOLERANCE, parse_uuid,
 };
-use bucket::domain::{FieldViolation, Packet, PacketDraft, json};
+use bucket::domain::{FieldViolation, Packet, json};
 use bucket::proto::bucket::v1 as pb;
 use bucket::proto::{from_timestamp, json_to_struct, struct_to_json, timestamp};
 use chrono::{DateTime, Utc};
@@ -129,7 +130,7 @@ impl Sent {
     }
 }
 
-/// json_packet: bytes → JSON → `PacketDraft::from_json` → `Packet::parse`,
+/// json_packet: bytes → JSON → `bucket::http::draft` → `Packet::parse`,
 /// for the value and, when it is an array (the gateway's batch), for each
 /// item; plus the public pieces of the mark-processed body.
 pub fn json_packet(data: &[u8]) {
@@ -151,7 +152,7 @@ pub fn json_packet(data: &[u8]) {
 }
 
 fn json_item(value: &Value, now: DateTime<Utc>) {
-    let draft = PacketDraft::from_json(value);
+    let draft = bucket::http::draft(value);
     let sent = Sent::from_json(value);
     let raw_signals = value.get("raw_signals").cloned();
     match Packet::parse(draft, now) {
@@ -168,10 +169,11 @@ fn json_item(value: &Value, now: DateTime<Utc>) {
     }
 }
 
-/// The mark-processed body: `MarkRequest::validate` (src/bucket.rs) and the
-/// gateway's `mark_request` are private, so only the public pieces they are
-/// built from are checked here: `parse_uuid` for `packet_id`, and
-/// `json::encoded_len` for the `karma_actions` size limit.
+/// The mark-processed body: the gateway's reading of it is private, so the
+/// fields of the right JSON types are given to `MarkRequest::validate`
+/// (src/domain/mark.rs) here, beside checks of the public pieces it is
+/// built from: `parse_uuid` for `packet_id`, and `json::encoded_len` for
+/// the `karma_actions` size limit.
 fn mark_body(value: &Value) {
     assert_eq!(
         json::encoded_len(value),
@@ -190,6 +192,51 @@ fn mark_body(value: &Value) {
             serde_json::to_vec(actions).expect("a Value encodes").len(),
             "encoded_len of karma_actions is not the compact encoding's length"
         );
+    }
+    let request = MarkRequest {
+        packet_id: body
+            .get("packet_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        success: body.get("success").and_then(Value::as_bool).unwrap_or(true),
+        karma_actions: body
+            .get("karma_actions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+        error_message: body
+            .get("error_message")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    };
+    let sent = request.clone();
+    match request.validate() {
+        Ok(mark) => {
+            assert_eq!(Ok(mark.packet_id), parse_uuid(&sent.packet_id));
+            assert_eq!(mark.success, sent.success);
+            assert!(json::encoded_len(&mark.karma_actions) <= MAX_KARMA_ACTIONS_BYTES);
+            assert!(!mark.karma_actions.iter().any(json::contains_nul));
+            assert_eq!(mark.karma_actions, sent.karma_actions);
+            if let Some(m) = &mark.error_message {
+                assert!(!m.is_empty() && m.len() <= MAX_ERROR_MESSAGE_BYTES && !m.contains('\0'));
+            }
+            assert_eq!(
+                mark.error_message,
+                sent.error_message.filter(|m| !m.is_empty())
+            );
+        }
+        Err(violations) => {
+            assert!(!violations.is_empty(), "mark rejected without a violation");
+            for v in violations {
+                assert!(
+                    ["packet_id", "karma_actions", "error_message"].contains(&v.field.as_str()),
+                    "mark violation names {:?}",
+                    v.field
+                );
+                description(&v.field, &v.description);
+            }
+        }
     }
 }
 
@@ -282,10 +329,7 @@ fn accepted(p: &Packet, sent: &Sent, now: DateTime<Utc>) {
         ("employee_id", p.employee_id.as_ref()),
         ("session_id", p.session_id.as_ref()),
         ("lesson_id", p.lesson_id.as_ref()),
-        ("system_type", p.system_type.as_ref()),
-        ("role", p.role.as_ref()),
         ("cognitive_state", Some(&p.cognitive_state)),
-        ("state", p.state.as_ref()),
     ] {
         let Some(s) = s else { continue };
         assert!(!s.is_empty(), "{name} is empty");
@@ -303,22 +347,15 @@ fn accepted(p: &Packet, sent: &Sent, now: DateTime<Utc>) {
     assert_eq!(p.employee_id, sent.employee_id);
     assert_eq!(p.session_id, sent.session_id);
     assert_eq!(p.lesson_id, sent.lesson_id);
-    assert_eq!(p.system_type, sent.system_type);
-    assert_eq!(p.role, sent.role);
-    assert_eq!(p.state, sent.state);
+    // The labels' types hold only their sets' values; the text is what was sent.
+    let text = |label: Option<&'static str>| label.map(str::to_owned);
+    assert_eq!(text(p.system_type.map(|s| s.as_str())), sent.system_type);
+    assert_eq!(text(p.role.map(|r| r.as_str())), sent.role);
+    assert_eq!(text(p.state.map(|s| s.as_str())), sent.state);
     assert_eq!(
         Some(&p.cognitive_state),
         sent.cognitive_state.as_ref().or(sent.state.as_ref())
     );
-    if let Some(s) = &p.system_type {
-        assert!(SYSTEM_TYPES.contains(&s.as_str()), "system_type {s:?}");
-    }
-    if let Some(r) = &p.role {
-        assert!(ROLES.contains(&r.as_str()), "role {r:?}");
-    }
-    if let Some(s) = &p.state {
-        assert!(LEGACY_STATES.contains(&s.as_str()), "state {s:?}");
-    }
     if let Some(id) = &sent.packet_id {
         assert_eq!(Ok(p.packet_id), parse_uuid(id), "packet_id changed");
     }

@@ -312,14 +312,12 @@ impl Core {
     }
 }
 
-/// The opaque text of a [`LeaseToken`].
-fn token(node: &str, grant: u64, packet_id: Uuid) -> String {
+fn token(node: &str, grant: u64, packet_id: Uuid) -> LeaseToken {
     LeaseToken {
         node: node.to_owned(),
         grant,
         packet_id,
     }
-    .to_string()
 }
 
 fn not_held(packet_id: Uuid) -> Error {

@@ -38,8 +38,8 @@ pub struct Delivery {
     /// 1 for the first delivery, 2 after one lease ended unmarked, ...
     pub attempt: u32,
     pub lease_expires_at: DateTime<Utc>,
-    /// Names this lease for ExtendLease (a [`LeaseToken`] as text).
-    pub lease_token: String,
+    /// Names this lease for ExtendLease; clients see its text.
+    pub lease_token: LeaseToken,
 }
 
 /// What ExtendLease did to one lease.

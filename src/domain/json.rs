@@ -1,25 +1,34 @@
 //! JSON limits shared by the front doors: how deep and how large a value is.
+use serde_json::{Map, Value};
 
 /// Nesting depth: a scalar is 0, `{}` is 1, `{"a": {}}` is 2.
-pub fn depth(value: &serde_json::Value) -> usize {
+pub fn depth(value: &Value) -> usize {
     match value {
-        serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
-        serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => object_depth(map),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
         _ => 0,
     }
 }
 
+/// [`depth`] of an object.
+pub fn object_depth(map: &Map<String, Value>) -> usize {
+    1 + map.values().map(depth).max().unwrap_or(0)
+}
+
 /// Whether any string or key holds U+0000, which PostgreSQL cannot store
 /// (in `text` or `jsonb`): refused by every door so both engines agree.
-pub fn contains_nul(value: &serde_json::Value) -> bool {
+pub fn contains_nul(value: &Value) -> bool {
     match value {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Object(map) => {
-            map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
-        }
-        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        Value::String(s) => s.contains('\0'),
+        Value::Object(map) => object_contains_nul(map),
+        Value::Array(items) => items.iter().any(contains_nul),
         _ => false,
     }
+}
+
+/// [`contains_nul`] of an object.
+pub fn object_contains_nul(map: &Map<String, Value>) -> bool {
+    map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
 }
 
 /// Bytes of the compact JSON encoding.

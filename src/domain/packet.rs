@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::json;
+use super::labels::{Label, LegacyState, SenderRole, SystemType, UnknownLabel};
 
 /// Longest accepted identifier or state string, in bytes.
 pub const MAX_STRING_BYTES: usize = 256;
@@ -27,10 +28,6 @@ pub const MAX_CLOCK_SKEW: Duration = Duration::hours(24);
 /// Timestamp, or ISO-8601 with a signed year) cannot be written as RFC 3339
 /// either, and PostgreSQL refuses those before 4713 BC.
 pub const MIN_TIMESTAMP: &str = "0001-01-01T00:00:00Z";
-
-pub const SYSTEM_TYPES: [&str; 2] = ["gurukul", "ems"];
-pub const ROLES: [&str; 2] = ["student", "employee"];
-pub const LEGACY_STATES: [&str; 5] = ["WORKING", "IDLE", "AWAY", "DISTRACTED", "FAKING"];
 
 /// One violated field, named by its JSON/proto field name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,60 +78,6 @@ pub struct PacketDraft {
     pub wrong_types: Vec<FieldViolation>,
 }
 
-impl PacketDraft {
-    /// Reads a REST JSON body. A field of the wrong JSON type is kept as a
-    /// violation for `Packet::parse`, which reports it with every other
-    /// one (as FastAPI does); `null` counts as absent; unknown fields are
-    /// ignored (as the original bucket did).
-    pub fn from_json(body: &Value) -> PacketDraft {
-        let Value::Object(map) = body else {
-            // Names the item itself: "" (the front door says where it is).
-            return PacketDraft {
-                wrong_types: vec![FieldViolation::new("", "the packet must be a JSON object")],
-                ..Default::default()
-            };
-        };
-        let mut v = Violations::default();
-        let mut text = |field: &str| match map.get(field) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => {
-                v.add(field, format!("{field} must be a string"));
-                None
-            }
-        };
-        let mut draft = PacketDraft {
-            packet_id: text("packet_id"),
-            user_id: text("user_id"),
-            employee_id: text("employee_id"),
-            session_id: text("session_id"),
-            lesson_id: text("lesson_id"),
-            system_type: text("system_type"),
-            role: text("role"),
-            timestamp: text("timestamp").map(TimestampInput::Text),
-            cognitive_state: text("cognitive_state"),
-            state: text("state"),
-            raw_signals: map.get("raw_signals").filter(|v| !v.is_null()).cloned(),
-            ..Default::default()
-        };
-        let mut number = |field: &str| match map.get(field) {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(_) => {
-                v.add(field, format!("{field} must be a number"));
-                None
-            }
-        };
-        draft.active_seconds = number("active_seconds");
-        draft.idle_seconds = number("idle_seconds");
-        draft.away_seconds = number("away_seconds");
-        draft.focus_score = number("focus_score");
-        draft.integrity_score = number("integrity_score");
-        draft.wrong_types = v.0;
-        draft
-    }
-}
-
 /// A packet that satisfies every rule; the only kind the store accepts.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Packet {
@@ -144,12 +87,12 @@ pub struct Packet {
     pub employee_id: Option<String>,
     pub session_id: Option<String>,
     pub lesson_id: Option<String>,
-    pub system_type: Option<String>,
-    pub role: Option<String>,
+    pub system_type: Option<SystemType>,
+    pub role: Option<SenderRole>,
     pub client_timestamp: DateTime<Utc>,
     /// `cognitive_state`, else the legacy `state`.
     pub cognitive_state: String,
-    pub state: Option<String>,
+    pub state: Option<LegacyState>,
     pub active_seconds: f64,
     pub idle_seconds: f64,
     pub away_seconds: f64,
@@ -183,15 +126,12 @@ impl Packet {
         let employee_id = v.bounded("employee_id", draft.employee_id);
         let session_id = v.bounded("session_id", draft.session_id);
         let lesson_id = v.bounded("lesson_id", draft.lesson_id);
-        let system_type = v.one_of("system_type", draft.system_type, &SYSTEM_TYPES);
-        let role = v.one_of("role", draft.role, &ROLES);
+        let system_type = v.label::<SystemType>(draft.system_type);
+        let role = v.label::<SenderRole>(draft.role);
         let cognitive_state = v.bounded("cognitive_state", draft.cognitive_state);
-        let state = v.one_of("state", draft.state, &LEGACY_STATES);
-        if cognitive_state.is_none()
-            && state.is_none()
-            && !v.has("state")
-            && !v.has("cognitive_state")
-        {
+        let state = v.label::<LegacyState>(draft.state);
+        let stated = cognitive_state.or_else(|| state.map(|s| s.as_str().to_owned()));
+        if stated.is_none() && !v.has("state") && !v.has("cognitive_state") {
             v.add("cognitive_state", "cognitive_state or state is required");
         }
 
@@ -252,27 +192,23 @@ impl Packet {
                 None
             }
             Some(Value::Object(map)) => {
-                let value = Value::Object(map);
-                if json::depth(&value) > MAX_RAW_SIGNALS_DEPTH {
+                if json::object_depth(&map) > MAX_RAW_SIGNALS_DEPTH {
                     v.add(
                         "raw_signals",
                         format!("raw_signals is nested deeper than {MAX_RAW_SIGNALS_DEPTH} levels"),
                     );
                 }
-                if json::contains_nul(&value) {
+                if json::object_contains_nul(&map) {
                     v.add("raw_signals", "raw_signals must not contain U+0000 (NUL)");
                 }
-                let len = json::encoded_len(&value);
+                let len = json::encoded_len(&map);
                 if len > MAX_RAW_SIGNALS_BYTES {
                     v.add(
                         "raw_signals",
                         format!("raw_signals is {len} bytes encoded, over the limit of {MAX_RAW_SIGNALS_BYTES}"),
                     );
                 }
-                match value {
-                    Value::Object(map) => Some(map),
-                    _ => unreachable!("built from an object above"),
-                }
+                Some(map)
             }
             Some(_) => {
                 v.add("raw_signals", "raw_signals must be a JSON object");
@@ -280,15 +216,21 @@ impl Packet {
             }
         };
 
+        // Every None here was reported as a violation above.
+        let (
+            Some(client_timestamp),
+            Some(cognitive_state),
+            Some(active),
+            Some(idle),
+            Some(away),
+            Some(raw_signals),
+        ) = (client_timestamp, stated, active, idle, away, raw_signals)
+        else {
+            return Err(v.0);
+        };
         if !v.0.is_empty() {
             return Err(v.0);
         }
-        // Every None below was reported as a violation above.
-        let (Some(client_timestamp), Some(active), Some(idle), Some(away), Some(raw_signals)) =
-            (client_timestamp, active, idle, away, raw_signals)
-        else {
-            unreachable!("missing required fields are violations");
-        };
 
         let integrity_score = integrity_score
             .or(focus_score.map(|f| f / 100.0))
@@ -305,9 +247,7 @@ impl Packet {
             system_type,
             role,
             client_timestamp,
-            cognitive_state: cognitive_state
-                .or_else(|| state.clone())
-                .expect("checked above: one of the two is present"),
+            cognitive_state,
             state,
             active_seconds: active,
             idle_seconds: idle,
@@ -331,7 +271,7 @@ fn min_timestamp() -> DateTime<Utc> {
 const MAX_QUOTED_CHARS: usize = 64;
 
 /// `value` quoted for a description, cut after [`MAX_QUOTED_CHARS`].
-fn quoted(value: &str) -> String {
+pub(super) fn quoted(value: &str) -> String {
     match value.char_indices().nth(MAX_QUOTED_CHARS) {
         None => format!("{value:?}"),
         Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
@@ -364,7 +304,6 @@ fn parse_timestamp(input: TimestampInput) -> Result<DateTime<Utc>, String> {
     }
 }
 
-#[derive(Default)]
 struct Violations(Vec<FieldViolation>);
 
 impl Violations {
@@ -404,20 +343,13 @@ impl Violations {
         Some(value)
     }
 
-    fn one_of(&mut self, field: &str, value: Option<String>, allowed: &[&str]) -> Option<String> {
+    /// An optional label: empty counts as absent.
+    fn label<T: Label>(&mut self, value: Option<String>) -> Option<T> {
         let value = value.filter(|s| !s.is_empty())?;
-        if !allowed.contains(&value.as_str()) {
-            self.add(
-                field,
-                format!(
-                    "{field} must be one of {}, got {}",
-                    allowed.join(", "),
-                    quoted(&value)
-                ),
-            );
-            return None;
-        }
-        Some(value)
+        value
+            .parse()
+            .map_err(|why: UnknownLabel| self.add(T::FIELD, why.to_string()))
+            .ok()
     }
 
     fn seconds(&mut self, field: &str, value: Option<f64>) -> Option<f64> {
@@ -512,7 +444,7 @@ mod tests {
         d.state = Some("WORKING".into());
         let p = Packet::parse(d, now()).unwrap();
         assert_eq!(p.cognitive_state, "WORKING");
-        assert_eq!(p.state.as_deref(), Some("WORKING"));
+        assert_eq!(p.state, Some(LegacyState::Working));
     }
 
     #[test]
@@ -629,33 +561,6 @@ mod tests {
         assert_eq!(fields(d.clone()), ["raw_signals"]);
         d.raw_signals = None;
         assert_eq!(fields(d), ["raw_signals"]);
-    }
-
-    #[test]
-    fn json_body_reads_like_the_seed() {
-        let body = json!({
-            "user_id": "user_123", "timestamp": "2024-01-20T10:30:00Z",
-            "cognitive_state": "ON_TASK", "active_seconds": 4.5, "idle_seconds": 0.3,
-            "away_seconds": 0.2, "focus_score": 85.0, "raw_signals": {}, "extra": 1,
-            "lesson_id": null
-        });
-        let p = Packet::parse(PacketDraft::from_json(&body), now()).unwrap();
-        assert_eq!(p.user_id, "user_123");
-        assert_eq!(p.lesson_id, None);
-        // Type errors come with the rule errors, one per field.
-        let mut wrong = body.clone();
-        wrong["focus_score"] = json!("high");
-        wrong["user_id"] = json!(7);
-        wrong["active_seconds"] = json!("4.5");
-        wrong["role"] = json!("teacher");
-        let fields: Vec<String> = Packet::parse(PacketDraft::from_json(&wrong), now())
-            .unwrap_err()
-            .into_iter()
-            .map(|v| v.field)
-            .collect();
-        assert_eq!(fields, ["user_id", "active_seconds", "focus_score", "role"]);
-        let not_object = Packet::parse(PacketDraft::from_json(&json!([1])), now()).unwrap_err();
-        assert_eq!(not_object[0].field, "");
     }
 
     #[test]

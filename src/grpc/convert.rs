@@ -1,8 +1,9 @@
 //! Proto messages to and from the domain.
-use crate::bucket::{MarkRequest, Marked, RequeueRequest, StatusReport};
+use crate::bucket::{Marked, RequeueRequest, StatusReport};
 use crate::delivery::{ConsumerInfo, Delivery};
+use crate::domain::mark::MarkRequest;
 use crate::domain::packet::TimestampInput;
-use crate::domain::{DeliveryStatus, Packet, PacketDraft};
+use crate::domain::{DeliveryStatus, Packet, PacketDraft, SenderRole, SystemType};
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
 use crate::proto::{action_to_struct, from_timestamp, json_to_struct, struct_to_json, timestamp};
@@ -14,19 +15,57 @@ fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// A proto enum's value as the draft's text: unspecified is absent; a
+/// number the contract does not know is kept as its digits, which
+/// `Packet::parse` refuses, naming the field.
+fn label_text<T: std::fmt::Display>(
+    raw: i32,
+    known: Result<Option<T>, prost::UnknownEnumValue>,
+) -> Option<String> {
+    match known {
+        Ok(label) => label.map(|l| l.to_string()),
+        Err(_) => Some(raw.to_string()),
+    }
+}
+
+fn system_type_from_pb(s: pb::SystemType) -> Option<SystemType> {
+    match s {
+        pb::SystemType::Unspecified => None,
+        pb::SystemType::Gurukul => Some(SystemType::Gurukul),
+        pb::SystemType::Ems => Some(SystemType::Ems),
+    }
+}
+
+fn role_from_pb(r: pb::Role) -> Option<SenderRole> {
+    match r {
+        pb::Role::Unspecified => None,
+        pb::Role::Student => Some(SenderRole::Student),
+        pb::Role::Employee => Some(SenderRole::Employee),
+    }
+}
+
+fn system_type_to_pb(s: Option<SystemType>) -> pb::SystemType {
+    match s {
+        None => pb::SystemType::Unspecified,
+        Some(SystemType::Gurukul) => pb::SystemType::Gurukul,
+        Some(SystemType::Ems) => pb::SystemType::Ems,
+    }
+}
+
+fn role_to_pb(r: Option<SenderRole>) -> pb::Role {
+    match r {
+        None => pb::Role::Unspecified,
+        Some(SenderRole::Student) => pb::Role::Student,
+        Some(SenderRole::Employee) => pb::Role::Employee,
+    }
+}
+
 pub fn draft(p: pb::PacketInput) -> PacketDraft {
-    let system_type = match pb::SystemType::try_from(p.system_type) {
-        Ok(pb::SystemType::Unspecified) => None,
-        Ok(pb::SystemType::Gurukul) => Some("gurukul".to_owned()),
-        Ok(pb::SystemType::Ems) => Some("ems".to_owned()),
-        Err(_) => Some(p.system_type.to_string()),
-    };
-    let role = match pb::Role::try_from(p.role) {
-        Ok(pb::Role::Unspecified) => None,
-        Ok(pb::Role::Student) => Some("student".to_owned()),
-        Ok(pb::Role::Employee) => Some("employee".to_owned()),
-        Err(_) => Some(p.role.to_string()),
-    };
+    let system_type = label_text(
+        p.system_type,
+        pb::SystemType::try_from(p.system_type).map(system_type_from_pb),
+    );
+    let role = label_text(p.role, pb::Role::try_from(p.role).map(role_from_pb));
     PacketDraft {
         packet_id: non_empty(p.packet_id),
         user_id: non_empty(p.user_id),
@@ -128,27 +167,17 @@ pub fn status_filter(raw: i32) -> Result<Option<DeliveryStatus>, Error> {
 
 /// The packet as sent; the caller fills in its delivery state.
 fn packet_base(p: &Packet, received_at: DateTime<Utc>) -> pb::Packet {
-    let system_type = match p.system_type.as_deref() {
-        Some("gurukul") => pb::SystemType::Gurukul,
-        Some("ems") => pb::SystemType::Ems,
-        _ => pb::SystemType::Unspecified,
-    };
-    let role = match p.role.as_deref() {
-        Some("student") => pb::Role::Student,
-        Some("employee") => pb::Role::Employee,
-        _ => pb::Role::Unspecified,
-    };
     pb::Packet {
         packet_id: p.packet_id.to_string(),
         user_id: p.user_id.clone(),
         employee_id: p.employee_id.clone().unwrap_or_default(),
         session_id: p.session_id.clone().unwrap_or_default(),
         lesson_id: p.lesson_id.clone().unwrap_or_default(),
-        system_type: system_type as i32,
-        role: role as i32,
+        system_type: system_type_to_pb(p.system_type) as i32,
+        role: role_to_pb(p.role) as i32,
         client_timestamp: Some(timestamp(p.client_timestamp)),
         cognitive_state: p.cognitive_state.clone(),
-        state: p.state.clone().unwrap_or_default(),
+        state: p.state.map(|s| s.as_str().to_owned()).unwrap_or_default(),
         active_seconds: p.active_seconds,
         idle_seconds: p.idle_seconds,
         away_seconds: p.away_seconds,
@@ -235,7 +264,7 @@ pub fn delivery(d: Delivery) -> pb::StreamPendingResponse {
     pb::StreamPendingResponse {
         delivery_attempt: d.attempt,
         lease_expires_at: Some(timestamp(d.lease_expires_at)),
-        lease_token: d.lease_token,
+        lease_token: d.lease_token.to_string(),
         packet: Some(pb::Packet {
             status: pb::PacketStatus::Leased as i32,
             delivery_attempts: d.attempt,

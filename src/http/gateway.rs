@@ -21,9 +21,13 @@ use utoipa::ToSchema;
 use super::error::{ErrorMessage, HTTPValidationError, Loc, ValidationError, detail};
 use super::openapi::{IngestBody, MarkBodies};
 use crate::auth::Caller;
-use crate::bucket::{Bucket, MarkRequest, Marked};
+use crate::bucket::{Bucket, Marked};
 use crate::delivery::Delivery;
-use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft};
+use crate::domain::batch::Batch;
+use crate::domain::lease::{DEFAULT_POLL, MAX_LEASE_SECONDS, MAX_POLL};
+use crate::domain::mark::MarkRequest;
+use crate::domain::user_page::{DEFAULT_USER_LIMIT, MAX_USER_LIMIT};
+use crate::domain::{DeliveryStatus, FieldViolation, Packet, SystemType};
 use crate::error::Error;
 use crate::store::{Inserted, StoredPacket};
 
@@ -149,10 +153,11 @@ pub(super) async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Resp
     };
     match value {
         Value::Array(items) => {
-            if let Err(e) = fits_batch(&bucket, items.len()) {
+            // Refused whole, naming the array, before any item is read.
+            if let Err(e) = bucket.fits(Batch::JsonArray, items.len()) {
                 return e.into_response();
             }
-            let drafts = items.iter().map(PacketDraft::from_json).collect();
+            let drafts = items.iter().map(super::draft).collect();
             match bucket.ingest_batch(drafts).await {
                 Ok(results) => {
                     let answers = results
@@ -168,24 +173,11 @@ pub(super) async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Resp
                 Err(e) => e.prefixed("body.").into_response(),
             }
         }
-        one => match bucket.ingest(PacketDraft::from_json(&one)).await {
+        one => match bucket.ingest(super::draft(&one)).await {
             Ok(r) => Json(IngestAnswer::One(Receipt::from(&r))).into_response(),
             Err(e) => e.prefixed("body.").into_response(),
         },
     }
-}
-
-/// A JSON array over the batch limit is refused whole, naming the body
-/// (the array itself), before any item is looked at.
-fn fits_batch(bucket: &Bucket, len: usize) -> Result<(), Error> {
-    let max = bucket.max_batch();
-    if len > max {
-        return Err(Error::invalid(
-            "body",
-            format!("an array holds at most {max} items, got {len}"),
-        ));
-    }
-    Ok(())
 }
 
 /// One rejected item of a JSON array, in the 422 shape.
@@ -277,7 +269,8 @@ pub struct LeasedPacket {
     #[schema(format = DateTime)]
     pub received_at: String,
     pub session_id: Option<String>,
-    pub system_type: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub system_type: Option<SystemType>,
     pub user_id: String,
 }
 
@@ -298,7 +291,7 @@ impl From<&Delivery> for LeasedPacket {
             raw_signals: p.raw_signals.clone(),
             received_at: time(d.received_at),
             session_id: p.session_id.clone(),
-            system_type: p.system_type.clone(),
+            system_type: p.system_type,
             user_id: p.user_id.clone(),
         }
     }
@@ -329,8 +322,13 @@ pub(super) async fn pending(State(bucket): State<Arc<Bucket>>, params: Params) -
         Ok(Query(q)) => q,
         Err(rejection) => return bad_query(rejection),
     };
-    let params = int_param(&query, "limit", 10, 1..=100)
-        .and_then(|limit| Ok((limit, int_param(&query, "lease_seconds", 0, 1..=3600)?)));
+    // An absent lease_seconds is 0, "the default", as over gRPC.
+    let params = int_param(&query, "limit", DEFAULT_POLL, 1..=MAX_POLL).and_then(|limit| {
+        Ok((
+            limit,
+            int_param(&query, "lease_seconds", 0, 1..=MAX_LEASE_SECONDS)?,
+        ))
+    });
     let (limit, lease_seconds) = match params {
         Ok(p) => p,
         Err(v) => return Error::InvalidInput(vec![v]).into_response(),
@@ -494,7 +492,8 @@ pub(super) async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body)
     };
     match value {
         Value::Array(items) => {
-            if let Err(e) = fits_batch(&bucket, items.len()) {
+            // Refused whole, naming the array, before any item is read.
+            if let Err(e) = bucket.fits(Batch::JsonArray, items.len()) {
                 return e.into_response();
             }
             // Bad items are answered here; the rest go to the bucket together.
@@ -637,7 +636,7 @@ pub(super) async fn user_packets(
         Ok(Query(q)) => q,
         Err(rejection) => return bad_query(rejection),
     };
-    let params = int_param(&query, "limit", 50, 1..=500)
+    let params = int_param(&query, "limit", DEFAULT_USER_LIMIT, 1..=MAX_USER_LIMIT)
         .and_then(|limit| Ok((limit, bool_param(&query, "processed_only")?)));
     let (limit, processed_only) = match params {
         Ok(p) => p,

@@ -1,6 +1,7 @@
 //! The plain-HTTP front doors: the seed's JSON gateway and operations.
 mod admin;
 pub mod cors;
+mod draft;
 mod error;
 mod gateway;
 mod openapi;
@@ -13,6 +14,9 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 
 use crate::bucket::Bucket;
+
+/// The JSON → domain conversion of a packet (public for the fuzz target).
+pub use draft::draft;
 
 /// `/api/v1/...` (the seed's paths), `/healthz`, `/readyz`, `/metrics`,
 /// `/openapi.json` (their description).

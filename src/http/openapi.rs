@@ -6,6 +6,7 @@
 //! as FastAPI answers, not a refusal of the whole body); the request types
 //! here only describe what it accepts. The operations' handlers (ops.rs) are
 //! described by the stubs below.
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use axum::Router;
@@ -14,9 +15,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::Value;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::{OpenApi, PartialSchema, ToSchema};
 
 use super::{admin, gateway};
+use crate::domain::{LegacyState, SenderRole, SystemType};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -93,7 +97,7 @@ pub struct PacketIn {
     #[schema(max_length = 256)]
     lesson_id: Option<String>,
     system_type: Option<SystemType>,
-    role: Option<Role>,
+    role: Option<SenderRole>,
     /// RFC 3339 (an ISO-8601 date-time without offset is read as UTC), at
     /// most 24 hours ahead of the server's clock.
     #[schema(format = DateTime)]
@@ -121,32 +125,42 @@ pub struct PacketIn {
     raw_signals: Value,
 }
 
-#[derive(Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-#[allow(dead_code)]
-pub enum SystemType {
-    Gurukul,
-    Ems,
+/// A label's schema: a string, one of the domain's values for it.
+fn label_schema(values: impl Iterator<Item = &'static str>) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values))
+        .into()
 }
 
-#[derive(Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-#[allow(dead_code)]
-pub enum Role {
-    Student,
-    Employee,
+impl PartialSchema for SystemType {
+    fn schema() -> RefOr<Schema> {
+        label_schema(SystemType::ALL.iter().map(|v| v.as_str()))
+    }
 }
 
-#[derive(Deserialize, ToSchema)]
-#[serde(rename_all = "UPPERCASE")]
-#[allow(dead_code)]
-pub enum LegacyState {
-    Working,
-    Idle,
-    Away,
-    Distracted,
-    Faking,
+impl ToSchema for SystemType {}
+
+impl PartialSchema for SenderRole {
+    fn schema() -> RefOr<Schema> {
+        label_schema(SenderRole::ALL.iter().map(|v| v.as_str()))
+    }
 }
+
+/// Named as the request field (and the proto enum) name it.
+impl ToSchema for SenderRole {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Role")
+    }
+}
+
+impl PartialSchema for LegacyState {
+    fn schema() -> RefOr<Schema> {
+        label_schema(LegacyState::ALL.iter().map(|v| v.as_str()))
+    }
+}
+
+impl ToSchema for LegacyState {}
 
 /// The ingest body: one packet, or a JSON array of packets.
 #[derive(Deserialize, ToSchema)]
@@ -228,3 +242,36 @@ fn metrics() {}
         content_type = "application/json")))]
 #[allow(dead_code)]
 fn openapi_json() {}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use crate::domain::lease::{MAX_LEASE_SECONDS, MAX_POLL};
+    use crate::domain::user_page::MAX_USER_LIMIT;
+
+    /// utoipa takes only literals for a parameter's bounds: the document
+    /// restates the domain's limits, and this keeps them equal.
+    #[test]
+    fn documented_bounds_are_the_domains() {
+        let doc: Value = serde_json::from_str(&super::DOCUMENT).unwrap();
+        let maximum = |path: &str, name: &str| {
+            doc["paths"][path]["get"]["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap()["schema"]["maximum"]
+                .as_u64()
+                .unwrap()
+        };
+        let pending = "/api/v1/bucket/prana/packets/pending";
+        assert_eq!(maximum(pending, "limit"), u64::from(MAX_POLL));
+        assert_eq!(
+            maximum(pending, "lease_seconds"),
+            u64::from(MAX_LEASE_SECONDS)
+        );
+        let user = "/api/v1/bucket/prana/packets/user/{user_id}";
+        assert_eq!(maximum(user, "limit"), u64::from(MAX_USER_LIMIT));
+    }
+}

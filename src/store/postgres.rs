@@ -158,8 +158,8 @@ async fn insert_all(
         .bind(column(|p| p.employee_id.clone()))
         .bind(column(|p| p.session_id.clone()))
         .bind(column(|p| p.lesson_id.clone()))
-        .bind(column(|p| p.system_type.clone()))
-        .bind(column(|p| p.role.clone()))
+        .bind(column(|p| p.system_type.map(|s| s.as_str().to_owned())))
+        .bind(column(|p| p.role.map(|r| r.as_str().to_owned())))
         .bind(
             packets
                 .iter()
@@ -172,7 +172,7 @@ async fn insert_all(
                 .map(|p| p.cognitive_state.as_str())
                 .collect::<Vec<_>>(),
         )
-        .bind(column(|p| p.state.clone()))
+        .bind(column(|p| p.state.map(|s| s.as_str().to_owned())))
         .bind(numbers(|p| p.active_seconds))
         .bind(numbers(|p| p.idle_seconds))
         .bind(numbers(|p| p.away_seconds))
@@ -459,7 +459,7 @@ impl Backend for PgBackend {
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.into_iter().map(PendingRow::into_pending).collect())
+        rows.into_iter().map(PendingRow::into_pending).collect()
     }
 
     async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
@@ -473,7 +473,7 @@ impl Backend for PgBackend {
         );
         let rows: Vec<PendingRow<Uuid>> =
             sqlx::query_as(&sql).bind(ids).fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(PendingRow::into_pending).collect())
+        rows.into_iter().map(PendingRow::into_pending).collect()
     }
 
     async fn pending_ids(&self, after: i64, limit: u32) -> Result<Vec<(Uuid, i64)>, StoreError> {

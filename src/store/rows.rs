@@ -8,6 +8,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{HistoryEntry, PendingPacket, StoreError, StoredPacket};
+use crate::domain::labels::Label;
 use crate::domain::{DeliveryStatus, Packet};
 
 /// The columns [`PendingRow`] reads.
@@ -72,19 +73,32 @@ pub(super) struct StoredRow<Id> {
     history: Json<Vec<HistoryEntry>>,
 }
 
+/// A label column's text as its type; text no version wrote is a bug.
+fn label<T: Label>(column: Option<String>) -> Result<Option<T>, StoreError> {
+    column
+        .map(|text| {
+            text.parse().map_err(|_| {
+                StoreError::Internal(
+                    format!("unknown {} {text:?} in the database", T::FIELD).into(),
+                )
+            })
+        })
+        .transpose()
+}
+
 impl<Id: Into<Uuid>> PendingRow<Id> {
-    fn into_parts(self) -> (Packet, i64, DateTime<Utc>, u32) {
+    fn into_parts(self) -> Result<(Packet, i64, DateTime<Utc>, u32), StoreError> {
         let packet = Packet {
             packet_id: self.packet_id.into(),
             user_id: self.user_id,
             employee_id: self.employee_id,
             session_id: self.session_id,
             lesson_id: self.lesson_id,
-            system_type: self.system_type,
-            role: self.role,
+            system_type: label(self.system_type)?,
+            role: label(self.role)?,
             client_timestamp: self.client_timestamp,
             cognitive_state: self.cognitive_state,
-            state: self.state,
+            state: label(self.state)?,
             active_seconds: self.active_seconds,
             idle_seconds: self.idle_seconds,
             away_seconds: self.away_seconds,
@@ -93,17 +107,17 @@ impl<Id: Into<Uuid>> PendingRow<Id> {
             raw_signals: self.raw_signals.0,
         };
         let attempts = self.delivery_attempts.max(0) as u32;
-        (packet, self.seq, self.received_at, attempts)
+        Ok((packet, self.seq, self.received_at, attempts))
     }
 
-    pub(super) fn into_pending(self) -> PendingPacket {
-        let (packet, seq, received_at, attempts) = self.into_parts();
-        PendingPacket {
+    pub(super) fn into_pending(self) -> Result<PendingPacket, StoreError> {
+        let (packet, seq, received_at, attempts) = self.into_parts()?;
+        Ok(PendingPacket {
             packet: Arc::new(packet),
             seq,
             received_at,
             attempts,
-        }
+        })
     }
 }
 
@@ -112,7 +126,7 @@ impl<Id: Into<Uuid>> StoredRow<Id> {
         let status = DeliveryStatus::parse(&self.status).ok_or_else(|| {
             StoreError::Internal(format!("unknown status {:?} in the database", self.status).into())
         })?;
-        let (packet, seq, received_at, delivery_attempts) = self.pending.into_parts();
+        let (packet, seq, received_at, delivery_attempts) = self.pending.into_parts()?;
         Ok(StoredPacket {
             seq,
             packet,

@@ -265,11 +265,11 @@ fn insert_all(
             bind(&p.employee_id)?;
             bind(&p.session_id)?;
             bind(&p.lesson_id)?;
-            bind(&p.system_type)?;
-            bind(&p.role)?;
+            bind(&p.system_type.map(|s| s.as_str()))?;
+            bind(&p.role.map(|r| r.as_str()))?;
             bind(&e.client_timestamp)?;
             bind(&p.cognitive_state)?;
-            bind(&p.state)?;
+            bind(&p.state.map(|s| s.as_str()))?;
             bind(&p.active_seconds)?;
             bind(&p.idle_seconds)?;
             bind(&p.away_seconds)?;
@@ -486,7 +486,7 @@ impl Backend for SqliteBackend {
             .bind(i64::from(limit))
             .fetch_all(&self.reads)
             .await?;
-        Ok(rows.into_iter().map(PendingRow::into_pending).collect())
+        rows.into_iter().map(PendingRow::into_pending).collect()
     }
 
     async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
@@ -498,7 +498,7 @@ impl Backend for SqliteBackend {
             .bind(json(&ids))
             .fetch_all(&self.reads)
             .await?;
-        Ok(rows.into_iter().map(PendingRow::into_pending).collect())
+        rows.into_iter().map(PendingRow::into_pending).collect()
     }
 
     async fn pending_ids(&self, after: i64, limit: u32) -> Result<Vec<(Uuid, i64)>, StoreError> {

@@ -1,0 +1,125 @@
+//! An outcome a consumer reports for a delivered packet (MarkProcessed, at
+//! any door), and what makes one acceptable.
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::packet::{MAX_RAW_SIGNALS_BYTES, parse_uuid};
+use super::{FieldViolation, json};
+
+/// Longest accepted `error_message`, in bytes.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+/// Largest accepted `karma_actions`, in bytes of compact JSON: stored
+/// beside the packet, so no larger than its `raw_signals` may be.
+pub const MAX_KARMA_ACTIONS_BYTES: usize = MAX_RAW_SIGNALS_BYTES;
+
+/// One outcome as a consumer reports it, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct MarkRequest {
+    pub packet_id: String,
+    pub success: bool,
+    pub karma_actions: Vec<Value>,
+    pub error_message: Option<String>,
+}
+
+/// An outcome that satisfies every rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidMark {
+    pub packet_id: Uuid,
+    pub success: bool,
+    pub karma_actions: Vec<Value>,
+    /// Absent when empty.
+    pub error_message: Option<String>,
+}
+
+impl MarkRequest {
+    /// Checks every field, naming every violated one.
+    pub fn validate(self) -> Result<ValidMark, Vec<FieldViolation>> {
+        let mut violations = Vec::new();
+        let id = parse_uuid(&self.packet_id)
+            .map_err(|why| violations.push(FieldViolation::new("packet_id", why)))
+            .ok();
+        if self.karma_actions.iter().any(json::contains_nul) {
+            violations.push(FieldViolation::new(
+                "karma_actions",
+                "karma_actions must not contain U+0000 (NUL)",
+            ));
+        }
+        let actions_len = json::encoded_len(&self.karma_actions);
+        if actions_len > MAX_KARMA_ACTIONS_BYTES {
+            violations.push(FieldViolation::new(
+                "karma_actions",
+                format!(
+                    "karma_actions is {actions_len} bytes encoded, over {MAX_KARMA_ACTIONS_BYTES}"
+                ),
+            ));
+        }
+        let error_message = self.error_message.filter(|m| !m.is_empty());
+        if error_message.as_ref().is_some_and(|m| m.contains('\0')) {
+            violations.push(FieldViolation::new(
+                "error_message",
+                "error_message must not contain U+0000 (NUL)",
+            ));
+        }
+        if error_message
+            .as_ref()
+            .is_some_and(|m| m.len() > MAX_ERROR_MESSAGE_BYTES)
+        {
+            violations.push(FieldViolation::new(
+                "error_message",
+                format!("error_message is over {MAX_ERROR_MESSAGE_BYTES} bytes"),
+            ));
+        }
+        match id {
+            Some(packet_id) if violations.is_empty() => Ok(ValidMark {
+                packet_id,
+                success: self.success,
+                karma_actions: self.karma_actions,
+                error_message,
+            }),
+            _ => Err(violations),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn every_violation_is_named_and_an_empty_error_is_absent() {
+        let id = Uuid::now_v7();
+        let ok = MarkRequest {
+            packet_id: id.to_string(),
+            success: false,
+            error_message: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(ok.validate().unwrap().error_message, None);
+        let bad = MarkRequest {
+            packet_id: "nope".into(),
+            success: true,
+            karma_actions: vec![
+                json!({"a": "\0"}),
+                json!("x".repeat(MAX_KARMA_ACTIONS_BYTES)),
+            ],
+            error_message: Some("e".repeat(MAX_ERROR_MESSAGE_BYTES + 1)),
+        };
+        let fields: Vec<String> = bad
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "packet_id",
+                "karma_actions",
+                "karma_actions",
+                "error_message"
+            ]
+        );
+    }
+}
