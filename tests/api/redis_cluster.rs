@@ -179,8 +179,18 @@ async fn two_nodes_share_a_redis_cluster() {
         assert_eq!(response.ingested, 100);
     }
 
-    // Queued, not yet read: spread over the shards, on several nodes.
-    let by_node = cluster.streams_by_node(&prefix);
+    // Queued (XADDed after the commit, so waited for), not yet read:
+    // spread over the shards, on several nodes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let by_node = loop {
+        let by_node = cluster.streams_by_node(&prefix);
+        let queued: u64 = by_node.iter().flat_map(|n| n.values()).sum();
+        if queued >= N as u64 {
+            break by_node;
+        }
+        assert!(Instant::now() < deadline, "{queued} entries for {N} packets: {by_node:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let keys: HashSet<&String> = by_node.iter().flat_map(|n| n.keys()).collect();
     assert_eq!(keys.len(), SHARDS as usize, "one stream key per shard: {by_node:?}");
     let nodes_with_packets = by_node
@@ -188,8 +198,6 @@ async fn two_nodes_share_a_redis_cluster() {
         .filter(|n| n.values().any(|len| *len > 0))
         .count();
     assert!(nodes_with_packets >= 2, "the queue is on one node: {by_node:?}");
-    let queued: u64 = by_node.iter().flat_map(|n| n.values()).sum();
-    assert!(queued >= N as u64, "{queued} entries for {N} packets: {by_node:?}");
 
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let a = Arc::new(a);
