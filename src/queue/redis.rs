@@ -340,7 +340,10 @@ impl RedisQueue {
             .expect("flushers lock")
             .extend([adder, remover]);
         for shard in 0..self.shards.count() {
-            tokio::spawn(self.clone().read_loop(shard, sink.clone(), shutdown.clone()));
+            tokio::spawn(
+                self.clone()
+                    .read_loop(shard, sink.clone(), shutdown.clone()),
+            );
         }
         tokio::spawn(self.clone().listen_settled(sink.clone(), shutdown.clone()));
         tokio::spawn(self.clone().watch_nodes(sink, shutdown));
@@ -520,7 +523,9 @@ impl RedisQueue {
                 (ID, item.pending.packet.packet_id.to_string().into()),
                 (BODY, Value::Bytes(codec::encode(&item.pending).into())),
             ];
-            let key = self.shards.key(self.shards.of(item.pending.packet.packet_id));
+            let key = self
+                .shards
+                .key(self.shards.of(item.pending.packet.packet_id));
             let _: () = pipeline.xadd(key, false, None, "*", fields).await?;
         }
         let _: Vec<Value> = pipeline.all().await?;
@@ -872,7 +877,12 @@ impl RedisQueue {
         loop {
             let page: Vec<Entry> = self
                 .fast()
-                .xrange(self.shards.key(shard), start.as_str(), "+", Some(PAGE as u64))
+                .xrange(
+                    self.shards.key(shard),
+                    start.as_str(),
+                    "+",
+                    Some(PAGE as u64),
+                )
                 .await?;
             let last = page.last().map(|(id, _)| id.clone());
             ids.extend(
@@ -1033,5 +1043,52 @@ mod error_code_tests {
         // Not an error reply: a message that merely mentions a code.
         let io = Error::new(ErrorKind::IO, "connection reset while reading NOGROUP");
         assert_eq!(error_code(&io), None);
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    fn settings() -> RedisConfig {
+        crate::config::Config::defaults().redis
+    }
+
+    #[test]
+    fn a_seed_becomes_a_cluster_with_its_password_as_typed() {
+        let mut config = settings();
+        config.redis_host = Some("10.0.0.7".into());
+        config.redis_port = 7000;
+        config.redis_password = Some("p@ss:w/rd?#%".into());
+        config.redis_cluster = true;
+        let target = RedisTarget::from_config(&config).unwrap().unwrap();
+        assert_eq!(
+            target.config.server,
+            ServerConfig::new_clustered(vec![("10.0.0.7", 7000)])
+        );
+        assert_eq!(target.config.password.as_deref(), Some("p@ss:w/rd?#%"));
+        assert!(!target.display.contains("p@ss"));
+    }
+
+    #[test]
+    fn a_cluster_url_names_its_nodes() {
+        let mut config = settings();
+        config.redis_url = Some("redis-cluster://:secret@a:7000?node=b:7001".into());
+        let target = RedisTarget::from_config(&config).unwrap().unwrap();
+        assert!(target.config.server.is_clustered());
+        let mut hosts: Vec<String> = target
+            .config
+            .server
+            .hosts()
+            .iter()
+            .map(|h| format!("{}:{}", h.host, h.port))
+            .collect();
+        hosts.sort();
+        assert_eq!(hosts, ["a:7000", "b:7001"]);
+        assert_eq!(target.config.password.as_deref(), Some("secret"));
+        // Without the flag, a plain URL stays one server.
+        config.redis_url = Some("redis://a:7000".into());
+        let target = RedisTarget::from_config(&config).unwrap().unwrap();
+        assert!(!target.config.server.is_clustered());
     }
 }

@@ -93,7 +93,10 @@ mod tests {
 
     #[test]
     fn entries_carry_their_shard() {
-        assert_eq!(untag(&tag(7, "1700000000000-3")), Some((7, "1700000000000-3")));
+        assert_eq!(
+            untag(&tag(7, "1700000000000-3")),
+            Some((7, "1700000000000-3"))
+        );
         assert_eq!(untag("1700000000000-3"), None);
     }
 }

@@ -63,7 +63,10 @@ impl Cluster {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in &cluster.ports {
-            while !cluster.ask(*port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            while !cluster
+                .ask(*port, &["CLUSTER", "INFO"])
+                .contains("cluster_state:ok")
+            {
                 assert!(Instant::now() < deadline, "the cluster never became ok");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -150,10 +153,18 @@ async fn two_nodes_share_a_redis_cluster() {
     let id = ingest(&mut on_b, packet_for("probe")).await;
     let d = next(&mut stream).await;
     assert_eq!(d.packet.as_ref().unwrap().packet_id, id);
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     // ExtendLease through B reaches A on A's lease channel.
     let extended = extend(&mut on_b, &d.lease_token, 30).await;
-    assert_eq!((extended.extended, extended.rejected), (1, 0), "{extended:?}");
+    assert_eq!(
+        (extended.extended, extended.rejected),
+        (1, 0),
+        "{extended:?}"
+    );
     // Marked through B: A hears it on the settled channel and frees the
     // slot, so the next packet reaches the stream at once.
     mark(&mut on_b, &id).await;
@@ -188,16 +199,26 @@ async fn two_nodes_share_a_redis_cluster() {
         if queued >= N as u64 {
             break by_node;
         }
-        assert!(Instant::now() < deadline, "{queued} entries for {N} packets: {by_node:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{queued} entries for {N} packets: {by_node:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let keys: HashSet<&String> = by_node.iter().flat_map(|n| n.keys()).collect();
-    assert_eq!(keys.len(), SHARDS as usize, "one stream key per shard: {by_node:?}");
+    assert_eq!(
+        keys.len(),
+        SHARDS as usize,
+        "one stream key per shard: {by_node:?}"
+    );
     let nodes_with_packets = by_node
         .iter()
         .filter(|n| n.values().any(|len| *len > 0))
         .count();
-    assert!(nodes_with_packets >= 2, "the queue is on one node: {by_node:?}");
+    assert!(
+        nodes_with_packets >= 2,
+        "the queue is on one node: {by_node:?}"
+    );
 
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let a = Arc::new(a);
@@ -206,7 +227,14 @@ async fn two_nodes_share_a_redis_cluster() {
     for (i, (node, other)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
         let (node, other, seen) = (node.clone(), other.clone(), seen.clone());
         consumers.push(tokio::spawn(async move {
-            consume(&node, &other, &format!("karma-{i}"), Duration::from_secs(3), seen).await
+            consume(
+                &node,
+                &other,
+                &format!("karma-{i}"),
+                Duration::from_secs(3),
+                seen,
+            )
+            .await
         }));
     }
     for consumer in consumers {
@@ -214,8 +242,71 @@ async fn two_nodes_share_a_redis_cluster() {
     }
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), N, "every packet delivered");
-    assert!(seen.values().all(|n| *n == 1), "a packet reached two streams");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "a packet reached two streams"
+    );
     let counts = db.status_counts().await;
     assert_eq!(counts.get("processed"), Some(&(N as i64 + 2)));
-    assert_eq!(counts.len(), 1, "nothing left pending or leased: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        1,
+        "nothing left pending or leased: {counts:?}"
+    );
+}
+
+/// A node killed while it holds packets from every shard: another node
+/// claims them from each shard's pending-entries list once the dead one's
+/// liveness key expires. The killed node is the binary, configured from
+/// the environment (`REDIS_URL=redis-cluster://…`, `BUCKET_REDIS_SHARDS`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_packets_are_claimed_from_every_shard() {
+    let cluster = Cluster::start().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let port = crate::crash::free_port();
+    let mut killed = Command::new(env!("CARGO_BIN_EXE_bucket"))
+        .env("BUCKET_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", cluster.url())
+        .env("BUCKET_REDIS_SHARDS", SHARDS.to_string())
+        .env_remove("REDIS_HOST")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the bucket binary");
+    let mut on_killed = crate::crash::connect(port).await;
+    wait_for_redis(&mut on_killed, true).await;
+
+    const N: usize = 32;
+    let mut sent = HashSet::new();
+    for i in 0..N {
+        sent.insert(ingest(&mut on_killed, packet_for(&format!("held{i}"))).await);
+    }
+    let mut stream = subscribe(&mut on_killed, "before", N as u32, 600).await;
+    for _ in 0..N {
+        next(&mut stream).await;
+    }
+    killed.kill().unwrap(); // SIGKILL: nothing handed back
+    killed.wait().unwrap();
+
+    let mut config = test_config(&db);
+    config.redis.redis_url = Some(cluster.url());
+    config.redis.redis_shards = SHARDS;
+    let survivor = TestApp::spawn_with(db.clone(), config).await;
+    let mut client = survivor.client().await;
+    let mut stream = subscribe(&mut client, "after", N as u32, 60).await;
+    let mut delivered = HashSet::new();
+    // The dead node's liveness key lives 10 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered.len() < N && Instant::now() < deadline {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), stream.message())
+            .await
+            .map(|m| m.transpose())
+        else {
+            continue;
+        };
+        let id = d.packet.unwrap().packet_id;
+        assert!(delivered.insert(id.clone()), "{id} delivered twice");
+    }
+    assert_eq!(delivered, sent, "every held packet claimed");
 }
