@@ -761,16 +761,13 @@ impl RedisQueue {
                 if let Err(e) = alive {
                     tracing::debug!(error = %e, "could not renew the liveness key");
                 }
-                match self.claim_from_stopped_nodes().await {
-                    Ok(claimed) if !claimed.is_empty() => {
-                        tracing::info!(
-                            count = claimed.len(),
-                            "took over packets held by a stopped node"
-                        );
-                        sink.feed(claimed);
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "looking for stopped nodes failed"),
+                let claimed = self.claim_from_stopped_nodes().await;
+                if !claimed.is_empty() {
+                    tracing::info!(
+                        count = claimed.len(),
+                        "took over packets held by a stopped node"
+                    );
+                    sink.feed(claimed);
                 }
             }
             tokio::select! {
@@ -780,12 +777,17 @@ impl RedisQueue {
         }
     }
 
-    async fn claim_from_stopped_nodes(&self) -> Result<Vec<Queued>, QueueError> {
+    /// Shard by shard: one that fails (its cluster node away) does not
+    /// keep the others' entries from being claimed.
+    async fn claim_from_stopped_nodes(&self) -> Vec<Queued> {
         let mut claimed = Vec::new();
         for shard in 0..self.shards.count() {
-            claimed.extend(self.claim_in(shard).await?);
+            match self.claim_in(shard).await {
+                Ok(entries) => claimed.extend(entries),
+                Err(e) => tracing::debug!(error = %e, shard, "looking for stopped nodes failed"),
+            }
         }
-        Ok(claimed)
+        claimed
     }
 
     /// The entries of `shard` held by stopped nodes, claimed.
