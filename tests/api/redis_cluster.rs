@@ -270,6 +270,7 @@ async fn a_killed_node_s_packets_are_claimed_from_every_shard() {
         .env("REDIS_URL", cluster.url())
         .env("BUCKET_REDIS_SHARDS", SHARDS.to_string())
         .env_remove("REDIS_HOST")
+        .env_remove("BUCKET_REDIS_PREFIX")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -277,13 +278,32 @@ async fn a_killed_node_s_packets_are_claimed_from_every_shard() {
     let mut on_killed = crate::crash::connect(port).await;
     wait_for_redis(&mut on_killed, true).await;
 
-    const N: usize = 32;
+    // Ingested until every shard holds some (ids are random).
     let mut sent = HashSet::new();
-    for i in 0..N {
-        sent.insert(ingest(&mut on_killed, packet_for(&format!("held{i}"))).await);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for _ in 0..8 {
+            let i = sent.len();
+            sent.insert(ingest(&mut on_killed, packet_for(&format!("held{i}"))).await);
+        }
+        let streams: Vec<u64> = cluster
+            .streams_by_node("bucket:")
+            .into_iter()
+            .flat_map(|n| n.into_values())
+            .collect();
+        let filled = streams.iter().filter(|len| **len > 0).count();
+        if filled == SHARDS as usize && streams.iter().sum::<u64>() == sent.len() as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shards never all filled: {streams:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut stream = subscribe(&mut on_killed, "before", N as u32, 600).await;
-    for _ in 0..N {
+    let n = sent.len();
+    let mut stream = subscribe(&mut on_killed, "before", n as u32, 600).await;
+    for _ in 0..n {
         next(&mut stream).await;
     }
     killed.kill().unwrap(); // SIGKILL: nothing handed back
@@ -294,11 +314,11 @@ async fn a_killed_node_s_packets_are_claimed_from_every_shard() {
     config.redis.redis_shards = SHARDS;
     let survivor = TestApp::spawn_with(db.clone(), config).await;
     let mut client = survivor.client().await;
-    let mut stream = subscribe(&mut client, "after", N as u32, 60).await;
+    let mut stream = subscribe(&mut client, "after", n as u32, 60).await;
     let mut delivered = HashSet::new();
     // The dead node's liveness key lives 10 s.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while delivered.len() < N && Instant::now() < deadline {
+    while delivered.len() < n && Instant::now() < deadline {
         let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), stream.message())
             .await
             .map(|m| m.transpose())
