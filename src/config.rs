@@ -79,7 +79,8 @@ pub struct Config {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedisConfig {
-    /// redis:// or rediss:// URL of the queue; unset (and no REDIS_HOST): in-memory queue.
+    /// redis:// or rediss:// URL of the queue (redis-cluster://host:port?node=host2:port2
+    /// for a Redis Cluster); unset (and no REDIS_HOST): in-memory queue.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// The seed's Redis host, used when REDIS_URL is unset.
@@ -91,9 +92,18 @@ pub struct RedisConfig {
     pub redis_username: Option<String>,
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// The Redis is a Redis Cluster, and REDIS_HOST (or REDIS_URL's host)
+    /// one of its nodes; the others are discovered.
+    #[arg(long, env = "BUCKET_REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
     /// Prefix of every Redis key, so one Redis can serve several deployments.
     #[arg(long, env = "BUCKET_REDIS_PREFIX", default_value = "bucket:")]
     pub redis_prefix: String,
+    /// Stream keys the queue is split over, so a Redis Cluster spreads it
+    /// over its nodes; 1 keeps the single key `{prefix}pending`. Every node
+    /// of a deployment must use the same number.
+    #[arg(long, env = "BUCKET_REDIS_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub redis_shards: u16,
     /// How often the Redis queue is checked against the database's pending
     /// packets (also on every reconnect), in seconds.
     #[arg(long, env = "BUCKET_RECONCILE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]

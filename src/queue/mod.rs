@@ -6,9 +6,12 @@
 //! stays in the reading node's pending-entries list while that node holds
 //! the packet, so the group knows which node holds what. Neither is the
 //! truth (the database is): a lost entry is found again by the rebuild.
+//! The stream may be split into shards ([`shards`]) so a Redis Cluster
+//! spreads it.
 pub mod codec;
 pub mod memory;
 pub mod redis;
+pub mod shards;
 
 use crate::store::PendingPacket;
 
@@ -42,4 +45,6 @@ pub enum QueueError {
     NotConnected,
     #[error("queue: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("Redis settings: {0}")]
+    Settings(String),
 }

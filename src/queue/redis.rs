@@ -2,12 +2,15 @@
 //! bucket node.
 //!
 //! A committed packet is XADDed to `{prefix}pending` with its body, so the
-//! node that reads it delivers without reading the database. Each node
-//! XREADGROUPs (blocking, so a packet ingested on any node reaches a waiting
-//! stream on any other at once) only as many entries as its streams have
-//! room for. An entry stays in the reading node's pending-entries list (PEL)
-//! for as long as the node holds the packet; it is XACKed and XDELed when
-//! the packet is marked, dead-lettered, or handed back (a lease that ended
+//! node that reads it delivers without reading the database; with
+//! `BUCKET_REDIS_SHARDS` > 1 to one of several such stream keys, chosen by
+//! its id ([`super::shards`]), each with its own consumer group, and
+//! everything below holds per shard. Each node XREADGROUPs every shard
+//! (blocking, so a packet ingested on any node reaches a waiting stream on
+//! any other at once) only as many entries as its streams have room for.
+//! An entry stays in the reading node's pending-entries list (PEL) for as
+//! long as the node holds the packet; it is XACKed and XDELed when the
+//! packet is marked, dead-lettered, or handed back (a lease that ended
 //! unmarked is XADDed anew, so any node may take it).
 //!
 //! The PEL says which node holds what: a node that stops without handing
@@ -18,6 +21,9 @@
 //! ExtendLease may reach any node: a lease granted elsewhere is changed by
 //! asking its node on that node's channel `{prefix}leases:{name}` and
 //! waiting (briefly) for the answer on the asker's.
+//!
+//! In a Redis Cluster every command names one key, and the channels are
+//! sharded (SSUBSCRIBE/SPUBLISH), each on its own slot.
 //!
 //! While Redis cannot be reached a node keeps serving its own streams from
 //! memory; the reconciler puts back into the stream whatever pending packets
@@ -40,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::shards::{self, Shards};
 use super::{QueueError, Queued, codec};
 use crate::config::RedisConfig;
 use crate::delivery::{LeaseChange, LeaseToken, QueueSink};
@@ -129,14 +136,20 @@ struct Outgoing {
 pub struct RedisQueue {
     /// Ordinary commands, failing fast while disconnected.
     commands: Client,
-    /// A connection of its own for the blocking XREADGROUP.
-    reader: Client,
+    /// One per shard, each with connections of its own: a blocking
+    /// XREADGROUP holds its client until it answers.
+    readers: Vec<Reader>,
     /// Pub/sub for outcomes recorded through another node.
     subscriber: SubscriberClient,
+    /// Sharded pub/sub (SPUBLISH) in a Redis Cluster: there PUBLISH counts
+    /// only the receivers on the node it reached, and "nobody listens"
+    /// (see [`RedisQueue::change_leases`]) must be true. Classic elsewhere,
+    /// which Redis before 7 also has.
+    sharded_pubsub: bool,
     /// Reads packets whose entry carries no body (put back by the
     /// reconciler, or claimed from a stopped node).
     store: Store,
-    key: String,
+    shards: Shards,
     channel: String,
     node_key: String,
     node_prefix: String,
@@ -153,10 +166,15 @@ pub struct RedisQueue {
     outgoing: mpsc::UnboundedSender<Outgoing>,
     done: mpsc::UnboundedSender<String>,
     receivers: Mutex<Option<Receivers>>,
-    demand: Notify,
     /// Ends the adder and remover once they drained (after the dispatcher).
     flush: CancellationToken,
     flushers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Reader {
+    client: Client,
+    /// Local streams have room: read more.
+    demand: Notify,
 }
 
 struct Receivers {
@@ -165,8 +183,9 @@ struct Receivers {
 }
 
 /// Where Redis is, from `REDIS_URL`, else from the seed's `REDIS_HOST` &
-/// co. (None: no Redis, the in-memory queue). Built field by field, never
-/// by pasting a URL together: a password may hold `@`, `:` or `/`.
+/// co. (None: no Redis, the in-memory queue); a Redis Cluster from a
+/// `redis-cluster://` URL or `BUCKET_REDIS_CLUSTER`. Built field by field,
+/// never by pasting a URL together: a password may hold `@`, `:` or `/`.
 #[derive(Clone)]
 pub struct RedisTarget {
     config: Config,
@@ -192,6 +211,16 @@ impl RedisTarget {
         } else {
             return Ok(None);
         };
+        if config.redis_cluster
+            && let ServerConfig::Centralized { server } = &target.config.server
+        {
+            // The one address is a seed: the cluster names its other nodes.
+            target.config.server = ServerConfig::Clustered {
+                hosts: vec![server.clone()],
+                policy: Default::default(),
+            };
+            target.display = format!("{} (cluster)", target.display);
+        }
         // Seed-style credentials apply on top of a URL that lacks them.
         if target.config.username.is_none() {
             target.config.username = config.redis_username.clone();
@@ -221,7 +250,8 @@ fn redact_url(url: &str) -> String {
     }
 }
 
-/// A stream entry: its id and fields.
+/// A stream entry: its id, tagged with its shard ([`shards::tag`]), and
+/// its fields.
 type Entry = (String, HashMap<String, String>);
 
 impl RedisQueue {
@@ -246,11 +276,21 @@ impl RedisQueue {
                 .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
                 .clone()
         };
+        let shards = Shards::new(&config.redis_prefix, config.redis_shards)?;
         let commands = build(Duration::from_secs(2)).build()?;
-        let reader = build(Duration::from_millis(BLOCK_MS + 2_000)).build()?;
+        let readers = (0..shards.count())
+            .map(|_| {
+                Ok(Reader {
+                    client: build(Duration::from_millis(BLOCK_MS + 2_000)).build()?,
+                    demand: Notify::new(),
+                })
+            })
+            .collect::<Result<Vec<_>, QueueError>>()?;
         let subscriber = build(Duration::from_secs(2)).build_subscriber_client()?;
         commands.connect();
-        reader.connect();
+        for reader in &readers {
+            reader.client.connect();
+        }
         subscriber.connect();
         // Subscriptions are renewed on every reconnect.
         subscriber.manage_subscriptions();
@@ -259,11 +299,12 @@ impl RedisQueue {
         let (done, done_rx) = mpsc::unbounded_channel();
         let prefix = &config.redis_prefix;
         Ok(Arc::new(RedisQueue {
+            sharded_pubsub: redis_config.server.is_clustered(),
             commands,
-            reader,
+            readers,
             subscriber,
             store,
-            key: format!("{prefix}pending"),
+            shards,
             channel: format!("{prefix}settled"),
             node_key: format!("{prefix}node:{node}"),
             node_prefix: format!("{prefix}node:"),
@@ -278,7 +319,6 @@ impl RedisQueue {
                 outgoing: outgoing_rx,
                 done: done_rx,
             })),
-            demand: Notify::new(),
             flush: CancellationToken::new(),
             flushers: Mutex::new(Vec::new()),
         }))
@@ -299,7 +339,12 @@ impl RedisQueue {
             .lock()
             .expect("flushers lock")
             .extend([adder, remover]);
-        tokio::spawn(self.clone().read_loop(sink.clone(), shutdown.clone()));
+        for shard in 0..self.shards.count() {
+            tokio::spawn(
+                self.clone()
+                    .read_loop(shard, sink.clone(), shutdown.clone()),
+            );
+        }
         tokio::spawn(self.clone().listen_settled(sink.clone(), shutdown.clone()));
         tokio::spawn(self.clone().watch_nodes(sink, shutdown));
     }
@@ -325,12 +370,19 @@ impl RedisQueue {
         })
     }
 
+    /// Creates the consumer group on every shard that lacks it.
     pub async fn ensure_group(&self) -> Result<(), QueueError> {
-        let created: Result<(), _> = self.fast().xgroup_create(&self.key, GROUP, "0", true).await;
-        match created {
-            Err(e) if error_code(&e) != Some("BUSYGROUP") => Err(e.into()),
-            _ => Ok(()),
+        for shard in 0..self.shards.count() {
+            let created: Result<(), _> = self
+                .fast()
+                .xgroup_create(self.shards.key(shard), GROUP, "0", true)
+                .await;
+            match created {
+                Err(e) if error_code(&e) != Some("BUSYGROUP") => return Err(e.into()),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// Newly committed packets, for any node to take.
@@ -363,7 +415,18 @@ impl RedisQueue {
 
     /// Local streams have room: read more.
     pub fn demand(&self) {
-        self.demand.notify_one();
+        for reader in &self.readers {
+            reader.demand.notify_one();
+        }
+    }
+
+    /// PUBLISH, or SPUBLISH in a Redis Cluster; how many received it.
+    async fn announce(&self, channel: &str, text: String) -> Result<i64, fred::error::Error> {
+        if self.sharded_pubsub {
+            self.fast().spublish(channel, text).await
+        } else {
+            self.fast().publish(channel, text).await
+        }
     }
 
     /// Tells the other nodes these packets' outcomes are recorded.
@@ -373,8 +436,7 @@ impl RedisQueue {
             .map(Uuid::to_string)
             .collect::<Vec<_>>()
             .join(" ");
-        let published: Result<(), _> = self.fast().publish(self.channel.as_str(), text).await;
-        if let Err(e) = published {
+        if let Err(e) = self.announce(&self.channel, text).await {
             // The holder finds the outcome in the database when the lease ends.
             tracing::debug!(error = %e, "could not announce outcomes");
         }
@@ -385,7 +447,14 @@ impl RedisQueue {
         if !self.connected() {
             return Ok(Vec::new());
         }
-        let entries = self.read_group(&self.fast(), count, None).await?;
+        let mut entries = Vec::new();
+        for shard in 0..self.shards.count() {
+            let left = count.saturating_sub(entries.len());
+            if left == 0 {
+                break;
+            }
+            entries.extend(self.read_group(&self.fast(), shard, left, None).await?);
+        }
         self.resolve(entries, false).await
     }
 
@@ -454,7 +523,10 @@ impl RedisQueue {
                 (ID, item.pending.packet.packet_id.to_string().into()),
                 (BODY, Value::Bytes(codec::encode(&item.pending).into())),
             ];
-            let _: () = pipeline.xadd(&self.key, false, None, "*", fields).await?;
+            let key = self
+                .shards
+                .key(self.shards.of(item.pending.packet.packet_id));
+            let _: () = pipeline.xadd(key, false, None, "*", fields).await?;
         }
         let _: Vec<Value> = pipeline.all().await?;
         Ok(())
@@ -486,29 +558,43 @@ impl RedisQueue {
     }
 
     async fn remove(&self, entries: &[String]) -> Result<(), QueueError> {
+        let mut by_shard: HashMap<usize, Vec<&str>> = HashMap::new();
+        for (shard, entry) in entries.iter().filter_map(|e| shards::untag(e)) {
+            by_shard.entry(shard).or_default().push(entry);
+        }
         let pipeline = self.commands.pipeline();
-        let _: () = pipeline.xack(&self.key, GROUP, entries.to_vec()).await?;
-        let _: () = pipeline.xdel(&self.key, entries.to_vec()).await?;
+        for (shard, entries) in by_shard {
+            let key = self.shards.key(shard);
+            let _: () = pipeline.xack(key, GROUP, entries.clone()).await?;
+            let _: () = pipeline.xdel(key, entries).await?;
+        }
         let _: Vec<Value> = pipeline.all().await?;
         Ok(())
     }
 
-    /// Moves entries from the stream to this node, as many as local
-    /// streams have room for.
-    async fn read_loop(self: Arc<Self>, sink: Arc<dyn QueueSink>, shutdown: CancellationToken) {
+    /// Moves entries from one shard to this node, as many as local streams
+    /// have room for. Each shard's reader takes its share of that room, so
+    /// together they overshoot it by less than one entry per shard.
+    async fn read_loop(
+        self: Arc<Self>,
+        shard: usize,
+        sink: Arc<dyn QueueSink>,
+        shutdown: CancellationToken,
+    ) {
+        let reader = &self.readers[shard];
         loop {
-            let wanted = sink.wanted();
-            if wanted == 0 || !self.reader.is_connected() {
+            let wanted = sink.wanted().div_ceil(self.shards.count());
+            if wanted == 0 || !reader.client.is_connected() {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = self.demand.notified() => {}
+                    _ = reader.demand.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 }
                 continue;
             }
             let read = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                read = self.read_group(&self.reader, wanted, Some(BLOCK_MS)) => read,
+                read = self.read_group(&reader.client, shard, wanted, Some(BLOCK_MS)) => read,
             };
             let read = match read {
                 Ok(entries) => self.resolve(entries, false).await,
@@ -530,10 +616,12 @@ impl RedisQueue {
         }
     }
 
-    /// XREADGROUPs up to `count` new entries, waiting up to `block` ms.
+    /// XREADGROUPs up to `count` new entries of `shard`, waiting up to
+    /// `block` ms. One key per call: shards are on different slots.
     async fn read_group<C: StreamsInterface + Sync>(
         &self,
         client: &C,
+        shard: usize,
         count: usize,
         block: Option<u64>,
     ) -> Result<Vec<Entry>, QueueError> {
@@ -544,7 +632,7 @@ impl RedisQueue {
                 Some(count as u64),
                 block,
                 false,
-                &self.key,
+                self.shards.key(shard),
                 ">",
             )
             .await?;
@@ -554,7 +642,11 @@ impl RedisQueue {
         }
         let response: XReadResponse<String, String, String, String> =
             response.into_xread_response()?;
-        Ok(response.into_values().flatten().collect())
+        Ok(response
+            .into_values()
+            .flatten()
+            .map(|(entry, fields)| (shards::tag(shard, &entry), fields))
+            .collect())
     }
 
     /// The packets of `entries`: from their bodies, or from the database
@@ -595,6 +687,19 @@ impl RedisQueue {
         Ok(out)
     }
 
+    /// SSUBSCRIBE in a Redis Cluster takes one channel at a time: the two
+    /// are on different slots.
+    async fn subscribe(&self, leases: &str) -> Result<(), fred::error::Error> {
+        if self.sharded_pubsub {
+            self.subscriber.ssubscribe(self.channel.as_str()).await?;
+            self.subscriber.ssubscribe(leases).await
+        } else {
+            self.subscriber
+                .subscribe(vec![self.channel.as_str(), leases])
+                .await
+        }
+    }
+
     async fn listen_settled(
         self: Arc<Self>,
         sink: Arc<dyn QueueSink>,
@@ -602,8 +707,7 @@ impl RedisQueue {
     ) {
         let mut messages = self.subscriber.message_rx();
         let leases = format!("{}{}", self.leases_prefix, self.consumer);
-        let channels = vec![self.channel.clone(), leases.clone()];
-        while let Err(e) = self.subscriber.subscribe(channels.clone()).await {
+        while let Err(e) = self.subscribe(&leases).await {
             tracing::debug!(error = %e, "subscribing to outcomes; retrying");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -657,16 +761,13 @@ impl RedisQueue {
                 if let Err(e) = alive {
                     tracing::debug!(error = %e, "could not renew the liveness key");
                 }
-                match self.claim_from_stopped_nodes().await {
-                    Ok(claimed) if !claimed.is_empty() => {
-                        tracing::info!(
-                            count = claimed.len(),
-                            "took over packets held by a stopped node"
-                        );
-                        sink.feed(claimed);
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "looking for stopped nodes failed"),
+                let claimed = self.claim_from_stopped_nodes().await;
+                if !claimed.is_empty() {
+                    tracing::info!(
+                        count = claimed.len(),
+                        "took over packets held by a stopped node"
+                    );
+                    sink.feed(claimed);
                 }
             }
             tokio::select! {
@@ -676,9 +777,24 @@ impl RedisQueue {
         }
     }
 
-    async fn claim_from_stopped_nodes(&self) -> Result<Vec<Queued>, QueueError> {
+    /// Shard by shard: one that fails (its cluster node away) does not
+    /// keep the others' entries from being claimed.
+    async fn claim_from_stopped_nodes(&self) -> Vec<Queued> {
+        let mut claimed = Vec::new();
+        for shard in 0..self.shards.count() {
+            match self.claim_in(shard).await {
+                Ok(entries) => claimed.extend(entries),
+                Err(e) => tracing::debug!(error = %e, shard, "looking for stopped nodes failed"),
+            }
+        }
+        claimed
+    }
+
+    /// The entries of `shard` held by stopped nodes, claimed.
+    async fn claim_in(&self, shard: usize) -> Result<Vec<Queued>, QueueError> {
+        let key = self.shards.key(shard);
         // XPENDING's summary: [count, min, max, [[consumer, count], ...]].
-        let summary: Value = self.fast().xpending(&self.key, GROUP, ()).await?;
+        let summary: Value = self.fast().xpending(key, GROUP, ()).await?;
         let holders: Vec<String> = match summary {
             Value::Array(parts) if parts.len() == 4 => match &parts[3] {
                 Value::Array(rows) => rows
@@ -703,20 +819,20 @@ impl RedisQueue {
             }
             let pending: Vec<(String, String, u64, u64)> = self
                 .fast()
-                .xpending(&self.key, GROUP, ("-", "+", PAGE as u64, holder.as_str()))
+                .xpending(key, GROUP, ("-", "+", PAGE as u64, holder.as_str()))
                 .await?;
             let ids: Vec<String> = pending.into_iter().map(|(id, ..)| id).collect();
             if ids.is_empty() {
                 let _: Result<i64, _> = self
                     .fast()
-                    .xgroup_delconsumer(&self.key, GROUP, holder.as_str())
+                    .xgroup_delconsumer(key, GROUP, holder.as_str())
                     .await;
                 continue;
             }
             let entries: Vec<Entry> = self
                 .fast()
                 .xclaim_values(
-                    &self.key,
+                    key,
                     GROUP,
                     &self.consumer,
                     0,
@@ -728,18 +844,34 @@ impl RedisQueue {
                     false,
                 )
                 .await?;
+            let entries = entries
+                .into_iter()
+                .map(|(entry, fields)| (shards::tag(shard, &entry), fields))
+                .collect();
             claimed.extend(self.resolve(entries, true).await?);
         }
         Ok(claimed)
     }
 
-    /// The packet ids in the stream, all or those of entries added since
-    /// `since` (for the reconciler).
+    /// The packet ids in the stream (every shard), all or those of entries
+    /// added since `since` (for the reconciler).
     pub async fn stream_ids(
         &self,
         since: Option<DateTime<Utc>>,
     ) -> Result<std::collections::HashSet<Uuid>, QueueError> {
         let mut ids = std::collections::HashSet::new();
+        for shard in 0..self.shards.count() {
+            self.shard_ids(shard, since, &mut ids).await?;
+        }
+        Ok(ids)
+    }
+
+    async fn shard_ids(
+        &self,
+        shard: usize,
+        since: Option<DateTime<Utc>>,
+        ids: &mut std::collections::HashSet<Uuid>,
+    ) -> Result<(), QueueError> {
         // Entry ids begin with the time (ms) they were added.
         let mut start = since.map_or("-".to_owned(), |t| {
             format!("{}-0", t.timestamp_millis().max(0))
@@ -747,7 +879,12 @@ impl RedisQueue {
         loop {
             let page: Vec<Entry> = self
                 .fast()
-                .xrange(&self.key, start.as_str(), "+", Some(PAGE as u64))
+                .xrange(
+                    self.shards.key(shard),
+                    start.as_str(),
+                    "+",
+                    Some(PAGE as u64),
+                )
                 .await?;
             let last = page.last().map(|(id, _)| id.clone());
             ids.extend(
@@ -756,7 +893,7 @@ impl RedisQueue {
             );
             match last {
                 Some(last) if page.len() == PAGE => start = format!("({last}"),
-                _ => return Ok(ids),
+                _ => return Ok(()),
             }
         }
     }
@@ -788,8 +925,7 @@ impl RedisQueue {
         self.asks.lock().expect("asks lock").insert(id, tx);
         let text = serde_json::to_string(&ask).expect("a lease message encodes");
         let channel = format!("{}{holder}", self.leases_prefix);
-        let published: Result<i64, _> = self.fast().publish(channel.as_str(), text).await;
-        let answer = match published {
+        let answer = match self.announce(&channel, text).await {
             // Nobody listens: that node stopped, and its leases with it.
             Ok(0) => Ok(None),
             Ok(_) => tokio::time::timeout(ASK_TIMEOUT.saturating_sub(started.elapsed()), rx)
@@ -846,8 +982,7 @@ impl RedisQueue {
                 let channel = format!("{}{from}", self.leases_prefix);
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let sent: Result<(), _> = me.fast().publish(channel.as_str(), text).await;
-                    if let Err(e) = sent {
+                    if let Err(e) = me.announce(&channel, text).await {
                         tracing::debug!(error = %e, "could not answer a lease ask");
                     }
                 });
@@ -861,8 +996,9 @@ impl RedisQueue {
         for chunk in ids.chunks(PAGE) {
             let pipeline = self.commands.pipeline();
             for id in chunk {
+                let key = self.shards.key(self.shards.of(*id));
                 let _: () = pipeline
-                    .xadd(&self.key, false, None, "*", (ID, id.to_string()))
+                    .xadd(key, false, None, "*", (ID, id.to_string()))
                     .await?;
             }
             let _: Vec<Value> = pipeline.all().await?;
@@ -870,17 +1006,21 @@ impl RedisQueue {
         Ok(())
     }
 
-    /// Entries in the stream, and how many of them nodes hold.
+    /// Entries in the stream (every shard), and how many of them nodes hold.
     pub async fn depth(&self) -> Result<(u64, u64), QueueError> {
         if !self.connected() {
             return Ok((0, 0));
         }
-        let len: u64 = self.fast().xlen(&self.key).await?;
-        let summary: Value = self.fast().xpending(&self.key, GROUP, ()).await?;
-        let held = match summary {
-            Value::Array(parts) => parts.first().and_then(|v| v.as_u64()).unwrap_or(0),
-            _ => 0,
-        };
+        let (mut len, mut held) = (0, 0);
+        for shard in 0..self.shards.count() {
+            let key = self.shards.key(shard);
+            len += self.fast().xlen::<u64, _>(key).await?;
+            let summary: Value = self.fast().xpending(key, GROUP, ()).await?;
+            held += match summary {
+                Value::Array(parts) => parts.first().and_then(|v| v.as_u64()).unwrap_or(0),
+                _ => 0,
+            };
+        }
         Ok((len, held))
     }
 }
@@ -905,5 +1045,52 @@ mod error_code_tests {
         // Not an error reply: a message that merely mentions a code.
         let io = Error::new(ErrorKind::IO, "connection reset while reading NOGROUP");
         assert_eq!(error_code(&io), None);
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    fn settings() -> RedisConfig {
+        crate::config::Config::defaults().redis
+    }
+
+    #[test]
+    fn a_seed_becomes_a_cluster_with_its_password_as_typed() {
+        let mut config = settings();
+        config.redis_host = Some("10.0.0.7".into());
+        config.redis_port = 7000;
+        config.redis_password = Some("p@ss:w/rd?#%".into());
+        config.redis_cluster = true;
+        let target = RedisTarget::from_config(&config).unwrap().unwrap();
+        assert_eq!(
+            target.config.server,
+            ServerConfig::new_clustered(vec![("10.0.0.7", 7000)])
+        );
+        assert_eq!(target.config.password.as_deref(), Some("p@ss:w/rd?#%"));
+        assert!(!target.display.contains("p@ss"));
+    }
+
+    #[test]
+    fn a_cluster_url_names_its_nodes() {
+        let mut config = settings();
+        config.redis_url = Some("redis-cluster://:secret@a:7000?node=b:7001".into());
+        let target = RedisTarget::from_config(&config).unwrap().unwrap();
+        assert!(target.config.server.is_clustered());
+        let mut hosts: Vec<String> = target
+            .config
+            .server
+            .hosts()
+            .iter()
+            .map(|h| format!("{}:{}", h.host, h.port))
+            .collect();
+        hosts.sort();
+        assert_eq!(hosts, ["a:7000", "b:7001"]);
+        assert_eq!(target.config.password.as_deref(), Some("secret"));
+        // Without the flag, a plain URL stays one server.
+        config.redis_url = Some("redis://a:7000".into());
+        let target = RedisTarget::from_config(&config).unwrap().unwrap();
+        assert!(!target.config.server.is_clustered());
     }
 }

@@ -17,6 +17,7 @@ mod openapi;
 mod operator;
 mod ops;
 mod queries;
+mod redis_cluster;
 mod redis_queue;
 mod retention;
 mod security;

@@ -12,12 +12,12 @@ use crate::helpers::{
 };
 
 /// A redis-server of the test's own, on a free port, that it can kill.
-struct OwnRedis {
+pub(crate) struct OwnRedis {
     child: Option<Child>,
 }
 
 impl OwnRedis {
-    fn free_port() -> u16 {
+    pub(crate) fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -33,7 +33,7 @@ impl OwnRedis {
         Self::start_with(port, &[]).await
     }
 
-    async fn start_with(port: u16, extra: &[&str]) -> OwnRedis {
+    pub(crate) async fn start_with(port: u16, extra: &[&str]) -> OwnRedis {
         let child = Command::new("redis-server")
             .args(extra)
             .args([
@@ -75,7 +75,7 @@ impl Drop for OwnRedis {
     }
 }
 
-async fn wait_for_redis(
+pub(crate) async fn wait_for_redis(
     client: &mut pb::bucket_service_client::BucketServiceClient<tonic::transport::Channel>,
     connected: bool,
 ) {
@@ -90,7 +90,7 @@ async fn wait_for_redis(
 }
 
 /// Receives and marks (through `marker`) until nothing comes for `quiet`.
-async fn consume(
+pub(crate) async fn consume(
     app: &TestApp,
     marker: &TestApp,
     name: &str,
