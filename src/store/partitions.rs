@@ -6,10 +6,12 @@
 //! A partition is `packets_pYYYYMMDD`, holding `received_at` in that UTC
 //! day. `packets_default` takes rows of a day without one (only a clock far
 //! off puts them there): retention deletes their finished rows in batches,
-//! and creating their day moves them into it. Every change of partitions runs under one advisory lock (several
-//! bucket nodes may run it at once) and a short lock timeout: while it
-//! waits for the table lock, inserts queue behind it, so it would rather
-//! give up and try again on the next pass.
+//! and creating their day moves them into it.
+//!
+//! Every change of partitions runs under one advisory lock (several bucket
+//! nodes may run it at once) and a short lock timeout: while it waits for
+//! the table lock, inserts queue behind it, so it would rather give up and
+//! try again on the next pass.
 use chrono::{DateTime, Days, NaiveDate, Utc};
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use sqlx::{Row, Transaction};
