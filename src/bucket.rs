@@ -3,7 +3,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
 use crate::config::{Config, DeliveryConfig};
 use crate::delivery::{
@@ -15,7 +14,7 @@ use crate::domain::mark::{MarkRequest, ValidMark};
 use crate::domain::page_token::PageToken;
 use crate::domain::subscribe::Subscribe;
 use crate::domain::user_page::{PageBounds, user_id_violation};
-use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft};
+use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, PacketId};
 use crate::error::Error;
 use crate::store::{
     Counts, Inserted, Mark, MarkOutcome, Requeue, RequeueReason, Store, StoredPacket, UserQuery,
@@ -43,7 +42,7 @@ pub struct RequeueRequest {
 /// What MarkProcessed did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Marked {
-    pub packet_id: Uuid,
+    pub packet_id: PacketId,
     pub success: bool,
     pub already_processed: bool,
 }
@@ -223,7 +222,7 @@ impl Bucket {
         }
         // The delivery being marked is written with the outcome, so the
         // stored attempts count it.
-        let ids: Vec<Uuid> = valid.iter().map(|m| m.packet_id).collect();
+        let ids: Vec<PacketId> = valid.iter().map(|m| m.packet_id).collect();
         for (mark, attempt) in valid.iter_mut().zip(self.dispatcher.attempts(&ids)) {
             mark.attempt = attempt;
         }
@@ -278,7 +277,7 @@ impl Bucket {
         &self,
         tokens: &[String],
         lease_seconds: u32,
-    ) -> Result<Vec<Result<(Uuid, LeaseChange), Error>>, Error> {
+    ) -> Result<Vec<Result<(PacketId, LeaseChange), Error>>, Error> {
         let mut violations: Vec<FieldViolation> = Batch::LeaseTokens
             .check(self.max_batch, tokens.len())
             .err()
@@ -383,7 +382,7 @@ impl Bucket {
             received_before: request.received_before,
         };
         let rows = self.store.requeue(&requeue, Utc::now()).await?;
-        let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<PacketId> = rows.iter().map(|(id, _)| *id).collect();
         let first = rows.iter().map(|(_, seq)| *seq).min().unwrap_or(0);
         self.dispatcher.requeued(&ids, first - 1).await;
         let reason = match reason {

@@ -12,9 +12,9 @@
 use bucket::domain::mark::{MAX_ERROR_MESSAGE_BYTES, MAX_KARMA_ACTIONS_BYTES, MarkRequest};
 use bucket::domain::packet::{
     MAX_CLOCK_SKEW, MAX_RAW_SIGNALS_BYTES, MAX_RAW_SIGNALS_DEPTH, MAX_STRING_BYTES, WINDOW_SECONDS,
-    WINDOW_TOLERANCE, parse_uuid,
+    WINDOW_TOLERANCE,
 };
-use bucket::domain::{FieldViolation, Packet, json};
+use bucket::domain::{FieldViolation, Packet, PacketId, json};
 use bucket::proto::bucket::v1 as pb;
 use bucket::proto::{from_timestamp, json_to_struct, struct_to_json, timestamp};
 use chrono::{DateTime, Utc};
@@ -172,7 +172,7 @@ fn json_item(value: &Value, now: DateTime<Utc>) {
 /// The mark-processed body: the gateway's reading of it is private, so the
 /// fields of the right JSON types are given to `MarkRequest::validate`
 /// (src/domain/mark.rs) here, beside checks of the public pieces it is
-/// built from: `parse_uuid` for `packet_id`, and `json::encoded_len` for
+/// built from: `PacketId::parse` for `packet_id`, and `json::encoded_len` for
 /// the `karma_actions` size limit.
 fn mark_body(value: &Value) {
     assert_eq!(
@@ -213,7 +213,7 @@ fn mark_body(value: &Value) {
     let sent = request.clone();
     match request.validate() {
         Ok(mark) => {
-            assert_eq!(Ok(mark.packet_id), parse_uuid(&sent.packet_id));
+            assert_eq!(Ok(mark.packet_id), PacketId::parse(&sent.packet_id));
             assert_eq!(mark.success, sent.success);
             assert!(json::encoded_len(&mark.karma_actions) <= MAX_KARMA_ACTIONS_BYTES);
             assert!(!mark.karma_actions.iter().any(json::contains_nul));
@@ -240,11 +240,15 @@ fn mark_body(value: &Value) {
     }
 }
 
-/// `parse_uuid` accepts a UUID that reads back the same from its hyphenated
+/// `PacketId::parse` accepts a UUID that reads back the same from its hyphenated
 /// form (how it is stored), or says why not, briefly.
 fn packet_id_text(raw: &str) {
-    match parse_uuid(raw) {
-        Ok(id) => assert_eq!(parse_uuid(&id.to_string()), Ok(id), "UUID text round trip"),
+    match PacketId::parse(raw) {
+        Ok(id) => assert_eq!(
+            PacketId::parse(&id.to_string()),
+            Ok(id),
+            "UUID text round trip"
+        ),
         Err(why) => description("packet_id", &why),
     }
 }
@@ -357,7 +361,7 @@ fn accepted(p: &Packet, sent: &Sent, now: DateTime<Utc>) {
         sent.cognitive_state.as_ref().or(sent.state.as_ref())
     );
     if let Some(id) = &sent.packet_id {
-        assert_eq!(Ok(p.packet_id), parse_uuid(id), "packet_id changed");
+        assert_eq!(Ok(p.packet_id), PacketId::parse(id), "packet_id changed");
     }
 
     // Timestamp: at most 24 h ahead, and one that the gRPC door can send

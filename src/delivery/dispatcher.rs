@@ -15,12 +15,11 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use uuid::Uuid;
 
 use super::leases::{Holder, Lease, LeaseToken, Leases};
 use super::subscription::Subscription;
 use super::{ConsumerInfo, Delivery, Held, LeaseChange, SubscribeOptions, backlog, expiry};
-use crate::domain::DeliveryStatus;
+use crate::domain::{DeliveryStatus, PacketId};
 use crate::error::Error;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::RedisQueue;
@@ -34,9 +33,9 @@ pub trait QueueSink: Send + Sync + 'static {
     /// How many more packets local streams have room for.
     fn wanted(&self) -> usize;
     /// Another node recorded these packets' outcomes.
-    fn settle_remote(&self, ids: &[Uuid]);
+    fn settle_remote(&self, ids: &[PacketId]);
     /// Every packet this node holds (for the reconciler).
-    fn held_ids(&self) -> HashSet<Uuid>;
+    fn held_ids(&self) -> HashSet<PacketId>;
     /// ExtendLease, for leases this node granted (asked by another node).
     fn change_leases(
         &self,
@@ -72,7 +71,7 @@ struct Core {
     turn: usize,
     next_stream: u64,
     /// Leases ended unmarked, until the database has counted them.
-    ending: HashMap<Uuid, Ending>,
+    ending: HashMap<PacketId, Ending>,
     /// Ends the database could not record yet (retried by the expiry task).
     stuck: Vec<LeaseEnd>,
     closed: bool,
@@ -83,7 +82,7 @@ struct Stream {
     tx: mpsc::Sender<Sent>,
     max_in_flight: u32,
     lease: Duration,
-    held: HashSet<Uuid>,
+    held: HashSet<PacketId>,
     connected_at: DateTime<Utc>,
 }
 
@@ -103,7 +102,7 @@ struct Pumped {
 }
 
 impl Core {
-    fn holds(&self, id: &Uuid) -> bool {
+    fn holds(&self, id: &PacketId) -> bool {
         self.queue.contains(id) || self.leases.contains(id) || self.ending.contains_key(id)
     }
 
@@ -208,7 +207,7 @@ impl Core {
     /// The database counted `ends`; `released` lists those still open.
     /// Returns the packets to queue again and the Redis entries to remove.
     fn finish_ending(&mut self, ends: &[LeaseEnd], released: &[Released]) -> Finished {
-        let status: HashMap<Uuid, DeliveryStatus> =
+        let status: HashMap<PacketId, DeliveryStatus> =
             released.iter().map(|r| (r.packet_id, r.status)).collect();
         let mut out = Finished::default();
         for end in ends {
@@ -253,7 +252,7 @@ impl Core {
         again
     }
 
-    fn settle(&mut self, id: &Uuid, done: &mut Vec<String>) -> bool {
+    fn settle(&mut self, id: &PacketId, done: &mut Vec<String>) -> bool {
         if let Some(lease) = self.leases.end(id) {
             if let Holder::Stream(sid) = lease.holder
                 && let Some(stream) = self.streams.get_mut(&sid)
@@ -312,7 +311,7 @@ impl Core {
     }
 }
 
-fn token(node: &str, grant: u64, packet_id: Uuid) -> LeaseToken {
+fn token(node: &str, grant: u64, packet_id: PacketId) -> LeaseToken {
     LeaseToken {
         node: node.to_owned(),
         grant,
@@ -320,7 +319,7 @@ fn token(node: &str, grant: u64, packet_id: Uuid) -> LeaseToken {
     }
 }
 
-fn not_held(packet_id: Uuid) -> Error {
+fn not_held(packet_id: PacketId) -> Error {
     Error::FailedPrecondition(format!(
         "the lease on packet {packet_id} is not held under this token: it ended \
          (expired, marked, handed back, or its node stopped), or the packet was \
@@ -564,7 +563,7 @@ impl Dispatcher {
     }
 
     /// The delivery each packet is on, where this node leased it (0 elsewhere).
-    pub fn attempts(&self, ids: &[Uuid]) -> Vec<u32> {
+    pub fn attempts(&self, ids: &[PacketId]) -> Vec<u32> {
         let core = self.lock();
         ids.iter()
             .map(|id| core.leases.attempt(id).unwrap_or(0))
@@ -573,7 +572,7 @@ impl Dispatcher {
 
     /// These packets' outcomes are recorded: their leases end and they are
     /// not handed out again. Other nodes hear of those not held here.
-    pub async fn settled(self: &Arc<Self>, ids: &[Uuid]) {
+    pub async fn settled(self: &Arc<Self>, ids: &[PacketId]) {
         let mut done = Vec::new();
         let mut elsewhere = Vec::new();
         {
@@ -658,7 +657,7 @@ impl Dispatcher {
     /// `after_seq` in arrival order: one node reads them back from the
     /// database; several add their ids to the Redis stream (if that fails,
     /// the reconciler adds them within BUCKET_RECONCILE_SECONDS).
-    pub async fn requeued(self: &Arc<Self>, ids: &[Uuid], after_seq: i64) {
+    pub async fn requeued(self: &Arc<Self>, ids: &[PacketId], after_seq: i64) {
         if ids.is_empty() {
             return;
         }
@@ -811,7 +810,7 @@ impl Dispatcher {
 
     pub(super) fn lock_queue<T>(
         &self,
-        f: impl FnOnce(&mut MemoryQueue, &dyn Fn(&Uuid) -> bool) -> T,
+        f: impl FnOnce(&mut MemoryQueue, &dyn Fn(&PacketId) -> bool) -> T,
     ) -> T {
         let mut core = self.lock();
         let core = &mut *core;
@@ -868,7 +867,7 @@ impl QueueSink for Arc<Dispatcher> {
         self.lock().wanted()
     }
 
-    fn settle_remote(&self, ids: &[Uuid]) {
+    fn settle_remote(&self, ids: &[PacketId]) {
         let mut done = Vec::new();
         let mut core = self.lock();
         for id in ids {
@@ -880,7 +879,7 @@ impl QueueSink for Arc<Dispatcher> {
         }
     }
 
-    fn held_ids(&self) -> HashSet<Uuid> {
+    fn held_ids(&self) -> HashSet<PacketId> {
         let core = self.lock();
         core.leases
             .ids()

@@ -3,8 +3,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use tokio::time::Instant;
-use uuid::Uuid;
 
+use crate::domain::PacketId;
 use crate::queue::Queued;
 
 /// Who holds a lease.
@@ -28,9 +28,9 @@ pub struct Lease {
 
 #[derive(Default)]
 pub struct Leases {
-    by_id: HashMap<Uuid, Lease>,
+    by_id: HashMap<PacketId, Lease>,
     /// Expiry order; one entry per lease, removed with it.
-    by_expiry: BTreeMap<(Instant, u64), Uuid>,
+    by_expiry: BTreeMap<(Instant, u64), PacketId>,
     granted: u64,
 }
 
@@ -39,11 +39,11 @@ impl Leases {
         self.by_id.len()
     }
 
-    pub fn contains(&self, id: &Uuid) -> bool {
+    pub fn contains(&self, id: &PacketId) -> bool {
         self.by_id.contains_key(id)
     }
 
-    pub fn attempt(&self, id: &Uuid) -> Option<u32> {
+    pub fn attempt(&self, id: &PacketId) -> Option<u32> {
         self.by_id.get(id).map(|l| l.attempt)
     }
 
@@ -54,13 +54,13 @@ impl Leases {
     }
 
     /// Whether the lease on `id` is the one granted as number `grant`.
-    pub fn holds(&self, id: &Uuid, grant: u64) -> bool {
+    pub fn holds(&self, id: &PacketId, grant: u64) -> bool {
         self.by_id.get(id).is_some_and(|l| l.key.1 == grant)
     }
 
     /// Moves the lease on `id` to end at `expires`. True when it now
     /// expires before every other (the expiry timer must wake earlier).
-    pub fn extend(&mut self, id: &Uuid, expires: Instant) -> bool {
+    pub fn extend(&mut self, id: &PacketId, expires: Instant) -> bool {
         let Some(lease) = self.by_id.get_mut(id) else {
             return false;
         };
@@ -107,7 +107,7 @@ impl Leases {
     }
 
     /// Ends the lease on `id`, if any.
-    pub fn end(&mut self, id: &Uuid) -> Option<Lease> {
+    pub fn end(&mut self, id: &PacketId) -> Option<Lease> {
         let lease = self.by_id.remove(id)?;
         self.by_expiry.remove(&lease.key);
         Some(lease)
@@ -139,7 +139,7 @@ impl Leases {
     }
 
     /// Every leased packet's id.
-    pub fn ids(&self) -> impl Iterator<Item = &Uuid> {
+    pub fn ids(&self) -> impl Iterator<Item = &PacketId> {
         self.by_id.keys()
     }
 }
@@ -153,7 +153,7 @@ impl Leases {
 pub struct LeaseToken {
     pub node: String,
     pub grant: u64,
-    pub packet_id: Uuid,
+    pub packet_id: PacketId,
 }
 
 /// Longest node name a token may carry.
@@ -177,7 +177,7 @@ impl LeaseToken {
         Some(LeaseToken {
             node: node.to_owned(),
             grant: u64::from_str_radix(grant, 16).ok()?,
-            packet_id: Uuid::try_parse(packet).ok()?,
+            packet_id: PacketId::parse(packet).ok()?,
         })
     }
 }
@@ -189,7 +189,7 @@ impl fmt::Display for LeaseToken {
             "{}.{:x}.{}",
             self.node,
             self.grant,
-            self.packet_id.simple()
+            self.packet_id.as_uuid().simple()
         )
     }
 }
@@ -237,7 +237,7 @@ mod tests {
         assert_eq!(leases.next_expiry(), Some(now + Duration::from_secs(1)));
         assert_eq!(leases.end(&idc).unwrap().attempt, 2);
         assert!(leases.expired(now + Duration::from_millis(1500)).is_empty());
-        let expired: Vec<Uuid> = leases
+        let expired: Vec<PacketId> = leases
             .expired(now + Duration::from_secs(5))
             .iter()
             .map(|l| l.queued.id())
@@ -264,7 +264,7 @@ mod tests {
         assert!(!leases.extend(&ida, now + Duration::from_secs(5)));
         assert!(leases.holds(&ida, grant_a));
         assert_eq!(leases.next_expiry(), Some(now + Duration::from_secs(2)));
-        let expired: Vec<Uuid> = leases
+        let expired: Vec<PacketId> = leases
             .expired(now + Duration::from_secs(3))
             .iter()
             .map(|l| l.queued.id())
@@ -281,7 +281,7 @@ mod tests {
         let token = LeaseToken {
             node: "1a2b3c4d".into(),
             grant: 0x2f,
-            packet_id: Uuid::new_v4(),
+            packet_id: PacketId::new(),
         };
         let text = token.to_string();
         assert!(text.len() <= 128, "{text}");
@@ -292,11 +292,11 @@ mod tests {
             "a.b.c",
             "1a2b3c4d.2f",
             &format!("{text}.x"),
-            &format!(".2f.{}", token.packet_id.simple()),
-            &format!("1a2b3c4d.zz.{}", token.packet_id.simple()),
+            &format!(".2f.{}", token.packet_id.as_uuid().simple()),
+            &format!("1a2b3c4d.zz.{}", token.packet_id.as_uuid().simple()),
             &format!("1a2b3c4d.2f.{}", token.packet_id),
-            &format!("no de.2f.{}", token.packet_id.simple()),
-            &format!("n.11112222333344445.{}", token.packet_id.simple()),
+            &format!("no de.2f.{}", token.packet_id.as_uuid().simple()),
+            &format!("n.11112222333344445.{}", token.packet_id.as_uuid().simple()),
         ] {
             assert_eq!(LeaseToken::parse(bad), None, "{bad:?}");
         }

@@ -19,9 +19,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::dispatcher::{Dispatcher, QueueSink};
+use crate::domain::PacketId;
 use crate::error::Error;
 
 /// Pending ids read per query.
@@ -77,8 +77,8 @@ pub async fn reconcile_since(
 async fn add_missing(
     dispatcher: &Arc<Dispatcher>,
     mut after: i64,
-    in_stream: &HashSet<Uuid>,
-    held: &HashSet<Uuid>,
+    in_stream: &HashSet<PacketId>,
+    held: &HashSet<PacketId>,
 ) -> Result<usize, Error> {
     let redis = dispatcher.redis().expect("reconciling a Redis queue");
     let mut added = 0;
@@ -88,7 +88,7 @@ async fn add_missing(
             break;
         };
         after = last;
-        let missing: Vec<Uuid> = page
+        let missing: Vec<PacketId> = page
             .iter()
             .map(|(id, _)| *id)
             .filter(|id| !in_stream.contains(id) && !held.contains(id))

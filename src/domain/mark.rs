@@ -1,10 +1,8 @@
 //! An outcome a consumer reports for a delivered packet (MarkProcessed, at
 //! any door), and what makes one acceptable.
+use super::packet::MAX_RAW_SIGNALS_BYTES;
+use super::{FieldViolation, PacketId, json};
 use serde_json::Value;
-use uuid::Uuid;
-
-use super::packet::{MAX_RAW_SIGNALS_BYTES, parse_uuid};
-use super::{FieldViolation, json};
 
 /// Longest accepted `error_message`, in bytes.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
@@ -24,7 +22,7 @@ pub struct MarkRequest {
 /// An outcome that satisfies every rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidMark {
-    pub packet_id: Uuid,
+    pub packet_id: PacketId,
     pub success: bool,
     pub karma_actions: Vec<Value>,
     /// Absent when empty.
@@ -35,7 +33,7 @@ impl MarkRequest {
     /// Checks every field, naming every violated one.
     pub fn validate(self) -> Result<ValidMark, Vec<FieldViolation>> {
         let mut violations = Vec::new();
-        let id = parse_uuid(&self.packet_id)
+        let id = PacketId::parse(&self.packet_id)
             .map_err(|why| violations.push(FieldViolation::new("packet_id", why)))
             .ok();
         if self.karma_actions.iter().any(json::contains_nul) {
@@ -89,7 +87,7 @@ mod tests {
 
     #[test]
     fn every_violation_is_named_and_an_empty_error_is_absent() {
-        let id = Uuid::now_v7();
+        let id = PacketId::new();
         let ok = MarkRequest {
             packet_id: id.to_string(),
             success: false,

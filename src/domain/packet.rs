@@ -7,6 +7,7 @@ use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::PacketId;
 use super::json;
 use super::labels::{Label, LegacyState, SenderRole, SystemType, UnknownLabel};
 
@@ -81,7 +82,7 @@ pub struct PacketDraft {
 /// A packet that satisfies every rule; the only kind the store accepts.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Packet {
-    pub packet_id: Uuid,
+    pub packet_id: PacketId,
     /// `user_id`, else `employee_id`, else `"unknown"`.
     pub user_id: String,
     pub employee_id: Option<String>,
@@ -112,12 +113,12 @@ impl Packet {
         }
 
         let packet_id = match draft.packet_id.as_deref() {
-            None => Uuid::now_v7(),
-            Some(raw) => match parse_uuid(raw) {
+            None => PacketId::new(),
+            Some(raw) => match PacketId::parse(raw) {
                 Ok(id) => id,
                 Err(why) => {
                     v.add("packet_id", why);
-                    Uuid::nil()
+                    PacketId::from(Uuid::nil())
                 }
             },
         };
@@ -276,11 +277,6 @@ pub(super) fn quoted(value: &str) -> String {
         None => format!("{value:?}"),
         Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
     }
-}
-
-/// Parses a packet id, accepting only the usual UUID text forms.
-pub fn parse_uuid(raw: &str) -> Result<Uuid, String> {
-    Uuid::try_parse(raw).map_err(|_| format!("{} is not a UUID", quoted(raw)))
 }
 
 fn parse_timestamp(input: TimestampInput) -> Result<DateTime<Utc>, String> {
@@ -566,14 +562,17 @@ mod tests {
     #[test]
     fn client_packet_id_is_kept() {
         let mut d = seed();
-        let id = Uuid::new_v4();
+        let id = PacketId::from(Uuid::new_v4());
         d.packet_id = Some(id.to_string());
         assert_eq!(Packet::parse(d, now()).unwrap().packet_id, id);
     }
 
     #[test]
     fn descriptions_quote_a_bounded_prefix() {
-        assert_eq!(parse_uuid("nope").unwrap_err(), r#""nope" is not a UUID"#);
+        assert_eq!(
+            PacketId::parse("nope").unwrap_err(),
+            r#""nope" is not a UUID"#
+        );
         let mut d = seed();
         d.packet_id = Some("x".repeat(100_000));
         d.state = Some("\u{1}".repeat(100_000));

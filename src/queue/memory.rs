@@ -6,16 +6,15 @@
 //! disk, not memory.
 use std::collections::{HashMap, VecDeque};
 
-use uuid::Uuid;
-
 use super::Queued;
+use crate::domain::PacketId;
 use crate::store::PendingPacket;
 
 pub struct MemoryQueue {
     /// Hand-out order. Ids no longer waiting (settled meanwhile) are
     /// skipped when they reach the front.
-    order: VecDeque<Uuid>,
-    waiting: HashMap<Uuid, Queued>,
+    order: VecDeque<PacketId>,
+    waiting: HashMap<PacketId, Queued>,
     window: usize,
     /// Some(seq): pending packets after `seq` may be in the database only.
     spilled: Option<i64>,
@@ -57,7 +56,7 @@ impl MemoryQueue {
         }
     }
 
-    pub fn ids(&self) -> impl Iterator<Item = Uuid> + '_ {
+    pub fn ids(&self) -> impl Iterator<Item = PacketId> + '_ {
         self.waiting.keys().copied()
     }
 
@@ -69,7 +68,7 @@ impl MemoryQueue {
         self.waiting.is_empty()
     }
 
-    pub fn contains(&self, id: &Uuid) -> bool {
+    pub fn contains(&self, id: &PacketId) -> bool {
         self.waiting.contains_key(id)
     }
 
@@ -114,7 +113,7 @@ impl MemoryQueue {
         None
     }
 
-    pub fn remove(&mut self, id: &Uuid) -> Option<Queued> {
+    pub fn remove(&mut self, id: &PacketId) -> Option<Queued> {
         let queued = self.waiting.remove(id)?;
         // Settled packets leave stale ids behind; keep them from piling up.
         if self.order.len() > 2 * self.waiting.len() + 1024 {
@@ -158,7 +157,7 @@ impl MemoryQueue {
         &mut self,
         read: Refill,
         rows: Vec<PendingPacket>,
-        held_elsewhere: impl Fn(&Uuid) -> bool,
+        held_elsewhere: impl Fn(&PacketId) -> bool,
     ) {
         let exhausted = rows.len() < read.limit;
         let mut last = read.after_seq;

@@ -31,7 +31,7 @@ impl Queued {
         }
     }
 
-    pub fn id(&self) -> uuid::Uuid {
+    pub fn id(&self) -> crate::domain::PacketId {
         self.pending.packet.packet_id
     }
 }

@@ -44,12 +44,12 @@ use fred::types::{Expiration, Key};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::shards::{self, Shards};
 use super::{QueueError, Queued, codec};
 use crate::config::RedisConfig;
 use crate::delivery::{LeaseChange, LeaseToken, QueueSink};
+use crate::domain::PacketId;
 use crate::error::Error;
 use crate::store::{PendingPacket, Store};
 
@@ -430,10 +430,10 @@ impl RedisQueue {
     }
 
     /// Tells the other nodes these packets' outcomes are recorded.
-    pub async fn publish_settled(&self, ids: &[Uuid]) {
+    pub async fn publish_settled(&self, ids: &[PacketId]) {
         let text = ids
             .iter()
-            .map(Uuid::to_string)
+            .map(PacketId::to_string)
             .collect::<Vec<_>>()
             .join(" ");
         if let Err(e) = self.announce(&self.channel, text).await {
@@ -655,10 +655,10 @@ impl RedisQueue {
     /// packets no longer pending are removed.
     async fn resolve(&self, entries: Vec<Entry>, verify: bool) -> Result<Vec<Queued>, QueueError> {
         let mut out = Vec::with_capacity(entries.len());
-        let mut lookup: HashMap<Uuid, String> = HashMap::new();
+        let mut lookup: HashMap<PacketId, String> = HashMap::new();
         let mut stale = Vec::new();
         for (entry, fields) in entries {
-            let Some(id) = fields.get(ID).and_then(|v| Uuid::try_parse(v).ok()) else {
+            let Some(id) = fields.get(ID).and_then(|v| PacketId::parse(v).ok()) else {
                 stale.push(entry);
                 continue;
             };
@@ -675,7 +675,7 @@ impl RedisQueue {
             }
         }
         if !lookup.is_empty() {
-            let ids: Vec<Uuid> = lookup.keys().copied().collect();
+            let ids: Vec<PacketId> = lookup.keys().copied().collect();
             let found = self.store.pending_among(&ids).await?;
             for pending in found {
                 let entry = lookup.remove(&pending.packet.packet_id);
@@ -730,10 +730,10 @@ impl RedisQueue {
                 }
                 Ok(message) => {
                     let text: Option<String> = message.value.convert().ok();
-                    let ids: Vec<Uuid> = text
+                    let ids: Vec<PacketId> = text
                         .iter()
                         .flat_map(|t| t.split(' '))
-                        .filter_map(|id| Uuid::try_parse(id).ok())
+                        .filter_map(|id| PacketId::parse(id).ok())
                         .collect();
                     sink.settle_remote(&ids);
                 }
@@ -858,7 +858,7 @@ impl RedisQueue {
     pub async fn stream_ids(
         &self,
         since: Option<DateTime<Utc>>,
-    ) -> Result<std::collections::HashSet<Uuid>, QueueError> {
+    ) -> Result<std::collections::HashSet<PacketId>, QueueError> {
         let mut ids = std::collections::HashSet::new();
         for shard in 0..self.shards.count() {
             self.shard_ids(shard, since, &mut ids).await?;
@@ -870,7 +870,7 @@ impl RedisQueue {
         &self,
         shard: usize,
         since: Option<DateTime<Utc>>,
-        ids: &mut std::collections::HashSet<Uuid>,
+        ids: &mut std::collections::HashSet<PacketId>,
     ) -> Result<(), QueueError> {
         // Entry ids begin with the time (ms) they were added.
         let mut start = since.map_or("-".to_owned(), |t| {
@@ -889,7 +889,7 @@ impl RedisQueue {
             let last = page.last().map(|(id, _)| id.clone());
             ids.extend(
                 page.iter()
-                    .filter_map(|(_, f)| f.get(ID).and_then(|v| Uuid::try_parse(v).ok())),
+                    .filter_map(|(_, f)| f.get(ID).and_then(|v| PacketId::parse(v).ok())),
             );
             match last {
                 Some(last) if page.len() == PAGE => start = format!("({last}"),
@@ -992,7 +992,7 @@ impl RedisQueue {
 
     /// Adds ids alone (the reconciler): the reader reads their packets from
     /// the database.
-    pub async fn add_ids(&self, ids: &[Uuid]) -> Result<(), QueueError> {
+    pub async fn add_ids(&self, ids: &[PacketId]) -> Result<(), QueueError> {
         for chunk in ids.chunks(PAGE) {
             let pipeline = self.commands.pipeline();
             for id in chunk {

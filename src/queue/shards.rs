@@ -7,9 +7,8 @@
 //! shard's slot is chosen by its number alone and the shards land on slots
 //! (hence nodes) of their own. Every command names one shard's key, so no
 //! command ever spans two slots.
-use uuid::Uuid;
-
 use super::QueueError;
+use crate::domain::PacketId;
 
 pub struct Shards {
     keys: Vec<String>,
@@ -44,8 +43,8 @@ impl Shards {
     /// entry says where it is), so this only has to spread ids evenly:
     /// both halves are folded in, as client-chosen ids need not be random
     /// in the low bits.
-    pub fn of(&self, id: Uuid) -> usize {
-        let (high, low) = id.as_u64_pair();
+    pub fn of(&self, id: PacketId) -> usize {
+        let (high, low) = id.as_uuid().as_u64_pair();
         ((high ^ low) % self.keys.len() as u64) as usize
     }
 }
@@ -71,7 +70,7 @@ mod tests {
         let shards = Shards::new("bucket:", 1).unwrap();
         assert_eq!(shards.count(), 1);
         assert_eq!(shards.key(0), "bucket:pending");
-        assert_eq!(shards.of(Uuid::new_v4()), 0);
+        assert_eq!(shards.of(PacketId::from(uuid::Uuid::new_v4())), 0);
     }
 
     #[test]
@@ -80,7 +79,7 @@ mod tests {
         assert_eq!(shards.key(3), "bucket:pending:{3}");
         let mut used = [0; 4];
         for _ in 0..400 {
-            used[shards.of(Uuid::new_v4())] += 1;
+            used[shards.of(PacketId::from(uuid::Uuid::new_v4()))] += 1;
         }
         assert!(used.iter().all(|n| *n > 50), "{used:?}");
     }

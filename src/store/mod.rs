@@ -22,9 +22,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
-use uuid::Uuid;
 
-use crate::domain::{DeliveryStatus, Packet};
+use crate::domain::{DeliveryStatus, Packet, PacketId};
 pub use error::StoreError;
 pub use writer::{CommitLimits, WriteOp, WriteReply, Writer};
 
@@ -115,7 +114,7 @@ pub struct PendingPacket {
 /// The receipt of an insert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Inserted {
-    pub packet_id: Uuid,
+    pub packet_id: PacketId,
     pub received_at: DateTime<Utc>,
     /// False when the id was already stored (an idempotent retry).
     pub created: bool,
@@ -125,7 +124,7 @@ pub struct Inserted {
 /// What MarkProcessed asks to record.
 #[derive(Debug, Clone)]
 pub struct Mark {
-    pub packet_id: Uuid,
+    pub packet_id: PacketId,
     pub success: bool,
     pub karma_actions: Vec<Value>,
     pub error_message: Option<String>,
@@ -144,7 +143,7 @@ pub enum MarkOutcome {
 /// A lease that ended without a mark: `attempts` deliveries are spent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseEnd {
-    pub packet_id: Uuid,
+    pub packet_id: PacketId,
     pub attempts: u32,
 }
 
@@ -152,7 +151,7 @@ pub struct LeaseEnd {
 /// dead_letter once its deliveries ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
-    pub packet_id: Uuid,
+    pub packet_id: PacketId,
     pub status: DeliveryStatus,
 }
 
@@ -281,14 +280,15 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         requeue: &Requeue,
         at: DateTime<Utc>,
-    ) -> Result<Vec<(Uuid, i64)>, StoreError>;
+    ) -> Result<Vec<(PacketId, i64)>, StoreError>;
     /// Pending packets after `seq`, oldest first.
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError>;
     /// Those of `ids` that are pending.
-    async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError>;
+    async fn pending_among(&self, ids: &[PacketId]) -> Result<Vec<PendingPacket>, StoreError>;
     /// Ids (and seqs) of pending packets after seq `after`, oldest first,
     /// at most `limit`.
-    async fn pending_ids(&self, after: i64, limit: u32) -> Result<Vec<(Uuid, i64)>, StoreError>;
+    async fn pending_ids(&self, after: i64, limit: u32)
+    -> Result<Vec<(PacketId, i64)>, StoreError>;
     /// The first seq of the packets received at or after `since` (by the
     /// `received_at` index), if any.
     async fn first_seq_since(&self, since: DateTime<Utc>) -> Result<Option<i64>, StoreError>;
@@ -411,7 +411,7 @@ impl Store {
         Ok((rows, Quiet { _guard: quiet }))
     }
 
-    pub async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
+    pub async fn pending_among(&self, ids: &[PacketId]) -> Result<Vec<PendingPacket>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -423,7 +423,7 @@ impl Store {
         &self,
         after: i64,
         limit: u32,
-    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+    ) -> Result<Vec<(PacketId, i64)>, StoreError> {
         self.backend.pending_ids(after, limit).await
     }
 
@@ -455,7 +455,7 @@ impl Store {
         &self,
         requeue: &Requeue,
         at: DateTime<Utc>,
-    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+    ) -> Result<Vec<(PacketId, i64)>, StoreError> {
         if requeue.statuses.is_empty() {
             return Ok(Vec::new());
         }

@@ -26,7 +26,7 @@ use super::{
     Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket, Pruned,
     Released, Requeue, StoreError, StoredPacket, UserQuery, Writers,
 };
-use crate::domain::{DeliveryStatus, Packet};
+use crate::domain::{DeliveryStatus, Packet, PacketId};
 
 pub struct PgBackend {
     pool: PgPool,
@@ -187,7 +187,7 @@ async fn insert_all(
         .bind(now)
         .fetch_all(&mut *conn)
         .await?;
-    let mut created: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
+    let mut created: HashMap<PacketId, i64> = HashMap::with_capacity(rows.len());
     for row in rows {
         created.insert(row.try_get("packet_id")?, row.try_get("seq")?);
     }
@@ -196,7 +196,7 @@ async fn insert_all(
         .iter()
         .map(|p| created.remove(&p.packet_id))
         .collect();
-    let retried: Vec<Uuid> = packets
+    let retried: Vec<PacketId> = packets
         .iter()
         .zip(&fresh)
         .filter(|(_, seq)| seq.is_none())
@@ -205,10 +205,10 @@ async fn insert_all(
     // Retries get the stored receipt, all in one query. An id whose day
     // retention dropped is still there until retention forgets it: a late
     // retry of it is answered as the duplicate it is.
-    let stored: HashMap<Uuid, (i64, DateTime<Utc>)> = if retried.is_empty() {
+    let stored: HashMap<PacketId, (i64, DateTime<Utc>)> = if retried.is_empty() {
         HashMap::new()
     } else {
-        sqlx::query_as::<_, (Uuid, i64, DateTime<Utc>)>(
+        sqlx::query_as::<_, (PacketId, i64, DateTime<Utc>)>(
             "SELECT packet_id, seq, received_at FROM packet_ids WHERE packet_id = ANY($1)",
         )
         .bind(&retried)
@@ -257,7 +257,7 @@ async fn mark_all(
                 DeliveryStatus::Failed.as_str()
             }
         };
-        let applied: HashSet<Uuid> = sqlx::query_scalar(MARK)
+        let applied: HashSet<PacketId> = sqlx::query_scalar(MARK)
             .bind(batch.iter().map(|m| m.packet_id).collect::<Vec<_>>())
             .bind(batch.iter().map(status).collect::<Vec<_>>())
             .bind(batch.iter().map(|m| m.success).collect::<Vec<_>>())
@@ -279,12 +279,12 @@ async fn mark_all(
             .await?
             .into_iter()
             .collect();
-        let rest: Vec<Uuid> = batch
+        let rest: Vec<PacketId> = batch
             .iter()
             .map(|m| m.packet_id)
             .filter(|id| !applied.contains(id))
             .collect();
-        let known: HashSet<Uuid> = if rest.is_empty() {
+        let known: HashSet<PacketId> = if rest.is_empty() {
             HashSet::new()
         } else {
             // Through the packet itself: an id whose day was dropped is not
@@ -422,7 +422,7 @@ impl Backend for PgBackend {
         &self,
         requeue: &Requeue,
         at: DateTime<Utc>,
-    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+    ) -> Result<Vec<(PacketId, i64)>, StoreError> {
         let sql = format!(
             "UPDATE packets SET history = history || jsonb_build_array(jsonb_build_object(\
              'reason', $1::text, 'requeued_at', $2::timestamptz, 'status', status, \
@@ -437,7 +437,7 @@ impl Backend for PgBackend {
              RETURNING packet_id, seq",
             requeue.status_list()
         );
-        let rows: Result<Vec<(Uuid, i64)>, StoreError> = sqlx::query_as(&sql)
+        let rows: Result<Vec<(PacketId, i64)>, StoreError> = sqlx::query_as(&sql)
             .bind(requeue.reason.as_str())
             .bind(at)
             .bind(requeue.user_id.as_deref())
@@ -462,7 +462,7 @@ impl Backend for PgBackend {
         rows.into_iter().map(PendingRow::into_pending).collect()
     }
 
-    async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
+    async fn pending_among(&self, ids: &[PacketId]) -> Result<Vec<PendingPacket>, StoreError> {
         // LATERAL with LIMIT keeps this a loop over the ids, each looking
         // in one partition; a semi-join would be free to read every
         // partition's pending rows.
@@ -476,7 +476,11 @@ impl Backend for PgBackend {
         rows.into_iter().map(PendingRow::into_pending).collect()
     }
 
-    async fn pending_ids(&self, after: i64, limit: u32) -> Result<Vec<(Uuid, i64)>, StoreError> {
+    async fn pending_ids(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(PacketId, i64)>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT packet_id, seq FROM packets WHERE status = 'pending' AND seq > $1 \
              ORDER BY seq LIMIT $2",

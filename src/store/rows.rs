@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{HistoryEntry, PendingPacket, StoreError, StoredPacket};
 use crate::domain::labels::Label;
-use crate::domain::{DeliveryStatus, Packet};
+use crate::domain::{DeliveryStatus, Packet, PacketId};
 
 /// The columns [`PendingRow`] reads.
 pub(super) const PENDING_COLUMNS: &str = "seq, packet_id, user_id, employee_id, session_id, \
@@ -89,7 +89,7 @@ fn label<T: Label>(column: Option<String>) -> Result<Option<T>, StoreError> {
 impl<Id: Into<Uuid>> PendingRow<Id> {
     fn into_parts(self) -> Result<(Packet, i64, DateTime<Utc>, u32), StoreError> {
         let packet = Packet {
-            packet_id: self.packet_id.into(),
+            packet_id: PacketId::from(self.packet_id.into()),
             user_id: self.user_id,
             employee_id: self.employee_id,
             session_id: self.session_id,
@@ -146,9 +146,9 @@ impl<Id: Into<Uuid>> StoredRow<Id> {
 /// each id's writes in their order: a statement that joins on the id
 /// applies each row once, so a second write of the same packet must come
 /// in a later statement.
-pub(super) fn rounds<T>(items: &[T], id: impl Fn(&T) -> Uuid) -> Vec<Vec<usize>> {
+pub(super) fn rounds<T>(items: &[T], id: impl Fn(&T) -> PacketId) -> Vec<Vec<usize>> {
     let mut rounds: Vec<Vec<usize>> = Vec::new();
-    let mut seen: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    let mut seen: std::collections::HashMap<PacketId, usize> = std::collections::HashMap::new();
     for (i, item) in items.iter().enumerate() {
         let round = seen.entry(id(item)).and_modify(|r| *r += 1).or_insert(0);
         if rounds.len() <= *round {
@@ -179,7 +179,7 @@ pub(super) fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
 
 #[cfg(test)]
 mod tests {
-    use uuid::Uuid;
+    use crate::domain::PacketId;
 
     #[test]
     fn chunks_are_powers_of_two_covering_everything() {
@@ -197,8 +197,8 @@ mod tests {
 
     #[test]
     fn rounds_never_repeat_an_id_and_keep_order() {
-        let a = Uuid::new_v4();
-        let b = Uuid::new_v4();
+        let a = PacketId::new();
+        let b = PacketId::new();
         let items = [a, b, a, a, b];
         assert_eq!(
             super::rounds(&items, |id| *id),

@@ -29,7 +29,7 @@ use super::{
     Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket, Pruned,
     Released, Requeue, StoreError, StoredPacket, UserQuery, Writers,
 };
-use crate::domain::{DeliveryStatus, Packet};
+use crate::domain::{DeliveryStatus, Packet, PacketId};
 
 pub struct SqliteBackend {
     /// The one writing connection, used by the writer thread only: SQLite
@@ -182,8 +182,8 @@ fn text_time(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::AutoSi, false)
 }
 
-fn id(id: Uuid) -> String {
-    id.hyphenated().to_string()
+fn id(id: PacketId) -> String {
+    id.as_uuid().hyphenated().to_string()
 }
 
 fn json(value: &impl serde::Serialize) -> String {
@@ -429,7 +429,7 @@ impl Backend for SqliteBackend {
         &self,
         requeue: &Requeue,
         at: DateTime<Utc>,
-    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+    ) -> Result<Vec<(PacketId, i64)>, StoreError> {
         // The outcome goes into the history as one JSON object; booleans
         // are stored as 0/1, hence the CASE.
         let sql = format!(
@@ -470,7 +470,7 @@ impl Backend for SqliteBackend {
         rows.into_iter()
             .map(|(id, seq)| {
                 Uuid::try_parse(&id)
-                    .map(|id| (id, seq))
+                    .map(|id| (id.into(), seq))
                     .map_err(|e| StoreError::Internal(format!("packet_id {id:?}: {e}").into()))
             })
             .collect()
@@ -489,7 +489,7 @@ impl Backend for SqliteBackend {
         rows.into_iter().map(PendingRow::into_pending).collect()
     }
 
-    async fn pending_among(&self, ids: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
+    async fn pending_among(&self, ids: &[PacketId]) -> Result<Vec<PendingPacket>, StoreError> {
         let sql = format!(
             "SELECT {PENDING_COLUMNS} FROM packets WHERE status = 'pending' \
              AND packet_id IN (SELECT value FROM json_each($1)) ORDER BY seq"
@@ -501,7 +501,11 @@ impl Backend for SqliteBackend {
         rows.into_iter().map(PendingRow::into_pending).collect()
     }
 
-    async fn pending_ids(&self, after: i64, limit: u32) -> Result<Vec<(Uuid, i64)>, StoreError> {
+    async fn pending_ids(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(PacketId, i64)>, StoreError> {
         let rows: Vec<(Hyphenated, i64)> = sqlx::query_as(
             "SELECT packet_id, seq FROM packets WHERE status = 'pending' AND seq > $1 \
              ORDER BY seq LIMIT $2",
@@ -510,7 +514,10 @@ impl Backend for SqliteBackend {
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await?;
-        Ok(rows.into_iter().map(|(id, seq)| (id.into(), seq)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(id, seq)| (id.into_uuid().into(), seq))
+            .collect())
     }
 
     async fn first_seq_since(&self, since: DateTime<Utc>) -> Result<Option<i64>, StoreError> {

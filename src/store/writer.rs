@@ -19,13 +19,12 @@ use std::time::Duration;
 use chrono::{SubsecRound, Utc};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, RwLock, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
-use uuid::Uuid;
 
 use super::{
     Applied, Backend, CommitListener, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
     Released, StoreError,
 };
-use crate::domain::Packet;
+use crate::domain::{Packet, PacketId};
 
 /// One write.
 #[derive(Debug, Clone)]
@@ -374,7 +373,7 @@ async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
     }
     // Lease ends are the dispatcher's own writes, retried by it on failure.
     for (mine, reply_tx) in ends {
-        let ids: HashSet<Uuid> = mine.iter().map(|e| e.packet_id).collect();
+        let ids: HashSet<PacketId> = mine.iter().map(|e| e.packet_id).collect();
         let answer = released.clone().map(|all| {
             WriteReply::Released(
                 all.into_iter()
@@ -441,7 +440,6 @@ mod tests {
 
     use async_trait::async_trait;
     use chrono::Utc;
-    use uuid::Uuid;
 
     use super::*;
     use crate::domain::packet::{PacketDraft, TimestampInput};
@@ -521,16 +519,16 @@ mod tests {
             &self,
             _: &super::super::Requeue,
             _: chrono::DateTime<Utc>,
-        ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        ) -> Result<Vec<(PacketId, i64)>, StoreError> {
             Ok(Vec::new())
         }
         async fn pending_after(&self, _: i64, _: u32) -> Result<Vec<PendingPacket>, StoreError> {
             Ok(Vec::new())
         }
-        async fn pending_among(&self, _: &[Uuid]) -> Result<Vec<PendingPacket>, StoreError> {
+        async fn pending_among(&self, _: &[PacketId]) -> Result<Vec<PendingPacket>, StoreError> {
             Ok(Vec::new())
         }
-        async fn pending_ids(&self, _: i64, _: u32) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        async fn pending_ids(&self, _: i64, _: u32) -> Result<Vec<(PacketId, i64)>, StoreError> {
             Ok(Vec::new())
         }
         async fn first_seq_since(
@@ -610,7 +608,7 @@ mod tests {
         // All 30 are queued before the writer runs (one thread, no await
         // in between): 10 fit, 20 are refused before anything is written.
         let mark = WriteOp::Mark(Mark {
-            packet_id: Uuid::new_v4(),
+            packet_id: PacketId::new(),
             success: true,
             karma_actions: Vec::new(),
             error_message: None,
@@ -690,7 +688,7 @@ mod tests {
         let heard = Arc::new(Heard::default());
         let writer = start(&fake, &heard); // max_commit 100
         let mark = WriteOp::Mark(Mark {
-            packet_id: Uuid::new_v4(),
+            packet_id: PacketId::new(),
             success: true,
             karma_actions: Vec::new(),
             error_message: None,
