@@ -596,4 +596,58 @@ mod tests {
             .unwrap();
         assert_eq!((synchronous, journal.as_str()), (2, "wal"));
     }
+
+    /// Steady writes keep a checkpoint from another connection from ever
+    /// finding the WAL complete (here a reader's snapshot stands in for the
+    /// commits that land while it copies), so the WAL only grows; once the
+    /// writer finishes the checkpoint between two commits, the next commit
+    /// starts the WAL over.
+    #[test]
+    fn the_writer_lets_the_wal_start_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.db");
+        let writer = rusqlite::Connection::open(&path).unwrap();
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; \
+                 CREATE TABLE t (v BLOB);",
+            )
+            .unwrap();
+        let checkpointer = rusqlite::Connection::open(&path).unwrap();
+        let reader = rusqlite::Connection::open(&path).unwrap();
+        let write = || {
+            writer
+                .execute("INSERT INTO t VALUES (zeroblob(8192))", [])
+                .unwrap()
+        };
+        let restart = AtomicBool::new(false);
+        let mut frames = Vec::new();
+        for _ in 0..5 {
+            reader.execute_batch("BEGIN").unwrap();
+            let _: i64 = reader
+                .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            write();
+            frames.push(passive_checkpoint(&checkpointer).unwrap());
+            reader.execute_batch("COMMIT").unwrap();
+            // Not asked: the writer leaves the WAL as it is.
+            finish_checkpoint(&writer, &restart);
+            write();
+        }
+        assert!(
+            frames.windows(2).all(|w| w[1] > w[0]),
+            "the WAL only grows: {frames:?}"
+        );
+        let grown = *frames.last().unwrap();
+
+        restart.store(true, Ordering::Relaxed);
+        finish_checkpoint(&writer, &restart);
+        assert!(!restart.load(Ordering::Relaxed), "the request is taken");
+        write();
+        let after = passive_checkpoint(&checkpointer).unwrap();
+        assert!(
+            after < grown / 4,
+            "the WAL started over: {after} frames after, {grown} before"
+        );
+    }
 }
