@@ -20,6 +20,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::AuthConfig;
 use crate::error::Error;
+use crate::request_id::Method;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -192,25 +193,23 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// The role a path needs; None for open calls (Status, health, reflection,
-/// metrics, unknown paths, CORS preflights).
-pub fn required_role(path: &str) -> Option<Role> {
-    if let Some(method) = path.strip_prefix("/bucket.v1.BucketService/") {
-        return match method {
-            "Ingest" | "IngestBatch" => Some(Role::Ingest),
-            "StreamPending" | "MarkProcessed" | "MarkProcessedBatch" | "ExtendLease" => {
-                Some(Role::Consumer)
-            }
-            "UserPackets" | "Redrive" | "Replay" => Some(Role::Admin),
-            _ => None,
-        };
-    }
-    let rest = path.strip_prefix("/api/v1/bucket/prana/")?;
-    match rest {
-        "ingest" => Some(Role::Ingest),
-        "packets/pending" | "packets/mark-processed" => Some(Role::Consumer),
-        "packets/redrive" | "packets/replay" => Some(Role::Admin),
-        _ if rest.starts_with("packets/user/") => Some(Role::Admin),
+/// The role a call needs; None for open calls (Status, health, reflection,
+/// metrics, unknown paths).
+pub fn required_role(method: Method) -> Option<Role> {
+    match method.label() {
+        "Ingest" | "IngestBatch" | "rest:ingest" => Some(Role::Ingest),
+        "StreamPending"
+        | "MarkProcessed"
+        | "MarkProcessedBatch"
+        | "ExtendLease"
+        | "rest:packets/pending"
+        | "rest:packets/mark-processed" => Some(Role::Consumer),
+        "UserPackets"
+        | "Redrive"
+        | "Replay"
+        | "rest:packets/user"
+        | "rest:packets/redrive"
+        | "rest:packets/replay" => Some(Role::Admin),
         _ => None,
     }
 }
@@ -334,30 +333,28 @@ mod tests {
 
     #[test]
     fn paths_map_to_roles() {
+        let role = |path| required_role(Method::of(path));
+        assert_eq!(role("/bucket.v1.BucketService/Ingest"), Some(Role::Ingest));
         assert_eq!(
-            required_role("/bucket.v1.BucketService/Ingest"),
-            Some(Role::Ingest)
-        );
-        assert_eq!(
-            required_role("/bucket.v1.BucketService/MarkProcessedBatch"),
+            role("/bucket.v1.BucketService/MarkProcessedBatch"),
             Some(Role::Consumer)
         );
         assert_eq!(
-            required_role("/bucket.v1.BucketService/UserPackets"),
+            role("/bucket.v1.BucketService/UserPackets"),
             Some(Role::Admin)
         );
-        assert_eq!(required_role("/bucket.v1.BucketService/Status"), None);
-        assert_eq!(required_role("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(role("/bucket.v1.BucketService/Status"), None);
+        assert_eq!(role("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(role("/api/v1/bucket/prana/ingest"), Some(Role::Ingest));
         assert_eq!(
-            required_role("/api/v1/bucket/prana/ingest"),
-            Some(Role::Ingest)
-        );
-        assert_eq!(
-            required_role("/api/v1/bucket/prana/packets/user/u1"),
+            role("/api/v1/bucket/prana/packets/user/u1"),
             Some(Role::Admin)
         );
-        assert_eq!(required_role("/api/v1/bucket/prana/status"), None);
-        assert_eq!(required_role("/metrics"), None);
+        assert_eq!(role("/api/v1/bucket/prana/status"), None);
+        assert_eq!(role("/metrics"), None);
+        // The gateway's user route needs a user id; without one it is no route.
+        assert_eq!(role("/api/v1/bucket/prana/packets/user"), None);
+        assert_eq!(role("/bucket.v1.BucketService/rest:ingest"), None);
     }
 
     #[test]

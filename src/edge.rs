@@ -72,11 +72,12 @@ pub struct Edge<S> {
 
 impl Shared {
     /// Why this caller may not make this call now, if it may not.
-    fn admit(&self, request: &mut Request) -> Result<(), Error> {
+    fn admit(&self, method: Method, request: &mut Request) -> Result<(), Error> {
+        // CORS preflights carry no token.
         let required = if request.method() == axum::http::Method::OPTIONS {
             None
         } else {
-            required_role(request.uri().path())
+            required_role(method)
         };
         let caller = self.access.decide(required, request.headers())?;
         if required == Some(Role::Ingest) {
@@ -111,7 +112,7 @@ where
             request_id = id.to_str().unwrap_or_default(),
             method = method.label()
         );
-        let admitted = span.in_scope(|| self.shared.admit(&mut request));
+        let admitted = span.in_scope(|| self.shared.admit(method, &mut request));
         let state = match admitted {
             Err(error) => State::Refused {
                 response: Some(refuse(request.headers(), error)),

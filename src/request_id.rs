@@ -72,10 +72,11 @@ impl Method {
         let (range, name) = if let Some(rpc) = path.strip_prefix("/bucket.v1.BucketService/") {
             (RPCS, rpc)
         } else if let Some(rest) = path.strip_prefix("/api/v1/bucket/prana/") {
-            let rest = if rest.starts_with("packets/user/") {
-                "packets/user"
-            } else {
-                rest
+            let rest = match rest.strip_prefix("packets/user") {
+                // A user's packets; without a user id it is no route.
+                Some(user) if user.starts_with('/') => "packets/user",
+                Some(_) => return Method::at(0),
+                None => rest,
             };
             return Method::find(REST, |l| l.strip_prefix("rest:") == Some(rest));
         } else if matches!(
@@ -136,6 +137,8 @@ mod tests {
         );
         assert_eq!(label("/api/v1/bucket/prana/ingest"), "rest:ingest");
         assert_eq!(label("/api/v1/bucket/prana/nope"), "other");
+        assert_eq!(label("/api/v1/bucket/prana/packets/user"), "other");
+        assert_eq!(label("/api/v1/bucket/prana/packets/userx"), "other");
         assert_eq!(
             label("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
             "reflection"
@@ -155,7 +158,9 @@ mod tests {
     fn every_label_has_a_path() {
         for i in 0..Method::COUNT {
             let label = Method::at(i).label();
-            let path = if let Some(rest) = label.strip_prefix("rest:") {
+            let path = if label == "rest:packets/user" {
+                "/api/v1/bucket/prana/packets/user/u1".into()
+            } else if let Some(rest) = label.strip_prefix("rest:") {
                 format!("/api/v1/bucket/prana/{rest}")
             } else if RPCS.contains(&i) {
                 format!("/bucket.v1.BucketService/{label}")
