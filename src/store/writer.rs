@@ -580,6 +580,17 @@ mod tests {
         WriteOp::Insert(Arc::new(Packet::parse(draft, Utc::now()).unwrap()))
     }
 
+    fn mark() -> WriteOp {
+        WriteOp::Mark(Mark {
+            packet_id: PacketId::new(),
+            success: true,
+            karma_actions: Vec::new(),
+            error_message: None,
+            at: Utc::now(),
+            attempt: 1,
+        })
+    }
+
     fn start(fake: &Arc<Fake>, heard: &Arc<Heard>) -> Writer {
         start_with(fake, heard, 100_000)
     }
@@ -607,14 +618,7 @@ mod tests {
         let writer = start_with(&fake, &heard, 10);
         // All 30 are queued before the writer runs (one thread, no await
         // in between): 10 fit, 20 are refused before anything is written.
-        let mark = WriteOp::Mark(Mark {
-            packet_id: PacketId::new(),
-            success: true,
-            karma_actions: Vec::new(),
-            error_message: None,
-            at: Utc::now(),
-            attempt: 1,
-        });
+        let mark = mark();
         let replies = writer
             .submit_all((0..30).map(|_| insert("a")).chain([mark]))
             .await;
@@ -687,14 +691,7 @@ mod tests {
         let fake = Arc::new(Fake::default());
         let heard = Arc::new(Heard::default());
         let writer = start(&fake, &heard); // max_commit 100
-        let mark = WriteOp::Mark(Mark {
-            packet_id: PacketId::new(),
-            success: true,
-            karma_actions: Vec::new(),
-            error_message: None,
-            at: Utc::now(),
-            attempt: 1,
-        });
+        let mark = mark();
         // A burst of 1,000 inserts queued ahead of the mark.
         let burst = writer.submit_all((0..1000).map(|_| insert("a")));
         let marked = writer.submit_all([mark]);

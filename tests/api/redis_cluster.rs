@@ -2,7 +2,7 @@
 //! free ports), split into shards that the cluster spreads over its nodes.
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bucket::proto::bucket::v1 as pb;
@@ -10,7 +10,7 @@ use bucket::proto::bucket::v1 as pb;
 use crate::helpers::{
     Backend, TestApp, TestDb, ingest, mark, next, packet_for, subscribe, test_config,
 };
-use crate::redis_queue::{OwnRedis, consume, wait_for_redis};
+use crate::redis_queue::{OwnRedis, consume_across, wait_for_redis};
 
 const SHARDS: u16 = 8;
 
@@ -262,27 +262,8 @@ async fn two_nodes_share_a_redis_cluster() {
         "the reconciler added entries already queued"
     );
 
-    let seen = Arc::new(Mutex::new(HashMap::new()));
-    let a = Arc::new(a);
-    let b = Arc::new(b);
-    let mut consumers = Vec::new();
-    for (i, (node, other)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
-        let (node, other, seen) = (node.clone(), other.clone(), seen.clone());
-        consumers.push(tokio::spawn(async move {
-            consume(
-                &node,
-                &other,
-                &format!("karma-{i}"),
-                Duration::from_secs(3),
-                seen,
-            )
-            .await
-        }));
-    }
-    for consumer in consumers {
-        consumer.await.unwrap();
-    }
-    let seen = seen.lock().unwrap().clone();
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let seen = consume_across(&a, &b, 1).await;
     assert_eq!(seen.len(), N, "every packet delivered");
     assert!(
         seen.values().all(|n| *n == 1),

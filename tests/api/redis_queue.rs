@@ -89,6 +89,31 @@ pub(crate) async fn wait_for_redis(
     }
 }
 
+/// `per_node` consumers on each of two nodes, each marking through the
+/// other node, until nothing comes for 3 s; how often each packet came.
+pub(crate) async fn consume_across(
+    a: &Arc<TestApp>,
+    b: &Arc<TestApp>,
+    per_node: usize,
+) -> HashMap<String, u32> {
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let pairs = (0..per_node).flat_map(|_| [(a, b), (b, a)]);
+    let consumers: Vec<_> = pairs
+        .enumerate()
+        .map(|(i, (node, other))| {
+            let (node, other, seen) = (node.clone(), other.clone(), seen.clone());
+            tokio::spawn(async move {
+                let name = format!("karma-{i}");
+                consume(&node, &other, &name, Duration::from_secs(3), seen).await
+            })
+        })
+        .collect();
+    for consumer in consumers {
+        consumer.await.unwrap();
+    }
+    seen.lock().unwrap().clone()
+}
+
 /// Receives and marks (through `marker`) until nothing comes for `quiet`.
 pub(crate) async fn consume(
     app: &TestApp,
@@ -147,30 +172,8 @@ async fn two_nodes_share_one_database_and_one_redis() {
     }
 
     // Two consumers per node, each marking through the other node.
-    let seen = Arc::new(Mutex::new(HashMap::new()));
-    let a = Arc::new(a);
-    let b = Arc::new(b);
-    let mut consumers = Vec::new();
-    for (i, (node, other)) in [(&a, &b), (&a, &b), (&b, &a), (&b, &a)]
-        .into_iter()
-        .enumerate()
-    {
-        let (node, other, seen) = (node.clone(), other.clone(), seen.clone());
-        consumers.push(tokio::spawn(async move {
-            consume(
-                &node,
-                &other,
-                &format!("karma-{i}"),
-                Duration::from_secs(3),
-                seen,
-            )
-            .await
-        }));
-    }
-    for consumer in consumers {
-        consumer.await.unwrap();
-    }
-    let seen = seen.lock().unwrap().clone();
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let seen = consume_across(&a, &b, 2).await;
     assert_eq!(seen.len(), N, "every packet delivered");
     assert!(
         seen.values().all(|n| *n == 1),
