@@ -199,22 +199,8 @@ impl Application {
     fn routes(&self) -> anyhow::Result<Routes> {
         let bucket = BucketServiceServer::new(BucketGrpc::new(self.bucket.clone()))
             .max_decoding_message_size(self.config.max_body_bytes);
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // google.rpc.BadRequest & co., so grpcurl and buf curl print an
-            // error's details instead of bytes.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(WELL_KNOWN_TYPES)
-            .build_v1()?;
-        let reflection_alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // google.rpc.BadRequest & co., so grpcurl and buf curl print an
-            // error's details instead of bytes.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(WELL_KNOWN_TYPES)
-            .build_v1alpha()?;
+        let reflection = reflection_builder().build_v1()?;
+        let reflection_alpha = reflection_builder().build_v1alpha()?;
         let (health_reporter, health) = tonic_health::server::health_reporter();
         tokio::spawn(report_health(
             self.bucket.clone(),
@@ -244,6 +230,17 @@ impl Application {
                 .layer(EdgeLayer::new(self.access.clone(), limits)),
         ))
     }
+}
+
+/// Server reflection over everything the bucket serves or answers with.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc.BadRequest & co., so grpcurl and buf curl print an
+        // error's details instead of bytes.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(WELL_KNOWN_TYPES)
 }
 
 /// `grpc.health.v1.Health`: SERVING while the database answers, for the
