@@ -79,7 +79,13 @@ def packet_input(packet: pb.PacketInput | Mapping[str, Any]) -> pb.PacketInput:
         copy.CopyFrom(packet)
         return copy
     unknown = set(packet) - {
-        *_STRINGS, *_STATES, *_NUMBERS, "system_type", "role", "timestamp", "raw_signals"
+        *_STRINGS,
+        *_STATES,
+        *_NUMBERS,
+        "system_type",
+        "role",
+        "timestamp",
+        "raw_signals",
     }
     if unknown:
         raise ValueError(f"unknown packet fields: {', '.join(sorted(unknown))}")

@@ -39,9 +39,7 @@ class Receipt:
 
     @classmethod
     def from_response(cls, response: pb.IngestResponse) -> Receipt:
-        return cls(
-            response.packet_id, _convert.to_datetime(response.received_at), response.created
-        )
+        return cls(response.packet_id, _convert.to_datetime(response.received_at), response.created)
 
 
 @dataclass(frozen=True)
