@@ -104,6 +104,9 @@ def packet_input(packet: pb.PacketInput | Mapping[str, Any]) -> pb.PacketInput:
     if packet.get("timestamp") is not None:
         message.timestamp.CopyFrom(timestamp(packet["timestamp"]))
     if packet.get("raw_signals") is not None:
+        # SetInParent first: copying an empty Struct ({} is common) would
+        # not mark the field present, and the bucket requires it.
+        message.raw_signals.SetInParent()
         message.raw_signals.CopyFrom(struct(packet["raw_signals"]))
     return message
 

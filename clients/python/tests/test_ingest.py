@@ -52,11 +52,17 @@ def test_a_message_is_accepted_too(bucket: Bucket) -> None:
         system_type=pb.SystemType.SYSTEM_TYPE_EMS,
     )
     message.timestamp.FromJsonString("2024-01-20T10:30:00Z")
-    message.raw_signals.update({})
+    message.raw_signals.SetInParent()
     with IngestClient(bucket.target) as client:
         receipt = client.ingest(message)
     assert not message.packet_id  # the caller's message is left alone
     assert uuid.UUID(receipt.packet_id).version == 7
+
+
+def test_empty_raw_signals_are_sent(bucket: Bucket) -> None:
+    with IngestClient(bucket.target) as client:
+        client.ingest(packet(raw_signals={}))
+    assert bucket.status().total_packets == 1
 
 
 def test_bad_input_names_every_violated_field(bucket: Bucket) -> None:
