@@ -24,8 +24,8 @@ fi
 echo "== clients/python: prana-bucket built from proto/"
 
 cd "$here"
-"$venv/bin/ruff" check . ../../examples/python
-"$venv/bin/ruff" format --check . ../../examples/python
+"$venv/bin/ruff" check prana_bucket tests setup.py ../../examples/python
+"$venv/bin/ruff" format --check prana_bucket tests setup.py ../../examples/python
 # No incremental cache: an earlier run's cache of the google namespace
 # package can hide google.rpc's stubs.
 "$venv/bin/mypy" --no-incremental . ../../examples/python
