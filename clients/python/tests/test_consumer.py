@@ -91,6 +91,27 @@ def test_new_packets_arrive_without_polling(bucket: Bucket) -> None:
         stop(future)
 
 
+def test_max_in_flight_bounds_what_is_held(bucket: Bucket) -> None:
+    ingest(bucket, 20, user="bounded")
+    gate = threading.Event()
+
+    def act(delivery: Delivery) -> None:
+        gate.wait(20)
+
+    handler = Recorder(act)
+    with Subscriber(bucket.target) as subscriber:
+        future = subscriber.subscribe(
+            handler, flow_control=FlowControl(max_in_flight=5), max_workers=10
+        )
+        wait_for(lambda: handler.count() == 5, what="5 deliveries")
+        time.sleep(0.5)
+        assert handler.count() == 5
+        assert bucket.status().leased_packets == 5
+        gate.set()
+        wait_for(lambda: bucket.status().processed_packets == 20, what="the rest, 5 at a time")
+        stop(future)
+
+
 def test_raising_handler_records_a_failure(bucket: Bucket) -> None:
     ids = ingest(bucket, 4, user="failing")
 
