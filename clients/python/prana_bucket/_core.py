@@ -97,13 +97,13 @@ class Delivery:
     """
 
     __slots__ = (
+        "_lease_expires_at",
         "_lock",
         "_raw_signals",
         "_settle",
         "_settled",
         "delivery_attempt",
         "generation",
-        "lease_expires_at",
         "lease_token",
         "packet",
         "received",
@@ -119,8 +119,7 @@ class Delivery:
         self.packet: pb.Packet = response.packet
         #: 1 for the first delivery, 2 after one lease ended unmarked, ...
         self.delivery_attempt: int = response.delivery_attempt
-        #: When the current lease ends unless extended (the server's clock).
-        self.lease_expires_at: dt.datetime = _convert.to_datetime(response.lease_expires_at)
+        self._lease_expires_at = response.lease_expires_at
         #: Names this delivery's lease (ExtendLease).
         self.lease_token: str = response.lease_token
         #: time.monotonic() when it arrived.
@@ -148,6 +147,12 @@ class Delivery:
     @property
     def focus_score(self) -> float | None:
         return self.packet.focus_score if self.packet.HasField("focus_score") else None
+
+    @property
+    def lease_expires_at(self) -> dt.datetime:
+        """When the lease given with this delivery ends (the server's clock);
+        extensions move it on, unseen here."""
+        return _convert.to_datetime(self._lease_expires_at)
 
     @property
     def raw_signals(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ already running (which should have no backlog of its own).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import itertools
 import os
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from prana_bucket import FlowControl, IngestClient, Subscriber, pb
+from prana_bucket import AsyncSubscriber, FlowControl, IngestClient, Subscriber, pb
 from prana_bucket._transport import Connection
 
 
@@ -51,7 +52,7 @@ def _start_bucket(binary: str, directory: str) -> tuple[subprocess.Popen[bytes],
         for k, v in os.environ.items()
         if not k.startswith(("BUCKET_", "REDIS_", "DATABASE_URL"))
     }
-    env["RUST_LOG"] = "warn"
+    env["RUST_LOG"] = "error"
     process = subprocess.Popen(
         [
             binary,
@@ -107,7 +108,15 @@ def _cpu() -> float:
 
 
 def measure(target: str, packets: int, max_in_flight: int, workers: int) -> float:
-    before = _status(target).processed_packets
+    # One channel for the progress polls: a new one per poll would cost
+    # this process more CPU than the polls themselves.
+    polls = Connection(target).channel()
+    stub = pb.BucketServiceStub(polls)
+
+    def processed() -> int:
+        return stub.Status(pb.StatusRequest(), timeout=5).processed_packets
+
+    before = processed()
     handled = itertools.count()
 
     def handle(_delivery: object) -> None:
@@ -122,7 +131,7 @@ def measure(target: str, packets: int, max_in_flight: int, workers: int) -> floa
         flow_control=FlowControl(max_in_flight=max_in_flight),
         max_workers=workers,
     )
-    while _status(target).processed_packets - before < packets:
+    while processed() - before < packets:
         if future.done():
             future.result()
             raise RuntimeError("the subscription stopped")
@@ -131,12 +140,64 @@ def measure(target: str, packets: int, max_in_flight: int, workers: int) -> floa
     cpu = _cpu() - cpu
     future.stop()
     subscriber.close()
+    polls.close()
     rate = packets / elapsed
     print(
         f"{packets} packets in {elapsed:.2f} s: {rate:,.0f} packets/s "
         f"(max_in_flight {max_in_flight}, {workers} workers; "
         f"consumer CPU {cpu:.2f} s, {cpu / packets * 1e6:.0f} µs/packet; "
         f"handler calls {next(handled)})"
+    )
+    return rate
+
+
+def measure_asyncio(target: str, packets: int, max_in_flight: int, concurrency: int) -> float:
+    """The same with :class:`~prana_bucket.AsyncSubscriber` and a coroutine
+    handler that does nothing."""
+
+    async def run() -> tuple[float, int]:
+        polls = Connection(target).aio_channel()
+        stub = pb.BucketServiceStub(polls)
+
+        async def processed() -> int:
+            response = await stub.Status(pb.StatusRequest(), timeout=5)
+            return response.processed_packets
+
+        before = await processed()
+        handled = itertools.count()
+
+        async def handle(_delivery: object) -> None:
+            next(handled)
+
+        subscriber = AsyncSubscriber(target)
+        started = time.monotonic()
+        task = asyncio.create_task(
+            subscriber.subscribe(
+                handle,
+                consumer="bench",
+                flow_control=FlowControl(max_in_flight=max_in_flight),
+                max_concurrency=concurrency,
+            )
+        )
+        while await processed() - before < packets:
+            if task.done():
+                await task
+                raise RuntimeError("the subscription stopped")
+            await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - started
+        await subscriber.close()
+        await task
+        await polls.close()
+        return elapsed, next(handled)
+
+    cpu = _cpu()
+    elapsed, calls = asyncio.run(run())
+    cpu = _cpu() - cpu
+    rate = packets / elapsed
+    print(
+        f"{packets} packets in {elapsed:.2f} s: {rate:,.0f} packets/s (asyncio, "
+        f"max_in_flight {max_in_flight}, {concurrency} handler tasks; "
+        f"consumer CPU {cpu:.2f} s, {cpu / packets * 1e6:.0f} µs/packet; handler calls {calls})"
     )
     return rate
 
@@ -148,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--target", help="a running bucket, host:port")
     parser.add_argument("--packets", type=int, default=100_000)
     parser.add_argument("--max-in-flight", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--workers", type=int, default=4, help="handler threads (asyncio: handler tasks)"
+    )
+    parser.add_argument("--api", choices=["blocking", "asyncio"], default="blocking")
     parser.add_argument("--runs", type=int, default=1, help="load and measure this many times")
     args = parser.parse_args(argv)
 
@@ -161,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 process, target = _start_bucket(args.bucket_bin, directory)
             try:
                 _load(target, args.packets)
-                rates.append(measure(target, args.packets, args.max_in_flight, args.workers))
+                how = measure if args.api == "blocking" else measure_asyncio
+                rates.append(how(target, args.packets, args.max_in_flight, args.workers))
             finally:
                 if process is not None:
                     process.terminate()
