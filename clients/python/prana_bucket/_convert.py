@@ -45,8 +45,22 @@ def timestamp(value: dt.datetime | str) -> timestamp_pb2.Timestamp:
     string (``2024-01-20T10:30:00Z``)."""
     message = timestamp_pb2.Timestamp()
     if isinstance(value, str):
-        message.FromJsonString(value)
-        return message
+        fraction = value.partition(".")[2]
+        digits = len(fraction) - len(fraction.lstrip("0123456789"))
+        try:
+            if digits > 6:
+                raise ValueError("nanoseconds: datetime would drop them")
+            # fromisoformat is C and some 20 times faster than
+            # FromJsonString's strptime; it lacks 'Z' before 3.11.
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            message.FromJsonString(value)  # RFC 3339 forms fromisoformat refuses
+            return message
+        if parsed.tzinfo is None:
+            # RFC 3339 requires an offset: let the protobuf parser refuse it.
+            message.FromJsonString(value)
+            return message
+        value = parsed
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)
     message.FromDatetime(value)

@@ -46,6 +46,15 @@ def test_packet_input_takes_the_rest_json() -> None:
     assert message.active_seconds == 5.0
     with pytest.raises(ValueError, match="system_type"):
         packet_input({"system_type": "moodle"})
+    for text, seconds, nanos in [
+        ("2024-01-20T10:30:00Z", 1705746600, 0),
+        ("2024-01-20T12:30:00.5+02:00", 1705746600, 500_000_000),
+        ("2024-01-20T10:30:00.123456789Z", 1705746600, 123456789),
+    ]:
+        stamp = packet_input({"timestamp": text}).timestamp
+        assert (stamp.seconds, stamp.nanos) == (seconds, nanos), text
+    with pytest.raises(ValueError):
+        packet_input({"timestamp": "2024-01-20T10:30:00"})
 
 
 def test_backoff_grows_with_jitter_and_resets() -> None:
