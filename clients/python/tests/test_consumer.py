@@ -250,12 +250,16 @@ def test_grace_running_out_hands_packets_back(bucket: Bucket) -> None:
 
 
 HOLDER = textwrap.dedent(
-    """
-    import sys, time
+    r"""
+    import sys, threading, time
     from prana_bucket import FlowControl, Subscriber
 
+    lock = threading.Lock()
+
     def hold(delivery):
-        print("holding", delivery.packet_id, flush=True)
+        with lock:  # one whole line per delivery
+            sys.stdout.write(f"holding {delivery.packet_id}\n")
+            sys.stdout.flush()
         time.sleep(3600)
 
     subscriber = Subscriber(sys.argv[1])
