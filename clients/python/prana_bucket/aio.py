@@ -12,11 +12,13 @@ gracefully before the cancellation goes on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import grpc.aio
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 #: An asyncio handler: a coroutine function taking a delivery, returning the
 #: karma actions to record (or None), raising to record a failure.
 AsyncHandler = Callable[[Delivery], Awaitable[Iterable[KarmaAction] | None]]
+#: A blocking handler: takes a delivery, returns the karma actions to record
+#: (or None), or raises to record a failure with the exception's message.
+Handler = Callable[[Delivery], Iterable[KarmaAction] | None]
 
 _CALL_TIMEOUT = 30.0
 _FATAL_MARK = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
@@ -87,10 +92,9 @@ class AsyncSubscriber:
         pull = _AsyncPull(
             self._get_stub(),
             self.connection.metadata,
-            callback,
+            _TaskRunner(callback, max_concurrency),
             consumer,
             flow_control or FlowControl(),
-            max_concurrency,
             grace,
         )
         self._pulls.add(pull)
@@ -127,26 +131,149 @@ class _Flush:
         self.done = asyncio.Event()
 
 
+class _Runner(Protocol):
+    """Where handlers run: asyncio tasks (AsyncSubscriber) or threads
+    (the blocking Subscriber)."""
+
+    def start(self, pull: _AsyncPull) -> None: ...
+
+    def submit(self, delivery: Delivery) -> None: ...
+
+    async def stop(self, grace: float) -> int:
+        """Take nothing more; wait up to ``grace`` for handlers running;
+        return how many still are."""
+        ...
+
+
+def _handled(delivery: Delivery, result: object, error: BaseException | None) -> None:
+    if error is not None:
+        log.warning("handler failed on packet %s: %r", delivery.packet_id, error)
+    _core.settle_after_handler(delivery, result, error)
+
+
+class _TaskRunner:
+    def __init__(self, callback: AsyncHandler, concurrency: int) -> None:
+        self.callback = callback
+        self.concurrency = concurrency
+        self.queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, pull: _AsyncPull) -> None:
+        self.tasks = [asyncio.create_task(self._work(pull)) for _ in range(self.concurrency)]
+
+    def submit(self, delivery: Delivery) -> None:
+        self.queue.put_nowait(delivery)
+
+    async def _work(self, pull: _AsyncPull) -> None:
+        while True:
+            delivery = await self.queue.get()
+            if delivery is None:
+                return
+            if not pull.should_handle(delivery):
+                continue
+            result: object = None
+            error: BaseException | None = None
+            try:
+                result = await self.callback(delivery)
+            except Exception as e:
+                error = e
+            _handled(delivery, result, error)
+
+    async def stop(self, grace: float) -> int:
+        for _ in self.tasks:
+            self.queue.put_nowait(None)
+        if not self.tasks:
+            return 0
+        _done, busy = await asyncio.wait(self.tasks, timeout=grace)
+        for task in busy:
+            task.cancel()  # the handler is cancelled; its packet goes back
+        return len(busy)
+
+
+class _ThreadRunner:
+    """Blocking handlers on threads of their own; the event loop is never
+    blocked by them."""
+
+    def __init__(self, callback: Handler, workers: int) -> None:
+        self.callback = callback
+        self.queue: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._work, name=f"prana-bucket-worker-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        self.pull: _AsyncPull | None = None
+        self.running = workers
+        self.lock = threading.Lock()
+        self.ended = asyncio.Event()
+
+    def start(self, pull: _AsyncPull) -> None:
+        self.pull = pull
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, delivery: Delivery) -> None:
+        self.queue.put(delivery)
+
+    def _work(self) -> None:
+        pull = self.pull
+        assert pull is not None
+        try:
+            self._work_on(pull)
+        finally:
+            with self.lock:
+                self.running -= 1
+                last = self.running == 0
+            if last:
+                # The event loop is never blocked joining threads: the last
+                # one to end tells it.
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    pull.loop.call_soon_threadsafe(self.ended.set)
+
+    def _work_on(self, pull: _AsyncPull) -> None:
+        while True:
+            delivery = self.queue.get()
+            if delivery is None:
+                return
+            if not pull.should_handle(delivery):
+                continue
+            result: object = None
+            error: BaseException | None = None
+            try:
+                result = self.callback(delivery)
+            except Exception as e:
+                error = e
+            _handled(delivery, result, error)
+
+    async def stop(self, grace: float) -> int:
+        for _ in self.threads:
+            self.queue.put(None)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.ended.wait(), grace)
+        with self.lock:
+            return self.running
+
+
 class _AsyncPull:
     def __init__(
         self,
         stub: BucketServiceAsyncStub,
         metadata: tuple[tuple[str, str], ...],
-        callback: AsyncHandler,
+        runner: _Runner,
         consumer: str,
         flow_control: FlowControl,
-        max_concurrency: int,
         grace: float,
     ) -> None:
         self.stub = stub
         self.metadata = metadata
-        self.callback = callback
+        self.runner = runner
         self.request = _core.stream_request(consumer, flow_control)
         self.flow = flow_control
         self.grace = grace
-        self.max_concurrency = max_concurrency
         self.book = LeaseBook(flow_control.lease_seconds, flow_control.max_lease_duration)
-        self.work: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        # Outcomes settled on other threads wait here until the loop takes
+        # them: one wake-up of the loop per burst, not one per outcome.
+        self.from_threads: collections.deque[Outcome] = collections.deque()
+        self.wake_pending = False
         self.outcomes: asyncio.Queue[Outcome | _Flush | None] = asyncio.Queue()
         self.stopping = asyncio.Event()
         self.lease_stop = asyncio.Event()
@@ -172,7 +299,7 @@ class _AsyncPull:
         self.stop()
 
     async def run(self) -> None:
-        workers = [asyncio.create_task(self._work_loop()) for _ in range(self.max_concurrency)]
+        self.runner.start(self)
         marker = asyncio.create_task(self._mark_loop())
         leaser = asyncio.create_task(self._lease_loop())
         streamer = asyncio.create_task(self._stream_loop())
@@ -184,7 +311,7 @@ class _AsyncPull:
             # the cancellation go on.
             cancelled = True
             self.stop()
-        await asyncio.shield(self._shutdown(workers, marker, leaser, streamer))
+        await asyncio.shield(self._shutdown(marker, leaser, streamer))
         if cancelled:
             raise asyncio.CancelledError
         if self.fatal is not None:
@@ -192,26 +319,28 @@ class _AsyncPull:
 
     async def _shutdown(
         self,
-        workers: list[asyncio.Task[None]],
         marker: asyncio.Task[None],
         leaser: asyncio.Task[None],
         streamer: asyncio.Task[None],
     ) -> None:
         grace = self.stop_grace
         deadline = time.monotonic() + grace
+        # Stop taking: the stream stays open (closing it would end the leases
+        # of packets about to be marked); what arrives now is not handled and
+        # goes back to the bucket when the stream closes.
         self.stopping.set()
-        for _ in workers:
-            self.work.put_nowait(None)
-        _done, busy = await asyncio.wait(workers, timeout=grace) if workers else (set(), set())
+        busy = await self.runner.stop(grace)
         if busy:
             log.warning(
                 "%d handlers still running after the %.1f s grace: their packets "
                 "go back to the bucket",
-                len(busy),
+                busy,
                 grace,
             )
-            for task in busy:
-                task.cancel()
+        # Outcomes settled on threads just before they ended.
+        self._take_from_threads()
+        # Record what was settled; give a slow bucket a few seconds even when
+        # the grace is spent, since these packets were handled.
         self.flush_deadline = max(deadline, time.monotonic() + 5.0)
         flush = _Flush()
         self.outcomes.put_nowait(flush)
@@ -243,7 +372,7 @@ class _AsyncPull:
                         continue
                     delivery = Delivery(response, self._settle, generation)
                     self.book.add(delivery)
-                    self.work.put_nowait(delivery)
+                    self.runner.submit(delivery)
                 if not self.stopping.is_set():
                     log.info("the bucket ended the stream; reconnecting")
             except grpc.aio.AioRpcError as e:
@@ -262,31 +391,33 @@ class _AsyncPull:
                 await asyncio.wait_for(self.stopping.wait(), backoff.next())
 
     # --- handlers -------------------------------------------------------------
+    def should_handle(self, delivery: Delivery) -> bool:
+        """Whether a runner should start a delivery it took (any thread)."""
+        if self.stopping.is_set():
+            return False  # not started: back to the bucket with the stream
+        if delivery.generation != self.generation:
+            # Its stream ended, and with it the lease: the bucket delivers it
+            # again (to this subscription's new stream, or another).
+            self.book.remove(delivery.lease_token)
+            return False
+        return True
+
     def _settle(self, outcome: Outcome) -> None:
         if threading.get_ident() == self.loop_thread:
             self.outcomes.put_nowait(outcome)
-        else:
-            # Settled from a thread the handler handed the delivery to.
-            self.loop.call_soon_threadsafe(self.outcomes.put_nowait, outcome)
+            return
+        self.from_threads.append(outcome)
+        if not self.wake_pending:
+            self.wake_pending = True
+            with contextlib.suppress(RuntimeError):  # the loop is closed: it is over
+                self.loop.call_soon_threadsafe(self._take_from_threads)
 
-    async def _work_loop(self) -> None:
-        while True:
-            delivery = await self.work.get()
-            if delivery is None:
-                return
-            if self.stopping.is_set():
-                continue
-            if delivery.generation != self.generation:
-                self.book.remove(delivery.lease_token)
-                continue
-            result: object = None
-            error: BaseException | None = None
-            try:
-                result = await self.callback(delivery)
-            except Exception as e:
-                error = e
-                log.warning("handler failed on packet %s: %r", delivery.packet_id, e)
-            _core.settle_after_handler(delivery, result, error)
+    def _take_from_threads(self) -> None:
+        # Cleared before taking: an outcome appended meanwhile either is
+        # taken below or schedules another call.
+        self.wake_pending = False
+        while self.from_threads:
+            self.outcomes.put_nowait(self.from_threads.popleft())
 
     # --- outcomes -------------------------------------------------------------
     async def _mark_loop(self) -> None:
