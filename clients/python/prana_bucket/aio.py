@@ -40,6 +40,8 @@ AsyncHandler = Callable[[Delivery], Awaitable[Iterable[KarmaAction] | None]]
 Handler = Callable[[Delivery], Iterable[KarmaAction] | None]
 
 _CALL_TIMEOUT = 30.0
+# How long the marker waits for more outcomes when more are on their way.
+_MARK_LINGER = 0.005
 _FATAL_MARK = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
@@ -274,6 +276,7 @@ class _AsyncPull:
         # them: one wake-up of the loop per burst, not one per outcome.
         self.from_threads: collections.deque[Outcome] = collections.deque()
         self.wake_pending = False
+        self.marker_waiting = False
         self.outcomes: asyncio.Queue[Outcome | _Flush | None] = asyncio.Queue()
         self.stopping = asyncio.Event()
         self.lease_stop = asyncio.Event()
@@ -407,7 +410,11 @@ class _AsyncPull:
             self.outcomes.put_nowait(outcome)
             return
         self.from_threads.append(outcome)
-        if not self.wake_pending:
+        # Only an idle marker needs waking: a busy one takes what is here
+        # when it next looks. Each wake-up is a write to the loop's socket,
+        # which also hands the GIL to the loop thread and keeps this thread
+        # waiting for it back.
+        if self.marker_waiting and not self.wake_pending:
             self.wake_pending = True
             with contextlib.suppress(RuntimeError):  # the loop is closed: it is over
                 self.loop.call_soon_threadsafe(self._take_from_threads)
@@ -420,21 +427,46 @@ class _AsyncPull:
             self.outcomes.put_nowait(self.from_threads.popleft())
 
     # --- outcomes -------------------------------------------------------------
+    def _gather(
+        self, item: Outcome | _Flush | None, batch: list[Outcome], flushes: list[_Flush]
+    ) -> bool:
+        """Adds ``item`` and whatever else is waiting to the batch; True at
+        the end of the outcomes (the None that stops the marker)."""
+        while item is not None:
+            if isinstance(item, _Flush):
+                flushes.append(item)
+            else:
+                batch.append(item)
+            if len(batch) >= MAX_BATCH or self.outcomes.empty():
+                return False
+            item = self.outcomes.get_nowait()
+        return True
+
     async def _mark_loop(self) -> None:
         while True:
             batch: list[Outcome] = []
             flushes: list[_Flush] = []
+            # Set before looking, so that a thread settling meanwhile either
+            # is seen here or wakes the marker.
+            self.marker_waiting = True
+            self._take_from_threads()
             item = await self.outcomes.get()
-            last = item is None
-            while item is not None:
-                if isinstance(item, _Flush):
-                    flushes.append(item)
-                else:
-                    batch.append(item)
-                if len(batch) >= MAX_BATCH or self.outcomes.empty():
-                    break
-                item = self.outcomes.get_nowait()
-                last = item is None
+            self.marker_waiting = False
+            last = self._gather(item, batch, flushes)
+            if (
+                not last
+                and not flushes
+                and len(batch) < min(MAX_BATCH, len(self.book))
+                and not self.stopping.is_set()
+            ):
+                # More deliveries are in hand, so more outcomes are coming:
+                # a moment's wait makes fewer, fuller MarkProcessedBatch
+                # calls, each of which costs this process far more than an
+                # item. A lone packet is marked at once.
+                await asyncio.sleep(_MARK_LINGER)
+                self._take_from_threads()
+                if not self.outcomes.empty():
+                    last = self._gather(self.outcomes.get_nowait(), batch, flushes)
             if batch:
                 marks, nacks = _core.split_outcomes(batch)
                 if marks:
