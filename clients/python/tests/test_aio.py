@@ -18,6 +18,7 @@ from prana_bucket import (
     InvalidArgumentError,
     KarmaAction,
     Receipt,
+    Subscriber,
     pb,
 )
 
@@ -185,3 +186,21 @@ def test_async_ingest_field_violations(bucket: Bucket) -> None:
         assert [v.field for v in caught.value.field_violations] == ["packet.focus_score"]
 
     asyncio.run(main())
+
+
+def test_blocking_subscriber_beside_an_event_loop(bucket: Bucket) -> None:
+    # The blocking Subscriber runs grpc.aio on a loop of its own; the
+    # application's loop uses grpc.aio at the same time.
+    seen: list[str] = []
+    with Subscriber(bucket.target) as subscriber:
+        future = subscriber.subscribe(lambda d: seen.append(d.packet_id))
+
+        async def main() -> list[str]:
+            ids = await ingest(bucket, 10, "two-loops")
+            await until(lambda: len(seen) == 10)
+            return ids
+
+        ids = asyncio.run(main())
+        future.cancel()
+        future.result(timeout=30)
+    assert sorted(seen) == sorted(ids)
