@@ -306,6 +306,8 @@ class _AsyncPull:
         marker = asyncio.create_task(self._mark_loop())
         leaser = asyncio.create_task(self._lease_loop())
         streamer = asyncio.create_task(self._stream_loop())
+        for task in (marker, leaser, streamer):
+            task.add_done_callback(self._task_ended)
         cancelled = False
         try:
             await self.stop_requested.wait()
@@ -319,6 +321,16 @@ class _AsyncPull:
             raise asyncio.CancelledError
         if self.fatal is not None:
             raise self.fatal
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        # A fault of this package's own (not a gRPC error, which each loop
+        # handles) must stop the subscription, not leave it hanging.
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        if not isinstance(error, BucketError):
+            error = BucketError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+        self._fail(error)
 
     async def _shutdown(
         self,

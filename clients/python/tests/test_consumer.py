@@ -17,6 +17,7 @@ import pytest
 from conftest import Bucket, packet, wait_for
 
 from prana_bucket import (
+    BucketError,
     Delivery,
     FlowControl,
     Handler,
@@ -24,6 +25,7 @@ from prana_bucket import (
     KarmaAction,
     StreamingPullFuture,
     Subscriber,
+    aio,
     pb,
 )
 
@@ -367,3 +369,16 @@ def test_returning_something_that_is_not_karma_actions_fails(bucket: Bucket) -> 
 def test_flow_control_bounds(bad: int) -> None:
     with pytest.raises(ValueError, match="max_in_flight"):
         FlowControl(max_in_flight=bad)
+
+
+def test_an_internal_fault_stops_the_subscription(
+    bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: object) -> None:
+        raise RuntimeError("lease bookkeeping broke")
+
+    monkeypatch.setattr(aio._AsyncPull, "_lease_loop", broken)
+    with Subscriber(bucket.target) as subscriber:
+        future = subscriber.subscribe(Recorder())
+        with pytest.raises(BucketError, match="lease bookkeeping broke"):
+            future.result(timeout=30)
