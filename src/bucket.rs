@@ -22,7 +22,7 @@ use crate::store::{
     Counts, Inserted, Mark, MarkOutcome, Requeue, RequeueReason, Store, StoredPacket, UserQuery,
 };
 
-pub use consume::{Answer, Consumption, ConsumeEvent, ConsumeRequest, StreamMark, StreamMarked};
+pub use consume::{Answer, ConsumeEvent, ConsumeRequest, Consumption, StreamMark, StreamMarked};
 
 pub struct Bucket {
     store: Store,

@@ -304,7 +304,11 @@ impl Acker {
 
     /// Keeps a delivery leased for `lease_seconds` more from now (0: the
     /// stream's lease length).
-    pub async fn extend(&self, lease_token: &str, lease_seconds: u32) -> Result<(), ConsumeStopped> {
+    pub async fn extend(
+        &self,
+        lease_token: &str,
+        lease_seconds: u32,
+    ) -> Result<(), ConsumeStopped> {
         self.send(Settle::Extend(lease_token.to_owned(), lease_seconds))
             .await
     }

@@ -158,18 +158,19 @@ impl Bucket {
         let mut parsed_marks = Vec::with_capacity(requests.len());
         for request in requests {
             let nacks = self.change(&request.nacks, None).await;
-            let extensions = match lease::lease_seconds("extend_lease_seconds", request.extend_seconds)
-            {
-                Ok(seconds) => {
-                    let lease = seconds.map_or(stream_lease, |s| Duration::from_secs(u64::from(s)));
-                    self.change(&request.extensions, Some(lease)).await
-                }
-                Err(v) => request
-                    .extensions
-                    .iter()
-                    .map(|_| Err(Error::InvalidInput(vec![v.clone()])))
-                    .collect(),
-            };
+            let extensions =
+                match lease::lease_seconds("extend_lease_seconds", request.extend_seconds) {
+                    Ok(seconds) => {
+                        let lease =
+                            seconds.map_or(stream_lease, |s| Duration::from_secs(u64::from(s)));
+                        self.change(&request.extensions, Some(lease)).await
+                    }
+                    Err(v) => request
+                        .extensions
+                        .iter()
+                        .map(|_| Err(Error::InvalidInput(vec![v.clone()])))
+                        .collect(),
+                };
             let mine: Vec<Result<usize, Error>> = request
                 .marks
                 .into_iter()

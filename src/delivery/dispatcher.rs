@@ -315,11 +315,7 @@ impl Core {
     }
 
     fn wanted(&self) -> usize {
-        let room: usize = self
-            .streams
-            .values()
-            .map(Stream::room)
-            .sum();
+        let room: usize = self.streams.values().map(Stream::room).sum();
         room.saturating_sub(self.queue.len())
     }
 }

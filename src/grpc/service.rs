@@ -200,9 +200,11 @@ impl BucketService for BucketGrpc {
                 Box::pin(requests),
             )
             .map_err(|e| e.prefixed("settings."))?;
-        let events = consumption.map(|event| event.map(convert::consume_event).map_err(Status::from));
-        let broken = stream::once(async move { broken.lock().expect("consume lock poisoned").take() })
-            .filter_map(|status| future::ready(status.map(Err)));
+        let events =
+            consumption.map(|event| event.map(convert::consume_event).map_err(Status::from));
+        let broken =
+            stream::once(async move { broken.lock().expect("consume lock poisoned").take() })
+                .filter_map(|status| future::ready(status.map(Err)));
         Ok(Response::new(Box::pin(events.chain(broken))))
     }
 

@@ -197,7 +197,10 @@ fn refused(result: &pb::ConsumeResult) -> &pb::IngestError {
 }
 
 fn fields(e: &pb::IngestError) -> Vec<&str> {
-    e.field_violations.iter().map(|v| v.field.as_str()).collect()
+    e.field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect()
 }
 
 fn code_of(e: &pb::IngestError) -> Code {
@@ -249,14 +252,14 @@ async fn deliveries_and_marks_share_one_stream(backend: Backend) {
         [0, 1]
     );
     assert_eq!(marked(&first.marks[0]).packet_id, sent[0]);
-    assert_eq!(
-        marked(&first.marks[1]).message,
-        "Packet marked as failed"
-    );
+    assert_eq!(marked(&first.marks[1]).message, "Packet marked as failed");
     assert!(first.marks.iter().all(|r| !r.lease_ended));
     let second = stream.answer().await;
     assert_eq!(second.marked, 1);
-    assert_eq!(marked(&second.marks[0]).message, "Packet marked as processed");
+    assert_eq!(
+        marked(&second.marks[0]).message,
+        "Packet marked as processed"
+    );
 
     // Live packets come on the same stream.
     let live = ingest(&mut client, packet_for("live")).await;
@@ -274,7 +277,10 @@ async fn deliveries_and_marks_share_one_stream(backend: Backend) {
     assert_eq!(failed[0].error_message, "karma API down");
     let s = status(&mut client).await;
     assert_eq!(s.consumers.len(), 1);
-    assert_eq!((s.consumers[0].consumer.as_str(), s.consumers[0].in_flight), ("karma", 0));
+    assert_eq!(
+        (s.consumers[0].consumer.as_str(), s.consumers[0].in_flight),
+        ("karma", 0)
+    );
 
     stream.close();
     stream.end().await.expect("a closed stream ends OK");
@@ -328,7 +334,10 @@ async fn max_in_flight_bounds_unsettled_deliveries(backend: Backend) {
         answered += a.marked as usize;
     }
     assert_eq!(seen.len(), N);
-    assert_eq!(app.db.status_counts().await.get("processed"), Some(&(N as i64)));
+    assert_eq!(
+        app.db.status_counts().await.get("processed"),
+        Some(&(N as i64))
+    );
 }
 
 async fn a_nack_redelivers_at_once(backend: Backend) {
@@ -523,7 +532,10 @@ async fn closing_answers_what_was_sent_then_releases_the_rest(backend: Backend) 
     let mut stream = Consume::open(&mut client, "leaving", 0, 600).await;
     let d1 = stream.delivery().await;
     let d2 = stream.delivery().await;
-    assert_eq!((packet_id(&d1), packet_id(&d2)), (first.clone(), second.clone()));
+    assert_eq!(
+        (packet_id(&d1), packet_id(&d2)),
+        (first.clone(), second.clone())
+    );
     // The last mark and the end of the requests go together.
     stream.mark(&[&d1]).await;
     stream.close();
@@ -580,7 +592,10 @@ async fn bad_settings_and_broken_protocol_are_invalid_argument() {
         .err()
         .unwrap();
     assert_eq!(unsettled.code(), Code::InvalidArgument);
-    let violation = &unsettled.get_details_bad_request().unwrap().field_violations[0];
+    let violation = &unsettled
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations[0];
     assert_eq!(violation.field, "settings");
 
     // Settings again, later: answered up to there, then the end.
@@ -617,10 +632,7 @@ async fn bad_settings_and_broken_protocol_are_invalid_argument() {
     assert_eq!(end.code(), Code::InvalidArgument);
     let violation = &end.get_details_bad_request().unwrap().field_violations[0];
     assert_eq!(violation.field, "nack_lease_tokens");
-    assert!(
-        violation.description.contains("at most 2"),
-        "{violation:?}"
-    );
+    assert!(violation.description.contains("at most 2"), "{violation:?}");
     assert!(status(&mut client).await.consumers.is_empty());
 }
 
@@ -633,7 +645,11 @@ async fn consume_needs_the_consumer_role() {
     config.auth.ingest_tokens = vec!["browser-token".into()];
     config.auth.consumer_tokens = vec!["karma-token".into()];
     let app = TestApp::spawn_with(db, config).await;
-    let subscribe = || settings("karma", 4, 0);
+    let subscribe = || bucket_client::pb::ConsumeSettings {
+        consumer: "karma".into(),
+        max_in_flight: 4,
+        lease_seconds: 0,
+    };
     for (token, expected) in [
         (None, Code::Unauthenticated),
         (Some("guess"), Code::Unauthenticated),
