@@ -211,6 +211,10 @@ async fn mark_in_batches(
 }
 
 /// What a [`Consumer`] receives.
+// Deliveries are nearly every item and move once, from the response to
+// the caller: boxing them would cost an allocation per packet to save
+// space in the rarer answers.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Received {
     /// A packet leased to this stream until its `lease_expires_at`.
@@ -373,4 +377,66 @@ fn requests(waiting: mpsc::Receiver<Settle>) -> impl Stream<Item = pb::ConsumeRe
             Some((request, (waiting, later)))
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the requests after the first carry, for items sent in one go.
+    async fn requests_for(items: Vec<Settle>) -> Vec<pb::ConsumeRequest> {
+        let (tx, rx) = mpsc::channel(items.len().max(1));
+        for item in items {
+            tx.send(item).await.unwrap();
+        }
+        drop(tx);
+        requests(rx).collect().await
+    }
+
+    fn mark(token: &str) -> Settle {
+        Settle::Mark(pb::ConsumeMark {
+            lease_token: token.into(),
+            success: true,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn what_waits_goes_in_one_request_with_one_extension_length_each() {
+        let sent = requests_for(vec![
+            mark("a"),
+            Settle::Extend("b".into(), 60),
+            Settle::Nack("c".into()),
+            Settle::Extend("d".into(), 0),
+            mark("e"),
+            Settle::Extend("f".into(), 60),
+        ])
+        .await;
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        let tokens = |marks: &[pb::ConsumeMark]| {
+            marks
+                .iter()
+                .map(|m| m.lease_token.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(tokens(&sent[0].marks), ["a", "e"]);
+        assert_eq!(sent[0].nack_lease_tokens, ["c"]);
+        assert_eq!(sent[0].extend_lease_tokens, ["b", "f"]);
+        assert_eq!(sent[0].extend_lease_seconds, 60);
+        assert!(sent[0].settings.is_none());
+        assert!(sent[1].marks.is_empty());
+        assert_eq!(sent[1].extend_lease_tokens, ["d"]);
+        assert_eq!(sent[1].extend_lease_seconds, 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_holds_at_most_the_batch_limit() {
+        let items = (0..MAX_BATCH + 1).map(|i| mark(&i.to_string())).collect();
+        let sizes: Vec<usize> = requests_for(items)
+            .await
+            .iter()
+            .map(|r| r.marks.len())
+            .collect();
+        assert_eq!(sizes, [MAX_BATCH, 1]);
+    }
 }

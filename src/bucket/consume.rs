@@ -328,9 +328,7 @@ impl Consumption {
     fn deliveries(&mut self, cx: &mut Context<'_>) -> Option<Result<ConsumeEvent, Error>> {
         // Once the requests ended, what is still handed here goes back
         // with the stream's leases: nobody could mark it.
-        if self.requests.is_none() {
-            return None;
-        }
+        self.requests.as_ref()?;
         let subscription = self.subscription.as_mut()?;
         let mut batch = Vec::new();
         while batch.len() < MAX_DELIVERIES_PER_EVENT {

@@ -26,6 +26,7 @@ on_every_backend!(
     a_mark_for_an_unknown_lease_is_reported,
     bad_items_are_answered_and_the_stream_goes_on,
     closing_answers_what_was_sent_then_releases_the_rest,
+    shutdown_ends_the_stream_and_releases_its_leases,
 );
 
 /// A Consume call driven by hand: requests go in, responses are sorted
@@ -554,6 +555,27 @@ async fn closing_answers_what_was_sent_then_releases_the_rest(backend: Backend) 
         (p[0].status, p[0].delivery_attempts),
         (pb::PacketStatus::Processed as i32, 1)
     );
+}
+
+async fn shutdown_ends_the_stream_and_releases_its_leases(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut client = app.client().await;
+    let id = ingest(&mut client, packet_for("u")).await;
+    let mut stream = Consume::open(&mut client, "karma", 0, 600).await;
+    assert_eq!(stream.delivery().await.delivery_attempt, 1);
+
+    let config = app.config.clone();
+    let db = app.stop().await;
+    let end = stream.end().await.unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable, "told to reconnect");
+
+    // The 10-minute lease was handed back at shutdown: delivered again at once.
+    let app = TestApp::spawn_with(db, config).await;
+    let mut client = app.client().await;
+    let mut stream = Consume::open(&mut client, "karma", 0, 0).await;
+    let again = stream.delivery().await;
+    assert_eq!(packet_id(&again), id);
+    assert_eq!(again.delivery_attempt, 2);
 }
 
 /// The stream's own refusals: the settings, and what ends it.
