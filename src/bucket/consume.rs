@@ -78,13 +78,14 @@ pub struct Answer {
     pub extensions: Vec<Result<(PacketId, LeaseChange), Error>>,
 }
 
-/// What a Consume stream sends.
-#[derive(Debug)]
-pub enum ConsumeEvent {
+/// What a Consume stream sends: what is ready, together, so a mark's
+/// answer and the delivery its freed slot let through go in one message.
+#[derive(Debug, Default)]
+pub struct ConsumeEvent {
     /// Packets now leased to the stream, in the order handed out.
-    Deliveries(Vec<Delivery>),
+    pub deliveries: Vec<Delivery>,
     /// The answer to the oldest request not yet answered.
-    Answer(Answer),
+    pub answer: Option<Answer>,
 }
 
 pub type ConsumeRequests = Pin<Box<dyn Stream<Item = Result<ConsumeRequest, Error>> + Send>>;
@@ -323,14 +324,15 @@ impl Consumption {
         }
     }
 
-    /// What the dispatcher handed the stream, as one event; the error that
-    /// ends the stream (shutdown) comes after what came before it.
-    fn deliveries(&mut self, cx: &mut Context<'_>) -> Option<Result<ConsumeEvent, Error>> {
+    /// What the dispatcher handed the stream; the error that ends the
+    /// stream (shutdown) comes after what came before it.
+    fn deliveries(&mut self, cx: &mut Context<'_>) -> Vec<Delivery> {
+        let mut batch = Vec::new();
         // Once the requests ended, what is still handed here goes back
         // with the stream's leases: nobody could mark it.
-        self.requests.as_ref()?;
-        let subscription = self.subscription.as_mut()?;
-        let mut batch = Vec::new();
+        let (Some(_), Some(subscription)) = (&self.requests, self.subscription.as_mut()) else {
+            return batch;
+        };
         while batch.len() < MAX_DELIVERIES_PER_EVENT {
             match Pin::new(&mut *subscription).poll_next(cx) {
                 Poll::Ready(Some(Ok(delivery))) => batch.push(delivery),
@@ -349,7 +351,7 @@ impl Consumption {
                 Poll::Pending => break,
             }
         }
-        (!batch.is_empty()).then_some(Ok(ConsumeEvent::Deliveries(batch)))
+        batch
     }
 
     /// Ends the stream now with `e`: the dispatcher is done with it.
@@ -372,11 +374,10 @@ impl Stream for Consumption {
         }
         this.read(cx);
         this.apply(cx);
-        if let Some(answer) = this.answers.pop_front() {
-            return Poll::Ready(Some(Ok(ConsumeEvent::Answer(answer))));
-        }
-        if let Some(event) = this.deliveries(cx) {
-            return Poll::Ready(Some(event));
+        let answer = this.answers.pop_front();
+        let deliveries = this.deliveries(cx);
+        if answer.is_some() || !deliveries.is_empty() {
+            return Poll::Ready(Some(Ok(ConsumeEvent { deliveries, answer })));
         }
         let settled = this.requests.is_none()
             && this.waiting.is_empty()

@@ -145,15 +145,9 @@ pub fn consume_request(req: pb::ConsumeRequest) -> Result<ConsumeRequest, Error>
 }
 
 pub fn consume_event(event: ConsumeEvent) -> pb::ConsumeResponse {
-    match event {
-        ConsumeEvent::Deliveries(deliveries) => pb::ConsumeResponse {
-            deliveries: deliveries.into_iter().map(delivery).collect(),
-            answer: None,
-        },
-        ConsumeEvent::Answer(answer) => pb::ConsumeResponse {
-            deliveries: Vec::new(),
-            answer: Some(consume_answer(answer)),
-        },
+    pb::ConsumeResponse {
+        deliveries: event.deliveries.into_iter().map(delivery).collect(),
+        answer: event.answer.map(consume_answer),
     }
 }
 
