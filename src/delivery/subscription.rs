@@ -24,9 +24,7 @@ impl Subscription {
             dispatcher,
         }
     }
-}
 
-impl Subscription {
     /// Nothing more is handed to this stream; what it holds stays leased
     /// until marked, expired or dropped.
     pub fn pause(&self) {

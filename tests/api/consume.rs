@@ -658,6 +658,37 @@ async fn bad_settings_and_broken_protocol_are_invalid_argument() {
     assert!(status(&mut client).await.consumers.is_empty());
 }
 
+/// A request over the size limit after the first ends the stream with
+/// RESOURCE_EXHAUSTED, after what came before it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_ends_the_stream_with_resource_exhausted() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.max_body_bytes = 16 * 1024;
+    let app = TestApp::spawn_with(db, config).await;
+    let mut client = app.client().await;
+    let mut stream = Consume::open(&mut client, "karma", 0, 0).await;
+    stream
+        .send(pb::ConsumeRequest {
+            marks: vec![mark("not a token")],
+            ..Default::default()
+        })
+        .await;
+    stream
+        .send(pb::ConsumeRequest {
+            marks: vec![pb::ConsumeMark {
+                lease_token: "x".repeat(32 * 1024),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(stream.answer().await.rejected, 1);
+    let end = stream.end().await.unwrap_err();
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    assert!(status(&mut client).await.consumers.is_empty());
+}
+
 /// Consume is a consumer's call, through the client crate as the Karma
 /// Tracker makes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
