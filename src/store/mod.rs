@@ -303,6 +303,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn sync_tables(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// After the writers: lets go of what the process holds (SQLite's
+    /// record log and its lock, so another process may open the file).
+    async fn close(&self) {}
     fn writers(&self) -> Writers;
 }
 
@@ -350,6 +353,7 @@ impl Store {
     /// Stops taking writes, commits those already queued, and waits.
     pub async fn close(&self) {
         self.writer.close().await;
+        self.backend.close().await;
     }
 
     /// Inserts packets; they are queued together so they share commits.

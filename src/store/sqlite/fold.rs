@@ -54,6 +54,8 @@ enum Job {
         since: DateTime<Utc>,
         reply: oneshot::Sender<Result<Option<i64>, StoreError>>,
     },
+    /// Fold once more, let go of the record log and stop; answer when done.
+    Close(oneshot::Sender<()>),
 }
 
 /// The handle to the fold thread; dropping it folds once more and waits.
@@ -149,6 +151,17 @@ impl Folder {
         answer.await.map_err(gone)?
     }
 
+    /// Folds once more, lets go of the record log (its lock: another
+    /// process may open the database now) and stops the thread. Later
+    /// jobs answer UNAVAILABLE.
+    pub async fn close(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.send(Job::Close(reply)).is_ok() {
+            let _ = answer.await;
+        }
+        self.jobs.lock().expect("fold jobs lock").take();
+    }
+
     /// Fine unless the last fold failed.
     pub fn healthy(&self) -> Result<(), StoreError> {
         match self.failing.lock().expect("fold state lock").clone() {
@@ -223,6 +236,13 @@ fn run(
             }
             Some(Job::FirstSeqSince { since, reply }) => {
                 let _ = reply.send(first_seq_since(&conn, since));
+            }
+            Some(Job::Close(reply)) => {
+                let _ = fold_once(&conn, &shared, &releaser);
+                shared.writer.lock().expect("writer lock").log.close();
+                drop(conn);
+                let _ = reply.send(());
+                return;
             }
         }
     }

@@ -602,6 +602,11 @@ impl Backend for SqliteBackend {
         self.folder.fold_now().await
     }
 
+    async fn close(&self) {
+        self.folder.close().await;
+        self.reads.close().await;
+    }
+
     fn writers(&self) -> Writers {
         Writers {
             ingest: 1,

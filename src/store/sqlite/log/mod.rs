@@ -51,7 +51,8 @@ pub struct RecordLog {
     /// Positions below this are folded into the tables.
     released: Arc<AtomicU64>,
     /// Held (flock) while this log is open: one process writes a log.
-    _lock: File,
+    /// None once closed.
+    lock: Option<File>,
     /// The write buffer, over-allocated so an aligned slice fits.
     buf: Vec<u8>,
     direct: bool,
@@ -125,7 +126,7 @@ impl RecordLog {
             current,
             end: replayed.end,
             released: Arc::new(AtomicU64::new(from)),
-            _lock: lock,
+            lock: Some(lock),
             buf: Vec::new(),
             direct,
         };
@@ -144,6 +145,12 @@ impl RecordLog {
         self.direct
     }
 
+    /// Lets go of the log: appends fail from now on, and another process
+    /// may open it.
+    pub fn close(&mut self) {
+        self.lock = None;
+    }
+
     /// A handle to say what is folded, from another thread.
     pub fn releaser(&self) -> Releaser {
         Releaser(self.released.clone())
@@ -153,6 +160,9 @@ impl RecordLog {
     /// position after it. On an error nothing counts as written, and the
     /// next append writes at the same position.
     pub fn append(&mut self, payload: &[u8]) -> io::Result<u64> {
+        if self.lock.is_none() {
+            return Err(io::Error::other("the record log is closed"));
+        }
         let size = block::size(payload.len()) as u64;
         if size > self.segment_size {
             return Err(io::Error::new(
