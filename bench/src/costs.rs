@@ -63,7 +63,7 @@ impl DiskWrites {
         let per =
             |v: Option<f64>, digits: usize| v.map_or("n/a".into(), |v| format!("{v:.digits$}"));
         format!(
-            "{} B written and {} write syscalls per packet ({:.1} MB, {} syscalls)",
+            "{} B written and {} write syscalls per packet ({:.1} MB and {} syscalls in the window)",
             per(self.bytes_per_packet, 0),
             per(self.syscalls_per_packet, 2),
             self.bytes as f64 / 1e6,

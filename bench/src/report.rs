@@ -171,7 +171,7 @@ impl Report {
         if let Some(d) = self.server_cost.and_then(|c| c.disk) {
             line(
                 "server writes",
-                format!("{} (/proc/PID/io write_bytes, syscw)", d.human()),
+                format!("{}; /proc/PID/io write_bytes, syscw", d.human()),
             );
         }
         if let Some(c) = &self.store_cpu {
@@ -183,7 +183,7 @@ impl Report {
         if let Some(d) = self.postgres.and_then(|c| c.disk) {
             line(
                 "PostgreSQL writes",
-                format!("{} (its processes above)", d.human()),
+                format!("{}; its processes in the store CPU line", d.human()),
             );
         }
         if let Some(w) = &self.wal {
