@@ -26,7 +26,8 @@ pub struct Mark {
     server: Option<ProcSample>,
     /// This process: the load generator and consumers.
     client_cpu: Option<f64>,
-    postgres: Option<ProcSample>,
+    pg_backends: Option<ProcSample>,
+    pg_shared: Option<ProcSample>,
     redis: Option<ProcSample>,
     wal: Option<WalSample>,
     machine: Option<f64>,
@@ -60,7 +61,8 @@ impl Probe {
         let mut mark = Mark {
             server: self.server.and_then(|p| proc_stats::sample(&[p])),
             client_cpu: proc_stats::cpu_seconds(std::process::id()),
-            postgres: proc_stats::sample(&self.store.postgres),
+            pg_backends: proc_stats::sample(&self.store.pg_backends),
+            pg_shared: proc_stats::sample(&self.store.pg_shared),
             redis: self.store.redis.and_then(|p| proc_stats::sample(&[p])),
             wal: None,
             machine: proc_stats::machine_busy_seconds(),
@@ -81,10 +83,11 @@ impl Probe {
                 .map(|(x, y)| Cost::between(x, y, window_s, packets))
         };
         report.server_cost = cost(a.server, b.server);
-        report.postgres = cost(a.postgres, b.postgres);
-        report.postgres_processes = self.store.postgres.len();
+        report.pg_backends = cost(a.pg_backends, b.pg_backends);
+        report.pg_backend_count = self.store.pg_backends.len();
+        report.pg_shared = cost(a.pg_shared, b.pg_shared);
         report.redis = cost(a.redis, b.redis);
-        let store_s: Option<f64> = [report.postgres, report.redis]
+        let store_s: Option<f64> = [report.pg_backends, report.pg_shared, report.redis]
             .iter()
             .flatten()
             .map(|c| c.cpu.seconds)

@@ -101,8 +101,11 @@ pub struct Report {
     pub cpu_basis: &'static str,
     /// PostgreSQL's and Redis's CPU together.
     pub store_cpu: Option<Cpu>,
-    pub postgres: Option<Cost>,
-    pub postgres_processes: usize,
+    /// The PostgreSQL backends of the run's database.
+    pub pg_backends: Option<Cost>,
+    pub pg_backend_count: usize,
+    /// PostgreSQL's WAL writer, checkpointer and background writer.
+    pub pg_shared: Option<Cost>,
     pub redis: Option<Cost>,
     pub wal: Option<WalCost>,
     /// The measured window second by second (e2e).
@@ -132,7 +135,7 @@ impl Report {
 
     pub fn print(&self) {
         let mut out = String::new();
-        let mut line = |k: &str, v: String| out.push_str(&format!("{k:<17}{v}\n"));
+        let mut line = |k: &str, v: String| out.push_str(&format!("{k:<18}{v}\n"));
         line(
             &format!("== {}", self.mode),
             format!("target {}", self.target),
@@ -180,10 +183,13 @@ impl Report {
                 format!("{}: {}", c.human(), self.store_parts()),
             );
         }
-        if let Some(d) = self.postgres.and_then(|c| c.disk) {
+        if let Some(d) = self.pg_backends.and_then(|c| c.disk) {
+            line("PostgreSQL writes", format!("backends: {}", d.human()));
+        }
+        if let Some(d) = self.pg_shared.and_then(|c| c.disk) {
             line(
-                "PostgreSQL writes",
-                format!("{}; its processes in the store CPU line", d.human()),
+                "",
+                format!("WAL writer, checkpointer, background writer: {}", d.human()),
             );
         }
         if let Some(w) = &self.wal {
@@ -290,11 +296,17 @@ impl Report {
                 .map_or("n/a".into(), |u| format!("{u:.0} µs"))
         };
         let mut parts = Vec::new();
-        if let Some(c) = &self.postgres {
+        if let Some(c) = &self.pg_backends {
             parts.push(format!(
-                "PostgreSQL {} ({} processes: the run's backends, WAL writer, checkpointer, background writer)",
-                us(c),
-                self.postgres_processes
+                "PostgreSQL's {} backends of the run {}",
+                self.pg_backend_count,
+                us(c)
+            ));
+        }
+        if let Some(c) = &self.pg_shared {
+            parts.push(format!(
+                "its WAL writer, checkpointer and background writer {}",
+                us(c)
             ));
         }
         if let Some(c) = &self.redis {
@@ -308,8 +320,8 @@ ingested_per_s,delivered_per_s,marked_per_s,drained_per_s,\
 ack_p50_ms,ack_p90_ms,ack_p99_ms,ack_p999_ms,ack_max_ms,\
 e2e_p50_ms,e2e_p90_ms,e2e_p99_ms,e2e_p999_ms,e2e_max_ms,worst_second,worst_second_e2e_p99_ms,\
 cpu_s,cpu_cores,cpu_us_per_packet,write_bytes_per_packet,write_syscalls_per_packet,\
-store_cpu_us_per_packet,postgres_cpu_us_per_packet,redis_cpu_us_per_packet,\
-postgres_write_bytes_per_packet,postgres_write_syscalls_per_packet,wal_bytes_per_packet,wal_records_per_packet,wal_fpi_per_packet,\
+store_cpu_us_per_packet,postgres_cpu_us_per_packet,postgres_shared_cpu_us_per_packet,redis_cpu_us_per_packet,\
+postgres_write_bytes_per_packet,postgres_write_syscalls_per_packet,postgres_shared_write_bytes_per_packet,wal_bytes_per_packet,wal_records_per_packet,wal_fpi_per_packet,\
 client_cpu_cores,machine_busy_cores,rss_max_mib,hwm_mib,\
 acked,undelivered,unmarked,redeliveries,duplicates,ingest_errors,unoffered,mark_errors,saturated,machine_cores,unix_time";
 
@@ -366,10 +378,12 @@ acked,undelivered,unmarked,redeliveries,duplicates,ingest_errors,unoffered,mark_
             bytes_per_packet(self.server_cost),
             syscalls_per_packet(self.server_cost),
             f(self.store_cpu.and_then(|c| c.us_per_packet), 1),
-            us_per_packet(self.postgres),
+            us_per_packet(self.pg_backends),
+            us_per_packet(self.pg_shared),
             us_per_packet(self.redis),
-            bytes_per_packet(self.postgres),
-            syscalls_per_packet(self.postgres),
+            bytes_per_packet(self.pg_backends),
+            syscalls_per_packet(self.pg_backends),
+            bytes_per_packet(self.pg_shared),
             f(self.wal.map(|w| w.bytes_per_packet), 0),
             f(self.wal.map(|w| w.records_per_packet), 2),
             f(self.wal.map(|w| w.fpi_per_packet), 3),

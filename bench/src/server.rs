@@ -123,7 +123,11 @@ pub struct Server {
 /// The store's processes, found once the bucket is connected.
 #[derive(Clone, Debug, Default)]
 pub struct StoreProcesses {
-    pub postgres: Vec<u32>,
+    /// The backends connected to the run's database.
+    pub pg_backends: Vec<u32>,
+    /// The cluster's WAL writer, checkpointer and background writer: they
+    /// work for every database, this run's included.
+    pub pg_shared: Vec<u32>,
     pub redis: Option<u32>,
 }
 
@@ -321,15 +325,21 @@ impl Server {
         if let Some(pg) = &self.pg
             && let Ok(mut conn) = PgConnection::connect(&pg.admin).await
         {
-            let rows: Vec<(i32,)> = sqlx::query_as(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1 \
+            let rows: Vec<(i32, bool)> = sqlx::query_as(
+                "SELECT pid, datname IS NOT DISTINCT FROM $1 FROM pg_stat_activity WHERE datname = $1 \
                  OR backend_type IN ('walwriter', 'checkpointer', 'background writer')",
             )
             .bind(&pg.name)
             .fetch_all(&mut conn)
             .await
             .unwrap_or_default();
-            store.postgres = rows.into_iter().map(|(p,)| p as u32).collect();
+            for (pid, ours) in rows {
+                if ours {
+                    store.pg_backends.push(pid as u32);
+                } else {
+                    store.pg_shared.push(pid as u32);
+                }
+            }
         }
         if self.redis_prefix.is_some()
             && let Ok(pid) = redis_keys::server_pid(&self.setup.redis_url).await

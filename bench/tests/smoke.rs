@@ -134,7 +134,12 @@ fn e2e_batch_marks() {
 fn e2e_postgres() {
     let out = run(&["e2e", "--target", "postgres", "--rate", "200"]);
     assert_none_lost(&out);
-    for line in ["server writes", "store CPU", "PostgreSQL writes", "PostgreSQL WAL"] {
+    for line in [
+        "server writes",
+        "store CPU",
+        "PostgreSQL writes",
+        "PostgreSQL WAL",
+    ] {
         assert_has_line(&out, line);
     }
 }
@@ -143,7 +148,10 @@ fn e2e_postgres() {
 fn e2e_redis() {
     let out = run(&["e2e", "--target", "redis", "--rate", "200"]);
     assert_none_lost(&out);
-    assert!(out.contains("Redis "), "no Redis CPU in the store line:\n{out}");
+    assert!(
+        out.contains("Redis "),
+        "no Redis CPU in the store line:\n{out}"
+    );
 }
 
 #[test]
@@ -164,7 +172,10 @@ fn e2e_reports_writes_and_the_worst_second() {
     assert_has_line(&out, "server writes");
     assert_has_line(&out, "p99 by second");
     assert!(out.contains("socket writes"), "no syscw note:\n{out}");
-    assert!(out.contains("10000 users"), "not the default spread:\n{out}");
+    assert!(
+        out.contains("10000 users"),
+        "not the default spread:\n{out}"
+    );
 }
 
 #[test]
@@ -248,9 +259,17 @@ fn csv_with_other_columns_is_refused() {
 #[test]
 fn drain() {
     let mut cmd = Command::new(bench());
-    cmd.args(["drain", "--backlog", "500", "--users", "100", "--drain-timeout", "60"])
-        .arg("--server-bin")
-        .arg(server_bin());
+    cmd.args([
+        "drain",
+        "--backlog",
+        "500",
+        "--users",
+        "100",
+        "--drain-timeout",
+        "60",
+    ])
+    .arg("--server-bin")
+    .arg(server_bin());
     assert_none_lost(&finish(cmd, &["drain"]));
 }
 
