@@ -101,15 +101,6 @@ struct TimingArgs {
     drain_timeout: f64,
 }
 
-impl CsvArg {
-    fn outputs(&self) -> Outputs<'_> {
-        Outputs {
-            csv: self.csv.as_deref(),
-            series: None,
-        }
-    }
-}
-
 impl TimingArgs {
     fn timing(&self) -> Timing {
         Timing {
@@ -125,6 +116,15 @@ struct CsvArg {
     /// Append one CSV row with the figures to this file
     #[arg(long)]
     csv: Option<PathBuf>,
+}
+
+impl CsvArg {
+    fn outputs(&self) -> Outputs<'_> {
+        Outputs {
+            csv: self.csv.as_deref(),
+            series: None,
+        }
+    }
 }
 
 #[derive(Args, Clone, Debug)]
