@@ -1,10 +1,10 @@
 //! An example Karma Tracker consumer, written the fastest correct way:
-//! one StreamPending subscription with room for many packets in flight, and
-//! a marker task that records outcomes with MarkProcessedBatch, as many as
-//! have piled up while the previous batch was answered (no timer, so a lone
-//! packet is marked at once). It reconnects with backoff whenever the bucket
-//! goes away; packets it had not marked come back to some consumer, so a
-//! crash here loses nothing.
+//! one Consume stream with room for many packets in flight, its marks sent
+//! back on the same stream, as many per request as have piled up while the
+//! previous one was on its way (no timer, so a lone packet is marked at
+//! once). It reconnects with backoff whenever the bucket goes away; packets
+//! it had not marked come back to some consumer, so a crash here loses
+//! nothing.
 //!
 //! It uses the `bucket-client` crate (client/), as the Karma Tracker would.
 //!
@@ -12,10 +12,10 @@
 //! (a consumer token, if the bucket wants one: BUCKET_TOKEN=...)
 use std::time::Duration;
 
-use bucket_client::{Marker, connect, json_to_struct, pb};
+use bucket_client::{Received, connect, consume as open, json_to_struct, pb};
 use serde_json::json;
 
-/// Packets a stream may hold unmarked: enough to keep the marker's batches
+/// Packets a stream may hold unmarked: enough to keep the requests of marks
 /// full while one is on its way.
 const IN_FLIGHT: u32 = 256;
 
@@ -42,17 +42,31 @@ async fn consume(
     token: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut client = connect(url, token).await?;
-    let mut stream = client
-        .stream_pending(pb::StreamPendingRequest {
+    let (mut consumer, acker) = open(
+        &mut client,
+        pb::ConsumeSettings {
             consumer: name.to_owned(),
             max_in_flight: IN_FLIGHT,
             lease_seconds: 30,
-        })
-        .await?
-        .into_inner();
+        },
+    )
+    .await?;
     println!("subscribed to {url} as {name}");
-    let (marker, marking) = Marker::spawn(client.clone(), IN_FLIGHT as usize);
-    while let Some(delivery) = stream.message().await? {
+    while let Some(received) = consumer.next().await? {
+        let delivery = match received {
+            Received::Delivery(delivery) => delivery,
+            Received::Answer(answer) => {
+                // A refused mark's packet comes back when its lease ends:
+                // nothing to redo here.
+                for refused in answer.marks.iter().filter_map(|r| match &r.outcome {
+                    Some(pb::consume_result::Outcome::Error(e)) => Some(e),
+                    _ => None,
+                }) {
+                    eprintln!("mark refused: {}", refused.message);
+                }
+                continue;
+            }
+        };
         let Some(packet) = delivery.packet else {
             continue;
         };
@@ -65,8 +79,8 @@ async fn consume(
             delivery.delivery_attempt,
             !actions.is_empty()
         );
-        let outcome = pb::MarkProcessedRequest {
-            packet_id: packet.packet_id,
+        let outcome = pb::ConsumeMark {
+            lease_token: delivery.lease_token,
             success: true,
             karma_actions: actions
                 .iter()
@@ -74,12 +88,9 @@ async fn consume(
                 .collect(),
             error_message: String::new(),
         };
-        if marker.mark(outcome).await.is_err() {
-            break; // the marker failed: reconnect
-        }
+        // Fails only when the stream is gone: reconnect after a backoff.
+        acker.mark(outcome).await?;
     }
-    drop(marker);
-    marking.await??;
     Ok(())
 }
 

@@ -199,6 +199,7 @@ pub fn required_role(method: Method) -> Option<Role> {
     match method.label() {
         "Ingest" | "IngestBatch" | "rest:ingest" => Some(Role::Ingest),
         "StreamPending"
+        | "Consume"
         | "MarkProcessed"
         | "MarkProcessedBatch"
         | "ExtendLease"
@@ -337,6 +338,10 @@ mod tests {
         assert_eq!(role("/bucket.v1.BucketService/Ingest"), Some(Role::Ingest));
         assert_eq!(
             role("/bucket.v1.BucketService/MarkProcessedBatch"),
+            Some(Role::Consumer)
+        );
+        assert_eq!(
+            role("/bucket.v1.BucketService/Consume"),
             Some(Role::Consumer)
         );
         assert_eq!(

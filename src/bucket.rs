@@ -1,4 +1,6 @@
 //! The application: what every front door calls.
+mod consume;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,8 @@ use crate::error::Error;
 use crate::store::{
     Counts, Inserted, Mark, MarkOutcome, Requeue, RequeueReason, Store, StoredPacket, UserQuery,
 };
+
+pub use consume::{Answer, ConsumeEvent, ConsumeRequest, Consumption, StreamMark, StreamMarked};
 
 pub struct Bucket {
     store: Store,
@@ -149,9 +153,20 @@ impl Bucket {
         max_in_flight: u32,
         lease_seconds: u32,
     ) -> Result<Subscription, Error> {
+        let options = self.subscribe_options(consumer, max_in_flight, lease_seconds)?;
+        self.dispatcher.subscribe(options)
+    }
+
+    /// A subscriber's options, checked, defaults applied.
+    fn subscribe_options(
+        &self,
+        consumer: &str,
+        max_in_flight: u32,
+        lease_seconds: u32,
+    ) -> Result<SubscribeOptions, Error> {
         let asked = Subscribe::check(consumer, max_in_flight, lease_seconds)
             .map_err(Error::InvalidInput)?;
-        self.dispatcher.subscribe(SubscribeOptions {
+        Ok(SubscribeOptions {
             consumer: asked.consumer,
             max_in_flight: asked.max_in_flight.unwrap_or(self.delivery.max_in_flight),
             lease: self.lease(asked.lease_seconds),
@@ -194,8 +209,25 @@ impl Bucket {
     }
 
     async fn mark_many(&self, requests: Vec<MarkRequest>) -> Vec<Result<Marked, Error>> {
+        self.record_marks(requests, &[])
+            .await
+            .into_iter()
+            .map(|r| r.map(|(marked, _)| marked))
+            .collect()
+    }
+
+    /// Validates and records outcomes in one store call, then ends their
+    /// leases. `tokens` (a Consume stream's; else empty) name the lease of
+    /// each request: with each recorded outcome comes whether that lease
+    /// had ended before the outcome was recorded.
+    async fn record_marks(
+        &self,
+        requests: Vec<MarkRequest>,
+        tokens: &[LeaseToken],
+    ) -> Vec<Result<(Marked, bool), Error>> {
         let at = Utc::now();
-        let mut results: Vec<Option<Result<Marked, Error>>> = Vec::with_capacity(requests.len());
+        let mut results: Vec<Option<Result<(Marked, bool), Error>>> =
+            Vec::with_capacity(requests.len());
         let mut valid = Vec::new();
         let mut valid_at = Vec::new();
         for (i, request) in requests.into_iter().enumerate() {
@@ -227,6 +259,9 @@ impl Bucket {
             mark.attempt = attempt;
         }
         let outcomes = self.store.mark_many(valid.clone()).await;
+        // Asked after the write, just before the leases end: a lease that
+        // expired while the outcome was written had ended.
+        let live = self.dispatcher.live(tokens);
         let mut settled = Vec::with_capacity(outcomes.len());
         let (mut processed, mut failed) = (0, 0);
         for ((i, mark), outcome) in valid_at.into_iter().zip(valid).zip(outcomes) {
@@ -246,11 +281,15 @@ impl Bucket {
                             &mut failed
                         }) += 1;
                     }
-                    Ok(Marked {
-                        packet_id,
-                        success: mark.success,
-                        already_processed,
-                    })
+                    let lease_ended = live.get(i).is_some_and(|live| !live);
+                    Ok((
+                        Marked {
+                            packet_id,
+                            success: mark.success,
+                            already_processed,
+                        },
+                        lease_ended,
+                    ))
                 }
             };
             results[i] = Some(answer);

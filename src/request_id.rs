@@ -43,6 +43,7 @@ const LABELS: &[&str] = &[
     "Status",
     "Redrive",
     "Replay",
+    "Consume",
     "rest:ingest",
     "rest:packets/pending",
     "rest:packets/mark-processed",
@@ -59,11 +60,12 @@ const LABELS: &[&str] = &[
 ];
 
 /// Where each kind of label sits in `LABELS`.
-const RPCS: std::ops::Range<usize> = 1..11;
-const REST: std::ops::Range<usize> = 11..18;
-const HEALTH: usize = 18;
-const REFLECTION: usize = 19;
-const OPS: std::ops::Range<usize> = 20..24;
+const RPCS: std::ops::Range<usize> = 1..12;
+const CONSUME: usize = 11;
+const REST: std::ops::Range<usize> = 12..19;
+const HEALTH: usize = 19;
+const REFLECTION: usize = 20;
+const OPS: std::ops::Range<usize> = 21..25;
 
 impl Method {
     pub const COUNT: usize = LABELS.len();
@@ -114,10 +116,11 @@ impl Method {
         LABELS[self.index()]
     }
 
-    /// Methods whose requests are a stream of messages (reflection), so a
-    /// request message over the limit can end the call after its headers.
+    /// Methods whose requests are a stream of messages (reflection,
+    /// Consume), so a request message over the limit can end the call
+    /// after its headers.
     pub fn streams_requests(self) -> bool {
-        self.index() == REFLECTION
+        matches!(self.index(), REFLECTION | CONSUME)
     }
 }
 
@@ -147,6 +150,7 @@ mod tests {
             Method::of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
                 .streams_requests()
         );
+        assert!(Method::of("/bucket.v1.BucketService/Consume").streams_requests());
         assert!(!Method::of("/bucket.v1.BucketService/Ingest").streams_requests());
         assert_eq!(label("/grpc.health.v1.Health/Check"), "health");
         assert_eq!(label("/metrics"), "metrics");

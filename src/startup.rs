@@ -123,6 +123,11 @@ impl Application {
         })
     }
 
+    /// The store (tests read its tables after [`Store::table_sync`]).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()

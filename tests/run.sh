@@ -112,6 +112,11 @@ cargo fmt --check
 # The consumer test runs examples/karma_consumer as a real process, and the
 # benchmark's smoke test runs the bucket binary from the same target dir.
 cargo build --workspace --bins --examples
+# The Python client (clients/python): built from proto/ into a venv under the
+# target dir; ruff, mypy --strict and pytest against the bucket just built.
+need_pkg python3 python3
+python3 -c 'import ensurepip' 2>/dev/null || need_pkg python3-venv-absent python3-venv
+bash clients/python/tests/run.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-targets --no-fail-fast "$@"
 else

@@ -1,8 +1,27 @@
 //! The PRANA bucket's client: what the Karma Tracker (or any other
 //! service) depends on, instead of the server crate. The generated gRPC
 //! client and messages ([`pb`]), a connection with an optional bearer token
-//! ([`connect`]), and [`Marker`], which records outcomes with
-//! MarkProcessedBatch as fast as the bucket takes them.
+//! ([`connect`]), [`consume`], which takes deliveries and sends their marks
+//! on one Consume stream (the cheapest way to consume), and [`Marker`],
+//! which records outcomes with MarkProcessedBatch for StreamPending
+//! subscribers.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use bucket_client::{connect, consume, pb, Received};
+//! let mut client = connect("http://127.0.0.1:3000", None).await?;
+//! let settings = pb::ConsumeSettings { consumer: "karma".into(), max_in_flight: 256, lease_seconds: 30 };
+//! let (mut consumer, acker) = consume(&mut client, settings).await?;
+//! while let Some(received) = consumer.next().await? {
+//!     match received {
+//!         Received::Delivery(delivery) => acker.ack(&delivery, Vec::new()).await?,
+//!         Received::Answer(answer) => assert_eq!(answer.rejected, 0),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! With StreamPending and MarkProcessedBatch instead:
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,15 +40,17 @@
 //! marking.await??;
 //! # Ok(()) }
 //! ```
+use std::collections::VecDeque;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt, future, stream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
+use tonic::{Request, Status, Streaming};
 
 /// The contract's messages and the generated client (`bucket.v1`).
 pub mod pb {
@@ -187,4 +208,235 @@ async fn mark_in_batches(
         // to redo here.
     }
     Ok(())
+}
+
+/// What a [`Consumer`] receives.
+// Deliveries are nearly every item and move once, from the response to
+// the caller: boxing them would cost an allocation per packet to save
+// space in the rarer answers.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Received {
+    /// A packet leased to this stream until its `lease_expires_at`.
+    Delivery(pb::StreamPendingResponse),
+    /// The answer to one request the [`Acker`]s sent (in order; the first
+    /// answers the subscription itself): each mark's, nack's and
+    /// extension's result.
+    Answer(pb::ConsumeAnswer),
+}
+
+/// The receiving end of a Consume stream: deliveries and answers.
+pub struct Consumer {
+    responses: Streaming<pb::ConsumeResponse>,
+    /// Of the last response: deliveries, then its answer.
+    ready: VecDeque<Received>,
+}
+
+impl Consumer {
+    /// The next delivery or answer; `None` once the stream ended cleanly
+    /// (every [`Acker`] was dropped and the bucket answered what they sent).
+    /// An error ends the stream: reconnect (leases still held come back to
+    /// some consumer).
+    pub async fn next(&mut self) -> Result<Option<Received>, Status> {
+        loop {
+            if let Some(received) = self.ready.pop_front() {
+                return Ok(Some(received));
+            }
+            let Some(response) = self.responses.message().await? else {
+                return Ok(None);
+            };
+            self.ready
+                .extend(response.deliveries.into_iter().map(Received::Delivery));
+            self.ready.extend(response.answer.map(Received::Answer));
+        }
+    }
+}
+
+/// One thing an [`Acker`] sends.
+enum Settle {
+    Mark(pb::ConsumeMark),
+    Nack(String),
+    Extend(String, u32),
+}
+
+/// The sending end of a Consume stream: marks, nacks and extensions, sent
+/// as requests of as many items as piled up while the previous one was on
+/// its way (no timer: a lone mark goes at once). Clone it freely; the
+/// stream's request side ends when every clone is dropped.
+#[derive(Clone)]
+pub struct Acker {
+    items: mpsc::Sender<Settle>,
+}
+
+/// The Consume stream is gone (it ended or failed): reconnect.
+#[derive(Debug)]
+pub struct ConsumeStopped;
+
+impl std::fmt::Display for ConsumeStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the Consume stream ended")
+    }
+}
+
+impl std::error::Error for ConsumeStopped {}
+
+impl Acker {
+    /// Records a delivery's outcome (as [`pb::ConsumeMark`] says it).
+    pub async fn mark(&self, mark: pb::ConsumeMark) -> Result<(), ConsumeStopped> {
+        self.send(Settle::Mark(mark)).await
+    }
+
+    /// Marks a delivery processed, with the karma actions taken for it.
+    pub async fn ack(
+        &self,
+        delivery: &pb::StreamPendingResponse,
+        karma_actions: Vec<prost_types::Struct>,
+    ) -> Result<(), ConsumeStopped> {
+        self.mark(pb::ConsumeMark {
+            lease_token: delivery.lease_token.clone(),
+            success: true,
+            karma_actions,
+            error_message: String::new(),
+        })
+        .await
+    }
+
+    /// Hands a delivery back now: it goes out again, to any consumer.
+    pub async fn nack(&self, lease_token: &str) -> Result<(), ConsumeStopped> {
+        self.send(Settle::Nack(lease_token.to_owned())).await
+    }
+
+    /// Keeps a delivery leased for `lease_seconds` more from now (0: the
+    /// stream's lease length).
+    pub async fn extend(
+        &self,
+        lease_token: &str,
+        lease_seconds: u32,
+    ) -> Result<(), ConsumeStopped> {
+        self.send(Settle::Extend(lease_token.to_owned(), lease_seconds))
+            .await
+    }
+
+    async fn send(&self, item: Settle) -> Result<(), ConsumeStopped> {
+        self.items.send(item).await.map_err(|_| ConsumeStopped)
+    }
+}
+
+/// Opens a Consume stream with `settings`. The [`Acker`] may wait for room
+/// only when more than twice `max_in_flight` items are unsent, which one
+/// mark per delivery never reaches.
+pub async fn consume(
+    client: &mut Client,
+    settings: pb::ConsumeSettings,
+) -> Result<(Consumer, Acker), Status> {
+    let room = 2 * (settings.max_in_flight.max(64) as usize);
+    let (items, waiting) = mpsc::channel(room);
+    let first = pb::ConsumeRequest {
+        settings: Some(settings),
+        ..Default::default()
+    };
+    let requests = stream::once(future::ready(first)).chain(requests(waiting));
+    let responses = client.consume(requests).await?.into_inner();
+    Ok((
+        Consumer {
+            responses,
+            ready: VecDeque::new(),
+        },
+        Acker { items },
+    ))
+}
+
+/// The requests after the first: whatever waits, up to [`MAX_BATCH`]
+/// items, one extension length per request.
+fn requests(waiting: mpsc::Receiver<Settle>) -> impl Stream<Item = pb::ConsumeRequest> {
+    stream::unfold(
+        (waiting, VecDeque::new()),
+        |(mut waiting, mut pending)| async move {
+            if pending.is_empty() {
+                let mut read = Vec::with_capacity(MAX_BATCH);
+                if waiting.recv_many(&mut read, MAX_BATCH).await == 0 {
+                    return None;
+                }
+                pending.extend(read);
+            }
+            let mut request = pb::ConsumeRequest::default();
+            let mut seconds = None;
+            let mut later = VecDeque::new();
+            for item in pending.drain(..) {
+                match item {
+                    Settle::Mark(mark) => request.marks.push(mark),
+                    Settle::Nack(token) => request.nack_lease_tokens.push(token),
+                    Settle::Extend(token, s) if seconds.is_none_or(|x| x == s) => {
+                        seconds = Some(s);
+                        request.extend_lease_tokens.push(token);
+                    }
+                    other => later.push_back(other),
+                }
+            }
+            request.extend_lease_seconds = seconds.unwrap_or(0);
+            Some((request, (waiting, later)))
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the requests after the first carry, for items sent in one go.
+    async fn requests_for(items: Vec<Settle>) -> Vec<pb::ConsumeRequest> {
+        let (tx, rx) = mpsc::channel(items.len().max(1));
+        for item in items {
+            tx.send(item).await.unwrap();
+        }
+        drop(tx);
+        requests(rx).collect().await
+    }
+
+    fn mark(token: &str) -> Settle {
+        Settle::Mark(pb::ConsumeMark {
+            lease_token: token.into(),
+            success: true,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn what_waits_goes_in_one_request_with_one_extension_length_each() {
+        let sent = requests_for(vec![
+            mark("a"),
+            Settle::Extend("b".into(), 60),
+            Settle::Nack("c".into()),
+            Settle::Extend("d".into(), 0),
+            mark("e"),
+            Settle::Extend("f".into(), 60),
+        ])
+        .await;
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        let tokens = |marks: &[pb::ConsumeMark]| {
+            marks
+                .iter()
+                .map(|m| m.lease_token.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(tokens(&sent[0].marks), ["a", "e"]);
+        assert_eq!(sent[0].nack_lease_tokens, ["c"]);
+        assert_eq!(sent[0].extend_lease_tokens, ["b", "f"]);
+        assert_eq!(sent[0].extend_lease_seconds, 60);
+        assert!(sent[0].settings.is_none());
+        assert!(sent[1].marks.is_empty());
+        assert_eq!(sent[1].extend_lease_tokens, ["d"]);
+        assert_eq!(sent[1].extend_lease_seconds, 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_holds_at_most_the_batch_limit() {
+        let items = (0..MAX_BATCH + 1).map(|i| mark(&i.to_string())).collect();
+        let sizes: Vec<usize> = requests_for(items)
+            .await
+            .iter()
+            .map(|r| r.marks.len())
+            .collect();
+        assert_eq!(sizes, [MAX_BATCH, 1]);
+    }
 }

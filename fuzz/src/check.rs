@@ -515,3 +515,65 @@ fn same_value(sent: &prost_types::Value, got: &Value) {
         (kind, got) => panic!("{kind:?} became {got}"),
     }
 }
+
+/// Arbitrary bytes as a segment of the SQLite record log, and as one
+/// block's payload. As a segment: the scan never panics, stops at the first
+/// thing that is not a block, and every block it returns is exactly what
+/// encoding its payload at its position writes. As a payload: written as a
+/// block and scanned, it comes back whole and alone. Either way a payload
+/// decoded as a commit group's record never panics, and a packet read from
+/// one reads back the same after the store writes it again.
+pub fn record_log(data: &[u8]) {
+    use bucket::store::record_log::{block, scan};
+
+    let (payloads, end, _) = scan(data, 0, 0);
+    let mut pos = 0usize;
+    for payload in &payloads {
+        let size = block::size(payload.len());
+        let mut out = vec![0xAA; size];
+        block::encode(pos as u64, payload, &mut out);
+        let written = block::HEADER + payload.len();
+        assert_eq!(&out[..written], &data[pos..pos + written], "block at {pos}");
+        pos += size;
+        group_record(payload);
+    }
+    assert_eq!(end, pos as u64, "the scan ends after its last block");
+
+    let at = 512 * u64::from(data.first().copied().unwrap_or(0));
+    let mut out = vec![0; block::size(data.len())];
+    block::encode(at, data, &mut out);
+    let (read, end, why) = scan(&out, at, at);
+    assert_eq!(read, [data], "a block reads back whole");
+    assert_eq!(end, at + out.len() as u64);
+    assert_eq!(why, block::NotABlock::Short, "and alone");
+    group_record(data);
+}
+
+/// A block's payload as the record of one commit group.
+fn group_record(payload: &[u8]) {
+    use bucket::store::log_record::{GroupRecord, InsertRecord, from_micros, packet_id};
+
+    let Ok(group) = GroupRecord::decode(payload) else {
+        return;
+    };
+    for insert in group.inserts {
+        let seq = insert.seq;
+        let Ok((packet, received_at)) = insert.into_packet() else {
+            continue;
+        };
+        let once = InsertRecord::new(seq, &packet, received_at);
+        let (again, again_at) = once
+            .clone()
+            .into_packet()
+            .expect("a record the store wrote reads back");
+        let twice = InsertRecord::new(seq, &again, again_at);
+        assert_eq!(once.encode_to_vec(), twice.encode_to_vec(), "a fixed point");
+    }
+    for change in group.changes {
+        let _ = change.status();
+        let _ = packet_id(&change.packet_id);
+        if let Some(us) = change.processed_at_us {
+            let _ = from_micros(us);
+        }
+    }
+}

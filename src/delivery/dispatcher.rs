@@ -84,6 +84,19 @@ struct Stream {
     lease: Duration,
     held: HashSet<PacketId>,
     connected_at: DateTime<Utc>,
+    /// Takes nothing more (a Consume stream whose client ended its side
+    /// keeps its leases until its last marks are recorded).
+    paused: bool,
+}
+
+impl Stream {
+    /// How many more packets it may be handed now.
+    fn room(&self) -> usize {
+        if self.paused {
+            return 0;
+        }
+        (self.max_in_flight as usize).saturating_sub(self.held.len())
+    }
 }
 
 struct Ending {
@@ -119,7 +132,7 @@ impl Core {
                 .streams
                 .get_mut(&sid)
                 .expect("rotation lists live streams");
-            if stream.held.len() >= stream.max_in_flight as usize {
+            if stream.room() == 0 {
                 full += 1;
                 continue;
             }
@@ -302,11 +315,7 @@ impl Core {
     }
 
     fn wanted(&self) -> usize {
-        let room: usize = self
-            .streams
-            .values()
-            .map(|s| (s.max_in_flight as usize).saturating_sub(s.held.len()))
-            .sum();
+        let room: usize = self.streams.values().map(Stream::room).sum();
         room.saturating_sub(self.queue.len())
     }
 }
@@ -487,6 +496,7 @@ impl Dispatcher {
                 lease: options.lease,
                 held: HashSet::new(),
                 connected_at: Utc::now(),
+                paused: false,
             },
         );
         core.rotation.push(sid);
@@ -560,6 +570,23 @@ impl Dispatcher {
         }
         metrics::counter!("bucket_deliveries_total").increment(out.len() as u64);
         Ok(out)
+    }
+
+    /// Stream `sid` is handed nothing more; what it holds stays leased.
+    pub(super) fn pause(&self, sid: u64) {
+        if let Some(stream) = self.lock().streams.get_mut(&sid) {
+            stream.paused = true;
+        }
+    }
+
+    /// Whether the lease each token names is still held (granted here,
+    /// under that grant, and not ended since).
+    pub fn live(&self, tokens: &[LeaseToken]) -> Vec<bool> {
+        let core = self.lock();
+        tokens
+            .iter()
+            .map(|t| *t.node == *core.node && core.leases.holds(&t.packet_id, t.grant))
+            .collect()
     }
 
     /// The delivery each packet is on, where this node leased it (0 elsewhere).

@@ -1,6 +1,6 @@
-//! One StreamPending call's end of the dispatcher: the deliveries handed to
-//! it, and (at shutdown) the error that ends it. Dropped when the client
-//! goes away, which ends its leases at once.
+//! One StreamPending or Consume call's end of the dispatcher: the
+//! deliveries handed to it, and (at shutdown) the error that ends it.
+//! Dropped when the client goes away, which ends its leases at once.
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,6 +23,12 @@ impl Subscription {
             stream,
             dispatcher,
         }
+    }
+
+    /// Nothing more is handed to this stream; what it holds stays leased
+    /// until marked, expired or dropped.
+    pub fn pause(&self) {
+        self.dispatcher.pause(self.stream);
     }
 }
 

@@ -1,9 +1,11 @@
 //! Proto messages to and from the domain.
-use crate::bucket::{Marked, RequeueRequest, StatusReport};
-use crate::delivery::{ConsumerInfo, Delivery};
+use crate::bucket::{
+    Answer, ConsumeEvent, ConsumeRequest, Marked, RequeueRequest, StatusReport, StreamMark,
+};
+use crate::delivery::{ConsumerInfo, Delivery, LeaseChange};
 use crate::domain::mark::MarkRequest;
 use crate::domain::packet::TimestampInput;
-use crate::domain::{DeliveryStatus, Packet, PacketDraft, SenderRole, SystemType};
+use crate::domain::{DeliveryStatus, Packet, PacketDraft, PacketId, SenderRole, SystemType};
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
 use crate::proto::{action_to_struct, from_timestamp, json_to_struct, struct_to_json, timestamp};
@@ -104,12 +106,109 @@ pub fn mark_request(req: pb::MarkProcessedRequest) -> MarkRequest {
     MarkRequest {
         packet_id: req.packet_id,
         success: req.success,
-        karma_actions: req
-            .karma_actions
-            .into_iter()
-            .map(|s| Value::Object(struct_to_json(s)))
-            .collect(),
+        karma_actions: karma_actions(req.karma_actions),
         error_message: non_empty(req.error_message),
+    }
+}
+
+fn karma_actions(actions: Vec<prost_types::Struct>) -> Vec<Value> {
+    actions
+        .into_iter()
+        .map(|s| Value::Object(struct_to_json(s)))
+        .collect()
+}
+
+/// A Consume request after the first (its settings already taken);
+/// settings in it again are refused.
+pub fn consume_request(req: pb::ConsumeRequest) -> Result<ConsumeRequest, Error> {
+    if req.settings.is_some() {
+        return Err(Error::invalid(
+            "settings",
+            "settings go in the first request of a Consume stream only",
+        ));
+    }
+    Ok(ConsumeRequest {
+        marks: req
+            .marks
+            .into_iter()
+            .map(|m| StreamMark {
+                lease_token: m.lease_token,
+                success: m.success,
+                karma_actions: karma_actions(m.karma_actions),
+                error_message: non_empty(m.error_message),
+            })
+            .collect(),
+        nacks: req.nack_lease_tokens,
+        extensions: req.extend_lease_tokens,
+        extend_seconds: req.extend_lease_seconds,
+    })
+}
+
+pub fn consume_event(event: ConsumeEvent) -> pb::ConsumeResponse {
+    pb::ConsumeResponse {
+        deliveries: event.deliveries.into_iter().map(delivery).collect(),
+        answer: event.answer.map(consume_answer),
+    }
+}
+
+fn consume_answer(a: Answer) -> pb::ConsumeAnswer {
+    use pb::consume_result::Outcome;
+    let mut rejected = 0;
+    let mut refused = |index: usize, e: &Error| {
+        rejected += 1;
+        pb::ConsumeResult {
+            index: index as u32,
+            outcome: Some(Outcome::Error(ingest_error(e))),
+            lease_ended: false,
+        }
+    };
+    let mut marks = Vec::with_capacity(a.marks.len());
+    let mut marked = 0;
+    for (index, result) in a.marks.into_iter().enumerate() {
+        marks.push(match result {
+            Ok(m) => {
+                marked += 1;
+                pb::ConsumeResult {
+                    index: index as u32,
+                    outcome: Some(Outcome::Marked(self::marked(m.marked))),
+                    lease_ended: m.lease_ended,
+                }
+            }
+            Err(e) => refused(index, &e),
+        });
+    }
+    let mut leases = |results: Vec<Result<(PacketId, LeaseChange), Error>>| {
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(index, result)| match result {
+                Ok((packet_id, change)) => pb::ConsumeResult {
+                    index: index as u32,
+                    outcome: Some(Outcome::Lease(extended_lease(packet_id, change))),
+                    lease_ended: false,
+                },
+                Err(e) => refused(index, &e),
+            })
+            .collect::<Vec<_>>()
+    };
+    let nacks = leases(a.nacks);
+    let extensions = leases(a.extensions);
+    pb::ConsumeAnswer {
+        marks,
+        nacks,
+        extensions,
+        marked,
+        rejected,
+    }
+}
+
+pub fn extended_lease(packet_id: PacketId, change: LeaseChange) -> pb::ExtendedLease {
+    pb::ExtendedLease {
+        packet_id: packet_id.to_string(),
+        lease_expires_at: match change {
+            LeaseChange::Extended(until) => Some(timestamp(until)),
+            LeaseChange::Ended => None,
+        },
     }
 }
 

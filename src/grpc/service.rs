@@ -1,14 +1,13 @@
 //! BucketService: parse the request, call the application, map the answer.
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use futures::{Stream, StreamExt};
-use tonic::{Request, Response, Status};
+use futures::{Stream, StreamExt, future, stream};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use crate::auth::Caller;
 use crate::bucket::Bucket;
-use crate::delivery::LeaseChange;
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
 use crate::proto::bucket::v1::bucket_service_server::BucketService;
@@ -25,6 +24,7 @@ impl BucketGrpc {
 }
 
 type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::StreamPendingResponse, Status>> + Send>>;
+type ConsumeStream = Pin<Box<dyn Stream<Item = Result<pb::ConsumeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl BucketService for BucketGrpc {
@@ -145,13 +145,9 @@ impl BucketService for BucketGrpc {
             let outcome = match result {
                 Ok((packet_id, change)) => {
                     response.extended += 1;
-                    pb::extend_lease_result::Outcome::Extended(pb::ExtendedLease {
-                        packet_id: packet_id.to_string(),
-                        lease_expires_at: match change {
-                            LeaseChange::Extended(until) => Some(crate::proto::timestamp(until)),
-                            LeaseChange::Ended => None,
-                        },
-                    })
+                    pb::extend_lease_result::Outcome::Extended(convert::extended_lease(
+                        packet_id, change,
+                    ))
                 }
                 Err(e) => {
                     response.rejected += 1;
@@ -164,6 +160,52 @@ impl BucketService for BucketGrpc {
             });
         }
         Ok(Response::new(response))
+    }
+
+    type ConsumeStream = ConsumeStream;
+
+    async fn consume(
+        &self,
+        request: Request<Streaming<pb::ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let mut first = inbound.message().await?.unwrap_or_default();
+        let settings = first.settings.take().ok_or_else(|| {
+            Error::invalid(
+                "settings",
+                "the first request of a Consume stream subscribes: settings is required",
+            )
+        })?;
+        let first = convert::consume_request(first)?;
+        // A transport error on the requests (a message over the size
+        // limit, say) ends the answers with that same status, after what
+        // was read before it is answered.
+        let broken: Arc<Mutex<Option<Status>>> = Arc::default();
+        let rest = inbound.scan(broken.clone(), |broken, message| {
+            future::ready(match message {
+                Ok(message) => Some(convert::consume_request(message)),
+                Err(status) => {
+                    *broken.lock().expect("consume lock poisoned") = Some(status);
+                    None
+                }
+            })
+        });
+        let requests = stream::once(future::ready(Ok(first))).chain(rest);
+        let consumption = self
+            .bucket
+            .consume(
+                &settings.consumer,
+                settings.max_in_flight,
+                settings.lease_seconds,
+                Box::pin(requests),
+            )
+            .map_err(|e| e.prefixed("settings."))?;
+        let events =
+            consumption.map(|event| event.map(convert::consume_event).map_err(Status::from));
+        let broken =
+            stream::once(async move { broken.lock().expect("consume lock poisoned").take() })
+                .filter_map(|status| future::ready(status.map(Err)));
+        Ok(Response::new(Box::pin(events.chain(broken))))
     }
 
     async fn redrive(

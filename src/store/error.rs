@@ -98,6 +98,14 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+impl From<std::io::Error> for StoreError {
+    /// The record log's disk: full, failing, or refusing writes. Nothing
+    /// was acknowledged; a retry may succeed once the disk takes writes.
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Unavailable(Cause::of(e))
+    }
+}
+
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
         match e {

@@ -14,6 +14,9 @@ mod postgres;
 pub mod retention;
 mod rows;
 mod sqlite;
+/// The SQLite record log's on-disk format (blocks, and the records in
+/// them), public for its fuzz target.
+pub use sqlite::{log as record_log, record as log_record};
 mod writer;
 
 use std::sync::Arc;
@@ -295,6 +298,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError>;
     async fn counts(&self) -> Result<Counts, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Brings the tables up to date with everything acknowledged (SQLite
+    /// folds its record log into them); PostgreSQL's always are.
+    async fn sync_tables(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     fn writers(&self) -> Writers;
 }
 
@@ -464,6 +472,32 @@ impl Store {
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.backend.ping().await
+    }
+
+    /// See [`Backend::sync_tables`].
+    pub async fn sync_tables(&self) -> Result<(), StoreError> {
+        self.backend.sync_tables().await
+    }
+
+    /// A handle that brings the tables up to date while this store lives,
+    /// without keeping it alive (for tests that read the tables directly).
+    pub fn table_sync(&self) -> TableSync {
+        TableSync(Arc::downgrade(&self.backend))
+    }
+}
+
+/// See [`Store::table_sync`].
+#[derive(Clone)]
+pub struct TableSync(std::sync::Weak<dyn Backend>);
+
+impl TableSync {
+    /// Brings the tables up to date; nothing once the store is gone.
+    pub async fn sync(&self) {
+        if let Some(backend) = self.0.upgrade()
+            && let Err(e) = backend.sync_tables().await
+        {
+            tracing::warn!(error = %e, "bringing the tables up to date failed");
+        }
     }
 }
 

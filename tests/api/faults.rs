@@ -999,6 +999,7 @@ async fn sqlite_on_a_full_disk() {
         "the disk never ran full"
     );
 
+    app.db.sync_tables().await;
     let stored = stored_in_sqlite(&url).await;
     let lost: Vec<&String> = acked.difference(&stored).collect();
     assert!(

@@ -58,3 +58,12 @@ fn proto_packet_regressions_and_seeds() {
     );
     assert!(n > 0, "no inputs found under fuzz/");
 }
+
+#[test]
+fn record_log_regressions_and_seeds() {
+    let n = replay(
+        &["regressions/record_log", "seeds/record_log"],
+        check::record_log,
+    );
+    assert!(n > 0, "no inputs found under fuzz/");
+}

@@ -60,6 +60,10 @@ pub struct TestDb {
     pub redis: Option<(String, String)>,
     _dir: Option<tempfile::TempDir>,
     pg_name: Option<String>,
+    /// The stores of the apps on this database: their tables are brought
+    /// up to date before a test reads them (SQLite keeps what it just
+    /// acknowledged in its record log for up to a second).
+    stores: std::sync::Mutex<Vec<bucket::store::TableSync>>,
 }
 
 /// The PostgreSQL server the tests create their databases on.
@@ -83,6 +87,7 @@ impl TestDb {
                     redis: None,
                     _dir: Some(dir),
                     pg_name: None,
+                    stores: Default::default(),
                 }
             }
             Backend::Postgres | Backend::Redis => {
@@ -108,13 +113,23 @@ impl TestDb {
                     redis,
                     _dir: None,
                     pg_name: Some(name),
+                    stores: Default::default(),
                 }
             }
         })
     }
 
+    /// Brings the tables of every app on this database up to date.
+    pub async fn sync_tables(&self) {
+        let stores = self.stores.lock().unwrap().clone();
+        for store in stores {
+            store.sync().await;
+        }
+    }
+
     /// Packets per status, read straight from the database.
     pub async fn status_counts(&self) -> std::collections::HashMap<String, i64> {
+        self.sync_tables().await;
         let sql = "SELECT status, COUNT(*) AS n FROM packets GROUP BY status";
         let rows: Vec<(String, i64)> = if self.pg_name.is_some() {
             let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
@@ -133,8 +148,10 @@ impl TestDb {
 
 impl TestDb {
     /// Takes storage away from the server: PostgreSQL refuses connections
-    /// (and drops the open ones); SQLite loses its table.
+    /// (and drops the open ones); SQLite's record log refuses writes (its
+    /// files made immutable) and its table is gone.
     pub async fn break_storage(&self) {
+        self.record_log_immutable(true);
         self.admin_sql(
             &[
                 "ALTER DATABASE {db} ALLOW_CONNECTIONS false",
@@ -146,11 +163,33 @@ impl TestDb {
     }
 
     pub async fn mend_storage(&self) {
+        self.record_log_immutable(false);
         self.admin_sql(
             &["ALTER DATABASE {db} ALLOW_CONNECTIONS true"],
             "ALTER TABLE packets_away RENAME TO packets",
         )
         .await;
+    }
+
+    /// `chattr ±i` on the SQLite record log's directory and files: a write
+    /// through a descriptor already open fails (EPERM), even for root.
+    fn record_log_immutable(&self, on: bool) {
+        let Some(db) = self.url.strip_prefix("sqlite://") else {
+            return;
+        };
+        let dir = format!("{db}-records");
+        let mut paths: Vec<String> = std::fs::read_dir(&dir)
+            .expect("the record log's directory")
+            .map(|e| e.unwrap().path().display().to_string())
+            .collect();
+        paths.push(dir);
+        let flag = if on { "+i" } else { "-i" };
+        let status = std::process::Command::new("chattr")
+            .arg(flag)
+            .args(&paths)
+            .status()
+            .expect("chattr (e2fsprogs)");
+        assert!(status.success(), "chattr {flag} {paths:?}");
     }
 
     async fn admin_sql(&self, pg: &[&str], sqlite: &str) {
@@ -249,6 +288,7 @@ impl TestApp {
             .await
             .expect("app builds");
         let addr = app.local_addr();
+        db.stores.lock().unwrap().push(app.store().table_sync());
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run(stop.clone().cancelled_owned()));
         TestApp {

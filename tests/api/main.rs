@@ -5,6 +5,7 @@ mod helpers;
 mod bad_input;
 mod browser;
 mod client;
+mod consume;
 mod crash;
 mod delivery;
 mod deploy;

@@ -1,0 +1,564 @@
+//! The fold thread: brings SQLite's tables up to date with the record log.
+//!
+//! Invariants:
+//! - The only writer of the tables: a fold, retention and the operators'
+//!   Redrive and Replay all run here, one at a time.
+//! - A fold writes a snapshot of the overlay in one transaction, with the
+//!   log position the snapshot is complete to (`fold_meta.folded_lsn`);
+//!   only after the commit are the folded entries taken out of the overlay
+//!   and the log before that position released. A crash anywhere in
+//!   between replays the log from the last committed position, and
+//!   writing a replayed state again leaves the same row.
+//! - A change made to the tables without the log (retention, Redrive,
+//!   Replay) commits while the writer is paused and touches no packet the
+//!   overlay holds, so the overlay never hides it nor is hidden by it.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::log::Releaser;
+use super::overlay::{Entry, Kind};
+use super::{Shared, id_text, text_time};
+use crate::domain::{DeliveryStatus, PacketId};
+use crate::store::{Counts, Requeue, StoreError, rows};
+
+/// How often the tables are brought up to date.
+const FOLD_EVERY: Duration = Duration::from_secs(1);
+
+/// Overlay entries past which a fold starts at once.
+pub const FOLD_AT: usize = 20_000;
+
+/// WAL frames (4 KiB pages) past which the WAL file is cut back when it
+/// starts over.
+const WAL_KEEP_BYTES: i64 = 64 << 20;
+
+enum Job {
+    /// Fold now; answer when done (None: nobody waits).
+    Fold(Option<oneshot::Sender<Result<(), StoreError>>>),
+    Prune {
+        before: DateTime<Utc>,
+        limit: u32,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Requeue {
+        requeue: Requeue,
+        at: DateTime<Utc>,
+        reply: oneshot::Sender<Result<Vec<(PacketId, i64)>, StoreError>>,
+    },
+    FirstSeqSince {
+        since: DateTime<Utc>,
+        reply: oneshot::Sender<Result<Option<i64>, StoreError>>,
+    },
+}
+
+/// The handle to the fold thread; dropping it folds once more and waits.
+pub struct Folder {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// A fold was asked for and has not started yet.
+    asked: Arc<AtomicBool>,
+    /// Why the last fold failed, until one succeeds.
+    failing: Arc<Mutex<Option<StoreError>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Settings of the writing connection.
+pub fn prepare(conn: &rusqlite::Connection) -> Result<(), StoreError> {
+    conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
+    Ok(())
+}
+
+/// Packets per status, as the tables count them (migration 0004's triggers).
+pub fn table_counts(conn: &rusqlite::Connection) -> Result<Counts, StoreError> {
+    let mut statement = conn.prepare_cached("SELECT status, n FROM packet_counts")?;
+    let rows = statement
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Counts::from_rows(rows))
+}
+
+impl Folder {
+    pub fn start(tables: rusqlite::Connection, shared: Arc<Shared>) -> Result<Folder, StoreError> {
+        let (tx, rx) = mpsc::channel();
+        let asked = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(Mutex::new(None));
+        let releaser = shared.writer.lock().expect("writer lock").log.releaser();
+        let thread = {
+            let (asked, failing) = (asked.clone(), failing.clone());
+            std::thread::Builder::new()
+                .name("bucket-fold".into())
+                .spawn(move || run(tables, shared, releaser, rx, asked, failing))
+                .map_err(|e| StoreError::Internal(format!("fold thread: {e}").into()))?
+        };
+        Ok(Folder {
+            jobs: Mutex::new(Some(tx)),
+            asked,
+            failing,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        let jobs = self.jobs.lock().expect("fold jobs lock");
+        jobs.as_ref()
+            .and_then(|jobs| jobs.send(job).ok())
+            .ok_or_else(|| StoreError::Unavailable("the bucket is shutting down".into()))
+    }
+
+    /// Asks for a fold without waiting for it.
+    pub fn soon(&self) {
+        if !self.asked.swap(true, Ordering::AcqRel) {
+            let _ = self.send(Job::Fold(None));
+        }
+    }
+
+    /// Folds now and waits.
+    pub async fn fold_now(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Fold(Some(reply)))?;
+        answer.await.map_err(gone)?
+    }
+
+    pub async fn prune(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Prune {
+            before,
+            limit,
+            reply,
+        })?;
+        answer.await.map_err(gone)?
+    }
+
+    pub async fn requeue(
+        &self,
+        requeue: Requeue,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<(PacketId, i64)>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Requeue { requeue, at, reply })?;
+        answer.await.map_err(gone)?
+    }
+
+    pub async fn first_seq_since(&self, since: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::FirstSeqSince { since, reply })?;
+        answer.await.map_err(gone)?
+    }
+
+    /// Fine unless the last fold failed.
+    pub fn healthy(&self) -> Result<(), StoreError> {
+        match self.failing.lock().expect("fold state lock").clone() {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        self.jobs.lock().expect("fold jobs lock").take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn gone(_: oneshot::error::RecvError) -> StoreError {
+    StoreError::Internal("the fold thread stopped".into())
+}
+
+fn run(
+    conn: rusqlite::Connection,
+    shared: Arc<Shared>,
+    releaser: Releaser,
+    jobs: mpsc::Receiver<Job>,
+    asked: Arc<AtomicBool>,
+    failing: Arc<Mutex<Option<StoreError>>>,
+) {
+    let record = |result: &Result<usize, StoreError>| {
+        let mut failing = failing.lock().expect("fold state lock");
+        match result {
+            Ok(_) => *failing = None,
+            Err(e) => {
+                if failing.is_none() {
+                    tracing::warn!(error = %e, "bringing the tables up to date failed; the record log keeps everything, retrying");
+                }
+                *failing = Some(e.clone());
+            }
+        }
+    };
+    loop {
+        let job = match jobs.recv_timeout(FOLD_EVERY) {
+            Ok(job) => Some(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Shutting down: what is folded now need not be replayed.
+                let _ = fold_once(&conn, &shared, &releaser);
+                return;
+            }
+        };
+        match job {
+            None | Some(Job::Fold(None)) => {
+                asked.store(false, Ordering::Release);
+                record(&fold_once(&conn, &shared, &releaser));
+            }
+            Some(Job::Fold(Some(reply))) => {
+                let result = fold_once(&conn, &shared, &releaser);
+                record(&result);
+                let _ = reply.send(result.map(|_| ()));
+            }
+            Some(Job::Prune {
+                before,
+                limit,
+                reply,
+            }) => {
+                let _ = reply.send(prune(&conn, &shared, before, limit));
+            }
+            Some(Job::Requeue { requeue, at, reply }) => {
+                let _ = reply.send(requeue_now(&conn, &shared, &releaser, &requeue, at));
+            }
+            Some(Job::FirstSeqSince { since, reply }) => {
+                let _ = reply.send(first_seq_since(&conn, since));
+            }
+        }
+    }
+}
+
+/// Writes the overlay into the tables; answers how many packets it wrote.
+pub fn fold_once(
+    conn: &rusqlite::Connection,
+    shared: &Shared,
+    releaser: &Releaser,
+) -> Result<usize, StoreError> {
+    let snapshot = shared.overlay.lock().expect("overlay lock").snapshot();
+    if snapshot.entries.is_empty() {
+        return Ok(0);
+    }
+    let started = std::time::Instant::now();
+    let tx = conn.unchecked_transaction()?;
+    let (mut new, mut changed): (Vec<_>, Vec<_>) = snapshot
+        .entries
+        .iter()
+        .partition(|(_, e)| matches!(e.kind, Kind::New(_)));
+    new.sort_by_key(|(_, e)| e.seq);
+    changed.sort_by_key(|(_, e)| e.seq);
+    insert_new(&tx, &new)?;
+    update_changed(&tx, &changed)?;
+    chain_users(&tx, &new)?;
+    tx.execute(
+        "UPDATE fold_meta SET folded_lsn = ?1, next_seq = MAX(next_seq, ?2) WHERE id = 1",
+        params![snapshot.lsn as i64, snapshot.next_seq],
+    )?;
+    tx.commit()?;
+    shared
+        .overlay
+        .lock()
+        .expect("overlay lock")
+        .folded(&snapshot.entries);
+    releaser.release(snapshot.lsn);
+    // The only writer: a pass finds the WAL complete unless a reader still
+    // reads an old snapshot, and the next fold then starts the WAL over.
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::warn!(error = %e, "WAL checkpoint failed; retrying after the next fold");
+    }
+    metrics::histogram!("bucket_fold_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("bucket_fold_packets").record(snapshot.entries.len() as f64);
+    Ok(snapshot.entries.len())
+}
+
+/// Every column a folded row has but `history` (it keeps its default).
+const ROW: &str = "seq, packet_id, user_id, employee_id, session_id, lesson_id, system_type, \
+     role, client_timestamp, cognitive_state, state, active_seconds, idle_seconds, away_seconds, \
+     focus_score, integrity_score, raw_signals, received_at, status, delivery_attempts, \
+     processed_at, processed_by_karma, karma_actions, processing_error";
+const ROW_VALUES: usize = 24;
+
+/// The multi-row INSERT for `n` rows (a power of two): a row replayed over
+/// itself (the fold that wrote it committed, its overlay entry not yet
+/// gone) only takes its state again.
+fn insert_sql(n: usize) -> &'static str {
+    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let shapes = SHAPES.get_or_init(|| {
+        (0..=rows::MAX_ROWS_PER_STATEMENT.ilog2())
+            .map(|k| {
+                let row = format!("({})", ["?"; ROW_VALUES].join(", "));
+                format!(
+                    "INSERT INTO packets ({ROW}) VALUES {} ON CONFLICT (seq) DO UPDATE SET \
+                     status = excluded.status, delivery_attempts = excluded.delivery_attempts, \
+                     processed_at = excluded.processed_at, \
+                     processed_by_karma = excluded.processed_by_karma, \
+                     karma_actions = excluded.karma_actions, \
+                     processing_error = excluded.processing_error",
+                    vec![row; 1 << k].join(", ")
+                )
+            })
+            .collect()
+    });
+    &shapes[n.ilog2() as usize]
+}
+
+fn insert_new(
+    tx: &rusqlite::Transaction<'_>,
+    new: &[&(PacketId, Entry)],
+) -> Result<(), StoreError> {
+    for chunk in rows::chunks(new) {
+        let mut insert = tx.prepare_cached(insert_sql(chunk.len()))?;
+        let mut at = 0;
+        let mut bind = |value: &dyn rusqlite::ToSql| {
+            at += 1;
+            insert.raw_bind_parameter(at, value)
+        };
+        for (id, entry) in chunk.iter().copied() {
+            let Kind::New(p) = &entry.kind else {
+                unreachable!("partitioned: new entries only");
+            };
+            let s = &entry.state;
+            bind(&entry.seq)?;
+            bind(&id_text(*id))?;
+            bind(&p.user_id)?;
+            bind(&p.employee_id)?;
+            bind(&p.session_id)?;
+            bind(&p.lesson_id)?;
+            bind(&p.system_type.map(|s| s.as_str()))?;
+            bind(&p.role.map(|r| r.as_str()))?;
+            bind(&text_time(p.client_timestamp))?;
+            bind(&p.cognitive_state)?;
+            bind(&p.state.map(|s| s.as_str()))?;
+            bind(&p.active_seconds)?;
+            bind(&p.idle_seconds)?;
+            bind(&p.away_seconds)?;
+            bind(&p.focus_score)?;
+            bind(&p.integrity_score)?;
+            bind(&serde_json::to_string(&p.raw_signals).expect("JSON values encode"))?;
+            bind(&text_time(entry.received_at))?;
+            bind(&s.status.as_str())?;
+            bind(&s.attempts)?;
+            bind(&s.processed_at.map(text_time))?;
+            bind(&s.processed_by_karma)?;
+            bind(&&*s.karma_actions)?;
+            bind(&s.error_message.as_deref())?;
+        }
+        insert.raw_execute()?;
+    }
+    Ok(())
+}
+
+fn update_changed(
+    tx: &rusqlite::Transaction<'_>,
+    changed: &[&(PacketId, Entry)],
+) -> Result<(), StoreError> {
+    let mut update = tx.prepare_cached(
+        "UPDATE packets SET status = ?2, delivery_attempts = ?3, processed_at = ?4, \
+         processed_by_karma = ?5, karma_actions = ?6, processing_error = ?7 WHERE seq = ?1",
+    )?;
+    for (_, entry) in changed.iter().copied() {
+        let s = &entry.state;
+        update.execute(params![
+            entry.seq,
+            s.status.as_str(),
+            s.attempts,
+            s.processed_at.map(text_time),
+            s.processed_by_karma,
+            &*s.karma_actions,
+            s.error_message.as_deref(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// Adds this fold's packets to each user's chain: one `user_folds` row per
+/// user, keyed by the fold's first seq so the table only grows at its end,
+/// pointing at the user's previous row; `user_heads` names the newest.
+fn chain_users(
+    tx: &rusqlite::Transaction<'_>,
+    new: &[&(PacketId, Entry)],
+) -> Result<(), StoreError> {
+    let Some(fold) = new.first().map(|(_, e)| e.seq) else {
+        return Ok(());
+    };
+    let mut by_user: std::collections::BTreeMap<&str, Vec<i64>> = Default::default();
+    for (_, entry) in new.iter().copied() {
+        by_user.entry(entry.user_id()).or_default().push(entry.seq);
+    }
+    let mut head = tx.prepare_cached("SELECT fold FROM user_heads WHERE user_id = ?1")?;
+    let mut link = tx.prepare_cached(
+        "INSERT OR IGNORE INTO user_folds (fold, user_id, prev, last_seq, seqs) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut advance = tx.prepare_cached(
+        "INSERT INTO user_heads (user_id, fold) VALUES (?1, ?2) \
+         ON CONFLICT (user_id) DO UPDATE SET fold = excluded.fold",
+    )?;
+    for (user, seqs) in by_user {
+        let prev: Option<i64> = head.query_row([user], |r| r.get(0)).optional()?;
+        let last = *seqs.last().expect("at least one");
+        let list = serde_json::to_string(&seqs).expect("numbers encode");
+        link.execute(params![fold, user, prev.filter(|p| *p != fold), last, list])?;
+        advance.execute(params![user, fold])?;
+    }
+    Ok(())
+}
+
+/// The first seq of the packets received at or after `since`. Seqs and
+/// received_at grow together (one writer stamps both), so a binary search
+/// over seq by rowid look-ups finds it without an index on received_at.
+pub fn first_seq_since(
+    conn: &rusqlite::Connection,
+    since: DateTime<Utc>,
+) -> Result<Option<i64>, StoreError> {
+    let since = text_time(since);
+    let mut at_or_after = conn.prepare_cached(
+        "SELECT seq, received_at >= ?2 FROM packets WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+    )?;
+    // The row at or after `seq`, and whether it is as recent as `since`.
+    let mut probe = |seq: i64| -> Result<Option<(i64, bool)>, StoreError> {
+        Ok(at_or_after
+            .query_row(params![seq, since], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    };
+    let Some((first, recent)) = probe(i64::MIN)? else {
+        return Ok(None);
+    };
+    if recent {
+        return Ok(Some(first));
+    }
+    let last: i64 = conn.query_row("SELECT MAX(seq) FROM packets", [], |r| r.get(0))?;
+    if probe(last)? != Some((last, true)) {
+        return Ok(None);
+    }
+    // The row at or after `lo` is older; the one at or after `hi` is recent.
+    let (mut lo, mut hi) = (first, last);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match probe(mid)? {
+            Some((seq, false)) => lo = seq.max(mid),
+            _ => hi = mid,
+        }
+    }
+    Ok(probe(hi)?.map(|(seq, _)| seq))
+}
+
+/// One step of retention: deletes at most `limit` finished packets received
+/// before `before`, oldest first, none that the overlay holds.
+fn prune(
+    conn: &rusqlite::Connection,
+    shared: &Shared,
+    before: DateTime<Utc>,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    // Nothing as recent as `before`: every row may be old enough.
+    let upto = first_seq_since(conn, before)?.unwrap_or(i64::MAX);
+    let held: Vec<i64> = shared
+        .overlay
+        .lock()
+        .expect("overlay lock")
+        .seqs()
+        .collect();
+    let tx = conn.unchecked_transaction()?;
+    let deleted: Vec<(i64, String)> = {
+        let mut delete = tx.prepare_cached(
+            "DELETE FROM packets WHERE seq IN (SELECT seq FROM packets WHERE seq < ?1 \
+             AND received_at < ?2 AND status IN ('processed', 'failed', 'dead_letter') \
+             AND seq NOT IN (SELECT value FROM json_each(?4)) ORDER BY seq LIMIT ?3) \
+             RETURNING seq, status",
+        )?;
+        let rows = delete.query_map(
+            params![
+                upto,
+                text_time(before),
+                limit,
+                serde_json::to_string(&held).expect("numbers encode")
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        rows.collect::<Result<_, _>>()?
+    };
+    if deleted.is_empty() {
+        return Ok(0);
+    }
+    {
+        // No write lands between this check and the commit.
+        let _paused = shared.writer.lock().expect("writer lock");
+        let mut overlay = shared.overlay.lock().expect("overlay lock");
+        let held_now: std::collections::HashSet<i64> = overlay.seqs().collect();
+        if deleted.iter().any(|(seq, _)| held_now.contains(seq)) {
+            // A late mark of one of them landed meanwhile: next pass.
+            return Ok(0);
+        }
+        tx.commit()?;
+        let statuses: Vec<DeliveryStatus> = deleted
+            .iter()
+            .filter_map(|(_, status)| DeliveryStatus::parse(status))
+            .collect();
+        overlay.pruned(&statuses);
+    }
+    // Chain rows whose packets are all gone, and heads left pointing at them.
+    conn.execute_batch(
+        "DELETE FROM user_folds WHERE last_seq < (SELECT COALESCE(MIN(seq), 0) FROM packets); \
+         DELETE FROM user_heads WHERE fold < (SELECT COALESCE(MIN(fold), 0) FROM user_folds);",
+    )?;
+    // Give the freed pages back. Each step of this pragma frees one page,
+    // so it is stepped to the end.
+    let mut vacuum = conn.prepare_cached("PRAGMA incremental_vacuum")?;
+    let mut steps = vacuum.raw_query();
+    while steps.next()?.is_some() {}
+    Ok(deleted.len() as u64)
+}
+
+/// Redrive or Replay: with the writer paused, folds everything, then sends
+/// the selected packets back to pending in the tables.
+fn requeue_now(
+    conn: &rusqlite::Connection,
+    shared: &Shared,
+    releaser: &Releaser,
+    requeue: &Requeue,
+    at: DateTime<Utc>,
+) -> Result<Vec<(PacketId, i64)>, StoreError> {
+    let _paused = shared.writer.lock().expect("writer lock");
+    fold_once(conn, shared, releaser)?;
+    // The outcome goes into the history as one JSON object; booleans are
+    // stored as 0/1, hence the CASE.
+    let sql = format!(
+        "UPDATE packets SET history = json_insert(history, '$[#]', json_object(\
+         'reason', ?1, 'requeued_at', ?2, 'status', status, \
+         'delivery_attempts', delivery_attempts, 'processed_at', processed_at, \
+         'processed_by_karma', json(CASE WHEN processed_by_karma THEN 'true' ELSE 'false' END), \
+         'karma_actions', json(karma_actions), 'error_message', processing_error)), \
+         status = 'pending', delivery_attempts = 0, processed_at = NULL, \
+         processed_by_karma = FALSE, karma_actions = '[]', processing_error = NULL \
+         WHERE status IN ({}) AND (?3 IS NULL OR user_id = ?3) \
+         AND (?4 IS NULL OR received_at >= ?4) AND (?5 IS NULL OR received_at < ?5) \
+         RETURNING packet_id, seq",
+        requeue.status_list()
+    );
+    let tx = conn.unchecked_transaction()?;
+    let rows: Vec<(String, i64)> = {
+        let mut statement = tx.prepare(&sql)?;
+        let rows = statement.query_map(
+            params![
+                requeue.reason.as_str(),
+                text_time(at),
+                requeue.user_id,
+                requeue.received_from.map(text_time),
+                requeue.received_before.map(text_time),
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        rows.collect::<Result<_, _>>()?
+    };
+    tx.commit()?;
+    // The overlay is empty (folded, the writer paused): the tables' counts
+    // are all of them.
+    shared.overlay.lock().expect("overlay lock").counts = table_counts(conn)?;
+    rows.into_iter()
+        .map(|(id, seq)| {
+            uuid::Uuid::try_parse(&id)
+                .map(|id| (id.into(), seq))
+                .map_err(|e| StoreError::Internal(format!("packet_id {id:?}: {e}").into()))
+        })
+        .collect()
+}
