@@ -1,6 +1,7 @@
 //! bucket-bench: load, latency, CPU and memory of the PRANA bucket (and of
 //! NATS JetStream under the same workload), against a server it starts with
 //! fresh state or one already running. See bench/README.md.
+mod consume_stream;
 mod consumers;
 mod costs;
 mod load;
@@ -129,7 +130,8 @@ impl CsvArg {
 
 #[derive(Args, Clone, Debug)]
 struct ConsumerArgs {
-    /// Consumer streams (StreamPending subscribers / NATS pullers), one connection each
+    /// Consumer streams (StreamPending or, with --marks stream, Consume
+    /// subscribers / NATS pullers), one connection each
     #[arg(long, default_value_t = 4)]
     streams: usize,
     /// Unmarked packets per stream (NATS: max_ack_pending = streams × this)

@@ -167,8 +167,10 @@ fn target_notes(server: &Server, marks: Option<Marks>) -> Vec<String> {
     match server.target {
         Target::Nats => {
             notes.push(nats::DURABILITY_NOTE.into());
-            if marks == Some(Marks::Batch) {
-                notes.push(nats::BATCH_ACK_NOTE.into());
+            match marks {
+                Some(Marks::Batch) => notes.push(nats::BATCH_ACK_NOTE.into()),
+                Some(Marks::Stream) => notes.push(nats::ACK_ALL_NOTE.into()),
+                _ => {}
             }
         }
         Target::Postgres | Target::Redis => notes.push(

@@ -131,6 +131,46 @@ fn e2e_batch_marks() {
 }
 
 #[test]
+fn e2e_stream_marks() {
+    assert_none_lost(&run(&["e2e", "--rate", "200", "--marks", "stream"]));
+}
+
+#[test]
+fn e2e_stream_marks_redis() {
+    assert_none_lost(&run(&[
+        "e2e", "--target", "redis", "--rate", "200", "--marks", "stream",
+    ]));
+}
+
+#[test]
+fn e2e_stream_marks_nats() {
+    let out = run(&["e2e", "--target", "nats", "--rate", "200", "--marks", "stream"]);
+    assert_none_lost(&out);
+    assert!(out.contains("ack policy is All"), "no ack-all note:\n{out}");
+    assert!(
+        out.contains("consumer karma: 0 pending, 0 awaiting ack"),
+        "the server still holds acks:\n{out}"
+    );
+}
+
+#[test]
+fn e2e_sustained_stream_marks() {
+    let out = run(&["e2e", "--outstanding", "32", "--marks", "stream"]);
+    assert_none_lost(&out);
+    assert!(out.contains("sustained: "), "no sustained line:\n{out}");
+}
+
+#[test]
+fn drain_stream_marks() {
+    let mut cmd = Command::new(bench());
+    cmd.args(["drain", "--backlog", "500", "--marks", "stream"])
+        .args(["--drain-timeout", "60"])
+        .arg("--server-bin")
+        .arg(server_bin());
+    assert_none_lost(&finish(cmd, &["drain", "--marks", "stream"]));
+}
+
+#[test]
 fn e2e_postgres() {
     let out = run(&["e2e", "--target", "postgres", "--rate", "200"]);
     assert_none_lost(&out);
