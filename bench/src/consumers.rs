@@ -1,5 +1,6 @@
 //! The bucket's consumers: S StreamPending subscribers, each on its own
-//! connection, taking every packet and marking it one of three ways.
+//! connection, taking every packet and marking it one of three ways (the
+//! fourth, marks on a Consume stream, is consume_stream.rs).
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,11 @@ pub enum Marks {
     /// Per stream a marker sending MarkProcessedBatch of whatever waits (up
     /// to 500), at most 2 batches outstanding.
     Batch,
+    /// Consume streams instead of StreamPending: each mark goes on the
+    /// request side of the stream its delivery came on, as many per request
+    /// as piled up while the last was on its way (bucket-client's Acker).
+    /// NATS: ack policy All, one ack for whatever each puller has taken.
+    Stream,
 }
 
 impl Marks {
@@ -35,6 +41,7 @@ impl Marks {
             Marks::Unary => "unary",
             Marks::Sequential => "sequential",
             Marks::Batch => "batch",
+            Marks::Stream => "stream",
         }
     }
 }
@@ -99,6 +106,9 @@ pub async fn start_bucket(
     spec: ConsumerSpec,
     tracker: Arc<Tracker>,
 ) -> Result<Consumers> {
+    if spec.marks == Marks::Stream {
+        return crate::consume_stream::start(url, spec, tracker).await;
+    }
     let mut consumers = Consumers::default();
     for s in 0..spec.streams {
         let name = format!("bench-{s}");
@@ -201,7 +211,7 @@ async fn run_stream(
 
 /// The karma action examples/karma_consumer.rs records for ON_TASK, so a mark
 /// stores what a real one would.
-fn karma_action() -> &'static prost_types::Struct {
+pub fn karma_action() -> &'static prost_types::Struct {
     static A: OnceLock<prost_types::Struct> = OnceLock::new();
     A.get_or_init(|| {
         let serde_json::Value::Object(map) = serde_json::json!(

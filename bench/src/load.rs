@@ -13,6 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::packet::PacketRef;
 use crate::tracker::Tracker;
+use crate::users::UserSpread;
 
 /// One HTTP/2 connection to the bucket.
 pub async fn grpc_client(url: &str) -> Result<BucketServiceClient<Channel>> {
@@ -199,6 +200,7 @@ pub async fn closed_loop(
     tracker: Arc<Tracker>,
     workers: usize,
     per_request: usize,
+    users: UserSpread,
     window: Window,
 ) {
     let seq = Arc::new(AtomicU64::new(0));
@@ -213,7 +215,7 @@ pub async fn closed_loop(
                     break;
                 }
                 let packets: Vec<PacketRef> = (0..per_request)
-                    .map(|_| PacketRef::new(seq.fetch_add(1, Relaxed)))
+                    .map(|_| PacketRef::new(seq.fetch_add(1, Relaxed), users))
                     .collect();
                 for p in &packets {
                     tracker.register(p.id, now, window.measures(now));
@@ -235,6 +237,7 @@ pub async fn backlog(
     total: u64,
     per_request: usize,
     workers: usize,
+    users: UserSpread,
 ) {
     let seq = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -247,7 +250,7 @@ pub async fn backlog(
                     break;
                 }
                 let packets: Vec<PacketRef> = (first..(first + per_request as u64).min(total))
-                    .map(PacketRef::new)
+                    .map(|seq| PacketRef::new(seq, users))
                     .collect();
                 let now = Instant::now();
                 for p in &packets {
@@ -273,6 +276,7 @@ pub async fn open_loop(
     rate: f64,
     max_outstanding: u64,
     lanes: usize,
+    users: UserSpread,
     window: Window,
 ) {
     let mut i: u64 = 0;
@@ -293,7 +297,7 @@ pub async fn open_loop(
                     tracker.counters.unoffered.fetch_add(1, Relaxed);
                 }
             } else {
-                let p = PacketRef::new(i);
+                let p = PacketRef::new(i, users);
                 tracker.register(p.id, scheduled, measured);
                 // Counted here, not in the task, so the cap holds even before
                 // the tasks get to run.

@@ -1,18 +1,24 @@
 //! bucket-bench: load, latency, CPU and memory of the PRANA bucket (and of
 //! NATS JetStream under the same workload), against a server it starts with
 //! fresh state or one already running. See bench/README.md.
+mod consume_stream;
 mod consumers;
+mod costs;
 mod load;
 mod modes;
 mod nats;
 mod packet;
+mod pg_wal;
 mod plot;
+mod probe;
 mod proc_stats;
 mod redis_keys;
 mod report;
 mod scale;
+mod series;
 mod server;
 mod tracker;
+mod users;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,9 +28,10 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use consumers::{ConsumerSpec, Marks};
-use modes::{Check, IngestKind, IngestPlan, Timing};
+use modes::{Check, E2eLoad, E2ePlan, IngestKind, IngestPlan, Timing};
 use report::Report;
 use server::{Server, ServerArgs, ServerSetup, Target};
+use users::UsersArg;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +69,8 @@ enum Command {
 struct ScaleArgs {
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    users: UsersArg,
     /// Packets loaded (all pending unless --processed)
     #[arg(long, default_value_t = 1_000_000)]
     packets: u64,
@@ -110,9 +119,19 @@ struct CsvArg {
     csv: Option<PathBuf>,
 }
 
+impl CsvArg {
+    fn outputs(&self) -> Outputs<'_> {
+        Outputs {
+            csv: self.csv.as_deref(),
+            series: None,
+        }
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 struct ConsumerArgs {
-    /// Consumer streams (StreamPending subscribers / NATS pullers), one connection each
+    /// Consumer streams (StreamPending or, with --marks stream, Consume
+    /// subscribers / NATS pullers), one connection each
     #[arg(long, default_value_t = 4)]
     streams: usize,
     /// Unmarked packets per stream (NATS: max_ack_pending = streams × this)
@@ -142,6 +161,8 @@ struct IngestArgs {
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
+    users: UsersArg,
+    #[command(flatten)]
     timing: TimingArgs,
     #[command(flatten)]
     csv: CsvArg,
@@ -167,6 +188,8 @@ struct BatchArgs {
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
+    users: UsersArg,
+    #[command(flatten)]
     timing: TimingArgs,
     #[command(flatten)]
     csv: CsvArg,
@@ -189,6 +212,8 @@ struct RestArgs {
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
+    users: UsersArg,
+    #[command(flatten)]
     timing: TimingArgs,
     #[command(flatten)]
     csv: CsvArg,
@@ -205,6 +230,8 @@ struct E2eArgs {
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
+    users: UsersArg,
+    #[command(flatten)]
     timing: TimingArgs,
     #[command(flatten)]
     csv: CsvArg,
@@ -213,18 +240,28 @@ struct E2eArgs {
     /// Offered packets per second (open loop)
     #[arg(long, default_value_t = 2000.0)]
     rate: f64,
+    /// Closed loop instead of --rate: keep this many ingests outstanding
+    /// (over --connections) and report what delivery sustains
+    #[arg(long, conflicts_with = "rate")]
+    outstanding: Option<usize>,
     /// Ingest connections (separate from the consumers')
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Most ingest requests outstanding; sends beyond are counted as not offered
     #[arg(long, default_value_t = 20_000)]
     max_outstanding: u64,
+    /// Write the window's ingest→delivery (and ack) latency second by second
+    /// to this CSV file (replaced)
+    #[arg(long)]
+    series: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 struct DrainArgs {
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    users: UsersArg,
     #[command(flatten)]
     csv: CsvArg,
     #[command(flatten)]
@@ -244,6 +281,8 @@ struct DrainArgs {
 struct SweepArgs {
     #[command(flatten)]
     setup: ServerSetup,
+    #[command(flatten)]
+    users: UsersArg,
     #[command(flatten)]
     timing: TimingArgs,
     #[command(flatten)]
@@ -306,12 +345,24 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Where a measured run's figures go besides stdout.
+#[derive(Clone, Copy, Default)]
+struct Outputs<'a> {
+    /// One row appended per run.
+    csv: Option<&'a Path>,
+    /// The run's latency second by second (e2e).
+    series: Option<&'a Path>,
+}
+
 /// Runs one measured mode against its server; the server is stopped (and
 /// its state removed) whatever happens, Ctrl-C included.
-async fn measured<F>(args: &ServerArgs, csv: Option<&Path>, mode: F) -> Result<ExitCode>
+async fn measured<F>(args: &ServerArgs, outputs: Outputs<'_>, mode: F) -> Result<ExitCode>
 where
     F: AsyncFnOnce(&Server) -> Result<Report>,
 {
+    if let Some(path) = outputs.csv {
+        report::check_csv(path)?;
+    }
     let server = Server::start(args).await?;
     let result = tokio::select! {
         r = mode(&server) => r,
@@ -320,8 +371,12 @@ where
     server.stop().await;
     let report = result?;
     report.print();
-    if let Some(path) = csv {
+    if let Some(path) = outputs.csv {
         report.append_csv(path)?;
+    }
+    if let Some(path) = outputs.series {
+        series::write_csv(path, &report.series)?;
+        println!("series: {}", path.display());
     }
     // Something acknowledged and then lost is a failed run.
     Ok(if report.failed() {
@@ -342,9 +397,10 @@ async fn run(command: Command) -> Result<ExitCode> {
                 connections: a.connections,
                 concurrency: a.concurrency,
                 check: a.check,
+                users: a.users.spread(),
             };
             let timing = a.timing.timing();
-            measured(&a.server, a.csv.csv.as_deref(), async |s: &Server| {
+            measured(&a.server, a.csv.outputs(), async |s: &Server| {
                 modes::ingest(s, plan, timing).await
             })
             .await
@@ -355,9 +411,10 @@ async fn run(command: Command) -> Result<ExitCode> {
                 connections: a.connections,
                 concurrency: a.concurrency,
                 check: a.check,
+                users: a.users.spread(),
             };
             let timing = a.timing.timing();
-            measured(&a.server, a.csv.csv.as_deref(), async |s: &Server| {
+            measured(&a.server, a.csv.outputs(), async |s: &Server| {
                 modes::ingest(s, plan, timing).await
             })
             .await
@@ -368,24 +425,40 @@ async fn run(command: Command) -> Result<ExitCode> {
                 connections: 1,
                 concurrency: a.concurrency,
                 check: a.check,
+                users: a.users.spread(),
             };
             let timing = a.timing.timing();
-            measured(&a.server, a.csv.csv.as_deref(), async |s: &Server| {
+            measured(&a.server, a.csv.outputs(), async |s: &Server| {
                 modes::ingest(s, plan, timing).await
             })
             .await
         }
         Command::E2e(a) => {
-            let (spec, timing) = (a.consumers.spec(), a.timing.timing());
-            measured(&a.server, a.csv.csv.as_deref(), async |s: &Server| {
-                modes::e2e(s, spec, a.rate, a.connections, a.max_outstanding, timing).await
+            let plan = E2ePlan {
+                consumers: a.consumers.spec(),
+                load: match a.outstanding {
+                    Some(n) => E2eLoad::Outstanding(n.max(1)),
+                    None => E2eLoad::Rate(a.rate),
+                },
+                connections: a.connections,
+                max_outstanding: a.max_outstanding,
+                users: a.users.spread(),
+            };
+            let timing = a.timing.timing();
+            let outputs = Outputs {
+                series: a.series.as_deref(),
+                ..a.csv.outputs()
+            };
+            measured(&a.server, outputs, async |s: &Server| {
+                modes::e2e(s, plan, timing).await
             })
             .await
         }
         Command::Drain(a) => {
             let spec = a.consumers.spec();
-            measured(&a.server, a.csv.csv.as_deref(), async |s: &Server| {
-                modes::drain(s, spec, a.backlog, a.batch_size, a.drain_timeout).await
+            measured(&a.server, a.csv.outputs(), async |s: &Server| {
+                let users = a.users.spread();
+                modes::drain(s, spec, a.backlog, a.batch_size, users, a.drain_timeout).await
             })
             .await
         }
@@ -398,6 +471,7 @@ async fn run(command: Command) -> Result<ExitCode> {
                 outstanding: a.outstanding,
                 processed: a.processed,
                 samples: a.samples,
+                users: a.users.spread(),
             };
             let result = scale::scale(&server, &plan).await;
             server.stop().await;
@@ -417,7 +491,8 @@ async fn run(command: Command) -> Result<ExitCode> {
 /// behind is recorded (saturated); one that could not run at all is
 /// reported and skipped, and makes the exit status non-zero.
 async fn sweep(a: SweepArgs) -> Result<ExitCode> {
-    let (spec, timing) = (a.consumers.spec(), a.timing.timing());
+    let timing = a.timing.timing();
+    report::check_csv(&a.csv)?;
     let mut failures = 0;
     for &target in &a.targets {
         for &rate in &a.rates {
@@ -431,8 +506,15 @@ async fn sweep(a: SweepArgs) -> Result<ExitCode> {
                     continue;
                 }
             };
+            let plan = E2ePlan {
+                consumers: a.consumers.spec(),
+                load: E2eLoad::Rate(rate),
+                connections: a.connections,
+                max_outstanding: a.max_outstanding,
+                users: a.users.spread(),
+            };
             let result = tokio::select! {
-                r = modes::e2e(&server, spec, rate, a.connections, a.max_outstanding, timing) => r,
+                r = modes::e2e(&server, plan, timing) => r,
                 _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
             };
             server.stop().await;

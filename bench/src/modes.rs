@@ -12,10 +12,11 @@ use clap::ValueEnum;
 use crate::consumers::{self, ConsumerSpec, Consumers, Marks};
 use crate::load::{self, Door, Window, grpc_client};
 use crate::nats;
-use crate::proc_stats::{self, RssSampler};
-use crate::report::{Cpu, EndCheck, Percentiles, Report};
+use crate::probe::Probe;
+use crate::report::{EndCheck, Percentiles, Report};
 use crate::server::{Server, Target};
 use crate::tracker::{Snapshot, Tracker};
+use crate::users::UserSpread;
 
 /// Timing shared by the measured modes.
 #[derive(Clone, Copy, Debug)]
@@ -67,68 +68,28 @@ pub struct IngestPlan {
     pub connections: usize,
     pub concurrency: usize,
     pub check: Check,
+    pub users: UserSpread,
 }
 
-/// Reads the server's and the machine's CPU at one instant.
+/// How e2e offers its load.
 #[derive(Clone, Copy, Debug)]
-struct CpuMark {
-    server: Option<f64>,
-    /// This process: the load generator and consumers.
-    client: Option<f64>,
-    store: f64,
-    machine: Option<f64>,
+pub enum E2eLoad {
+    /// Open loop at this many packets/s: latency under a given load.
+    Rate(f64),
+    /// Closed loop with this many ingests outstanding: how much delivery
+    /// sustains when ingest goes as fast as the server lets it.
+    Outstanding(usize),
 }
 
-/// The server's resource use over a run.
-struct Probe {
-    pid: Option<u32>,
-    rss: Option<RssSampler>,
-    store_pids: Vec<u32>,
-}
-
-impl Probe {
-    fn start(server: &Server) -> Self {
-        Self {
-            pid: server.pid,
-            rss: server.pid.map(RssSampler::start),
-            store_pids: Vec::new(),
-        }
-    }
-
-    /// The store's processes as connected now (after the warmup the
-    /// bucket's pool has opened its connections).
-    async fn find_store(&mut self, server: &Server) {
-        self.store_pids = server.store_pids().await;
-    }
-
-    fn mark(&self) -> CpuMark {
-        CpuMark {
-            server: self.pid.and_then(proc_stats::cpu_seconds),
-            client: proc_stats::cpu_seconds(std::process::id()),
-            store: proc_stats::cpu_seconds_sum(&self.store_pids),
-            machine: proc_stats::machine_busy_seconds(),
-        }
-    }
-
-    /// Fills in CPU (between the marks, per `packets`) and memory.
-    fn finish(self, a: CpuMark, b: CpuMark, window_s: f64, packets: u64, report: &mut Report) {
-        if let (Some(x), Some(y)) = (a.server, b.server) {
-            report.cpu = Some(Cpu::new(y - x, window_s, packets));
-        }
-        if let (Some(x), Some(y)) = (a.client, b.client) {
-            report.client_cpu = Some(Cpu::new(y - x, window_s, packets));
-        }
-        if !self.store_pids.is_empty() {
-            report.store_cpu = Some(Cpu::new(b.store - a.store, window_s, packets));
-        }
-        if let (Some(x), Some(y)) = (a.machine, b.machine)
-            && window_s > 0.0
-        {
-            report.machine_cores = Some((y - x) / window_s);
-        }
-        report.hwm_mib = self.pid.and_then(proc_stats::vm_hwm_mib);
-        report.rss_max_mib = self.rss.and_then(RssSampler::stop);
-    }
+#[derive(Clone, Copy, Debug)]
+pub struct E2ePlan {
+    pub consumers: ConsumerSpec,
+    pub load: E2eLoad,
+    /// Ingest connections, separate from the consumers'.
+    pub connections: usize,
+    /// Open loop: most ingests outstanding before sends count as not offered.
+    pub max_outstanding: u64,
+    pub users: UserSpread,
 }
 
 fn per_s(a: &Snapshot, b: &Snapshot, f: fn(&Snapshot) -> u64) -> Option<f64> {
@@ -206,8 +167,10 @@ fn target_notes(server: &Server, marks: Option<Marks>) -> Vec<String> {
     match server.target {
         Target::Nats => {
             notes.push(nats::DURABILITY_NOTE.into());
-            if marks == Some(Marks::Batch) {
-                notes.push(nats::BATCH_ACK_NOTE.into());
+            match marks {
+                Some(Marks::Batch) => notes.push(nats::BATCH_ACK_NOTE.into()),
+                Some(Marks::Stream) => notes.push(nats::ACK_ALL_NOTE.into()),
+                _ => {}
             }
         }
         Target::Postgres | Target::Redis => notes.push(
@@ -286,6 +249,7 @@ pub async fn ingest(server: &Server, plan: IngestPlan, timing: Timing) -> Result
                 rate,
                 max_outstanding,
                 plan.connections,
+                plan.users,
                 window,
             )),
             format!(
@@ -298,6 +262,7 @@ pub async fn ingest(server: &Server, plan: IngestPlan, timing: Timing) -> Result
                 tracker.clone(),
                 plan.concurrency,
                 per_request,
+                plan.users,
                 window,
             )),
             format!(
@@ -307,15 +272,17 @@ pub async fn ingest(server: &Server, plan: IngestPlan, timing: Timing) -> Result
         ),
     };
     let shape = format!(
-        "{shape}; {} s measured after {} s warmup",
-        timing.duration, timing.warmup
+        "{shape}; {} users; {} s measured after {} s warmup",
+        plan.users.users(),
+        timing.duration,
+        timing.warmup
     );
 
     tokio::time::sleep_until(window.t0.into()).await;
     probe.find_store(server).await;
-    let (cpu0, snap0) = (probe.mark(), tracker.snapshot());
+    let (snap0, cpu0) = (tracker.snapshot(), probe.mark().await);
     tokio::time::sleep_until(window.t1.into()).await;
-    let (cpu1, snap1) = (probe.mark(), tracker.snapshot());
+    let (snap1, cpu1) = (tracker.snapshot(), probe.mark().await);
     let _ = load.await;
     let deadline = Instant::now() + Duration::from_secs_f64(timing.drain_timeout);
     while tracker.counters.outstanding.load(Relaxed) > 0 && Instant::now() < deadline {
@@ -360,6 +327,7 @@ pub async fn ingest(server: &Server, plan: IngestPlan, timing: Timing) -> Result
             IngestKind::Batch { size } => Some(size),
             _ => None,
         },
+        users: Some(plan.users.users()),
         window_s,
         ingested_per_s: per_s(&snap0, &snap1, |s| s.acked),
         ack: Percentiles::of(&tracker.ack_histogram()),
@@ -380,15 +348,10 @@ pub async fn ingest(server: &Server, plan: IngestPlan, timing: Timing) -> Result
     Ok(report)
 }
 
-/// e2e: open-loop ingest while the consumers take and mark every packet.
-pub async fn e2e(
-    server: &Server,
-    spec: ConsumerSpec,
-    rate: f64,
-    connections: usize,
-    max_outstanding: u64,
-    timing: Timing,
-) -> Result<Report> {
+/// e2e: ingest (open loop at a rate, or closed loop with N outstanding)
+/// while the consumers take and mark every packet.
+pub async fn e2e(server: &Server, plan: E2ePlan, timing: Timing) -> Result<Report> {
+    let (spec, connections) = (plan.consumers, plan.connections);
     let tracker = Arc::new(Tracker::new());
     let consumers = start_consumers(server, spec, &tracker).await?;
     let door = Arc::new(if server.is_nats() {
@@ -398,20 +361,32 @@ pub async fn e2e(
     });
     let mut probe = Probe::start(server);
     let window = Window::new(timing.warmup, timing.duration);
-    let load = tokio::spawn(load::open_loop(
-        door,
-        tracker.clone(),
-        rate,
-        max_outstanding,
-        connections,
-        window,
-    ));
+    tracker.start_series(window.t0);
+    let load = match plan.load {
+        E2eLoad::Rate(rate) => tokio::spawn(load::open_loop(
+            door,
+            tracker.clone(),
+            rate,
+            plan.max_outstanding,
+            connections,
+            plan.users,
+            window,
+        )),
+        E2eLoad::Outstanding(n) => tokio::spawn(load::closed_loop(
+            door,
+            tracker.clone(),
+            n,
+            1,
+            plan.users,
+            window,
+        )),
+    };
 
     tokio::time::sleep_until(window.t0.into()).await;
     probe.find_store(server).await;
-    let (cpu0, snap0) = (probe.mark(), tracker.snapshot());
+    let (snap0, cpu0) = (tracker.snapshot(), probe.mark().await);
     tokio::time::sleep_until(window.t1.into()).await;
-    let (cpu1, snap1) = (probe.mark(), tracker.snapshot());
+    let (snap1, cpu1) = (tracker.snapshot(), probe.mark().await);
     let _ = load.await;
     // The offered load has stopped: now every acknowledged packet must come
     // through.
@@ -430,17 +405,35 @@ pub async fn e2e(
     } else {
         "unary Ingest"
     };
+    let load_shape = match plan.load {
+        E2eLoad::Rate(rate) => format!(
+            "open loop {rate:.0} packets/s ({door_name}, {connections} connections, at most {} outstanding)",
+            plan.max_outstanding
+        ),
+        E2eLoad::Outstanding(n) => {
+            format!("closed loop, {n} ingests outstanding ({door_name}, {connections} connections)")
+        }
+    };
     let mut report = Report {
         mode: "e2e".into(),
         target: server.target.name().into(),
         server: server.description.clone(),
         shape: format!(
-            "open loop {rate:.0} packets/s ({door_name}, {connections} connections, at most {max_outstanding} outstanding); consumers {}; {} s measured after {} s warmup",
+            "{load_shape}; {} users; consumers {}; {} s measured after {} s warmup",
+            plan.users.users(),
             spec.describe(),
             timing.duration,
             timing.warmup
         ),
-        offered_rate: Some(rate),
+        offered_rate: match plan.load {
+            E2eLoad::Rate(rate) => Some(rate),
+            E2eLoad::Outstanding(_) => None,
+        },
+        outstanding: match plan.load {
+            E2eLoad::Rate(_) => None,
+            E2eLoad::Outstanding(n) => Some(n),
+        },
+        users: Some(plan.users.users()),
         streams: Some(spec.streams),
         in_flight: Some(spec.max_in_flight),
         marks: Some(spec.marks.name()),
@@ -451,15 +444,20 @@ pub async fn e2e(
         marked_per_s: per_s(&snap0, &snap1, |s| s.marked),
         ack: Percentiles::of(&tracker.ack_histogram()),
         e2e: Percentiles::of(&tracker.e2e_histogram()),
+        series: tracker.series(timing.duration.ceil() as usize),
         cpu_basis: "per processed packet",
         end: end_check(&tracker, true),
         notes: target_notes(server, Some(spec.marks)),
         ..Default::default()
     };
     report.end.server_side = server_side_note;
-    // Fell behind: delivered < 95% of what was offered in the window, or
+    // Fell behind: delivered < 95% of what was offered in the window (closed
+    // loop: of what was acknowledged, so delivery lagged ingest), or
     // something acknowledged never came out.
-    let offered = tracker.counters.offered.load(Relaxed) as f64;
+    let offered = match plan.load {
+        E2eLoad::Rate(_) => tracker.counters.offered.load(Relaxed),
+        E2eLoad::Outstanding(_) => snap1.acked.saturating_sub(snap0.acked),
+    } as f64;
     let delivered = snap1.deliveries.saturating_sub(snap0.deliveries) as f64;
     report.saturated = delivered < 0.95 * offered || report.end.undelivered.unwrap_or(0) > 0;
     probe.finish(cpu0, cpu1, window_s, marked, &mut report);
@@ -472,6 +470,7 @@ pub async fn drain(
     spec: ConsumerSpec,
     backlog: u64,
     batch_size: usize,
+    users: UserSpread,
     stall_timeout: f64,
 ) -> Result<Report> {
     let tracker = Arc::new(Tracker::new());
@@ -479,10 +478,18 @@ pub async fn drain(
     let loading = Instant::now();
     if server.is_nats() {
         let door = Door::Nats(nats::publishers(&server.url, 2).await?);
-        load::backlog(Arc::new(door), tracker.clone(), backlog, 1, 64).await;
+        load::backlog(Arc::new(door), tracker.clone(), backlog, 1, 64, users).await;
     } else {
         let door = Door::grpc(&server.url, 2, true).await?;
-        load::backlog(Arc::new(door), tracker.clone(), backlog, batch_size, 4).await;
+        load::backlog(
+            Arc::new(door),
+            tracker.clone(),
+            backlog,
+            batch_size,
+            4,
+            users,
+        )
+        .await;
     }
     let loaded = tracker.counters.acked.load(Relaxed);
     eprintln!(
@@ -497,7 +504,7 @@ pub async fn drain(
     }
 
     probe.find_store(server).await;
-    let (cpu0, snap0) = (probe.mark(), tracker.snapshot());
+    let (snap0, cpu0) = (tracker.snapshot(), probe.mark().await);
     let consumers = start_consumers(server, spec, &tracker).await?;
     // Until all are marked, or nothing moved for --drain-timeout: a long
     // backlog may take minutes, a stuck one should not.
@@ -511,7 +518,7 @@ pub async fn drain(
             break;
         }
     }
-    let (cpu1, snap1) = (probe.mark(), tracker.snapshot());
+    let (snap1, cpu1) = (tracker.snapshot(), probe.mark().await);
     let server_side_note = server_side(server).await;
     consumers.stop().await;
 
@@ -525,7 +532,8 @@ pub async fn drain(
         target: server.target.name().into(),
         server: server.description.clone(),
         shape: format!(
-            "backlog of {backlog} ({}), then consumers {}",
+            "backlog of {backlog} over {} users ({}), then consumers {}",
+            users.users(),
             if server.is_nats() {
                 "JetStream publish, 64 outstanding".to_owned()
             } else {
@@ -536,6 +544,7 @@ pub async fn drain(
         streams: Some(spec.streams),
         in_flight: Some(spec.max_in_flight),
         marks: Some(spec.marks.name()),
+        users: Some(users.users()),
         batch_size: (!server.is_nats()).then_some(batch_size),
         window_s,
         delivered_per_s: per_s(&snap0, &snap1, |s| s.deliveries),

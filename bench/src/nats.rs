@@ -1,12 +1,15 @@
 //! NATS JetStream with the bucket's workload: stream PRANA on
 //! prana.packets (file storage), publishers awaiting the PubAck, one durable
-//! pull consumer "karma" with explicit acks shared by S pulling tasks.
+//! pull consumer "karma" with explicit acks (`--marks stream`: ack-all)
+//! shared by S pulling tasks.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow};
 use async_nats::jetstream::{self, consumer, context::ContextBuilder, stream};
 use futures::StreamExt;
+use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::consumers::{ConsumerSpec, Consumers, Marks};
 use crate::packet;
@@ -22,6 +25,10 @@ pub const DURABILITY_NOTE: &str = "Debian's nats-server 2.9 does not fsync each 
      fsync'd (SQLite synchronous=FULL, PostgreSQL synchronous_commit=on)";
 pub const BATCH_ACK_NOTE: &str =
     "NATS has no batch ack: --marks batch acks every message on its own, like --marks unary";
+pub const ACK_ALL_NOTE: &str = "NATS --marks stream: the consumer's ack policy is All, and each \
+     puller acks the newest message it took whenever more piled up behind it; one ack covers \
+     every earlier message of the consumer, other pullers' included (weaker than one outcome per \
+     packet: an ack may cover a message another puller has not finished)";
 
 /// How long a publish or double ack waits for the server: an open loop far
 /// past saturation keeps acks waiting for seconds, and the default 5 s would
@@ -89,7 +96,12 @@ pub async fn create_consumer(url: &str, spec: ConsumerSpec) -> Result<()> {
     stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(CONSUMER.into()),
-            ack_policy: consumer::AckPolicy::Explicit,
+            // Stream marks: NATS's nearest to a batch of acks on the stream.
+            ack_policy: if spec.marks == Marks::Stream {
+                consumer::AckPolicy::All
+            } else {
+                consumer::AckPolicy::Explicit
+            },
             ack_wait: Duration::from_secs(u64::from(spec.lease_seconds)),
             max_ack_pending: (spec.streams as i64) * i64::from(spec.max_in_flight),
             ..Default::default()
@@ -148,12 +160,25 @@ pub async fn start_consumers(
             .get_consumer_from_stream(CONSUMER, STREAM)
             .await
             .map_err(|e| anyhow!("consumer {CONSUMER}: {e}"))?;
-        consumers.push(tokio::spawn(pull_loop(pull, spec, tracker.clone())));
+        let ack_all = (spec.marks == Marks::Stream).then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            consumers.push(tokio::spawn(ack_all_marker(rx, tracker.clone())));
+            tx
+        });
+        consumers.push(tokio::spawn(pull_loop(pull, spec, tracker.clone(), ack_all)));
     }
     Ok(consumers)
 }
 
-async fn pull_loop(pull: consumer::PullConsumer, spec: ConsumerSpec, tracker: Arc<Tracker>) {
+/// A processed message on its way to the puller's ack-all task.
+type Processed = (Uuid, jetstream::Message);
+
+async fn pull_loop(
+    pull: consumer::PullConsumer,
+    spec: ConsumerSpec,
+    tracker: Arc<Tracker>,
+    ack_all: Option<mpsc::UnboundedSender<Processed>>,
+) {
     loop {
         let mut messages = match pull
             .stream()
@@ -184,17 +209,20 @@ async fn pull_loop(pull: consumer::PullConsumer, spec: ConsumerSpec, tracker: Ar
             };
             let attempt = msg.info().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
             tracker.delivered(id, attempt, at);
-            match spec.marks {
+            match (spec.marks, &ack_all) {
+                (Marks::Stream, Some(tx)) => {
+                    let _ = tx.send((id, msg));
+                }
                 // Awaits the server's confirmation of the ack, like an
                 // awaited MarkProcessed.
-                Marks::Sequential => match msg.double_ack().await {
+                (Marks::Sequential, _) => match msg.double_ack().await {
                     Ok(()) => tracker.marked(id),
                     Err(e) => tracker.mark_failed(1, || format!("NATS double ack: {e}")),
                 },
                 // A plain ack is a fire-and-forget publish: "marked" once it
                 // is handed to the connection. The end check also asks the
                 // server for num_ack_pending.
-                Marks::Unary | Marks::Batch => {
+                _ => {
                     let tracker = tracker.clone();
                     tokio::spawn(async move {
                         match msg.ack().await {
@@ -206,5 +234,23 @@ async fn pull_loop(pull: consumer::PullConsumer, spec: ConsumerSpec, tracker: Ar
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `--marks stream` on NATS: waits for one processed message, takes every
+/// one waiting behind it, and acks the newest, which under ack policy All
+/// acks every earlier message of the consumer. No timer: under light load
+/// an ack covers one message, under heavy load many.
+async fn ack_all_marker(mut processed: mpsc::UnboundedReceiver<Processed>, tracker: Arc<Tracker>) {
+    while let Some((id, mut newest)) = processed.recv().await {
+        let mut ids = vec![id];
+        while let Ok((id, msg)) = processed.try_recv() {
+            ids.push(id);
+            newest = msg;
+        }
+        match newest.ack().await {
+            Ok(()) => ids.into_iter().for_each(|id| tracker.marked(id)),
+            Err(e) => tracker.mark_failed(ids.len() as u64, || format!("NATS ack: {e}")),
+        }
     }
 }

@@ -1,37 +1,39 @@
 //! The seed's example packet (README), as protobuf for the gRPC doors and as
 //! JSON for the REST door and NATS, with a client-chosen packet_id so the
-//! tool knows every id it sent.
+//! tool knows every id it sent, and a user_id picked by the run's
+//! [`UserSpread`].
 use std::sync::OnceLock;
 
 use bucket::proto::bucket::v1 as pb;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::users::UserSpread;
+
 /// 2024-01-20T10:30:00Z, the seed's timestamp.
 const SEED_TIMESTAMP_SECONDS: i64 = 1_705_746_600;
 
-/// Users the packets are spread over: the store indexes by user, so one user
-/// for everything would not be the seed's traffic.
-const USERS: u64 = 1000;
-
-/// One packet to send: its id, and its sequence number (which picks its user).
+/// One packet to send: its id, its sequence number in the run, and the
+/// spread that turns the number into its user.
 #[derive(Clone, Copy, Debug)]
 pub struct PacketRef {
     pub id: Uuid,
     pub seq: u64,
+    users: UserSpread,
 }
 
 impl PacketRef {
-    pub fn new(seq: u64) -> Self {
+    pub fn new(seq: u64, users: UserSpread) -> Self {
         Self {
             // v7: time-ordered, like the ids the server makes itself.
             id: Uuid::now_v7(),
             seq,
+            users,
         }
     }
 
     fn user(&self) -> String {
-        format!("user_{}", self.seq % USERS)
+        self.users.user_id(self.seq)
     }
 
     pub fn proto(&self) -> pb::PacketInput {
@@ -112,14 +114,16 @@ mod tests {
 
     #[test]
     fn json_carries_the_id_and_the_seed_fields() {
-        let p = PacketRef::new(1234);
+        let users = UserSpread::new(1000);
+        let p = PacketRef::new(1234, users);
         let bytes = p.json_bytes();
         assert_eq!(id_from_json(&bytes), Some(p.id));
         let v: Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(v["user_id"], "user_234");
+        assert_eq!(v["user_id"], users.user_id(1234));
         assert_eq!(v["raw_signals"]["dwell_time_ms"], 1200);
         let proto = p.proto();
         assert_eq!(proto.packet_id, p.id.to_string());
+        assert_eq!(proto.user_id, users.user_id(1234));
         assert_eq!(proto.timestamp.unwrap().seconds, SEED_TIMESTAMP_SECONDS);
     }
 }

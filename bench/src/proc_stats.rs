@@ -1,4 +1,4 @@
-//! CPU and memory of the server under test, from /proc.
+//! CPU, disk writes and memory of the processes under test, from /proc.
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -24,10 +24,65 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / clk_tck())
 }
 
-/// CPU seconds of several processes together (a store's backends); the ones
-/// that are gone count 0.
-pub fn cpu_seconds_sum(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|p| cpu_seconds(*p)).sum()
+/// What a process caused to be written, from /proc/PID/io, summed over its
+/// threads (exited ones included).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoCounters {
+    /// Bytes sent (or dirtied in the page cache, to be sent) to the storage
+    /// layer: what reaches the disk, not what went through write().
+    pub write_bytes: u64,
+    /// write(), pwrite(), writev() … calls of any kind: files and sockets
+    /// alike, so the answers a server sends count here too.
+    pub syscw: u64,
+}
+
+impl IoCounters {
+    fn add(self, other: Self) -> Self {
+        Self {
+            write_bytes: self.write_bytes + other.write_bytes,
+            syscw: self.syscw + other.syscw,
+        }
+    }
+}
+
+/// /proc/PID/io (needs the right to trace the process: our own, or root).
+pub fn io(pid: u32) -> Option<IoCounters> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(IoCounters {
+        write_bytes: field("write_bytes:")?,
+        syscw: field("syscw:")?,
+    })
+}
+
+/// CPU and writes of a group of processes at one instant.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcSample {
+    pub cpu_s: f64,
+    /// None when no process of the group let its io be read.
+    pub io: Option<IoCounters>,
+}
+
+/// The sum over `pids`; None when none of them is readable. A process gone
+/// between two samples drops out of the second: the group's figure then
+/// undercounts, which is why the groups are found once, after the warmup.
+pub fn sample(pids: &[u32]) -> Option<ProcSample> {
+    let mut total: Option<ProcSample> = None;
+    for &pid in pids {
+        let Some(cpu_s) = cpu_seconds(pid) else {
+            continue;
+        };
+        let t = total.get_or_insert_default();
+        t.cpu_s += cpu_s;
+        if let Some(io) = io(pid) {
+            t.io = Some(t.io.unwrap_or_default().add(io));
+        }
+    }
+    total
 }
 
 /// Busy CPU seconds of the whole machine (every core, every process: the
@@ -106,6 +161,9 @@ mod tests {
     fn reads_this_process() {
         let me = std::process::id();
         assert!(cpu_seconds(me).is_some());
+        assert!(io(me).is_some());
+        let both = sample(&[me, me]).unwrap();
+        assert!(both.io.unwrap().syscw >= io(me).unwrap().syscw);
         assert!(vm_hwm_mib(me).unwrap() > 0.0);
         assert!(machine_busy_seconds().unwrap() > 0.0);
     }

@@ -1,5 +1,5 @@
 //! `scale`: what the bucket costs with a lot stored. Loads N packets
-//! (IngestBatch, all pending, 1,000 users), optionally marks a share of
+//! (IngestBatch, all pending, over --users users), optionally marks a share of
 //! them processed, then measures with everything in place: Status (gRPC
 //! and REST), `/metrics`, UserPackets (a random user's newest page), the
 //! server's RSS, and the database's size. The calls are sequential, one
@@ -17,6 +17,7 @@ use crate::packet::PacketRef;
 use crate::proc_stats::{vm_hwm_mib, vm_rss_mib};
 use crate::report::Percentiles;
 use crate::server::Server;
+use crate::users::UserSpread;
 
 pub struct ScalePlan {
     pub packets: u64,
@@ -25,6 +26,7 @@ pub struct ScalePlan {
     /// Share of the loaded packets marked processed (by id, in batches).
     pub processed: f64,
     pub samples: usize,
+    pub users: UserSpread,
 }
 
 pub async fn scale(server: &Server, plan: &ScalePlan) -> Result<()> {
@@ -82,8 +84,9 @@ pub async fn scale(server: &Server, plan: &ScalePlan) -> Result<()> {
     let prom = timed(n, |_| get(&http, &metrics)).await?;
     let users = timed(n, |i| {
         let mut c = client.clone();
-        // Spread over the users, in an order unlike the load's.
-        let user = format!("user_{}", (i as u64 * 7919) % 1000);
+        // The user of a loaded packet (so the page is not empty), picked in
+        // an order unlike the load's.
+        let user = plan.users.user_id((i as u64 * 7919) % plan.packets.max(1));
         async move {
             let page = c
                 .user_packets(pb::UserPacketsRequest {
@@ -166,7 +169,7 @@ async fn load(server: &Server, plan: &ScalePlan) -> Result<Vec<String>> {
     for _ in 0..plan.outstanding {
         let mut client = grpc_client(&server.url).await?;
         let next = next.clone();
-        let (total, batch) = (plan.packets, plan.batch_size as u64);
+        let (total, batch, users) = (plan.packets, plan.batch_size as u64, plan.users);
         lanes.push(tokio::spawn(async move {
             let mut marked = Vec::new();
             loop {
@@ -175,7 +178,7 @@ async fn load(server: &Server, plan: &ScalePlan) -> Result<Vec<String>> {
                     return Ok::<_, anyhow::Error>(marked);
                 }
                 let packets: Vec<PacketRef> = (first..(first + batch).min(total))
-                    .map(PacketRef::new)
+                    .map(|seq| PacketRef::new(seq, users))
                     .collect();
                 let answer = client
                     .ingest_batch(pb::IngestBatchRequest {

@@ -120,6 +120,17 @@ pub struct Server {
     setup: ServerSetup,
 }
 
+/// The store's processes, found once the bucket is connected.
+#[derive(Clone, Debug, Default)]
+pub struct StoreProcesses {
+    /// The backends connected to the run's database.
+    pub pg_backends: Vec<u32>,
+    /// The cluster's WAL writer, checkpointer and background writer: they
+    /// work for every database, this run's included.
+    pub pg_shared: Vec<u32>,
+    pub redis: Option<u32>,
+}
+
 struct PgDatabase {
     admin: String,
     name: String,
@@ -303,28 +314,44 @@ impl Server {
         Some(size("bucket.db") + size("bucket.db-wal"))
     }
 
-    /// Processes of the store the bucket talks to, whose CPU the bucket's own
-    /// figure leaves out: the PostgreSQL backends serving the run's database
-    /// (as connected now) and redis-server.
-    pub async fn store_pids(&self) -> Vec<u32> {
-        let mut pids = Vec::new();
+    /// Processes of the store the bucket talks to, whose CPU and writes the
+    /// bucket's own figures leave out. PostgreSQL: the backends serving the
+    /// run's database (as connected now) and the cluster's WAL writer,
+    /// checkpointer and background writer, which write for every database
+    /// (the run's WAL, flushed by a backend at its commit or by the WAL
+    /// writer, and its pages); Redis: redis-server.
+    pub async fn store_processes(&self) -> StoreProcesses {
+        let mut store = StoreProcesses::default();
         if let Some(pg) = &self.pg
             && let Ok(mut conn) = PgConnection::connect(&pg.admin).await
         {
-            let rows: Vec<(i32,)> =
-                sqlx::query_as("SELECT pid FROM pg_stat_activity WHERE datname = $1")
-                    .bind(&pg.name)
-                    .fetch_all(&mut conn)
-                    .await
-                    .unwrap_or_default();
-            pids.extend(rows.into_iter().map(|(p,)| p as u32));
+            let rows: Vec<(i32, bool)> = sqlx::query_as(
+                "SELECT pid, datname IS NOT DISTINCT FROM $1 FROM pg_stat_activity WHERE datname = $1 \
+                 OR backend_type IN ('walwriter', 'checkpointer', 'background writer')",
+            )
+            .bind(&pg.name)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+            for (pid, ours) in rows {
+                if ours {
+                    store.pg_backends.push(pid as u32);
+                } else {
+                    store.pg_shared.push(pid as u32);
+                }
+            }
         }
         if self.redis_prefix.is_some()
             && let Ok(pid) = redis_keys::server_pid(&self.setup.redis_url).await
         {
-            pids.push(pid);
+            store.redis = Some(pid);
         }
-        pids
+        store
+    }
+
+    /// The PostgreSQL the run's database lives on (for its WAL figures).
+    pub fn pg_admin_url(&self) -> Option<&str> {
+        self.pg.as_ref().map(|pg| pg.admin.as_str())
     }
 
     /// Stops what the tool started and removes its state; problems are

@@ -10,6 +10,8 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use uuid::Uuid;
 
+use crate::series::{self, LatencySeries};
+
 /// Sharded so that publishers and consumers on other threads rarely meet on
 /// one lock.
 const SHARDS: usize = 64;
@@ -81,6 +83,8 @@ pub struct Tracker {
     pub counters: Counters,
     ack_latency: Mutex<Histogram<u64>>,
     e2e_latency: Mutex<Histogram<u64>>,
+    ack_series: LatencySeries,
+    e2e_series: LatencySeries,
     first_error: Mutex<Option<String>>,
 }
 
@@ -106,6 +110,8 @@ impl Tracker {
             counters: Counters::default(),
             ack_latency: Mutex::new(new_histogram()),
             e2e_latency: Mutex::new(new_histogram()),
+            ack_series: LatencySeries::default(),
+            e2e_series: LatencySeries::default(),
             first_error: Mutex::default(),
         }
     }
@@ -149,11 +155,9 @@ impl Tracker {
             self.counters.settled.fetch_add(1, Relaxed);
         }
         if measured {
-            let _ = self
-                .ack_latency
-                .lock()
-                .unwrap()
-                .record(micros(scheduled, at).max(1));
+            let us = micros(scheduled, at).max(1);
+            let _ = self.ack_latency.lock().unwrap().record(us);
+            self.ack_series.record(scheduled, us);
         }
     }
 
@@ -183,11 +187,9 @@ impl Tracker {
         let (measured, scheduled) = (e.measured, e.scheduled);
         drop(shard);
         if measured {
-            let _ = self
-                .e2e_latency
-                .lock()
-                .unwrap()
-                .record(micros(scheduled, at).max(1));
+            let us = micros(scheduled, at).max(1);
+            let _ = self.e2e_latency.lock().unwrap().record(us);
+            self.e2e_series.record(scheduled, us);
         }
     }
 
@@ -250,6 +252,17 @@ impl Tracker {
 
     pub fn e2e_histogram(&self) -> Histogram<u64> {
         self.e2e_latency.lock().unwrap().clone()
+    }
+
+    /// Per-second latencies count from `t0` (the measured window's start).
+    pub fn start_series(&self, t0: Instant) {
+        self.ack_series.start(t0);
+        self.e2e_series.start(t0);
+    }
+
+    /// The measured window's first `seconds` seconds.
+    pub fn series(&self, seconds: usize) -> Vec<series::Second> {
+        series::rows(&self.ack_series, &self.e2e_series, seconds)
     }
 
     pub fn end_scan(&self) -> EndScan {

@@ -60,6 +60,14 @@ fn finish(mut cmd: Command, what: &[&str]) -> String {
     stdout
 }
 
+/// A report line with this label (labels start the line).
+fn assert_has_line(stdout: &str, label: &str) {
+    assert!(
+        stdout.lines().any(|l| l.starts_with(label)),
+        "no '{label}' line:\n{stdout}"
+    );
+}
+
 /// The end check ran and found every acknowledged packet delivered.
 fn assert_none_lost(stdout: &str) {
     assert!(
@@ -123,13 +131,67 @@ fn e2e_batch_marks() {
 }
 
 #[test]
+fn e2e_stream_marks() {
+    assert_none_lost(&run(&["e2e", "--rate", "200", "--marks", "stream"]));
+}
+
+#[test]
+fn e2e_stream_marks_redis() {
+    assert_none_lost(&run(&[
+        "e2e", "--target", "redis", "--rate", "200", "--marks", "stream",
+    ]));
+}
+
+#[test]
+fn e2e_stream_marks_nats() {
+    let out = run(&["e2e", "--target", "nats", "--rate", "200", "--marks", "stream"]);
+    assert_none_lost(&out);
+    assert!(out.contains("ack policy is All"), "no ack-all note:\n{out}");
+    assert!(
+        out.contains("consumer karma: 0 pending, 0 awaiting ack"),
+        "the server still holds acks:\n{out}"
+    );
+}
+
+#[test]
+fn e2e_sustained_stream_marks() {
+    let out = run(&["e2e", "--outstanding", "32", "--marks", "stream"]);
+    assert_none_lost(&out);
+    assert!(out.contains("sustained: "), "no sustained line:\n{out}");
+}
+
+#[test]
+fn drain_stream_marks() {
+    let mut cmd = Command::new(bench());
+    cmd.args(["drain", "--backlog", "500", "--marks", "stream"])
+        .args(["--drain-timeout", "60"])
+        .arg("--server-bin")
+        .arg(server_bin());
+    assert_none_lost(&finish(cmd, &["drain", "--marks", "stream"]));
+}
+
+#[test]
 fn e2e_postgres() {
-    assert_none_lost(&run(&["e2e", "--target", "postgres", "--rate", "200"]));
+    let out = run(&["e2e", "--target", "postgres", "--rate", "200"]);
+    assert_none_lost(&out);
+    for line in [
+        "server writes",
+        "store CPU",
+        "PostgreSQL writes",
+        "PostgreSQL WAL",
+    ] {
+        assert_has_line(&out, line);
+    }
 }
 
 #[test]
 fn e2e_redis() {
-    assert_none_lost(&run(&["e2e", "--target", "redis", "--rate", "200"]));
+    let out = run(&["e2e", "--target", "redis", "--rate", "200"]);
+    assert_none_lost(&out);
+    assert!(
+        out.contains("Redis "),
+        "no Redis CPU in the store line:\n{out}"
+    );
 }
 
 #[test]
@@ -137,14 +199,117 @@ fn e2e_nats() {
     let out = run(&["e2e", "--target", "nats", "--rate", "200"]);
     assert_none_lost(&out);
     assert!(out.contains("does not fsync"), "no durability note:\n{out}");
+    // nats-server's own writes, as the bucket's.
+    assert_has_line(&out, "server writes");
+}
+
+/// The figures every e2e report carries: the server's writes per packet
+/// and the per-second p99's summary.
+#[test]
+fn e2e_reports_writes_and_the_worst_second() {
+    let out = run(&["e2e", "--rate", "200"]);
+    assert_none_lost(&out);
+    assert_has_line(&out, "server writes");
+    assert_has_line(&out, "p99 by second");
+    assert!(out.contains("socket writes"), "no syscw note:\n{out}");
+    assert!(
+        out.contains("10000 users"),
+        "not the default spread:\n{out}"
+    );
+}
+
+#[test]
+fn e2e_users_and_series_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let series = dir.path().join("series.csv");
+    let mut cmd = Command::new(bench());
+    cmd.args(["e2e", "--rate", "200", "--users", "7", "--duration", "2"])
+        .args(["--warmup", "0", "--drain-timeout", "60"])
+        .arg("--server-bin")
+        .arg(server_bin())
+        .arg("--series")
+        .arg(&series);
+    let out = finish(cmd, &["e2e", "--series"]);
+    assert_none_lost(&out);
+    assert!(out.contains(" 7 users"), "{out}");
+    let text = std::fs::read_to_string(&series).expect("the series was written");
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("second,acked,ack_p99_ms,delivered,e2e_p50_ms,e2e_p90_ms,e2e_p99_ms,e2e_max_ms")
+    );
+    // One row per measured second, numbered from 0.
+    let seconds: Vec<&str> = lines.map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(seconds, ["0", "1"], "{text}");
+}
+
+#[test]
+fn e2e_sustained_closed_loop() {
+    let out = run(&["e2e", "--outstanding", "16", "--connections", "2"]);
+    assert_none_lost(&out);
+    assert!(
+        out.lines().any(|l| l.starts_with("sustained: ")),
+        "no sustained line:\n{out}"
+    );
+}
+
+#[test]
+fn e2e_sustained_nats() {
+    let out = run(&["e2e", "--target", "nats", "--outstanding", "16"]);
+    assert_none_lost(&out);
+    assert!(out.contains("sustained: "), "no sustained line:\n{out}");
+}
+
+#[test]
+fn rate_and_outstanding_exclude_each_other() {
+    let out = Command::new(bench())
+        .args(["e2e", "--rate", "100", "--outstanding", "8"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+/// Rows under an older header would be read as the wrong figures: the tool
+/// refuses before it starts anything.
+#[test]
+fn csv_with_other_columns_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("old.csv");
+    std::fs::write(&csv, "mode,target,offered_rate\ne2e,sqlite,1000\n").unwrap();
+    let mut cmd = Command::new(bench());
+    cmd.args(["e2e", "--rate", "100"])
+        .args(QUICK)
+        .arg("--server-bin")
+        .arg(server_bin())
+        .arg("--csv")
+        .arg(&csv);
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("other columns"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&csv).unwrap(),
+        "mode,target,offered_rate\ne2e,sqlite,1000\n"
+    );
 }
 
 #[test]
 fn drain() {
     let mut cmd = Command::new(bench());
-    cmd.args(["drain", "--backlog", "500", "--drain-timeout", "60"])
-        .arg("--server-bin")
-        .arg(server_bin());
+    cmd.args([
+        "drain",
+        "--backlog",
+        "500",
+        "--users",
+        "100",
+        "--drain-timeout",
+        "60",
+    ])
+    .arg("--server-bin")
+    .arg(server_bin());
     assert_none_lost(&finish(cmd, &["drain"]));
 }
 
@@ -228,5 +393,13 @@ fn sweep_writes_rows_and_a_plot() {
     assert_eq!(out.matches("undelivered: 0").count(), 2, "{out}");
     let rows = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(rows.lines().count(), 3, "header and two rows:\n{rows}");
+    // Every row has the header's columns, the new ones included.
+    let header: Vec<&str> = rows.lines().next().unwrap().split(',').collect();
+    for col in ["users", "write_bytes_per_packet", "worst_second_e2e_p99_ms"] {
+        assert!(header.contains(&col), "no column {col}: {header:?}");
+    }
+    for row in rows.lines().skip(1) {
+        assert_eq!(row.split(',').count(), header.len(), "{row}");
+    }
     assert!(std::fs::read(&png).unwrap().starts_with(PNG_SIGNATURE));
 }
