@@ -165,7 +165,12 @@ pub async fn start_consumers(
             consumers.push(tokio::spawn(ack_all_marker(rx, tracker.clone())));
             tx
         });
-        consumers.push(tokio::spawn(pull_loop(pull, spec, tracker.clone(), ack_all)));
+        consumers.push(tokio::spawn(pull_loop(
+            pull,
+            spec,
+            tracker.clone(),
+            ack_all,
+        )));
     }
     Ok(consumers)
 }

@@ -144,7 +144,9 @@ fn e2e_stream_marks_redis() {
 
 #[test]
 fn e2e_stream_marks_nats() {
-    let out = run(&["e2e", "--target", "nats", "--rate", "200", "--marks", "stream"]);
+    let out = run(&[
+        "e2e", "--target", "nats", "--rate", "200", "--marks", "stream",
+    ]);
     assert_none_lost(&out);
     assert!(out.contains("ack policy is All"), "no ack-all note:\n{out}");
     assert!(
