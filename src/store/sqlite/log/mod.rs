@@ -106,7 +106,7 @@ impl RecordLog {
     /// position `from` on; writing resumes where they end.
     pub fn open(dir: &Path, segment_size: u64, from: u64) -> io::Result<(RecordLog, Replayed)> {
         assert!(
-            segment_size >= 4 * ALLOCATE_AHEAD && segment_size % block::SECTOR as u64 == 0,
+            segment_size >= 4 * ALLOCATE_AHEAD && segment_size.is_multiple_of(block::SECTOR as u64),
             "segment size"
         );
         if !dir.exists() {
