@@ -26,6 +26,9 @@ use crate::queue::redis::RedisQueue;
 use crate::queue::{QueueError, Queued};
 use crate::store::{CommitListener, LeaseEnd, PendingPacket, Released, Store};
 
+#[cfg(test)]
+mod model;
+
 /// What the Redis queue needs of the node it serves.
 pub trait QueueSink: Send + Sync + 'static {
     /// Packets read from the stream (or kept here while Redis is away).
@@ -221,6 +224,7 @@ impl Core {
                     out.again.push(queued);
                 }
                 Some(DeliveryStatus::DeadLetter) => {
+                    self.queue.finished(end.packet_id);
                     tracing::warn!(packet_id = %end.packet_id, attempts = ending.attempts, "packet dead-lettered");
                     out.dead += 1;
                     out.done.extend(ending.queued.entry);
@@ -234,25 +238,32 @@ impl Core {
 
     /// The database could not count `ends`: packets with deliveries left
     /// go out again counted in memory (the database learns the count with
-    /// the next end or mark); the others wait to be dead-lettered.
-    fn ending_failed(&mut self, ends: Vec<LeaseEnd>, max_deliveries: u32) -> Vec<Queued> {
-        let mut again = Vec::new();
+    /// the next end or mark); the others wait to be dead-lettered. Those
+    /// marked meanwhile are done: the mark recorded their outcome, and a
+    /// count written later could land after a Redrive and be charged to
+    /// the new round (even dead-letter it at once).
+    fn ending_failed(&mut self, ends: Vec<LeaseEnd>, max_deliveries: u32) -> Finished {
+        let mut out = Finished::default();
         for end in ends {
             let Some(ending) = self.ending.get(&end.packet_id) else {
                 continue;
             };
-            if ending.settled || ending.attempts >= max_deliveries {
+            if ending.settled {
+                let ending = self.ending.remove(&end.packet_id).expect("just seen");
+                out.done.extend(ending.queued.entry);
+            } else if ending.attempts >= max_deliveries {
                 self.stuck.push(end);
             } else if let Some(ending) = self.ending.remove(&end.packet_id) {
                 let mut queued = ending.queued;
                 queued.pending.attempts = ending.attempts;
-                again.push(queued);
+                out.again.push(queued);
             }
         }
-        again
+        out
     }
 
     fn settle(&mut self, id: &PacketId, done: &mut Vec<String>) -> bool {
+        self.queue.finished(*id);
         if let Some(lease) = self.leases.end(id) {
             if let Holder::Stream(sid) = lease.holder
                 && let Some(stream) = self.streams.get_mut(&sid)
@@ -264,6 +275,13 @@ impl Core {
             done.extend(queued.entry);
         } else if let Some(ending) = self.ending.get_mut(id) {
             ending.settled = true;
+            // An end waiting for a retry (see ending_failed) is not needed
+            // any more.
+            if let Some(at) = self.stuck.iter().position(|e| e.packet_id == *id) {
+                self.stuck.swap_remove(at);
+                let ending = self.ending.remove(id).expect("just seen");
+                done.extend(ending.queued.entry);
+            }
         } else {
             return false;
         }
@@ -709,8 +727,11 @@ impl Dispatcher {
             }
             Err(e) => {
                 tracing::warn!(error = %e, count = ends.len(), "could not record ended leases; retrying");
-                let again = self.lock().ending_failed(ends, self.max_deliveries);
-                self.again(again);
+                let finished = self.lock().ending_failed(ends, self.max_deliveries);
+                if let Some(redis) = &self.redis {
+                    redis.remove_entries(finished.done);
+                }
+                self.again(finished.again);
             }
         }
     }
