@@ -674,7 +674,7 @@ impl Dispatcher {
     /// Packets an operator made pending again (Redrive, Replay), after
     /// `after_seq` in arrival order: one node reads them back from the
     /// database; several add their ids to the Redis stream (if that fails,
-    /// the reconciler adds them within BUCKET_RECONCILE_SECONDS).
+    /// retried every few seconds).
     pub async fn requeued(self: &Arc<Self>, ids: &[PacketId], after_seq: i64) {
         if ids.is_empty() {
             return;
@@ -685,8 +685,8 @@ impl Dispatcher {
                 self.backlog_wanted.notify_one();
             }
             Some(redis) => {
-                if let Err(e) = redis.add_ids(ids).await {
-                    tracing::warn!(error = %e, count = ids.len(), "could not queue packets sent back to pending; the reconciler will");
+                if let Err(e) = redis.requeued(ids).await {
+                    tracing::warn!(error = %e, count = ids.len(), "could not queue packets sent back to pending; retrying");
                 }
             }
         }
@@ -875,6 +875,16 @@ impl CommitListener for Arc<Dispatcher> {
                 }
                 self.pump(core);
             }
+        }
+    }
+
+    /// One node: the next backlog read looks from `after_seq` on (issue 16,
+    /// suspicion 3). Several: the reconciler's next incremental pass reads
+    /// recent packets anyway.
+    fn uncertain(&self, after_seq: i64) {
+        if self.redis.is_none() {
+            self.lock().queue.rewind(after_seq);
+            self.backlog_wanted.notify_one();
         }
     }
 }

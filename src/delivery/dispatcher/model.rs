@@ -41,6 +41,10 @@ const MAX_STREAMS: usize = 4;
 pub enum Op {
     /// Packets committed (the writer hands them to the dispatcher).
     Commit(usize),
+    /// Packets committed whose answer was lost (the connection dropped
+    /// after COMMIT): the writer tells the dispatcher only that inserts
+    /// after the newest seq it knew may be stored.
+    CommitLost(usize),
     Subscribe {
         max_in_flight: u32,
         lease_ms: u64,
@@ -110,6 +114,7 @@ impl ReferenceStateMachine for Machine {
     fn transitions(shape: &Shape) -> BoxedStrategy<Op> {
         let mut ops = vec![
             (3, (1..=3usize).prop_map(Op::Commit).boxed()),
+            (1, (1..=2usize).prop_map(Op::CommitLost).boxed()),
             (3, (0u64..2_500).prop_map(Op::Advance).boxed()),
             (3, Just(Op::EndOk).boxed()),
             (1, Just(Op::EndFail).boxed()),
@@ -179,7 +184,7 @@ impl ReferenceStateMachine for Machine {
 
     fn preconditions(shape: &Shape, op: &Op) -> bool {
         match op {
-            Op::Commit(_) => !shape.reading,
+            Op::Commit(_) | Op::CommitLost(_) => !shape.reading,
             Op::Subscribe { .. } => shape.streams < MAX_STREAMS,
             Op::Mark { stream, .. }
             | Op::Extend { stream, .. }
@@ -193,7 +198,7 @@ impl ReferenceStateMachine for Machine {
 
     fn apply(mut shape: Shape, op: &Op) -> Shape {
         match op {
-            Op::Commit(n) => shape.packets += n,
+            Op::Commit(n) | Op::CommitLost(n) => shape.packets += n,
             Op::Subscribe { .. } => shape.streams += 1,
             Op::RefillRead => shape.reading = true,
             Op::RefillApply => shape.reading = false,
@@ -303,7 +308,9 @@ impl Sut {
         let rt = self.rt.handle().clone();
         let _in = rt.enter();
         match op {
-            Op::Commit(n) => {
+            Op::Commit(n) | Op::CommitLost(n) => {
+                let lost = matches!(op, Op::CommitLost(_));
+                let floor = self.next_seq - 1;
                 let mut committed = Vec::new();
                 for _ in 0..n {
                     let pending = PendingPacket {
@@ -324,8 +331,13 @@ impl Sut {
                     self.packets.push(pending.clone());
                     committed.push(pending);
                 }
-                for pending in committed {
-                    self.core.queue.offer(pending);
+                if lost {
+                    // As Dispatcher::uncertain, one node.
+                    self.core.queue.rewind(floor);
+                } else {
+                    for pending in committed {
+                        self.core.queue.offer(pending);
+                    }
                 }
                 self.pump();
             }
