@@ -16,6 +16,7 @@ mod marks;
 mod openapi;
 mod operator;
 mod ops;
+mod partial_faults;
 mod queries;
 mod redis_cluster;
 mod redis_queue;
