@@ -13,6 +13,7 @@ mod fuzz_regressions;
 mod gateway;
 mod ingest;
 mod marks;
+mod nemesis;
 mod openapi;
 mod operator;
 mod ops;
