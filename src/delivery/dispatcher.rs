@@ -16,36 +16,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::leases::{Holder, Lease, LeaseToken, Leases};
+use super::leases::{Holder, Lease, Leases};
 use super::subscription::Subscription;
 use super::{ConsumerInfo, Delivery, Held, LeaseChange, SubscribeOptions, backlog, expiry};
+use crate::domain::lease_token::LeaseToken;
 use crate::domain::{DeliveryStatus, PacketId};
 use crate::error::Error;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::RedisQueue;
-use crate::queue::{QueueError, Queued};
+use crate::queue::{QueueError, QueueSink, Queued};
 use crate::store::{CommitListener, LeaseEnd, PendingPacket, Released, Store};
 
 #[cfg(test)]
 mod model;
-
-/// What the Redis queue needs of the node it serves.
-pub trait QueueSink: Send + Sync + 'static {
-    /// Packets read from the stream (or kept here while Redis is away).
-    fn feed(&self, packets: Vec<Queued>);
-    /// How many more packets local streams have room for.
-    fn wanted(&self) -> usize;
-    /// Another node recorded these packets' outcomes.
-    fn settle_remote(&self, ids: &[PacketId]);
-    /// Every packet this node holds (for the reconciler).
-    fn held_ids(&self) -> HashSet<PacketId>;
-    /// ExtendLease, for leases this node granted (asked by another node).
-    fn change_leases(
-        &self,
-        tokens: &[LeaseToken],
-        lease: Option<Duration>,
-    ) -> Vec<Result<LeaseChange, Error>>;
-}
 
 pub type Sent = Result<Delivery, Error>;
 

@@ -20,9 +20,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::dispatcher::{Dispatcher, QueueSink};
+use super::dispatcher::Dispatcher;
 use crate::domain::PacketId;
 use crate::error::Error;
+use crate::queue::QueueSink;
 
 /// Pending ids read per query.
 const PAGE: u32 = 10_000;

@@ -45,11 +45,12 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::QueueSink;
 use super::shards::{self, Shards};
 use super::{QueueError, Queued, codec};
 use crate::config::RedisConfig;
-use crate::delivery::{LeaseChange, LeaseToken, QueueSink};
 use crate::domain::PacketId;
+use crate::domain::lease_token::{LeaseChange, LeaseToken};
 use crate::error::Error;
 use crate::store::{PendingPacket, Store};
 
