@@ -184,6 +184,11 @@ pub struct RedisQueue {
     /// retried every heartbeat, since the reconciler's incremental pass
     /// reads only recently received packets.
     unqueued: Mutex<HashSet<PacketId>>,
+    /// The Redis server (its run_id) the stream was last checked against:
+    /// a restarted one (empty, or from an old snapshot, or a promoted
+    /// replica) may hold as many entries as packets are pending and still
+    /// lack some.
+    checked_run: Mutex<Option<String>>,
 }
 
 struct Reader {
@@ -338,6 +343,7 @@ impl RedisQueue {
             flushers: Mutex::new(Vec::new()),
             orphans: Mutex::new(HashMap::new()),
             unqueued: Mutex::new(HashSet::new()),
+            checked_run: Mutex::new(None),
         }))
     }
 
@@ -1077,6 +1083,33 @@ impl RedisQueue {
             let _: Vec<Value> = pipeline.all().await?;
         }
         Ok(())
+    }
+
+    /// The run_id of the Redis server answering (of one node, in a
+    /// cluster): new at every start of a server.
+    pub async fn run_id(&self) -> Result<String, QueueError> {
+        let info: String = self
+            .fast()
+            .info(Some(fred::types::InfoKind::Server))
+            .await?;
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned())
+    }
+
+    /// Whether the stream last checked was another server's than `run`'s
+    /// (so this one may have lost or gained entries since).
+    pub fn restarted(&self, run: &str) -> bool {
+        let checked = self.checked_run.lock().expect("checked lock");
+        checked.as_deref().is_some_and(|c| c != run)
+    }
+
+    /// The stream of the server `run` was checked against the database.
+    pub fn checked(&self, run: String) {
+        *self.checked_run.lock().expect("checked lock") = Some(run);
     }
 
     /// Entries in the stream (every shard), and how many of them nodes hold.

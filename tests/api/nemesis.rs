@@ -115,40 +115,66 @@ struct Node {
 }
 
 impl Node {
+    /// Starts the node and waits until it listens. A start that fails is
+    /// tried again, as an orchestrator would (at most 10 times): its port,
+    /// free while it was down, may have been taken for a moment as the
+    /// local port of some outgoing connection.
     async fn start(&mut self, database_url: &str, redis_port: u16) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("node log");
-        let child = Command::new(env!("CARGO_BIN_EXE_bucket"))
-            .env("BUCKET_LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("DATABASE_URL", database_url)
-            .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
-            .env("BUCKET_MAX_DELIVERIES", MAX_DELIVERIES.to_string())
-            .env("BUCKET_RECONCILE_SECONDS", "5")
-            .env("BUCKET_SWEEP_MS", "100")
-            .env("BUCKET_SHUTDOWN_GRACE_SECONDS", "2")
-            .env("BUCKET_RETENTION", "off")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the bucket binary");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "node {} did not start",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..10 {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .expect("node log");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_bucket"))
+                .env("BUCKET_LISTEN", format!("127.0.0.1:{}", self.port))
+                .env("DATABASE_URL", database_url)
+                .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
+                .env("BUCKET_MAX_DELIVERIES", MAX_DELIVERIES.to_string())
+                .env("BUCKET_RECONCILE_SECONDS", "5")
+                .env("BUCKET_SWEEP_MS", "100")
+                .env("BUCKET_SHUTDOWN_GRACE_SECONDS", "2")
+                .env("BUCKET_RETENTION", "off")
+                .env("RUST_LOG", "warn")
+                .env("RUST_BACKTRACE", "0")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .expect("the bucket binary");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
+                {
+                    self.child = Some(child);
+                    return;
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    println!(
+                        "node {} exited at start ({status}); starting it again",
+                        self.port
+                    );
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} did not listen within 60 s; see {}",
+                    self.port,
+                    self.log.display()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        panic!(
+            "node {} failed to start 10 times; its log, newest first:\n{}",
+            self.port,
+            tail.join("\n")
+        );
     }
 
     async fn kill(&mut self) {
