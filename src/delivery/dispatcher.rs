@@ -16,33 +16,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::leases::{Holder, Lease, LeaseToken, Leases};
+use super::leases::{Holder, Lease, Leases};
 use super::subscription::Subscription;
 use super::{ConsumerInfo, Delivery, Held, LeaseChange, SubscribeOptions, backlog, expiry};
+use crate::domain::lease_token::LeaseToken;
 use crate::domain::{DeliveryStatus, PacketId};
 use crate::error::Error;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::RedisQueue;
-use crate::queue::{QueueError, Queued};
+use crate::queue::{QueueError, QueueSink, Queued};
 use crate::store::{CommitListener, LeaseEnd, PendingPacket, Released, Store};
 
-/// What the Redis queue needs of the node it serves.
-pub trait QueueSink: Send + Sync + 'static {
-    /// Packets read from the stream (or kept here while Redis is away).
-    fn feed(&self, packets: Vec<Queued>);
-    /// How many more packets local streams have room for.
-    fn wanted(&self) -> usize;
-    /// Another node recorded these packets' outcomes.
-    fn settle_remote(&self, ids: &[PacketId]);
-    /// Every packet this node holds (for the reconciler).
-    fn held_ids(&self) -> HashSet<PacketId>;
-    /// ExtendLease, for leases this node granted (asked by another node).
-    fn change_leases(
-        &self,
-        tokens: &[LeaseToken],
-        lease: Option<Duration>,
-    ) -> Vec<Result<LeaseChange, Error>>;
-}
+#[cfg(test)]
+mod model;
 
 pub type Sent = Result<Delivery, Error>;
 
@@ -234,6 +220,7 @@ impl Core {
                     out.again.push(queued);
                 }
                 Some(DeliveryStatus::DeadLetter) => {
+                    self.queue.finished(end.packet_id);
                     tracing::warn!(packet_id = %end.packet_id, attempts = ending.attempts, "packet dead-lettered");
                     out.dead += 1;
                     out.done.extend(ending.queued.entry);
@@ -247,25 +234,32 @@ impl Core {
 
     /// The database could not count `ends`: packets with deliveries left
     /// go out again counted in memory (the database learns the count with
-    /// the next end or mark); the others wait to be dead-lettered.
-    fn ending_failed(&mut self, ends: Vec<LeaseEnd>, max_deliveries: u32) -> Vec<Queued> {
-        let mut again = Vec::new();
+    /// the next end or mark); the others wait to be dead-lettered. Those
+    /// marked meanwhile are done: the mark recorded their outcome, and a
+    /// count written later could land after a Redrive and be charged to
+    /// the new round (even dead-letter it at once).
+    fn ending_failed(&mut self, ends: Vec<LeaseEnd>, max_deliveries: u32) -> Finished {
+        let mut out = Finished::default();
         for end in ends {
             let Some(ending) = self.ending.get(&end.packet_id) else {
                 continue;
             };
-            if ending.settled || ending.attempts >= max_deliveries {
+            if ending.settled {
+                let ending = self.ending.remove(&end.packet_id).expect("just seen");
+                out.done.extend(ending.queued.entry);
+            } else if ending.attempts >= max_deliveries {
                 self.stuck.push(end);
             } else if let Some(ending) = self.ending.remove(&end.packet_id) {
                 let mut queued = ending.queued;
                 queued.pending.attempts = ending.attempts;
-                again.push(queued);
+                out.again.push(queued);
             }
         }
-        again
+        out
     }
 
     fn settle(&mut self, id: &PacketId, done: &mut Vec<String>) -> bool {
+        self.queue.finished(*id);
         if let Some(lease) = self.leases.end(id) {
             if let Holder::Stream(sid) = lease.holder
                 && let Some(stream) = self.streams.get_mut(&sid)
@@ -277,6 +271,13 @@ impl Core {
             done.extend(queued.entry);
         } else if let Some(ending) = self.ending.get_mut(id) {
             ending.settled = true;
+            // An end waiting for a retry (see ending_failed) is not needed
+            // any more.
+            if let Some(at) = self.stuck.iter().position(|e| e.packet_id == *id) {
+                self.stuck.swap_remove(at);
+                let ending = self.ending.remove(id).expect("just seen");
+                done.extend(ending.queued.entry);
+            }
         } else {
             return false;
         }
@@ -683,7 +684,7 @@ impl Dispatcher {
     /// Packets an operator made pending again (Redrive, Replay), after
     /// `after_seq` in arrival order: one node reads them back from the
     /// database; several add their ids to the Redis stream (if that fails,
-    /// the reconciler adds them within BUCKET_RECONCILE_SECONDS).
+    /// retried every few seconds).
     pub async fn requeued(self: &Arc<Self>, ids: &[PacketId], after_seq: i64) {
         if ids.is_empty() {
             return;
@@ -694,8 +695,8 @@ impl Dispatcher {
                 self.backlog_wanted.notify_one();
             }
             Some(redis) => {
-                if let Err(e) = redis.add_ids(ids).await {
-                    tracing::warn!(error = %e, count = ids.len(), "could not queue packets sent back to pending; the reconciler will");
+                if let Err(e) = redis.requeued(ids).await {
+                    tracing::warn!(error = %e, count = ids.len(), "could not queue packets sent back to pending; retrying");
                 }
             }
         }
@@ -736,8 +737,11 @@ impl Dispatcher {
             }
             Err(e) => {
                 tracing::warn!(error = %e, count = ends.len(), "could not record ended leases; retrying");
-                let again = self.lock().ending_failed(ends, self.max_deliveries);
-                self.again(again);
+                let finished = self.lock().ending_failed(ends, self.max_deliveries);
+                if let Some(redis) = &self.redis {
+                    redis.remove_entries(finished.done);
+                }
+                self.again(finished.again);
             }
         }
     }
@@ -881,6 +885,16 @@ impl CommitListener for Arc<Dispatcher> {
                 }
                 self.pump(core);
             }
+        }
+    }
+
+    /// One node: the next backlog read looks from `after_seq` on (issue 16,
+    /// suspicion 3). Several: the reconciler's next incremental pass reads
+    /// recent packets anyway.
+    fn uncertain(&self, after_seq: i64) {
+        if self.redis.is_none() {
+            self.lock().queue.rewind(after_seq);
+            self.backlog_wanted.notify_one();
         }
     }
 }

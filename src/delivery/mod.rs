@@ -26,8 +26,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::domain::Packet;
-pub use dispatcher::{Dispatcher, QueueSink};
-pub use leases::LeaseToken;
+pub use crate::domain::lease_token::{LeaseChange, LeaseToken};
+pub use crate::queue::QueueSink;
+pub use dispatcher::Dispatcher;
 pub use subscription::Subscription;
 
 /// One packet sent to a consumer, leased to it until `lease_expires_at`.
@@ -40,15 +41,6 @@ pub struct Delivery {
     pub lease_expires_at: DateTime<Utc>,
     /// Names this lease for ExtendLease; clients see its text.
     pub lease_token: LeaseToken,
-}
-
-/// What ExtendLease did to one lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseChange {
-    /// It now ends then.
-    Extended(DateTime<Utc>),
-    /// It ended now (a nack): the packet goes out again.
-    Ended,
 }
 
 /// What a subscriber asked for, defaults applied and bounds checked.

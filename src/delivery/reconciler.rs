@@ -6,8 +6,10 @@
 //! Its cost does not grow with what is stored. At start and each time
 //! Redis (re)connects, a full pass: skipped when the stream holds at least
 //! as many entries as packets are pending (the count is kept by the
-//! database, no scan; after Redis lost its data the stream is short), else
-//! it pages through the pending packets by seq. Every `every`, an incremental pass looks only at packets received
+//! database, no scan; after Redis lost its data the stream is short) and
+//! the server is the one checked before (a server restarted from an old
+//! snapshot can hold stale entries that make up the count), else it pages
+//! through the pending packets by seq. Every `every`, an incremental pass looks only at packets received
 //! since the previous pass (by the `received_at` index) and at stream
 //! entries added since then (entry ids are times): the one loss that
 //! happens without a reconnection, a node stopping between commit and
@@ -20,9 +22,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::dispatcher::{Dispatcher, QueueSink};
+use super::dispatcher::Dispatcher;
 use crate::domain::PacketId;
 use crate::error::Error;
+use crate::queue::QueueSink;
 
 /// Pending ids read per query.
 const PAGE: u32 = 10_000;
@@ -44,14 +47,22 @@ pub async fn reconcile(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
     }
     let (in_stream, _) = redis.depth().await?;
     let pending = dispatcher.store().counts().await?.pending;
-    if in_stream >= pending {
+    // A Redis server that restarted since the last check (from an old
+    // snapshot, or a replica promoted) may hold stale entries that make up
+    // the count while recent ones are missing: the count is trusted only
+    // from the server checked before (issue 16, suspicion 6).
+    let run = redis.run_id().await?;
+    if in_stream >= pending && !redis.restarted(&run) {
+        redis.checked(run);
         return Ok(0);
     }
     // Held here first: an entry removed between the two reads is one this
     // node just took, so it is in one of the two sets.
     let held = dispatcher.held_ids();
     let in_stream = redis.stream_ids(None).await?;
-    add_missing(dispatcher, 0, &in_stream, &held).await
+    let added = add_missing(dispatcher, 0, &in_stream, &held).await?;
+    redis.checked(run);
+    Ok(added)
 }
 
 /// An incremental pass over what was received since `since`.

@@ -4,6 +4,7 @@ pub mod delivery;
 pub mod json;
 pub mod labels;
 pub mod lease;
+pub mod lease_token;
 pub mod mark;
 pub mod packet;
 pub mod packet_id;

@@ -4,7 +4,7 @@
 //! must read the pending packets back (`spilled`); once it has read all of
 //! them it takes new packets directly again. So a backlog of millions costs
 //! disk, not memory.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::Queued;
 use crate::domain::PacketId;
@@ -22,6 +22,10 @@ pub struct MemoryQueue {
     /// the last refill began: a refill under way may have read before, so
     /// its end must not forget them.
     rewound: Option<i64>,
+    /// While a refill reads: packets finished since the read began (marked,
+    /// dead-lettered), which it may have read as pending. The store's gate
+    /// holds back inserts only, not marks or lease ends.
+    finished: Option<HashSet<PacketId>>,
 }
 
 /// A read of the database's pending packets that the queue asks for.
@@ -41,6 +45,7 @@ impl MemoryQueue {
             window: window.max(2),
             spilled: Some(0),
             rewound: None,
+            finished: None,
         }
     }
 
@@ -53,6 +58,7 @@ impl MemoryQueue {
             window: usize::MAX,
             spilled: None,
             rewound: None,
+            finished: None,
         }
     }
 
@@ -62,6 +68,11 @@ impl MemoryQueue {
 
     pub fn len(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Pending packets after this seq may be in the database only.
+    pub fn spilled(&self) -> Option<i64> {
+        self.spilled
     }
 
     pub fn is_empty(&self) -> bool {
@@ -137,7 +148,16 @@ impl MemoryQueue {
     pub fn begin_refill(&mut self) -> Option<Refill> {
         let read = self.refill()?;
         self.rewound = None;
+        self.finished = Some(HashSet::new());
         Some(read)
+    }
+
+    /// This packet is finished (marked, dead-lettered): a refill under way
+    /// must not bring it back.
+    pub fn finished(&mut self, id: PacketId) {
+        if let Some(finished) = &mut self.finished {
+            finished.insert(id);
+        }
     }
 
     /// Packets after `after_seq`, older than what the queue took since,
@@ -150,7 +170,8 @@ impl MemoryQueue {
     }
 
     /// Takes the rows a refill read (pending, after `after_seq`, in seq
-    /// order), skipping those this node already holds. No packet committed
+    /// order), skipping those this node already holds and those finished
+    /// since the read began. No packet committed
     /// between the read and this call (the store's gate), so a short read
     /// means every pending packet is held: new ones are taken directly.
     pub fn refilled(
@@ -161,10 +182,11 @@ impl MemoryQueue {
     ) {
         let exhausted = rows.len() < read.limit;
         let mut last = read.after_seq;
+        let finished = self.finished.take().unwrap_or_default();
         for pending in rows {
             last = last.max(pending.seq);
             let id = pending.packet.packet_id;
-            if !held_elsewhere(&id) && !self.contains(&id) {
+            if !held_elsewhere(&id) && !self.contains(&id) && !finished.contains(&id) {
                 self.push_back(Queued::local(pending));
             }
         }
@@ -285,6 +307,25 @@ mod tests {
         q.refilled(read, Vec::new(), |_| false);
         assert_eq!(q.refill(), None);
         assert_eq!(drain(&mut q), [5, 2, 3]);
+    }
+
+    #[test]
+    fn a_refill_leaves_out_packets_finished_while_it_read() {
+        // Issue 16, suspicion 5: marked (or dead-lettered) between the
+        // SELECT and the hand-over, a packet read as pending was queued
+        // again and delivered once more.
+        let mut q = MemoryQueue::new(4);
+        let read = q.begin_refill().unwrap();
+        let (a, b) = (pending(1), pending(2));
+        q.finished(a.packet.packet_id);
+        q.refilled(read, vec![a, b], |_| false);
+        assert_eq!(drain(&mut q), [2]);
+        // Only during that read: a later one takes the packet (redriven).
+        q.rewind(0);
+        let read = q.begin_refill().unwrap();
+        let a = pending(1);
+        q.refilled(read, vec![a], |_| false);
+        assert_eq!(drain(&mut q), [1]);
     }
 
     #[test]

@@ -13,7 +13,31 @@ pub mod memory;
 pub mod redis;
 pub mod shards;
 
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::domain::PacketId;
+use crate::domain::lease_token::{LeaseChange, LeaseToken};
+use crate::error::Error;
 use crate::store::PendingPacket;
+
+/// What the Redis queue needs of the node it serves.
+pub trait QueueSink: Send + Sync + 'static {
+    /// Packets read from the stream (or kept here while Redis is away).
+    fn feed(&self, packets: Vec<Queued>);
+    /// How many more packets local streams have room for.
+    fn wanted(&self) -> usize;
+    /// Another node recorded these packets' outcomes.
+    fn settle_remote(&self, ids: &[PacketId]);
+    /// Every packet this node holds (for the reconciler).
+    fn held_ids(&self) -> HashSet<PacketId>;
+    /// ExtendLease, for leases this node granted (asked by another node).
+    fn change_leases(
+        &self,
+        tokens: &[LeaseToken],
+        lease: Option<Duration>,
+    ) -> Vec<Result<LeaseChange, Error>>;
+}
 
 /// A packet in this node's hands, with the Redis stream entry that holds
 /// it (none for the memory queue, or when Redis was away).

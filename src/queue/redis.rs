@@ -28,7 +28,7 @@
 //! While Redis cannot be reached a node keeps serving its own streams from
 //! memory; the reconciler puts back into the stream whatever pending packets
 //! it lacks once Redis answers again.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,11 +45,12 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::QueueSink;
 use super::shards::{self, Shards};
 use super::{QueueError, Queued, codec};
 use crate::config::RedisConfig;
-use crate::delivery::{LeaseChange, LeaseToken, QueueSink};
 use crate::domain::PacketId;
+use crate::domain::lease_token::{LeaseChange, LeaseToken};
 use crate::error::Error;
 use crate::store::{PendingPacket, Store};
 
@@ -63,6 +64,11 @@ const PAGE: usize = 512;
 /// A node renews its liveness key this often; the key outlives two misses.
 const HEARTBEAT: Duration = Duration::from_secs(3);
 const NODE_TTL_MS: i64 = 10_000;
+/// XCLAIM takes only entries idle this long. A stopped node's entries are
+/// idle since before its key expired (at least NODE_TTL - HEARTBEAT), and
+/// one that another survivor just claimed is not idle: so two survivors
+/// never both take the same entry.
+const CLAIM_MIN_IDLE_MS: u64 = 5_000;
 /// How long a node asked to change its leases has to answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -169,6 +175,20 @@ pub struct RedisQueue {
     /// Ends the adder and remover once they drained (after the dispatcher).
     flush: CancellationToken,
     flushers: Mutex<Vec<JoinHandle<()>>>,
+    /// Entries already in this node's pending-entries list whose packets
+    /// the database could not be asked for: nothing else reads them again
+    /// (other nodes claim only from stopped ones, and the reconciler sees
+    /// them in the stream), so every heartbeat retries them.
+    orphans: Mutex<HashMap<PacketId, String>>,
+    /// Packets sent back to pending (Redrive, Replay) whose XADD failed:
+    /// retried every heartbeat, since the reconciler's incremental pass
+    /// reads only recently received packets.
+    unqueued: Mutex<HashSet<PacketId>>,
+    /// The Redis server (its run_id) the stream was last checked against:
+    /// a restarted one (empty, or from an old snapshot, or a promoted
+    /// replica) may hold as many entries as packets are pending and still
+    /// lack some.
+    checked_run: Mutex<Option<String>>,
 }
 
 struct Reader {
@@ -321,6 +341,9 @@ impl RedisQueue {
             })),
             flush: CancellationToken::new(),
             flushers: Mutex::new(Vec::new()),
+            orphans: Mutex::new(HashMap::new()),
+            unqueued: Mutex::new(HashSet::new()),
+            checked_run: Mutex::new(None),
         }))
     }
 
@@ -455,7 +478,7 @@ impl RedisQueue {
             }
             entries.extend(self.read_group(&self.fast(), shard, left, None).await?);
         }
-        self.resolve(entries, false).await
+        Ok(self.resolve(entries, false).await)
     }
 
     /// Hands `waiting` back to the stream, flushes every pending write,
@@ -597,7 +620,7 @@ impl RedisQueue {
                 read = self.read_group(&reader.client, shard, wanted, Some(BLOCK_MS)) => read,
             };
             let read = match read {
-                Ok(entries) => self.resolve(entries, false).await,
+                Ok(entries) => Ok(self.resolve(entries, false).await),
                 Err(e) => Err(e),
             };
             match read {
@@ -652,8 +675,10 @@ impl RedisQueue {
     /// The packets of `entries`: from their bodies, or from the database
     /// for entries without one or when `verify` (claimed from a stopped
     /// node, which may have recorded outcomes it never removed). Entries of
-    /// packets no longer pending are removed.
-    async fn resolve(&self, entries: Vec<Entry>, verify: bool) -> Result<Vec<Queued>, QueueError> {
+    /// packets no longer pending are removed. Entries the database could
+    /// not be asked about stay this node's orphans, retried every
+    /// heartbeat: they are in its pending-entries list already.
+    async fn resolve(&self, entries: Vec<Entry>, verify: bool) -> Vec<Queued> {
         let mut out = Vec::with_capacity(entries.len());
         let mut lookup: HashMap<PacketId, String> = HashMap::new();
         let mut stale = Vec::new();
@@ -674,17 +699,70 @@ impl RedisQueue {
                 }
             }
         }
-        if !lookup.is_empty() {
-            let ids: Vec<PacketId> = lookup.keys().copied().collect();
-            let found = self.store.pending_among(&ids).await?;
-            for pending in found {
-                let entry = lookup.remove(&pending.packet.packet_id);
-                out.push(Queued { pending, entry });
-            }
-            stale.extend(lookup.into_values());
-        }
         self.remove_entries(stale);
-        Ok(out)
+        out.extend(self.look_up(lookup).await);
+        out
+    }
+
+    /// The pending packets among `lookup` (packet → its entry); the
+    /// entries of the others removed. If the database does not answer,
+    /// all of them become orphans.
+    async fn look_up(&self, mut lookup: HashMap<PacketId, String>) -> Vec<Queued> {
+        if lookup.is_empty() {
+            return Vec::new();
+        }
+        let ids: Vec<PacketId> = lookup.keys().copied().collect();
+        match self.store.pending_among(&ids).await {
+            Ok(found) => {
+                let out = found
+                    .into_iter()
+                    .map(|pending| {
+                        let entry = lookup.remove(&pending.packet.packet_id);
+                        Queued { pending, entry }
+                    })
+                    .collect();
+                self.remove_entries(lookup.into_values().collect());
+                out
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, count = lookup.len(), "could not read queued packets from the database; retrying");
+                self.orphans.lock().expect("orphans lock").extend(lookup);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Tries again what an earlier heartbeat could not do: orphans, and
+    /// packets sent back to pending that are not in the stream yet.
+    async fn retry_stranded(&self, sink: &Arc<dyn QueueSink>) {
+        let orphans = std::mem::take(&mut *self.orphans.lock().expect("orphans lock"));
+        if !orphans.is_empty() {
+            sink.feed(self.look_up(orphans).await);
+        }
+        let unqueued: Vec<PacketId> = self
+            .unqueued
+            .lock()
+            .expect("unqueued lock")
+            .drain()
+            .collect();
+        if !unqueued.is_empty()
+            && let Err(e) = self.requeued(&unqueued).await
+        {
+            tracing::debug!(error = %e, "queueing packets sent back to pending failed again");
+        }
+    }
+
+    /// Packets an operator sent back to pending, for any node to take; if
+    /// Redis refuses, retried every heartbeat until it takes them.
+    pub async fn requeued(&self, ids: &[PacketId]) -> Result<(), QueueError> {
+        let added = self.add_ids(ids).await;
+        if added.is_err() {
+            self.unqueued
+                .lock()
+                .expect("unqueued lock")
+                .extend(ids.iter().copied());
+        }
+        added
     }
 
     /// SSUBSCRIBE in a Redis Cluster takes one channel at a time: the two
@@ -761,6 +839,7 @@ impl RedisQueue {
                 if let Err(e) = alive {
                     tracing::debug!(error = %e, "could not renew the liveness key");
                 }
+                self.retry_stranded(&sink).await;
                 let claimed = self.claim_from_stopped_nodes().await;
                 if !claimed.is_empty() {
                     tracing::info!(
@@ -835,7 +914,7 @@ impl RedisQueue {
                     key,
                     GROUP,
                     &self.consumer,
-                    0,
+                    CLAIM_MIN_IDLE_MS,
                     ids,
                     None,
                     None,
@@ -848,7 +927,7 @@ impl RedisQueue {
                 .into_iter()
                 .map(|(entry, fields)| (shards::tag(shard, &entry), fields))
                 .collect();
-            claimed.extend(self.resolve(entries, true).await?);
+            claimed.extend(self.resolve(entries, true).await);
         }
         Ok(claimed)
     }
@@ -1004,6 +1083,33 @@ impl RedisQueue {
             let _: Vec<Value> = pipeline.all().await?;
         }
         Ok(())
+    }
+
+    /// The run_id of the Redis server answering (of one node, in a
+    /// cluster): new at every start of a server.
+    pub async fn run_id(&self) -> Result<String, QueueError> {
+        let info: String = self
+            .fast()
+            .info(Some(fred::types::InfoKind::Server))
+            .await?;
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned())
+    }
+
+    /// Whether the stream last checked was another server's than `run`'s
+    /// (so this one may have lost or gained entries since).
+    pub fn restarted(&self, run: &str) -> bool {
+        let checked = self.checked_run.lock().expect("checked lock");
+        checked.as_deref().is_some_and(|c| c != run)
+    }
+
+    /// The stream of the server `run` was checked against the database.
+    pub fn checked(&self, run: String) {
+        *self.checked_run.lock().expect("checked lock") = Some(run);
     }
 
     /// Entries in the stream (every shard), and how many of them nodes hold.

@@ -205,6 +205,13 @@ impl Counts {
 /// the pending packets can run (see [`Store::pending_after`]).
 pub trait CommitListener: Send + Sync + 'static {
     fn committed(&self, packets: Vec<PendingPacket>);
+
+    /// Inserts failed in a way that may hide a commit (its answer lost):
+    /// packets after seq `after_seq` may be stored and pending without
+    /// having been announced.
+    fn uncertain(&self, after_seq: i64) {
+        let _ = after_seq;
+    }
 }
 
 /// How many writer tasks suit an engine, per lane.

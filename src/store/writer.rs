@@ -12,6 +12,7 @@
 //! neighbours (unless the database itself is away, which fails them all at
 //! once).
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -96,6 +97,9 @@ struct Shared {
     /// How long a writer lets writes gather after the first one arrives,
     /// when the previous group had company (see `gather`).
     linger: Duration,
+    /// The highest seq an insert of this store was answered with: every
+    /// packet a group stores after reading it gets a higher one.
+    newest: AtomicI64,
 }
 
 impl Writer {
@@ -123,6 +127,7 @@ impl Writer {
             listener,
             max_commit: limits.max_writes.max(1),
             linger: limits.linger.unwrap_or(writers.linger),
+            newest: AtomicI64::new(0),
         });
         let (ingest_tx, ingest_rx) = mpsc::unbounded_channel::<Job>();
         let (delivery_tx, delivery_rx) = mpsc::unbounded_channel::<Job>();
@@ -322,6 +327,7 @@ async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
         inserts: inserts.iter().map(|(p, _)| p).collect(),
         at,
     };
+    let floor = shared.newest.load(Ordering::SeqCst);
     let (applied, gate) = shared.backend.write(&group, &shared.gate).await;
     let inserted: Vec<Result<Inserted, StoreError>> = match applied.inserts {
         Ok(receipts) => {
@@ -330,6 +336,13 @@ async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
             receipts.into_iter().map(Ok).collect()
         }
         Err(e) => {
+            // The commit may have happened with its answer lost (the
+            // connection dropped after COMMIT). A retry of such a packet
+            // is answered `created: false` and never announced, so the
+            // listener must look in the database for it.
+            if !group.inserts.is_empty() {
+                shared.listener.uncertain(floor);
+            }
             drop(gate);
             one_by_one(shared, &group.inserts, e, |p| Group {
                 inserts: vec![*p],
@@ -418,6 +431,9 @@ async fn one_by_one<T>(
 
 /// Hands every newly stored packet to the listener.
 fn announce(shared: &Shared, packets: &[&Arc<Packet>], receipts: &[Inserted]) {
+    if let Some(newest) = receipts.iter().map(|r| r.seq).max() {
+        shared.newest.fetch_max(newest, Ordering::SeqCst);
+    }
     let committed: Vec<PendingPacket> = packets
         .iter()
         .zip(receipts)
@@ -450,6 +466,9 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         down: bool,
+        /// Inserts commit but answer an error (the connection dropped
+        /// after COMMIT).
+        lose_answers: std::sync::atomic::AtomicBool,
         batches: AtomicUsize,
         /// Per batch: how many inserts, and where its marks were.
         seen: std::sync::Mutex<Vec<(usize, bool)>>,
@@ -472,7 +491,7 @@ mod tests {
                 true => None,
                 false => Some(gate.clone().read_owned().await),
             };
-            let inserts = if self.down {
+            let inserts = if self.down || self.lose_answers.load(Ordering::SeqCst) {
                 Err(down())
             } else if group.inserts.iter().any(|p| p.user_id == "bad") {
                 Err(StoreError::Internal("constraint".into()))
@@ -556,13 +575,18 @@ mod tests {
         }
     }
 
-    /// Counts the packets it heard of.
+    /// Counts the packets it heard of, and keeps what it was told may
+    /// have committed unannounced.
     #[derive(Default)]
-    struct Heard(AtomicUsize);
+    struct Heard(AtomicUsize, std::sync::Mutex<Vec<i64>>);
 
     impl CommitListener for Heard {
         fn committed(&self, packets: Vec<PendingPacket>) {
             self.0.fetch_add(packets.len(), Ordering::SeqCst);
+        }
+
+        fn uncertain(&self, after_seq: i64) {
+            self.1.lock().unwrap().push(after_seq);
         }
     }
 
@@ -684,6 +708,26 @@ mod tests {
             ),
             "closed"
         );
+    }
+
+    #[tokio::test]
+    async fn an_insert_whose_answer_was_lost_sends_the_listener_to_the_database() {
+        // Issue 16, suspicion 3: an insert that committed but answered an
+        // error was never announced, and its retry (`created: false`)
+        // neither: pending, held nowhere, until a restart.
+        let fake = Arc::new(Fake::default());
+        let heard = Arc::new(Heard::default());
+        let writer = start(&fake, &heard);
+        assert!(writer.submit_all([insert("a")]).await[0].is_ok());
+        assert!(heard.1.lock().unwrap().is_empty(), "nothing uncertain yet");
+        fake.lose_answers.store(true, Ordering::SeqCst);
+        assert!(writer.submit_all([insert("b")]).await[0].is_err());
+        assert_eq!(
+            *heard.1.lock().unwrap(),
+            [1],
+            "told to look after the last seq it knows of"
+        );
+        writer.close().await;
     }
 
     #[tokio::test]
