@@ -8,6 +8,11 @@
 //! per call, and with three of them the layers cost ~17 µs of CPU per call
 //! (a third of the runtime's work per packet at 5,000 packets/s; measured
 //! in BENCHMARKS.md).
+pub mod auth;
+pub mod limits;
+pub mod request_id;
+pub mod tls;
+
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,10 +28,10 @@ use http_body_util::BodyExt;
 use metrics::{Counter, Histogram};
 use tower::{Layer, Service};
 
-use crate::auth::{Access, Role, is_grpc, refuse, required_role};
+use self::auth::{Access, Role, is_grpc, refuse, required_role};
+use self::limits::{Limits, too_large_is_resource_exhausted};
+use self::request_id::Method;
 use crate::error::Error;
-use crate::limits::{Limits, too_large_is_resource_exhausted};
-use crate::request_id::{self, Method};
 
 #[derive(Clone)]
 pub struct EdgeLayer {
