@@ -16,7 +16,12 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// sqlite://FILE or postgres://… ; unset: a bucket.db file in the working directory.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://bucket.db")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://bucket.db",
+        hide_env_values = true
+    )]
     pub database_url: String,
 
     #[command(flatten)]
@@ -81,7 +86,7 @@ pub struct Config {
 pub struct RedisConfig {
     /// redis:// or rediss:// URL of the queue (redis-cluster://host:port?node=host2:port2
     /// for a Redis Cluster); unset (and no REDIS_HOST): in-memory queue.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// The seed's Redis host, used when REDIS_URL is unset.
     #[arg(long, env = "REDIS_HOST")]
@@ -248,6 +253,45 @@ impl Config {
     }
 }
 
+/// A database or Redis URL fit for logs: no password (in the authority or
+/// as a `password=` query parameter); what is left names the server.
+pub fn redact_url(url: &str) -> String {
+    const HIDDEN: &str = "…";
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        // Not a URL the parser takes: keep only what surely holds no secret.
+        return match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                let host = host.split_once('?').map_or(host, |(host, _)| host);
+                format!("{scheme}://{HIDDEN}@{host}")
+            }
+            None => HIDDEN.to_owned(),
+        };
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some(HIDDEN));
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let secret = ["password", "pass", "pwd", "sslpassword", "token", "secret"]
+                    .iter()
+                    .any(|s| key.eq_ignore_ascii_case(s));
+                let value = if secret {
+                    HIDDEN.to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    // `…` was percent-encoded by the setters; read back as typed.
+    parsed.to_string().replace("%E2%80%A6", HIDDEN)
+}
+
 /// A whole number in `MIN..=MAX`, refused at startup otherwise (never
 /// clamped behind the operator's back).
 fn usize_in<const MIN: usize, const MAX: usize>(text: &str) -> Result<usize, String> {
@@ -278,6 +322,32 @@ mod tests {
         assert_eq!(config.redis.redis_host, None);
         // The real parse does read them.
         assert_eq!(Config::parse_from(["bucket"]).max_batch, 7);
+    }
+
+    #[test]
+    fn urls_lose_every_password() {
+        for (url, secret, kept) in [
+            ("postgres://u:p@ss@db/x", "ss", "db/x"),
+            ("postgres://u:hunter2@db:5432/x", "hunter2", "db:5432/x"),
+            (
+                "postgres://db/x?user=u&password=hunter2",
+                "hunter2",
+                "user=u",
+            ),
+            (
+                "postgres://db/x?sslmode=require&PASSWORD=hunter2",
+                "hunter2",
+                "sslmode=require",
+            ),
+            ("redis://:hunter2@cache:6379", "hunter2", "cache:6379"),
+            ("rediss://default:hunter2@cache", "hunter2", "cache"),
+            ("not a url :hunter2@db?password=hunter2", "hunter2", ""),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            assert!(shown.contains(kept), "{url} -> {shown}");
+        }
+        assert_eq!(redact_url("sqlite://bucket.db"), "sqlite://bucket.db");
     }
 
     #[test]

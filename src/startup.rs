@@ -39,7 +39,12 @@ impl Application {
         crate::telemetry::metrics();
         let store = Store::connect(&config.database_url)
             .await
-            .with_context(|| format!("opening {}", redact(&config.database_url)))?;
+            .with_context(|| {
+                format!(
+                    "opening {}",
+                    crate::config::redact_url(&config.database_url)
+                )
+            })?;
         let node = Uuid::new_v4().simple().to_string()[..8].to_owned();
         let redis = match RedisTarget::from_config(&config.redis)? {
             None => {
@@ -169,7 +174,7 @@ impl Application {
         let tcp = TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
-        let database = redact(&self.config.database_url);
+        let database = crate::config::redact_url(&self.config.database_url);
         let serving = async {
             match &self.tls {
                 None => {
@@ -273,16 +278,5 @@ async fn report_health(
             }
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-    }
-}
-
-/// The URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match url.split_once('@') {
-        Some((creds, host)) if creds.contains("://") => {
-            let scheme = creds.split("://").next().unwrap_or_default();
-            format!("{scheme}://…@{host}")
-        }
-        _ => url.to_owned(),
     }
 }

@@ -522,10 +522,7 @@ impl Dispatcher {
         if short > 0 {
             match &self.redis {
                 Some(redis) => {
-                    let read = redis
-                        .read_now(short)
-                        .await
-                        .map_err(|e| Error::Unavailable(e.to_string()))?;
+                    let read = redis.read_now(short).await.map_err(Error::from)?;
                     self.feed(read);
                 }
                 None => {

@@ -68,20 +68,50 @@ fn digest(token: &str) -> TokenDigest {
 }
 
 /// Tokens from a flag or variable, and from a file (comma- or
-/// line-separated); blanks ignored.
-fn tokens(listed: &[String], file: Option<&Path>) -> anyhow::Result<Vec<TokenDigest>> {
-    let mut all: Vec<String> = listed.to_vec();
+/// line-separated); blanks ignored. A setting that is given but holds no
+/// token is refused, naming it: only a setting never given leaves the role
+/// open, so an empty file or `--admin-tokens ' , '` cannot open it by
+/// mistake.
+fn tokens(role: Role, listed: &[String], file: Option<&Path>) -> anyhow::Result<Vec<TokenDigest>> {
+    let upper = role.name().to_ascii_uppercase();
+    let usable = |t: &&str| !t.trim().is_empty();
+    let mut all: Vec<TokenDigest> = Vec::new();
+    if !listed.is_empty() {
+        let before = all.len();
+        all.extend(
+            listed
+                .iter()
+                .map(|t| t.as_str())
+                .filter(usable)
+                .map(|t| digest(t.trim())),
+        );
+        anyhow::ensure!(
+            all.len() > before,
+            "--{}-tokens / BUCKET_{upper}_TOKENS is set but holds no token \
+             (unset it to leave the {} role open)",
+            role.name(),
+            role.name()
+        );
+    }
     if let Some(file) = file {
         let text = std::fs::read_to_string(file)
             .map_err(|e| anyhow::anyhow!("reading tokens from {}: {e}", file.display()))?;
-        all.extend(text.split([',', '\n']).map(str::to_owned));
+        let before = all.len();
+        all.extend(
+            text.split([',', '\n'])
+                .filter(usable)
+                .map(|t| digest(t.trim())),
+        );
+        anyhow::ensure!(
+            all.len() > before,
+            "--{}-tokens-file / BUCKET_{upper}_TOKENS_FILE names {}, which holds no token \
+             (unset it to leave the {} role open)",
+            role.name(),
+            file.display(),
+            role.name()
+        );
     }
-    Ok(all
-        .iter()
-        .map(|t| t.trim())
-        .filter(|t| !t.is_empty())
-        .map(digest)
-        .collect())
+    Ok(all)
 }
 
 /// Whether `digest` is one of `set`, looking at every member.
@@ -96,12 +126,21 @@ fn among(set: &[TokenDigest], digest: &TokenDigest) -> bool {
 impl Access {
     pub fn from_config(config: &AuthConfig) -> anyhow::Result<Access> {
         Ok(Access {
-            ingest: tokens(&config.ingest_tokens, config.ingest_tokens_file.as_deref())?,
+            ingest: tokens(
+                Role::Ingest,
+                &config.ingest_tokens,
+                config.ingest_tokens_file.as_deref(),
+            )?,
             consumer: tokens(
+                Role::Consumer,
                 &config.consumer_tokens,
                 config.consumer_tokens_file.as_deref(),
             )?,
-            admin: tokens(&config.admin_tokens, config.admin_tokens_file.as_deref())?,
+            admin: tokens(
+                Role::Admin,
+                &config.admin_tokens,
+                config.admin_tokens_file.as_deref(),
+            )?,
         })
     }
 
@@ -329,6 +368,36 @@ mod tests {
             assert!(a.decide(Some(Role::Consumer), &with(t)).is_ok(), "{t}");
         }
         assert!(a.decide(Some(Role::Consumer), &with("four")).is_err());
+    }
+
+    #[test]
+    fn a_token_setting_that_holds_no_token_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n , \n").unwrap();
+        let refused = |config: AuthConfig| match Access::from_config(&config) {
+            Ok(_) => panic!("started with {config:?}"),
+            Err(e) => e.to_string(),
+        };
+        let e = refused(AuthConfig {
+            admin_tokens_file: Some(empty.clone()),
+            ..Default::default()
+        });
+        assert!(e.contains("BUCKET_ADMIN_TOKENS_FILE"), "{e}");
+        let e = refused(AuthConfig {
+            admin_tokens: vec![" ".into(), " ".into()],
+            ..Default::default()
+        });
+        assert!(e.contains("BUCKET_ADMIN_TOKENS "), "{e}");
+        // A blank beside real tokens is only a blank.
+        let e = refused(AuthConfig {
+            consumer_tokens: vec!["karma".into()],
+            consumer_tokens_file: Some(empty),
+            ..Default::default()
+        });
+        assert!(e.contains("BUCKET_CONSUMER_TOKENS_FILE"), "{e}");
+        // Never given: open, as before.
+        assert!(Access::from_config(&AuthConfig::default()).is_ok());
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod deploy;
 mod faults;
 mod fuzz_regressions;
 mod gateway;
+mod hardening;
 mod ingest;
 mod marks;
 mod openapi;
