@@ -87,6 +87,11 @@ impl Bucket {
         &self.store
     }
 
+    /// Most items a request's list may carry (`BUCKET_MAX_BATCH`).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
     /// Whether a request's list of `len` items is within the batch limit.
     pub fn fits(&self, batch: Batch, len: usize) -> Result<(), Error> {
         batch

@@ -219,6 +219,10 @@ impl Application {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .into_axum_router()
+            // Inside gRPC-web, so it walks gRPC framing for both.
+            .layer(crate::edge::batch_limit::BatchLimitLayer::new(
+                self.config.max_batch,
+            ))
             .layer(tonic_web::GrpcWebLayer::new());
         let http = crate::http::router(self.bucket.clone(), self.config.max_body_bytes);
         let limits = Limits {

@@ -9,6 +9,7 @@
 //! (a third of the runtime's work per packet at 5,000 packets/s; measured
 //! in BENCHMARKS.md).
 pub mod auth;
+pub mod batch_limit;
 pub mod limits;
 pub mod request_id;
 pub mod tls;
