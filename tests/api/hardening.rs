@@ -150,28 +150,72 @@ impl Drop for ChildBucket {
     }
 }
 
-/// One gRPC message in gRPC-web framing (what reqwest can send over HTTP/1.1).
-fn grpc_web_frame(message: &[u8]) -> Vec<u8> {
-    let mut out = vec![0];
-    out.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(message);
-    out
+/// Sends a message's bytes as they are, and reads none back: probes
+/// that no generated client would build (nor should the test build
+/// millions of items to send them).
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
 }
 
-/// The grpc-status of a gRPC-web answer (headers when trailers-only, else
-/// the trailer frame in the body).
-async fn grpc_web_status(answer: reqwest::Response) -> String {
-    if let Some(status) = answer.headers().get("grpc-status") {
-        return status.to_str().unwrap().to_owned();
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
     }
-    let body = answer.bytes().await.unwrap();
-    let text = String::from_utf8_lossy(&body);
-    text.split("grpc-status:")
-        .nth(1)
-        .and_then(|rest| rest.split("\r\n").next())
-        .unwrap_or("none")
-        .trim()
-        .to_owned()
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = ();
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        use bytes::Buf;
+        src.advance(src.remaining());
+        Ok(Some(()))
+    }
+}
+
+/// A unary call of `method` with `message` as its request's bytes.
+async fn raw_call(
+    channel: tonic::transport::Channel,
+    method: &str,
+    message: Vec<u8>,
+) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel)
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
+    grpc.ready().await.unwrap();
+    let path = format!("/bucket.v1.BucketService/{method}")
+        .parse()
+        .unwrap();
+    grpc.unary(tonic::Request::new(message), path, RawCodec)
+        .await
+        .map(|_| ())
 }
 
 /// The probe: lists of millions of empty items in a 4 MB message,
@@ -194,22 +238,28 @@ async fn millions_of_empty_items_are_refused_before_they_are_built() {
 
     let empties = [0x0a, 0x00].repeat(2_000_000);
     let statuses = [0x08, 0x04].repeat(2_000_000);
+    let channel = tonic::transport::Channel::from_shared(base.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let probes = [
-        ("IngestBatch", grpc_web_frame(&empties)),
-        ("MarkProcessedBatch", grpc_web_frame(&empties)),
-        ("ExtendLease", grpc_web_frame(&empties)),
-        ("Redrive", grpc_web_frame(&statuses)),
+        ("IngestBatch", empties.clone()),
+        ("MarkProcessedBatch", empties.clone()),
+        ("ExtendLease", empties),
+        ("Redrive", statuses),
     ];
-    let calls = probes.iter().map(|(method, body)| {
-        let request = http
-            .post(format!("{base}/bucket.v1.BucketService/{method}"))
-            .header("content-type", "application/grpc-web+proto")
-            .header("x-grpc-web", "1")
-            .body(body.clone());
-        async move { (method, grpc_web_status(request.send().await.unwrap()).await) }
+    let calls = probes.into_iter().map(|(method, message)| {
+        let channel = channel.clone();
+        async move { (method, raw_call(channel, method, message).await) }
     });
-    for (method, status) in futures::future::join_all(calls).await {
-        assert_eq!(status, "3", "{method}: INVALID_ARGUMENT");
+    for (method, answer) in futures::future::join_all(calls).await {
+        let status = answer.expect_err(method);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{method}: {status:?}"
+        );
     }
 
     // The JSON doors: an array of half a million small objects, and a
