@@ -175,6 +175,10 @@ pub struct AuthConfig {
     pub admin_tokens: Vec<String>,
     #[arg(long, env = "BUCKET_ADMIN_TOKENS_FILE")]
     pub admin_tokens_file: Option<PathBuf>,
+    /// With no admin tokens, answer admin calls from anywhere, not only
+    /// from loopback (logged at startup).
+    #[arg(long, env = "BUCKET_ADMIN_OPEN", default_value_t = false)]
+    pub admin_open: bool,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -187,6 +191,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("consumer_tokens_file", &self.consumer_tokens_file)
             .field("admin_tokens", &self.admin_tokens.len())
             .field("admin_tokens_file", &self.admin_tokens_file)
+            .field("admin_open", &self.admin_open)
             .finish()
     }
 }
@@ -224,6 +229,27 @@ pub struct LimitsConfig {
     /// ...and the connection is closed when it is not answered within this many.
     #[arg(long, env = "BUCKET_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub keepalive_timeout_seconds: u64,
+    /// Connections one node holds open at once; one more is closed as it
+    /// is accepted.
+    #[arg(long, env = "BUCKET_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = usize_in::<1, 1_000_000>)]
+    pub max_connections: usize,
+    /// From a connection's accept (with TLS, its handshake's end) to its
+    /// first request: `10s`, `1m`, or `off`.
+    #[arg(long, env = "BUCKET_PREFACE_TIMEOUT", default_value = "10s", value_parser = period)]
+    pub preface_timeout: Period,
+    /// How long a connection may stay with no request under way: `120s`,
+    /// `5m`, or `off`.
+    #[arg(long, env = "BUCKET_IDLE_TIMEOUT", default_value = "120s", value_parser = period)]
+    pub idle_timeout: Period,
+    /// After this a connection is asked to close (HTTP/2 GOAWAY; calls
+    /// under way finish), so clients spread again over the nodes: `1h`, or
+    /// `off`.
+    #[arg(long, env = "BUCKET_MAX_CONNECTION_AGE", default_value = "3600s", value_parser = period)]
+    pub max_connection_age: Period,
+    /// How long calls under way may take after the age is reached before
+    /// the connection is closed.
+    #[arg(long, env = "BUCKET_MAX_CONNECTION_AGE_GRACE", default_value = "60s", value_parser = period)]
+    pub max_connection_age_grace: Period,
     /// Ingest calls (Ingest, IngestBatch, REST ingest) one client may make
     /// per second, by token, else by address; 0: no limit.
     #[arg(long, env = "BUCKET_INGEST_RATE", default_value_t = 0)]
@@ -232,6 +258,15 @@ pub struct LimitsConfig {
     /// 0: twice the rate.
     #[arg(long, env = "BUCKET_INGEST_BURST", default_value_t = 0)]
     pub ingest_burst: u32,
+}
+
+/// A length of time, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period(pub Option<Duration>);
+
+/// `10s`, `2m`, `1h`, `1d`, or `off`.
+fn period(text: &str) -> Result<Period, String> {
+    crate::store::retention::parse_period(text).map(Period)
 }
 
 impl DeliveryConfig {

@@ -14,6 +14,7 @@ use crate::bucket::Bucket;
 use crate::config::Config;
 use crate::delivery::Dispatcher;
 use crate::edge::EdgeLayer;
+use crate::edge::connections::ConnectionLimits;
 use crate::grpc::BucketGrpc;
 use crate::limits::{IngestRate, Limits};
 use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
@@ -160,7 +161,14 @@ impl Application {
             tokio::time::sleep(grace).await;
         };
         let limits = &self.config.limits;
-        let server = Server::builder()
+        let mut server = Server::builder();
+        if let Some(age) = limits.max_connection_age.0 {
+            server = server.max_connection_age(age);
+            if let Some(grace) = limits.max_connection_age_grace.0 {
+                server = server.max_connection_age_grace(grace);
+            }
+        }
+        let server = server
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_seconds)))
             .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_seconds)))
@@ -175,18 +183,20 @@ impl Application {
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
         let database = crate::config::redact_url(&self.config.database_url);
+        let connections = ConnectionLimits {
+            max_connections: limits.max_connections,
+            preface: limits.preface_timeout.0,
+            idle: limits.idle_timeout.0,
+        };
         let serving = async {
-            match &self.tls {
-                None => {
-                    tracing::info!(%addr, %database, "bucket listening (plaintext)");
-                    server.serve_with_incoming_shutdown(tcp, stop).await
-                }
-                Some(tls) => {
-                    tracing::info!(%addr, %database, "bucket listening (TLS)");
-                    let incoming = crate::tls::incoming(tcp, tls.clone());
-                    server.serve_with_incoming_shutdown(incoming, stop).await
-                }
-            }
+            let tls = if self.tls.is_some() {
+                "TLS"
+            } else {
+                "plaintext"
+            };
+            tracing::info!(%addr, %database, tls, "bucket listening");
+            let incoming = crate::edge::connections::incoming(tcp, self.tls.clone(), connections);
+            server.serve_with_incoming_shutdown(incoming, stop).await
         };
         tokio::select! {
             served = serving => served.context("serving")?,

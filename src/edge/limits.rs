@@ -1,22 +1,57 @@
 //! Limits that hold under abuse: an optional rate of ingest calls per
 //! client (so one runaway browser cannot starve the rest), and the right
 //! gRPC status for a message over the size limit.
-use std::collections::HashMap;
+//!
+//! A client is what a caller cannot change at will: a token this server
+//! knows (its digest), else the peer's address (an IPv6 one by its /64, what
+//! one host is given). A made-up `authorization` value is no client of its
+//! own. The table of clients is a fixed number of LRU shards: a call costs
+//! one shard's lock and no scan, and a flood of new clients evicts the
+//! least recent ones instead of growing the table.
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
-use sha2::{Digest, Sha256};
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use hashlink::LruCache;
 
 use crate::error::Error;
+
+/// Who an ingest call is counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Client {
+    /// The SHA-256 of a token this server knows.
+    Token([u8; 32]),
+    /// A peer address (IPv6: its /64).
+    Addr(IpAddr),
+    /// Neither (no connection information).
+    Unknown,
+}
+
+impl Client {
+    pub fn of(verified: Option<[u8; 32]>, addr: Option<IpAddr>) -> Client {
+        match (verified, addr) {
+            (Some(digest), _) => Client::Token(digest),
+            (None, Some(IpAddr::V6(v6))) if v6.to_ipv4_mapped().is_none() => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                Client::Addr(IpAddr::V6(prefix.into()))
+            }
+            (None, Some(IpAddr::V6(v6))) => {
+                Client::Addr(IpAddr::V4(v6.to_ipv4_mapped().expect("mapped")))
+            }
+            (None, Some(addr)) => Client::Addr(addr),
+            (None, None) => Client::Unknown,
+        }
+    }
+}
 
 /// A token bucket per client: `rate` calls a second, `burst` at once.
 pub struct IngestRate {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    hasher: RandomState,
+    shards: Vec<Mutex<LruCache<Client, Bucket>>>,
 }
 
 struct Bucket {
@@ -24,8 +59,10 @@ struct Bucket {
     at: Instant,
 }
 
-/// Above this many clients, those idle long enough to be full are forgotten.
-const TRACKED: usize = 4096;
+/// Clients tracked at most; past it the least recent are forgotten (and
+/// come back with a full burst).
+pub const TRACKED: usize = 65_536;
+const SHARDS: usize = 16;
 
 impl IngestRate {
     /// None when `rate` is 0 (no limit); `burst` 0 means twice the rate.
@@ -37,22 +74,36 @@ impl IngestRate {
             } else {
                 burst
             }),
-            buckets: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LruCache::new(TRACKED / SHARDS)))
+                .collect(),
         })
     }
 
+    /// Clients tracked now.
+    pub fn tracked(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().expect("rate lock poisoned").len())
+            .sum()
+    }
+
     /// Takes one call's token for `client`, or says how long to wait.
-    fn take(&self, client: &str, now: Instant) -> Result<(), Duration> {
-        let mut buckets = self.buckets.lock().expect("rate lock poisoned");
-        if buckets.len() > TRACKED {
-            let full_after = Duration::from_secs_f64(self.burst / self.rate);
-            buckets.retain(|_, b| now.duration_since(b.at) < full_after);
+    fn take(&self, client: Client, now: Instant) -> Result<(), Duration> {
+        let shard = self.hasher.hash_one(client) as usize % SHARDS;
+        let mut buckets = self.shards[shard].lock().expect("rate lock poisoned");
+        if buckets.get_mut(&client).is_none() {
+            buckets.insert(
+                client,
+                Bucket {
+                    tokens: self.burst,
+                    at: now,
+                },
+            );
         }
-        let bucket = buckets.entry(client.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        let refilled = now.duration_since(bucket.at).as_secs_f64() * self.rate;
+        let bucket = buckets.get_mut(&client).expect("inserted above");
+        let refilled = now.saturating_duration_since(bucket.at).as_secs_f64() * self.rate;
         bucket.tokens = (bucket.tokens + refilled).min(self.burst);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
@@ -68,37 +119,14 @@ pub struct Limits {
     pub ingest_rate: Option<IngestRate>,
 }
 
-/// A client: its bearer token (as a digest: no raw token kept), else its
-/// address.
-fn client(request: &Request) -> String {
-    if let Some(token) = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let digest = Sha256::digest(token.as_bytes());
-        return format!("token:{digest:x}");
-    }
-    let extensions = request.extensions();
-    let addr = extensions
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|tls| tls.get_ref().remote_addr())
-        });
-    addr.map_or_else(|| "unknown".to_owned(), |a| format!("addr:{}", a.ip()))
-}
-
 impl Limits {
     /// Takes an ingest call's token from its client's bucket, when a rate
     /// is set; refuses with how long to wait otherwise.
-    pub fn admit_ingest(&self, request: &Request) -> Result<(), Error> {
+    pub fn admit_ingest(&self, client: Client) -> Result<(), Error> {
         let Some(rate) = &self.ingest_rate else {
             return Ok(());
         };
-        rate.take(&client(request), Instant::now()).map_err(|wait| {
+        rate.take(client, Instant::now()).map_err(|wait| {
             metrics::counter!("bucket_rate_limited_total").increment(1);
             Error::ResourceExhausted {
                 message: "this client sends faster than the ingest rate limit; retry later".into(),
@@ -130,21 +158,55 @@ pub fn too_large_is_resource_exhausted(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
 
+    fn addr(text: &str) -> Client {
+        Client::of(None, Some(text.parse().unwrap()))
+    }
+
     #[test]
     fn a_client_gets_its_burst_then_the_rate() {
         let limit = IngestRate::new(10, 3).unwrap();
         let t0 = Instant::now();
+        let (a, b) = (addr("10.0.0.1"), addr("10.0.0.2"));
         for _ in 0..3 {
-            assert!(limit.take("a", t0).is_ok());
+            assert!(limit.take(a, t0).is_ok());
         }
-        let wait = limit.take("a", t0).unwrap_err();
+        let wait = limit.take(a, t0).unwrap_err();
         assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO);
         // Another client is not held back by the first.
-        assert!(limit.take("b", t0).is_ok());
+        assert!(limit.take(b, t0).is_ok());
         // A tenth of a second later, one more call.
-        assert!(limit.take("a", t0 + Duration::from_millis(100)).is_ok());
-        assert!(limit.take("a", t0 + Duration::from_millis(100)).is_err());
+        assert!(limit.take(a, t0 + Duration::from_millis(100)).is_ok());
+        assert!(limit.take(a, t0 + Duration::from_millis(100)).is_err());
         assert!(IngestRate::new(0, 5).is_none(), "0: no limit");
+    }
+
+    #[test]
+    fn a_flood_of_new_clients_is_bounded_and_the_busy_one_kept() {
+        let limit = IngestRate::new(1, 1).unwrap();
+        let t0 = Instant::now();
+        let busy = addr("192.0.2.1");
+        assert!(limit.take(busy, t0).is_ok());
+        // All at the same instant: none is "full again", so a table that
+        // only dropped full clients would hold every one.
+        for i in 0..(3 * TRACKED as u32) {
+            let _ = limit.take(Client::Addr(IpAddr::V4(i.into())), t0);
+            if i % 1000 == 0 {
+                assert!(
+                    limit.take(busy, t0).is_err(),
+                    "the busy client keeps its count"
+                );
+            }
+        }
+        assert!(limit.tracked() <= TRACKED, "{} tracked", limit.tracked());
+    }
+
+    #[test]
+    fn one_ipv6_host_is_one_client() {
+        assert_eq!(addr("2001:db8::1"), addr("2001:db8::ffff:1"));
+        assert_ne!(addr("2001:db8::1"), addr("2001:db8:0:1::1"));
+        assert_eq!(addr("::ffff:10.0.0.1"), addr("10.0.0.1"));
+        let token = Client::of(Some([7; 32]), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(token, Client::Token([7; 32]));
     }
 
     #[test]
