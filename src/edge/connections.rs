@@ -141,9 +141,15 @@ impl AsyncRead for Connection {
         if read.is_ready() {
             return read;
         }
-        // Nothing to read: is this connection past its deadline? The timer
-        // fires at the earliest the deadline can be, and is moved on when
-        // a request has changed it since.
+        // Nothing to read: is this connection past its deadline? A request
+        // that ended may have brought it forward (the preface deadline was
+        // set, the idle one is sooner); one under way moves it on when the
+        // timer fires.
+        if let Some(at) = this.peer.activity.deadline(&this.limits)
+            && at < this.timer.deadline()
+        {
+            this.timer.as_mut().reset(at);
+        }
         while this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             match this.peer.activity.deadline(&this.limits) {

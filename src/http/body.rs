@@ -52,6 +52,11 @@ pub(super) fn read(
     }
     let bytes = bytes.map_err(|r| detail(r.status(), r.body_text()))?;
     parse(&bytes, shape, max).map_err(|e| match e {
+        // The whole body's array is named `body` already; a filter's list
+        // by its key, under the body.
+        Refusal::Over(violation) if violation.field == "body" => {
+            Error::InvalidInput(vec![violation]).into_response()
+        }
         Refusal::Over(violation) => Error::InvalidInput(vec![violation])
             .prefixed("body.")
             .into_response(),

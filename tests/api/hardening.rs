@@ -5,8 +5,9 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use crate::helpers::{Backend, TestApp};
+use crate::helpers::{Backend, TestApp, TestDb, test_config};
 
 const PREFIX: &str = "http://{}/api/v1/bucket/prana";
 
@@ -292,4 +293,242 @@ async fn millions_of_empty_items_are_refused_before_they_are_built() {
         peak.saturating_sub(idle) < 64 * 1024,
         "peak memory grew from {idle} KiB to {peak} KiB"
     );
+}
+
+/// Ingest calls to the REST door, each with its `authorization` value (or
+/// none); their HTTP statuses.
+async fn rest_ingests(app: &TestApp, authorizations: &[Option<&str>]) -> Vec<u16> {
+    let url = format!("{}/api/v1/bucket/prana/ingest", app.url());
+    let packet = serde_json::json!({
+        "user_id": "r", "timestamp": "2024-01-20T10:30:00Z", "cognitive_state": "ON_TASK",
+        "active_seconds": 5.0, "idle_seconds": 0.0, "away_seconds": 0.0, "raw_signals": {}
+    });
+    let http = reqwest::Client::new();
+    let mut codes = Vec::new();
+    for authorization in authorizations {
+        let mut request = http.post(&url).json(&packet);
+        if let Some(value) = authorization {
+            request = request.header("authorization", *value);
+        }
+        codes.push(request.send().await.unwrap().status().as_u16());
+    }
+    codes
+}
+
+/// The issue's probe: made-up `authorization` values got a fresh allowance
+/// each; spellings of one token counted as different clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingest_rate_counts_what_a_caller_cannot_vary() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.limits.ingest_rate = 1;
+    config.limits.ingest_burst = 2;
+    let open = TestApp::spawn_with(db, config.clone()).await;
+    // Role open: every call from this address is one client, whatever it sends.
+    let codes = rest_ingests(
+        &open,
+        &[
+            None,
+            None,
+            Some("Bearer a"),
+            Some("Bearer b"),
+            Some("x"),
+            Some("Bearer c"),
+        ],
+    )
+    .await;
+    assert_eq!(codes, [200, 200, 429, 429, 429, 429]);
+
+    let db = TestDb::new(Backend::Sqlite).await;
+    config.database_url = db.url.clone();
+    config.auth.ingest_tokens = vec!["tok".into()];
+    let guarded = TestApp::spawn_with(db, config).await;
+    let codes = rest_ingests(
+        &guarded,
+        &[Some("Bearer tok"), Some("bearer tok"), Some("Bearer  tok")],
+    )
+    .await;
+    assert_eq!(codes, [200, 200, 429], "one token, three spellings");
+}
+
+/// A node whose connection limits are `set` by the test.
+async fn with_connection_limits(set: impl FnOnce(&mut bucket::config::LimitsConfig)) -> TestApp {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    set(&mut config.limits);
+    TestApp::spawn_with(db, config).await
+}
+
+fn secs(n: u64) -> bucket::config::Period {
+    bucket::config::Period(Some(Duration::from_secs(n)))
+}
+
+const OFF: bucket::config::Period = bucket::config::Period(None);
+
+/// Reads until the server closes the connection; fails the test if it is
+/// still open after 20 s (a guard against hanging, not a measure).
+async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection is still open");
+}
+
+/// One HTTP/1.1 request on a kept-alive connection, its answer read.
+async fn healthz(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: bucket\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).contains("\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+/// The issue's probe: sockets that send nothing, or stop inside the
+/// HTTP/2 preface, were all still open after 75 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_send_no_request_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let app = with_connection_limits(|l| l.preface_timeout = secs(1)).await;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
+    }
+    let mut halfway = Vec::new();
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        halfway.push(s);
+    }
+    for stream in silent.iter_mut().chain(halfway.iter_mut()) {
+        closed_by_server(stream).await;
+    }
+    // A client that asks at once is served.
+    let mut prompt = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    healthz(&mut prompt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_that_sends_no_request_after_its_handshake_is_closed() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.tls.tls_cert = Some(cert_path);
+    config.tls.tls_key = Some(key_path);
+    config.limits.preface_timeout = secs(1);
+    let app = TestApp::spawn_with(db, config).await;
+
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    closed_by_server(&mut tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_between_requests_is_closed() {
+    let app = with_connection_limits(|l| l.idle_timeout = secs(1)).await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    healthz(&mut stream).await;
+    healthz(&mut stream).await;
+    closed_by_server(&mut stream).await;
+}
+
+/// A stream with nothing to deliver is a request under way: never idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_is_not_idle() {
+    let app = with_connection_limits(|l| {
+        l.idle_timeout = secs(1);
+        l.preface_timeout = secs(1);
+    })
+    .await;
+    let mut client = app.client().await;
+    let mut stream = crate::helpers::subscribe(&mut client, "patient", 1, 0).await;
+    // Three idle timeouts pass with the stream quiet...
+    crate::helpers::assert_quiet(&mut stream, 3_000).await;
+    // ...and it still delivers.
+    crate::helpers::ingest(&mut client, crate::helpers::seed_packet()).await;
+    crate::helpers::next(&mut stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed_at_accept() {
+    let app = with_connection_limits(|l| {
+        l.max_connections = 2;
+        l.preface_timeout = OFF;
+        l.idle_timeout = OFF;
+    })
+    .await;
+    let mut first = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    healthz(&mut first).await;
+    healthz(&mut second).await;
+    let mut third = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    closed_by_server(&mut third).await;
+    // The two held are served still; once one goes, a new one is taken.
+    healthz(&mut first).await;
+    drop(second);
+    let taken = async {
+        loop {
+            let mut next = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            next.write_all(b"GET /healthz HTTP/1.1\r\nhost: bucket\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 64];
+            if matches!(next.read(&mut buf).await, Ok(n) if n > 0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), taken)
+        .await
+        .expect("a place freed by a closed connection is taken again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_its_age_is_closed_after_its_calls() {
+    let app = with_connection_limits(|l| {
+        l.max_connection_age = secs(1);
+        l.max_connection_age_grace = secs(1);
+        l.idle_timeout = OFF;
+        l.preface_timeout = OFF;
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    healthz(&mut stream).await;
+    closed_by_server(&mut stream).await;
 }
