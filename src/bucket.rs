@@ -172,7 +172,11 @@ impl Bucket {
         let asked = lease::lease_seconds("lease_seconds", lease_seconds)
             .map_err(|v| Error::InvalidInput(vec![v]))?;
         self.dispatcher
-            .lease_now(limit as usize, self.lease(asked))
+            .lease_now(
+                limit as usize,
+                self.lease(asked),
+                self.delivery.max_poll_leases,
+            )
             .await
     }
 

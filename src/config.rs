@@ -135,6 +135,11 @@ pub struct DeliveryConfig {
     /// the database and is read back a window at a time.
     #[arg(long, env = "BUCKET_QUEUE_WINDOW", default_value_t = 8192, value_parser = usize_in::<2, 10_000_000>)]
     pub queue_window: usize,
+    /// Leases the JSON gateway's polls (packets/pending) hold at once on one
+    /// node; past it a poll gets fewer packets, or none, until some are
+    /// marked or their leases end.
+    #[arg(long, env = "BUCKET_MAX_POLL_LEASES", default_value_t = 1000, value_parser = usize_in::<1, 1_000_000>)]
+    pub max_poll_leases: usize,
 }
 
 /// Bearer tokens by role. A role without tokens is open to anyone (and the

@@ -32,11 +32,25 @@ pub struct Leases {
     /// Expiry order; one entry per lease, removed with it.
     by_expiry: BTreeMap<(Instant, u64), PacketId>,
     granted: u64,
+    /// Leases held by polls (`Holder::Poll`), which no stream bounds.
+    polled: usize,
 }
 
 impl Leases {
     pub fn len(&self) -> usize {
         self.by_id.len()
+    }
+
+    /// Leases held by polls of the JSON gateway.
+    pub fn polled(&self) -> usize {
+        self.polled
+    }
+
+    /// Keeps `polled` in step as a lease comes (+1) or goes (-1).
+    fn count(&mut self, holder: Holder, delta: isize) {
+        if holder == Holder::Poll {
+            self.polled = self.polled.saturating_add_signed(delta);
+        }
     }
 
     pub fn contains(&self, id: &PacketId) -> bool {
@@ -91,6 +105,7 @@ impl Leases {
             .is_none_or(|(k, _)| key < *k);
         let id = queued.id();
         self.by_expiry.insert(key, id);
+        self.count(holder, 1);
         if let Some(old) = self.by_id.insert(
             id,
             Lease {
@@ -102,6 +117,7 @@ impl Leases {
         ) {
             // A packet is leased once at a time; keep the index in step anyway.
             self.by_expiry.remove(&old.key);
+            self.count(old.holder, -1);
         }
         first
     }
@@ -110,6 +126,7 @@ impl Leases {
     pub fn end(&mut self, id: &PacketId) -> Option<Lease> {
         let lease = self.by_id.remove(id)?;
         self.by_expiry.remove(&lease.key);
+        self.count(lease.holder, -1);
         Some(lease)
     }
 
@@ -122,6 +139,7 @@ impl Leases {
             }
             let id = entry.remove();
             if let Some(lease) = self.by_id.remove(&id) {
+                self.count(lease.holder, -1);
                 out.push(lease);
             }
         }
@@ -135,6 +153,7 @@ impl Leases {
     /// Ends every lease (shutdown).
     pub fn drain(&mut self) -> Vec<Lease> {
         self.by_expiry.clear();
+        self.polled = 0;
         self.by_id.drain().map(|(_, lease)| lease).collect()
     }
 
@@ -300,5 +319,22 @@ mod tests {
         ] {
             assert_eq!(LeaseToken::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn polled_leases_are_counted_as_they_come_and_go() {
+        let mut leases = Leases::default();
+        let now = Instant::now();
+        let (a, b, c) = (queued(), queued(), queued());
+        let (ida, idb) = (a.id(), b.id());
+        leases.grant(a, Holder::Poll, 1, now + Duration::from_secs(1));
+        leases.grant(b, Holder::Poll, 1, now + Duration::from_secs(5));
+        leases.grant(c, Holder::Stream(1), 1, now + Duration::from_secs(1));
+        assert_eq!(leases.polled(), 2);
+        leases.end(&idb);
+        assert_eq!(leases.polled(), 1);
+        assert_eq!(leases.expired(now + Duration::from_secs(2)).len(), 2);
+        assert_eq!(leases.polled(), 0);
+        assert!(!leases.contains(&ida));
     }
 }

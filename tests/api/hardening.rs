@@ -532,3 +532,57 @@ async fn a_connection_past_its_age_is_closed_after_its_calls() {
     healthz(&mut stream).await;
     closed_by_server(&mut stream).await;
 }
+
+/// A consumer name is logged: one holding a newline would forge log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_name_with_control_characters_is_refused() {
+    use tonic_types::StatusExt;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let mut client = app.client().await;
+    let refused = client
+        .stream_pending(bucket::proto::bucket::v1::StreamPendingRequest {
+            consumer: "karma\n2026-12-03T00:00:00Z INFO admin logged in".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let violations = refused.get_details_bad_request().unwrap().field_violations;
+    assert_eq!(violations[0].field, "consumer");
+}
+
+/// A REST poller with hour-long leases holds at most BUCKET_MAX_POLL_LEASES
+/// packets; a mark makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_hold_at_most_the_poll_lease_cap() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.delivery.max_poll_leases = 3;
+    let app = TestApp::spawn_with(db, config).await;
+    let mut client = app.client().await;
+    for i in 0..10 {
+        crate::helpers::ingest(&mut client, crate::helpers::packet_for(&format!("u{i}"))).await;
+    }
+    let poll = || async {
+        let page: serde_json::Value = reqwest::get(format!(
+            "{}/api/v1/bucket/prana/packets/pending?limit=100&lease_seconds=3600",
+            app.url()
+        ))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        page["packets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["packet_id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let held = poll().await;
+    assert_eq!(held.len(), 3);
+    assert_eq!(poll().await.len(), 0, "at the cap");
+    crate::helpers::mark(&mut client, &held[0]).await;
+    assert_eq!(poll().await.len(), 1, "a mark makes room for one");
+}
