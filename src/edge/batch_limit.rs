@@ -89,7 +89,13 @@ pub struct Scan {
     /// Bytes of the current message not yet walked.
     left: u64,
     count: usize,
+    /// Groups open around the walk: prost skips an unknown group whole, so
+    /// what is inside one is no item, and what follows it still counts.
+    groups: u32,
 }
+
+/// Deeper than prost's recursion limit: prost refuses the message.
+const MAX_GROUPS: u32 = 100;
 
 const HEADER: State = State::Header {
     seen: 0,
@@ -105,6 +111,7 @@ impl Scan {
             state: HEADER,
             left: 0,
             count: 0,
+            groups: 0,
         }
     }
 
@@ -141,6 +148,7 @@ impl Scan {
             chunk = &chunk[used..];
             if self.left == 0 {
                 self.count = 0;
+                self.groups = 0;
                 self.state = HEADER;
             }
         }
@@ -151,6 +159,7 @@ impl Scan {
     fn begin(&mut self, compressed: bool, len: u32) -> State {
         self.left = u64::from(len);
         self.count = 0;
+        self.groups = 0;
         match (len, compressed) {
             (0, _) => HEADER,
             (_, true) => State::Opaque,
@@ -229,7 +238,7 @@ impl Scan {
     }
 
     fn tag_done(&mut self, tag: u64) -> Result<State, Error> {
-        let listed = tag >> 3 == u64::from(self.listed.field);
+        let listed = self.groups == 0 && tag >> 3 == u64::from(self.listed.field);
         Ok(match tag & 7 {
             0 => {
                 if listed {
@@ -250,7 +259,16 @@ impl Scan {
                 left: 4,
                 packed: false,
             },
-            // Groups, or no wire type at all: prost's to judge.
+            3 if self.groups < MAX_GROUPS => {
+                self.groups += 1;
+                State::Tag { value: 0, shift: 0 }
+            }
+            4 if self.groups > 0 => {
+                self.groups -= 1;
+                State::Tag { value: 0, shift: 0 }
+            }
+            // An unbalanced or too deep group, or no wire type at all:
+            // prost refuses the message.
             _ => State::Opaque,
         })
     }
@@ -444,9 +462,17 @@ mod tests {
         let mut compressed = framed(&[0x0a, 0x00].repeat(10));
         compressed[0] = 1;
         assert!(verdict(BATCH, 1, &compressed).is_ok());
-        // A group: prost refuses it, the walk stops counting.
+        // An unclosed group: prost refuses it, the walk stops counting.
         let group = framed(&[[0x0b].as_slice(), &[0x0a, 0x00].repeat(10)].concat());
         assert!(verdict(BATCH, 1, &group).is_ok());
+        // A closed one is skipped whole by prost: what follows still counts.
+        let closed = [
+            [0x1b, 0x0a, 0x00, 0x0a, 0x00, 0x1c].as_slice(),
+            &[0x0a, 0x00].repeat(2),
+        ]
+        .concat();
+        assert!(verdict(BATCH, 2, &framed(&closed)).is_ok());
+        assert!(verdict(BATCH, 1, &framed(&closed)).is_err());
         // An overlong varint tag.
         let overlong = framed(&[[0xff; 11].as_slice(), &[0x0a, 0x00].repeat(10)].concat());
         assert!(verdict(BATCH, 1, &overlong).is_ok());

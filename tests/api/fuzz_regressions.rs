@@ -58,3 +58,12 @@ fn proto_packet_regressions_and_seeds() {
     );
     assert!(n > 0, "no inputs found under fuzz/");
 }
+
+#[test]
+fn batch_limit_regressions_and_seeds() {
+    let n = replay(
+        &["regressions/batch_limit", "seeds/batch_limit"],
+        check::batch_limit,
+    );
+    assert!(n > 0, "no inputs found under fuzz/");
+}
