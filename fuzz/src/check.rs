@@ -516,6 +516,9 @@ fn same_value(sent: &prost_types::Value, got: &Value) {
     }
 }
 
+/// How many items prost reads from a message (None: prost refuses it).
+type ItemCount = fn(&[u8]) -> Option<usize>;
+
 /// Arbitrary bytes as one message of a method with a list, walked by the
 /// pre-decode scan (`bucket::edge::batch_limit`) in two chunks and whole:
 /// the scan and prost must agree. A message prost decodes with at most
@@ -529,9 +532,11 @@ pub fn batch_limit(data: &[u8]) {
     let [method, max, split, message @ ..] = data else {
         return;
     };
-    let (path, items): (&str, fn(&[u8]) -> Option<usize>) = match method % 4 {
+    let (path, items): (&str, ItemCount) = match method % 4 {
         0 => ("IngestBatch", |m| {
-            pb::IngestBatchRequest::decode(m).ok().map(|r| r.packets.len())
+            pb::IngestBatchRequest::decode(m)
+                .ok()
+                .map(|r| r.packets.len())
         }),
         1 => ("MarkProcessedBatch", |m| {
             pb::MarkProcessedBatchRequest::decode(m)
@@ -547,8 +552,8 @@ pub fn batch_limit(data: &[u8]) {
             pb::RedriveRequest::decode(m).ok().map(|r| r.statuses.len())
         }),
     };
-    let listed = Listed::of_path(&format!("/bucket.v1.BucketService/{path}"))
-        .expect("a method with a list");
+    let listed =
+        Listed::of_path(&format!("/bucket.v1.BucketService/{path}")).expect("a method with a list");
     let max = usize::from(max % 8);
     let mut framed = vec![0];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
@@ -558,7 +563,10 @@ pub fn batch_limit(data: &[u8]) {
     let at = usize::from(*split).min(framed.len());
     let mut chunked = Scan::new(listed, max);
     let chunked = chunked.feed(&framed[..at]).is_ok() && chunked.feed(&framed[at..]).is_ok();
-    assert_eq!(whole, chunked, "{path}: the split at {at} changed the verdict");
+    assert_eq!(
+        whole, chunked,
+        "{path}: the split at {at} changed the verdict"
+    );
     if let Some(n) = items(message) {
         assert_eq!(
             whole,

@@ -142,7 +142,7 @@ async fn requeue(
     let value = match super::body::read(headers, raw, Shape::Filters, bucket.max_batch()) {
         Ok(Parsed::One(value)) => value,
         Ok(Parsed::Many(items)) => Value::Array(items),
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let request = match filters(&value, reason == RequeueReason::Redrive) {
         Ok(request) => request,

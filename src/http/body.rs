@@ -37,33 +37,36 @@ pub(super) enum Parsed {
     Many(Vec<Value>),
 }
 
-/// The body, parsed with every bounded list within `max` items.
+/// The body, parsed with every bounded list within `max` items; else the
+/// answer (boxed: a response is large beside a parsed body).
 pub(super) fn read(
     headers: &HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
     shape: Shape,
     max: usize,
-) -> Result<Parsed, Response> {
+) -> Result<Parsed, Box<Response>> {
     if !json_content_type(headers) {
-        return Err(detail(
+        return Err(Box::new(detail(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Expected request with `Content-Type: application/json`",
-        ));
+        )));
     }
-    let bytes = bytes.map_err(|r| detail(r.status(), r.body_text()))?;
-    parse(&bytes, shape, max).map_err(|e| match e {
-        // The whole body's array is named `body` already; a filter's list
-        // by its key, under the body.
-        Refusal::Over(violation) if violation.field == "body" => {
-            Error::InvalidInput(vec![violation]).into_response()
-        }
-        Refusal::Over(violation) => Error::InvalidInput(vec![violation])
-            .prefixed("body.")
-            .into_response(),
-        Refusal::Syntax(e) => detail(
-            StatusCode::BAD_REQUEST,
-            format!("Failed to parse the request body as JSON: {e}"),
-        ),
+    let bytes = bytes.map_err(|r| Box::new(detail(r.status(), r.body_text())))?;
+    parse(&bytes, shape, max).map_err(|e| {
+        Box::new(match e {
+            // The whole body's array is named `body` already; a filter's list
+            // by its key, under the body.
+            Refusal::Over(violation) if violation.field == "body" => {
+                Error::InvalidInput(vec![violation]).into_response()
+            }
+            Refusal::Over(violation) => Error::InvalidInput(vec![violation])
+                .prefixed("body.")
+                .into_response(),
+            Refusal::Syntax(e) => detail(
+                StatusCode::BAD_REQUEST,
+                format!("Failed to parse the request body as JSON: {e}"),
+            ),
+        })
     })
 }
 

@@ -151,7 +151,7 @@ pub(super) async fn ingest(
     // is built.
     let parsed = match super::body::read(&headers, raw, Shape::ItemOrArray, bucket.max_batch()) {
         Ok(parsed) => parsed,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     match parsed {
         Parsed::Many(items) => {
@@ -490,7 +490,7 @@ pub(super) async fn mark_processed(
 ) -> Response {
     let parsed = match super::body::read(&headers, raw, Shape::ItemOrArray, bucket.max_batch()) {
         Ok(parsed) => parsed,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     match parsed {
         Parsed::Many(items) => {
