@@ -1,7 +1,11 @@
-//! The one layer every request passes first, through every door (gRPC,
-//! gRPC-web, REST): it gives the request its id and log span, lets only
-//! the right callers through (`crate::auth`), holds a runaway client to the
-//! ingest rate (`crate::limits`), and counts and times the answer by method.
+//! The edge: what every request meets before any handler, through every
+//! door (gRPC, gRPC-web, REST). `connections` accepts and holds the
+//! connections within their limits; `batch_limit` refuses a gRPC list over
+//! the batch limit before it is decoded; and this module's layer gives each
+//! request its id and log span, lets only the right callers through
+//! (`auth`), holds a runaway client to the ingest rate (`limits`), marks
+//! the connection busy until the answer ends, and counts and times the
+//! answer by method.
 //!
 //! One hand-written service instead of a middleware per concern: each
 //! `axum::middleware::from_fn` clones the inner router and boxes a future

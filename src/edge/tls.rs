@@ -1,6 +1,7 @@
 //! TLS on the one port, for every door (gRPC, gRPC-web, the JSON gateway),
-//! over rustls (the handshake runs in `connections`). ALPN offers HTTP/2 and HTTP/1.1, so browsers and curl on
-//! HTTP/1.1 connect as well as gRPC clients.
+//! over rustls; the handshake runs in `connections`. ALPN offers HTTP/2
+//! and HTTP/1.1, so browsers and curl on HTTP/1.1 connect as well as gRPC
+//! clients.
 use std::path::Path;
 use std::sync::Arc;
 
