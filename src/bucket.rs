@@ -91,6 +91,11 @@ impl Bucket {
         &self.store
     }
 
+    /// Most items a request's list may carry (`BUCKET_MAX_BATCH`).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
     /// Whether a request's list of `len` items is within the batch limit.
     pub fn fits(&self, batch: Batch, len: usize) -> Result<(), Error> {
         batch
@@ -182,7 +187,11 @@ impl Bucket {
         let asked = lease::lease_seconds("lease_seconds", lease_seconds)
             .map_err(|v| Error::InvalidInput(vec![v]))?;
         self.dispatcher
-            .lease_now(limit as usize, self.lease(asked))
+            .lease_now(
+                limit as usize,
+                self.lease(asked),
+                self.delivery.max_poll_leases,
+            )
             .await
     }
 

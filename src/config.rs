@@ -16,7 +16,12 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// sqlite://FILE or postgres://… ; unset: a bucket.db file in the working directory.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://bucket.db")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://bucket.db",
+        hide_env_values = true
+    )]
     pub database_url: String,
 
     #[command(flatten)]
@@ -81,7 +86,7 @@ pub struct Config {
 pub struct RedisConfig {
     /// redis:// or rediss:// URL of the queue (redis-cluster://host:port?node=host2:port2
     /// for a Redis Cluster); unset (and no REDIS_HOST): in-memory queue.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// The seed's Redis host, used when REDIS_URL is unset.
     #[arg(long, env = "REDIS_HOST")]
@@ -130,6 +135,11 @@ pub struct DeliveryConfig {
     /// the database and is read back a window at a time.
     #[arg(long, env = "BUCKET_QUEUE_WINDOW", default_value_t = 8192, value_parser = usize_in::<2, 10_000_000>)]
     pub queue_window: usize,
+    /// Leases the JSON gateway's polls (packets/pending) hold at once on one
+    /// node; past it a poll gets fewer packets, or none, until some are
+    /// marked or their leases end.
+    #[arg(long, env = "BUCKET_MAX_POLL_LEASES", default_value_t = 1000, value_parser = usize_in::<1, 1_000_000>)]
+    pub max_poll_leases: usize,
 }
 
 /// Bearer tokens by role. A role without tokens is open to anyone (and the
@@ -170,6 +180,10 @@ pub struct AuthConfig {
     pub admin_tokens: Vec<String>,
     #[arg(long, env = "BUCKET_ADMIN_TOKENS_FILE")]
     pub admin_tokens_file: Option<PathBuf>,
+    /// With no admin tokens, answer admin calls from anywhere, not only
+    /// from loopback (logged at startup).
+    #[arg(long, env = "BUCKET_ADMIN_OPEN", default_value_t = false)]
+    pub admin_open: bool,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -182,6 +196,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("consumer_tokens_file", &self.consumer_tokens_file)
             .field("admin_tokens", &self.admin_tokens.len())
             .field("admin_tokens_file", &self.admin_tokens_file)
+            .field("admin_open", &self.admin_open)
             .finish()
     }
 }
@@ -219,6 +234,27 @@ pub struct LimitsConfig {
     /// ...and the connection is closed when it is not answered within this many.
     #[arg(long, env = "BUCKET_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub keepalive_timeout_seconds: u64,
+    /// Connections one node holds open at once; one more is closed as it
+    /// is accepted.
+    #[arg(long, env = "BUCKET_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = usize_in::<1, 1_000_000>)]
+    pub max_connections: usize,
+    /// From a connection's accept (with TLS, its handshake's end) to its
+    /// first request: `10s`, `1m`, or `off`.
+    #[arg(long, env = "BUCKET_PREFACE_TIMEOUT", default_value = "10s", value_parser = period)]
+    pub preface_timeout: Period,
+    /// How long a connection may stay with no request under way: `120s`,
+    /// `5m`, or `off`.
+    #[arg(long, env = "BUCKET_IDLE_TIMEOUT", default_value = "120s", value_parser = period)]
+    pub idle_timeout: Period,
+    /// After this a connection is asked to close (HTTP/2 GOAWAY; calls
+    /// under way finish), so clients spread again over the nodes: `1h`, or
+    /// `off`.
+    #[arg(long, env = "BUCKET_MAX_CONNECTION_AGE", default_value = "3600s", value_parser = period)]
+    pub max_connection_age: Period,
+    /// How long calls under way may take after the age is reached before
+    /// the connection is closed.
+    #[arg(long, env = "BUCKET_MAX_CONNECTION_AGE_GRACE", default_value = "60s", value_parser = period)]
+    pub max_connection_age_grace: Period,
     /// Ingest calls (Ingest, IngestBatch, REST ingest) one client may make
     /// per second, by token, else by address; 0: no limit.
     #[arg(long, env = "BUCKET_INGEST_RATE", default_value_t = 0)]
@@ -227,6 +263,15 @@ pub struct LimitsConfig {
     /// 0: twice the rate.
     #[arg(long, env = "BUCKET_INGEST_BURST", default_value_t = 0)]
     pub ingest_burst: u32,
+}
+
+/// A length of time, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period(pub Option<Duration>);
+
+/// `10s`, `2m`, `1h`, `1d`, or `off`.
+fn period(text: &str) -> Result<Period, String> {
+    crate::store::retention::parse_period(text).map(Period)
 }
 
 impl DeliveryConfig {
@@ -246,6 +291,45 @@ impl Config {
         <Config as clap::FromArgMatches>::from_arg_matches(&matches)
             .expect("the defaults are valid")
     }
+}
+
+/// A database or Redis URL fit for logs: no password (in the authority or
+/// as a `password=` query parameter); what is left names the server.
+pub fn redact_url(url: &str) -> String {
+    const HIDDEN: &str = "…";
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        // Not a URL the parser takes: keep only what surely holds no secret.
+        return match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                let host = host.split_once('?').map_or(host, |(host, _)| host);
+                format!("{scheme}://{HIDDEN}@{host}")
+            }
+            None => HIDDEN.to_owned(),
+        };
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some(HIDDEN));
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let secret = ["password", "pass", "pwd", "sslpassword", "token", "secret"]
+                    .iter()
+                    .any(|s| key.eq_ignore_ascii_case(s));
+                let value = if secret {
+                    HIDDEN.to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    // `…` was percent-encoded by the setters; read back as typed.
+    parsed.to_string().replace("%E2%80%A6", HIDDEN)
 }
 
 /// A whole number in `MIN..=MAX`, refused at startup otherwise (never
@@ -278,6 +362,32 @@ mod tests {
         assert_eq!(config.redis.redis_host, None);
         // The real parse does read them.
         assert_eq!(Config::parse_from(["bucket"]).max_batch, 7);
+    }
+
+    #[test]
+    fn urls_lose_every_password() {
+        for (url, secret, kept) in [
+            ("postgres://u:p@ss@db/x", "ss", "db/x"),
+            ("postgres://u:hunter2@db:5432/x", "hunter2", "db:5432/x"),
+            (
+                "postgres://db/x?user=u&password=hunter2",
+                "hunter2",
+                "user=u",
+            ),
+            (
+                "postgres://db/x?sslmode=require&PASSWORD=hunter2",
+                "hunter2",
+                "sslmode=require",
+            ),
+            ("redis://:hunter2@cache:6379", "hunter2", "cache:6379"),
+            ("rediss://default:hunter2@cache", "hunter2", "cache"),
+            ("not a url :hunter2@db?password=hunter2", "hunter2", ""),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            assert!(shown.contains(kept), "{url} -> {shown}");
+        }
+        assert_eq!(redact_url("sqlite://bucket.db"), "sqlite://bucket.db");
     }
 
     #[test]

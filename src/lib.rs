@@ -1,6 +1,5 @@
 //! The PRANA bucket: durable ingest of PRANA telemetry packets and their
 //! leased, at-least-once delivery to the Karma Tracker.
-pub mod auth;
 pub mod bucket;
 pub mod config;
 pub mod delivery;
@@ -9,11 +8,11 @@ pub mod edge;
 pub mod error;
 pub mod grpc;
 pub mod http;
-pub mod limits;
 pub mod proto;
 pub mod queue;
-pub mod request_id;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
-pub mod tls;
+
+// The edge's parts at the paths they had before they moved into it.
+pub use edge::{auth, limits, request_id, tls};

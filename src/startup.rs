@@ -14,6 +14,7 @@ use crate::bucket::Bucket;
 use crate::config::Config;
 use crate::delivery::Dispatcher;
 use crate::edge::EdgeLayer;
+use crate::edge::connections::ConnectionLimits;
 use crate::grpc::BucketGrpc;
 use crate::limits::{IngestRate, Limits};
 use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
@@ -39,7 +40,12 @@ impl Application {
         crate::telemetry::metrics();
         let store = Store::connect(&config.database_url)
             .await
-            .with_context(|| format!("opening {}", redact(&config.database_url)))?;
+            .with_context(|| {
+                format!(
+                    "opening {}",
+                    crate::config::redact_url(&config.database_url)
+                )
+            })?;
         let node = Uuid::new_v4().simple().to_string()[..8].to_owned();
         let redis = match RedisTarget::from_config(&config.redis)? {
             None => {
@@ -160,7 +166,14 @@ impl Application {
             tokio::time::sleep(grace).await;
         };
         let limits = &self.config.limits;
-        let server = Server::builder()
+        let mut server = Server::builder();
+        if let Some(age) = limits.max_connection_age.0 {
+            server = server.max_connection_age(age);
+            if let Some(grace) = limits.max_connection_age_grace.0 {
+                server = server.max_connection_age_grace(grace);
+            }
+        }
+        let server = server
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_seconds)))
             .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_seconds)))
@@ -174,19 +187,21 @@ impl Application {
         let tcp = TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
-        let database = redact(&self.config.database_url);
+        let database = crate::config::redact_url(&self.config.database_url);
+        let connections = ConnectionLimits {
+            max_connections: limits.max_connections,
+            preface: limits.preface_timeout.0,
+            idle: limits.idle_timeout.0,
+        };
         let serving = async {
-            match &self.tls {
-                None => {
-                    tracing::info!(%addr, %database, "bucket listening (plaintext)");
-                    server.serve_with_incoming_shutdown(tcp, stop).await
-                }
-                Some(tls) => {
-                    tracing::info!(%addr, %database, "bucket listening (TLS)");
-                    let incoming = crate::tls::incoming(tcp, tls.clone());
-                    server.serve_with_incoming_shutdown(incoming, stop).await
-                }
-            }
+            let tls = if self.tls.is_some() {
+                "TLS"
+            } else {
+                "plaintext"
+            };
+            tracing::info!(%addr, %database, tls, "bucket listening");
+            let incoming = crate::edge::connections::incoming(tcp, self.tls.clone(), connections);
+            server.serve_with_incoming_shutdown(incoming, stop).await
         };
         tokio::select! {
             served = serving => served.context("serving")?,
@@ -219,6 +234,10 @@ impl Application {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .into_axum_router()
+            // Inside gRPC-web, so it walks gRPC framing for both.
+            .layer(crate::edge::batch_limit::BatchLimitLayer::new(
+                self.config.max_batch,
+            ))
             .layer(tonic_web::GrpcWebLayer::new());
         let http = crate::http::router(self.bucket.clone(), self.config.max_body_bytes);
         let limits = Limits {
@@ -278,16 +297,5 @@ async fn report_health(
             }
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-    }
-}
-
-/// The URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match url.split_once('@') {
-        Some((creds, host)) if creds.contains("://") => {
-            let scheme = creds.split("://").next().unwrap_or_default();
-            format!("{scheme}://…@{host}")
-        }
-        _ => url.to_owned(),
     }
 }

@@ -575,5 +575,64 @@ fn group_record(payload: &[u8]) {
         if let Some(us) = change.processed_at_us {
             let _ = from_micros(us);
         }
+
+/// How many items prost reads from a message (None: prost refuses it).
+type ItemCount = fn(&[u8]) -> Option<usize>;
+
+/// Arbitrary bytes as one message of a method with a list, walked by the
+/// pre-decode scan (`bucket::edge::batch_limit`) in two chunks and whole:
+/// the scan and prost must agree. A message prost decodes with at most
+/// `max` items is never refused; one with more is always refused, before
+/// prost would build them; the chunking never changes the verdict.
+///
+/// Layout: byte 0 picks the method, byte 1 the limit (0..=7), byte 2 where
+/// the framed message is split; the rest is the message.
+pub fn batch_limit(data: &[u8]) {
+    use bucket::edge::batch_limit::{Listed, Scan};
+    let [method, max, split, message @ ..] = data else {
+        return;
+    };
+    let (path, items): (&str, ItemCount) = match method % 4 {
+        0 => ("IngestBatch", |m| {
+            pb::IngestBatchRequest::decode(m)
+                .ok()
+                .map(|r| r.packets.len())
+        }),
+        1 => ("MarkProcessedBatch", |m| {
+            pb::MarkProcessedBatchRequest::decode(m)
+                .ok()
+                .map(|r| r.marks.len())
+        }),
+        2 => ("ExtendLease", |m| {
+            pb::ExtendLeaseRequest::decode(m)
+                .ok()
+                .map(|r| r.lease_tokens.len())
+        }),
+        _ => ("Redrive", |m| {
+            pb::RedriveRequest::decode(m).ok().map(|r| r.statuses.len())
+        }),
+    };
+    let listed =
+        Listed::of_path(&format!("/bucket.v1.BucketService/{path}")).expect("a method with a list");
+    let max = usize::from(max % 8);
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+
+    let whole = Scan::new(listed, max).feed(&framed).is_ok();
+    let at = usize::from(*split).min(framed.len());
+    let mut chunked = Scan::new(listed, max);
+    let chunked = chunked.feed(&framed[..at]).is_ok() && chunked.feed(&framed[at..]).is_ok();
+    assert_eq!(
+        whole, chunked,
+        "{path}: the split at {at} changed the verdict"
+    );
+    if let Some(n) = items(message) {
+        assert_eq!(
+            whole,
+            n <= max,
+            "{path}: prost reads {n} items, the scan {} at most {max}",
+            if whole { "accepted" } else { "refused" }
+        );
     }
 }

@@ -519,24 +519,32 @@ impl Dispatcher {
 
     /// Leases up to `limit` waiting packets at once, without a stream: the
     /// JSON gateway's poll. They come back if not marked within `lease`.
+    /// Polls together hold at most `max_polled` leases (no stream bounds
+    /// them, and with hour-long leases a poller could otherwise pull the
+    /// whole backlog into memory); past it a poll gets fewer, or none.
     pub async fn lease_now(
         self: &Arc<Self>,
         limit: usize,
         lease: Duration,
+        max_polled: usize,
     ) -> Result<Vec<Delivery>, Error> {
-        if self.lock().closed {
-            return Err(Error::Unavailable(
-                "the bucket is shutting down; poll another node".into(),
-            ));
+        let limit = {
+            let core = self.lock();
+            if core.closed {
+                return Err(Error::Unavailable(
+                    "the bucket is shutting down; poll another node".into(),
+                ));
+            }
+            limit.min(max_polled.saturating_sub(core.leases.polled()))
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
         }
         let short = limit.saturating_sub(self.lock().queue.len());
         if short > 0 {
             match &self.redis {
                 Some(redis) => {
-                    let read = redis
-                        .read_now(short)
-                        .await
-                        .map_err(|e| Error::Unavailable(e.to_string()))?;
+                    let read = redis.read_now(short).await.map_err(Error::from)?;
                     self.feed(read);
                 }
                 None => {
@@ -550,6 +558,7 @@ impl Dispatcher {
         let mut out = Vec::new();
         let mut expiry_changed = false;
         while out.len() < limit
+            && core.leases.polled() < max_polled
             && let Some(queued) = core.queue.pop()
         {
             let attempt = queued.pending.attempts + 1;

@@ -31,11 +31,25 @@ pub struct Leases {
     /// Expiry order; one entry per lease, removed with it.
     by_expiry: BTreeMap<(Instant, u64), PacketId>,
     granted: u64,
+    /// Leases held by polls (`Holder::Poll`), which no stream bounds.
+    polled: usize,
 }
 
 impl Leases {
     pub fn len(&self) -> usize {
         self.by_id.len()
+    }
+
+    /// Leases held by polls of the JSON gateway.
+    pub fn polled(&self) -> usize {
+        self.polled
+    }
+
+    /// Keeps `polled` in step as a lease comes (+1) or goes (-1).
+    fn count(&mut self, holder: Holder, delta: isize) {
+        if holder == Holder::Poll {
+            self.polled = self.polled.saturating_add_signed(delta);
+        }
     }
 
     pub fn contains(&self, id: &PacketId) -> bool {
@@ -90,6 +104,7 @@ impl Leases {
             .is_none_or(|(k, _)| key < *k);
         let id = queued.id();
         self.by_expiry.insert(key, id);
+        self.count(holder, 1);
         if let Some(old) = self.by_id.insert(
             id,
             Lease {
@@ -101,6 +116,7 @@ impl Leases {
         ) {
             // A packet is leased once at a time; keep the index in step anyway.
             self.by_expiry.remove(&old.key);
+            self.count(old.holder, -1);
         }
         first
     }
@@ -109,6 +125,7 @@ impl Leases {
     pub fn end(&mut self, id: &PacketId) -> Option<Lease> {
         let lease = self.by_id.remove(id)?;
         self.by_expiry.remove(&lease.key);
+        self.count(lease.holder, -1);
         Some(lease)
     }
 
@@ -121,6 +138,7 @@ impl Leases {
             }
             let id = entry.remove();
             if let Some(lease) = self.by_id.remove(&id) {
+                self.count(lease.holder, -1);
                 out.push(lease);
             }
         }
@@ -134,6 +152,7 @@ impl Leases {
     /// Ends every lease (shutdown).
     pub fn drain(&mut self) -> Vec<Lease> {
         self.by_expiry.clear();
+        self.polled = 0;
         self.by_id.drain().map(|(_, lease)| lease).collect()
     }
 
@@ -223,5 +242,21 @@ mod tests {
         assert!(leases.extend(&ida, now + Duration::from_millis(500)));
         assert!(!leases.extend(&idb, now), "an ended lease is not extended");
         assert_eq!(leases.expired(now + Duration::from_secs(1)).len(), 1);
+    }
+    #[test]
+    fn polled_leases_are_counted_as_they_come_and_go() {
+        let mut leases = Leases::default();
+        let now = Instant::now();
+        let (a, b, c) = (queued(), queued(), queued());
+        let (ida, idb) = (a.id(), b.id());
+        leases.grant(a, Holder::Poll, 1, now + Duration::from_secs(1));
+        leases.grant(b, Holder::Poll, 1, now + Duration::from_secs(5));
+        leases.grant(c, Holder::Stream(1), 1, now + Duration::from_secs(1));
+        assert_eq!(leases.polled(), 2);
+        leases.end(&idb);
+        assert_eq!(leases.polled(), 1);
+        assert_eq!(leases.expired(now + Duration::from_secs(2)).len(), 2);
+        assert_eq!(leases.polled(), 0);
+        assert!(!leases.contains(&ida));
     }
 }

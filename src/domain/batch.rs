@@ -13,6 +13,8 @@ pub enum Batch {
     LeaseTokens,
     /// A JSON body that is an array (of packets or of marks).
     JsonArray,
+    /// Redrive's `statuses` filter.
+    Statuses,
 }
 
 impl Batch {
@@ -21,6 +23,16 @@ impl Batch {
         if len <= max {
             return Ok(());
         }
+        Err(self.violation(max, &len.to_string()))
+    }
+
+    /// More than `max` items, found before all were counted: a list is
+    /// refused at its first item too many, not read to its end.
+    pub fn over(self, max: usize) -> FieldViolation {
+        self.violation(max, &format!("more than {max}"))
+    }
+
+    fn violation(self, max: usize, len: &str) -> FieldViolation {
         let (field, description) = match self {
             Batch::Packets => (
                 "packets",
@@ -38,8 +50,12 @@ impl Batch {
                 "body",
                 format!("an array holds at most {max} items, got {len}"),
             ),
+            Batch::Statuses => (
+                "statuses",
+                format!("at most {max} statuses at once, got {len}"),
+            ),
         };
-        Err(FieldViolation::new(field, description))
+        FieldViolation::new(field, description)
     }
 }
 
@@ -54,5 +70,9 @@ mod tests {
         assert_eq!(v.field, "lease_tokens");
         assert_eq!(v.description, "at most 3 tokens at once, got 4");
         assert_eq!(Batch::JsonArray.check(0, 1).unwrap_err().field, "body");
+        assert_eq!(
+            Batch::Packets.over(500).description,
+            "a batch holds at most 500 packets, got more than 500"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! What a StreamPending subscriber may ask for.
+//! What a StreamPending subscriber may ask for; its name is logged, so it
+//! holds no control character.
 use super::FieldViolation;
 use super::lease::lease_seconds;
 use super::packet::MAX_STRING_BYTES;
@@ -28,6 +29,13 @@ impl Subscribe {
             violations.push(FieldViolation::new(
                 "consumer",
                 format!("consumer is over {MAX_STRING_BYTES} bytes"),
+            ));
+        }
+        // The name is logged: a `\n` in it would forge log lines.
+        if consumer.chars().any(char::is_control) {
+            violations.push(FieldViolation::new(
+                "consumer",
+                "consumer must not contain control characters (newlines, tabs, escapes)",
             ));
         }
         if max_in_flight > MAX_IN_FLIGHT {
@@ -74,5 +82,10 @@ mod tests {
             .map(|v| v.field)
             .collect();
         assert_eq!(fields, ["consumer", "max_in_flight", "lease_seconds"]);
+        for forged in ["karma\nINFO forged", "k\r", "k\u{1b}[31m", "k\u{85}", "k\0"] {
+            let refused = Subscribe::check(forged, 0, 0).unwrap_err();
+            assert_eq!(refused[0].field, "consumer", "{forged:?}");
+        }
+        assert!(Subscribe::check("karma-tracker é", 0, 0).is_ok());
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -11,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use super::body::{Parsed, Shape};
 use super::error::{ErrorMessage, HTTPValidationError};
-use super::gateway::{Body, rejected_body};
+use super::gateway::Body;
 use crate::bucket::{Bucket, RequeueRequest};
 use crate::domain::{DeliveryStatus, FieldViolation};
 use crate::error::Error;
@@ -96,8 +98,12 @@ pub struct Replayed {
         (status = 503, description = "Storage is unavailable; nothing changed", body = ErrorMessage),
     )
 )]
-pub(super) async fn redrive(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
-    requeue(&bucket, raw, RequeueReason::Redrive).await
+pub(super) async fn redrive(
+    State(bucket): State<Arc<Bucket>>,
+    headers: HeaderMap,
+    raw: Body,
+) -> Response {
+    requeue(&bucket, &headers, raw, RequeueReason::Redrive).await
 }
 
 /// Processed packets delivered again (after a consumer bug, say); their
@@ -118,14 +124,25 @@ pub(super) async fn redrive(State(bucket): State<Arc<Bucket>>, raw: Body) -> Res
         (status = 503, description = "Storage is unavailable; nothing changed", body = ErrorMessage),
     )
 )]
-pub(super) async fn replay(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
-    requeue(&bucket, raw, RequeueReason::Replay).await
+pub(super) async fn replay(
+    State(bucket): State<Arc<Bucket>>,
+    headers: HeaderMap,
+    raw: Body,
+) -> Response {
+    requeue(&bucket, &headers, raw, RequeueReason::Replay).await
 }
 
-async fn requeue(bucket: &Bucket, raw: Body, reason: RequeueReason) -> Response {
-    let value = match raw {
-        Ok(Json(value)) => value,
-        Err(rejection) => return rejected_body(rejection),
+async fn requeue(
+    bucket: &Bucket,
+    headers: &HeaderMap,
+    raw: Body,
+    reason: RequeueReason,
+) -> Response {
+    // A filter list over the limit is refused before its items are built.
+    let value = match super::body::read(headers, raw, Shape::Filters, bucket.max_batch()) {
+        Ok(Parsed::One(value)) => value,
+        Ok(Parsed::Many(items)) => Value::Array(items),
+        Err(refused) => return *refused,
     };
     let request = match filters(&value, reason == RequeueReason::Redrive) {
         Ok(request) => request,

@@ -7,9 +7,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -18,12 +19,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use super::body::{Parsed, Shape};
 use super::error::{ErrorMessage, HTTPValidationError, Loc, ValidationError, detail};
 use super::openapi::{IngestBody, MarkBodies};
 use crate::auth::Caller;
 use crate::bucket::{Bucket, Marked};
 use crate::delivery::Delivery;
-use crate::domain::batch::Batch;
 use crate::domain::lease::{DEFAULT_POLL, MAX_LEASE_SECONDS, MAX_POLL};
 use crate::domain::mark::MarkRequest;
 use crate::domain::user_page::{DEFAULT_USER_LIMIT, MAX_USER_LIMIT};
@@ -41,14 +42,9 @@ pub fn router(bucket: Arc<Bucket>) -> Router {
         .with_state(bucket)
 }
 
-pub(super) type Body = Result<Json<Value>, JsonRejection>;
+/// A JSON body as sent, read by `super::body` with its lists bounded.
+pub(super) type Body = Result<Bytes, BytesRejection>;
 type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
-
-/// Malformed JSON (400), wrong content type (415), too large (413): the
-/// extractor knows which; answer in FastAPI's `{"detail": ...}` shape.
-pub(super) fn rejected_body(rejection: JsonRejection) -> Response {
-    detail(rejection.status(), rejection.body_text())
-}
 
 /// A query string the extractor refuses: 400 in the same shape (plain
 /// text would match no documented answer).
@@ -146,17 +142,19 @@ pub enum IngestItem {
         (status = 503, description = "Storage is unavailable; nothing was stored", body = ErrorMessage),
     )
 )]
-pub(super) async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
-    let value = match raw {
-        Ok(Json(value)) => value,
-        Err(rejection) => return rejected_body(rejection),
+pub(super) async fn ingest(
+    State(bucket): State<Arc<Bucket>>,
+    headers: HeaderMap,
+    raw: Body,
+) -> Response {
+    // An array over the limit is refused whole, naming it, before any item
+    // is built.
+    let parsed = match super::body::read(&headers, raw, Shape::ItemOrArray, bucket.max_batch()) {
+        Ok(parsed) => parsed,
+        Err(refused) => return *refused,
     };
-    match value {
-        Value::Array(items) => {
-            // Refused whole, naming the array, before any item is read.
-            if let Err(e) = bucket.fits(Batch::JsonArray, items.len()) {
-                return e.into_response();
-            }
+    match parsed {
+        Parsed::Many(items) => {
             let drafts = items.iter().map(super::draft).collect();
             match bucket.ingest_batch(drafts).await {
                 Ok(results) => {
@@ -173,7 +171,7 @@ pub(super) async fn ingest(State(bucket): State<Arc<Bucket>>, raw: Body) -> Resp
                 Err(e) => e.prefixed("body.").into_response(),
             }
         }
-        one => match bucket.ingest(super::draft(&one)).await {
+        Parsed::One(one) => match bucket.ingest(super::draft(&one)).await {
             Ok(r) => Json(IngestAnswer::One(Receipt::from(&r))).into_response(),
             Err(e) => e.prefixed("body.").into_response(),
         },
@@ -485,17 +483,17 @@ pub enum MarkItem {
         (status = 503, description = "Storage is unavailable; nothing was recorded", body = ErrorMessage),
     )
 )]
-pub(super) async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body) -> Response {
-    let value = match raw {
-        Ok(Json(value)) => value,
-        Err(rejection) => return rejected_body(rejection),
+pub(super) async fn mark_processed(
+    State(bucket): State<Arc<Bucket>>,
+    headers: HeaderMap,
+    raw: Body,
+) -> Response {
+    let parsed = match super::body::read(&headers, raw, Shape::ItemOrArray, bucket.max_batch()) {
+        Ok(parsed) => parsed,
+        Err(refused) => return *refused,
     };
-    match value {
-        Value::Array(items) => {
-            // Refused whole, naming the array, before any item is read.
-            if let Err(e) = bucket.fits(Batch::JsonArray, items.len()) {
-                return e.into_response();
-            }
+    match parsed {
+        Parsed::Many(items) => {
             // Bad items are answered here; the rest go to the bucket together.
             let mut valid = Vec::new();
             let parsed: Vec<Result<(), Error>> = items
@@ -518,7 +516,7 @@ pub(super) async fn mark_processed(State(bucket): State<Arc<Bucket>>, raw: Body)
                 .collect();
             Json(MarkAnswer::Many(answers)).into_response()
         }
-        one => {
+        Parsed::One(one) => {
             let marked = match mark_request(one) {
                 Ok(request) => bucket.mark_processed(request).await,
                 Err(e) => Err(e),

@@ -1,5 +1,6 @@
 //! The plain-HTTP front doors: the seed's JSON gateway and operations.
 mod admin;
+mod body;
 pub mod cors;
 mod draft;
 mod error;

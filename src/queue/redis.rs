@@ -218,7 +218,7 @@ impl RedisTarget {
         let mut target = if let Some(url) = &config.redis_url {
             RedisTarget {
                 config: Config::from_url(url)?,
-                display: redact_url(url),
+                display: crate::config::redact_url(url),
             }
         } else if let Some(host) = &config.redis_host {
             RedisTarget {
@@ -260,14 +260,6 @@ fn error_code(e: &fred::error::Error) -> Option<&str> {
         .split_whitespace()
         .next()
         .filter(|w| w.chars().all(|c| c.is_ascii_uppercase()))
-}
-
-/// The URL without its credentials.
-fn redact_url(url: &str) -> String {
-    match url.split_once("://").zip(url.rsplit_once('@')) {
-        Some(((scheme, _), (_, host))) => format!("{scheme}://…@{host}"),
-        None => url.to_owned(),
-    }
 }
 
 /// A stream entry: its id, tagged with its shard ([`shards::tag`]), and

@@ -33,7 +33,9 @@ pub fn parse_period(text: &str) -> Result<Option<Duration>, String> {
     if text.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
-    let split = text.len().saturating_sub(1);
+    // The unit is the last character, not byte: `30é` ends in two bytes,
+    // and splitting between them panicked.
+    let split = text.char_indices().last().map_or(0, |(at, _)| at);
     let (number, unit) = text.split_at(split);
     let seconds = match unit {
         "d" => 86_400,
@@ -127,6 +129,9 @@ mod tests {
             "1.5d",
             "30w",
             "99999999999999999999d",
+            "30é",
+            "é",
+            "3é0d",
         ] {
             assert!(parse_period(bad).is_err(), "{bad}");
         }

@@ -67,3 +67,12 @@ fn record_log_regressions_and_seeds() {
     );
     assert!(n > 0, "no inputs found under fuzz/");
 }
+
+#[test]
+fn batch_limit_regressions_and_seeds() {
+    let n = replay(
+        &["regressions/batch_limit", "seeds/batch_limit"],
+        check::batch_limit,
+    );
+    assert!(n > 0, "no inputs found under fuzz/");
+}

@@ -12,6 +12,7 @@ mod deploy;
 mod faults;
 mod fuzz_regressions;
 mod gateway;
+mod hardening;
 mod ingest;
 mod marks;
 mod nemesis;

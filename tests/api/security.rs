@@ -456,6 +456,9 @@ async fn ingest_rate_is_limited_per_client() {
     let mut config = test_config(&db);
     config.limits.ingest_rate = 1;
     config.limits.ingest_burst = 2;
+    // Clients are told apart by tokens the server knows (else by address:
+    // hardening::the_ingest_rate_counts_what_a_caller_cannot_vary).
+    config.auth.ingest_tokens = vec!["runaway".into(), "calm".into(), "rest".into()];
     let app = TestApp::spawn_with(db, config).await;
     let mut runaway = client(&app, Some("runaway")).await;
     assert_eq!(code(ingest(&mut runaway).await), Code::Ok);
@@ -471,7 +474,7 @@ async fn ingest_rate_is_limited_per_client() {
     );
     // Nor are consumers: the limit is on ingest only.
     assert_eq!(code(runaway.status(pb::StatusRequest {}).await), Code::Ok);
-    // REST: 429 with Retry-After, by address when there is no token.
+    // REST: 429 with Retry-After.
     let url = format!("{}/api/v1/bucket/prana/ingest", app.url());
     let packet = json!({
         "user_id": "r", "timestamp": "2024-01-20T10:30:00Z", "cognitive_state": "ON_TASK",
@@ -482,7 +485,7 @@ async fn ingest_rate_is_limited_per_client() {
         let response = rest(
             reqwest::Method::POST,
             url.clone(),
-            None,
+            Some("rest"),
             Some(packet.clone()),
         )
         .await;

@@ -1,13 +1,24 @@
-//! The one layer every request passes first, through every door (gRPC,
-//! gRPC-web, REST): it gives the request its id and log span, lets only
-//! the right callers through (`crate::auth`), holds a runaway client to the
-//! ingest rate (`crate::limits`), and counts and times the answer by method.
+//! The edge: what every request meets before any handler, through every
+//! door (gRPC, gRPC-web, REST). `connections` accepts and holds the
+//! connections within their limits; `batch_limit` refuses a gRPC list over
+//! the batch limit before it is decoded; and this module's layer gives each
+//! request its id and log span, lets only the right callers through
+//! (`auth`), holds a runaway client to the ingest rate (`limits`), marks
+//! the connection busy until the answer ends, and counts and times the
+//! answer by method.
 //!
 //! One hand-written service instead of a middleware per concern: each
 //! `axum::middleware::from_fn` clones the inner router and boxes a future
 //! per call, and with three of them the layers cost ~17 µs of CPU per call
 //! (a third of the runtime's work per packet at 5,000 packets/s; measured
 //! in BENCHMARKS.md).
+pub mod auth;
+pub mod batch_limit;
+pub mod connections;
+pub mod limits;
+pub mod request_id;
+pub mod tls;
+
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,10 +34,10 @@ use http_body_util::BodyExt;
 use metrics::{Counter, Histogram};
 use tower::{Layer, Service};
 
-use crate::auth::{Access, Role, is_grpc, refuse, required_role};
+use self::auth::{Access, Origin, Role, is_grpc, refuse, required_role};
+use self::limits::{Client, Limits, too_large_is_resource_exhausted};
+use self::request_id::Method;
 use crate::error::Error;
-use crate::limits::{Limits, too_large_is_resource_exhausted};
-use crate::request_id::{self, Method};
 
 #[derive(Clone)]
 pub struct EdgeLayer {
@@ -79,9 +90,17 @@ impl Shared {
         } else {
             required_role(method)
         };
-        let caller = self.access.decide(required, request.headers())?;
-        if required == Some(Role::Ingest) {
-            self.limits.admit_ingest(request)?;
+        let peer = request
+            .extensions()
+            .get::<connections::Peer>()
+            .and_then(|p| p.addr)
+            .map(|a| a.ip());
+        let caller = self
+            .access
+            .decide(required, request.headers(), Origin::of(peer))?;
+        if required == Some(Role::Ingest) && self.limits.ingest_rate.is_some() {
+            let client = Client::of(self.access.verified(request.headers()), peer);
+            self.limits.admit_ingest(client)?;
         }
         request.extensions_mut().insert(caller);
         Ok(())
@@ -107,6 +126,11 @@ where
         let id = request_id::given(&request).unwrap_or_else(request_id::new_id);
         request.headers_mut().insert(request_id::HEADER, id.clone());
         let grpc = is_grpc(request.headers());
+        // The connection is busy until this answer's body ends.
+        let under_way = request
+            .extensions()
+            .get::<connections::Peer>()
+            .map(connections::Peer::request);
         let span = tracing::info_span!(
             "request",
             request_id = id.to_str().unwrap_or_default(),
@@ -130,6 +154,7 @@ where
             state,
             span,
             done: Some(Done {
+                under_way,
                 id,
                 method,
                 grpc,
@@ -159,6 +184,7 @@ pin_project_lite::pin_project! {
 
 /// What the answer needs once it comes.
 struct Done {
+    under_way: Option<connections::UnderWay>,
     id: HeaderValue,
     method: Method,
     grpc: bool,
@@ -214,7 +240,44 @@ impl Done {
         metrics.count(self.method, Outcome::of(&response, self.grpc));
         // For a stream, the time to its first answer (its headers).
         metrics.histograms[self.method.index()].record(self.started.elapsed().as_secs_f64());
-        response
+        match self.under_way {
+            Some(under_way) => response.map(|body| {
+                Body::new(Busy {
+                    body,
+                    _under_way: under_way,
+                })
+            }),
+            None => response,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body, holding its connection busy until it ends.
+    struct Busy {
+        #[pin]
+        body: Body,
+        _under_way: connections::UnderWay,
+    }
+}
+
+impl http_body::Body for Busy {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -53,6 +53,30 @@ pub struct Access {
     ingest: Vec<TokenDigest>,
     consumer: Vec<TokenDigest>,
     admin: Vec<TokenDigest>,
+    /// With no admin tokens, admin calls from anywhere (not only loopback).
+    admin_open: bool,
+}
+
+/// Where a call comes from, as far as access goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This machine (127.0.0.0/8, ::1): where an operator without tokens sits.
+    Loopback,
+    Remote,
+}
+
+impl Origin {
+    pub fn of(addr: Option<std::net::IpAddr>) -> Origin {
+        match addr {
+            Some(ip) if ip.is_loopback() => Origin::Loopback,
+            Some(std::net::IpAddr::V6(v6))
+                if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()) =>
+            {
+                Origin::Loopback
+            }
+            _ => Origin::Remote,
+        }
+    }
 }
 
 /// The roles one token holds.
@@ -68,20 +92,50 @@ fn digest(token: &str) -> TokenDigest {
 }
 
 /// Tokens from a flag or variable, and from a file (comma- or
-/// line-separated); blanks ignored.
-fn tokens(listed: &[String], file: Option<&Path>) -> anyhow::Result<Vec<TokenDigest>> {
-    let mut all: Vec<String> = listed.to_vec();
+/// line-separated); blanks ignored. A setting that is given but holds no
+/// token is refused, naming it: only a setting never given leaves the role
+/// open, so an empty file or `--admin-tokens ' , '` cannot open it by
+/// mistake.
+fn tokens(role: Role, listed: &[String], file: Option<&Path>) -> anyhow::Result<Vec<TokenDigest>> {
+    let upper = role.name().to_ascii_uppercase();
+    let usable = |t: &&str| !t.trim().is_empty();
+    let mut all: Vec<TokenDigest> = Vec::new();
+    if !listed.is_empty() {
+        let before = all.len();
+        all.extend(
+            listed
+                .iter()
+                .map(|t| t.as_str())
+                .filter(usable)
+                .map(|t| digest(t.trim())),
+        );
+        anyhow::ensure!(
+            all.len() > before,
+            "--{}-tokens / BUCKET_{upper}_TOKENS is set but holds no token \
+             (unset it to leave the {} role open)",
+            role.name(),
+            role.name()
+        );
+    }
     if let Some(file) = file {
         let text = std::fs::read_to_string(file)
             .map_err(|e| anyhow::anyhow!("reading tokens from {}: {e}", file.display()))?;
-        all.extend(text.split([',', '\n']).map(str::to_owned));
+        let before = all.len();
+        all.extend(
+            text.split([',', '\n'])
+                .filter(usable)
+                .map(|t| digest(t.trim())),
+        );
+        anyhow::ensure!(
+            all.len() > before,
+            "--{}-tokens-file / BUCKET_{upper}_TOKENS_FILE names {}, which holds no token \
+             (unset it to leave the {} role open)",
+            role.name(),
+            file.display(),
+            role.name()
+        );
     }
-    Ok(all
-        .iter()
-        .map(|t| t.trim())
-        .filter(|t| !t.is_empty())
-        .map(digest)
-        .collect())
+    Ok(all)
 }
 
 /// Whether `digest` is one of `set`, looking at every member.
@@ -96,12 +150,22 @@ fn among(set: &[TokenDigest], digest: &TokenDigest) -> bool {
 impl Access {
     pub fn from_config(config: &AuthConfig) -> anyhow::Result<Access> {
         Ok(Access {
-            ingest: tokens(&config.ingest_tokens, config.ingest_tokens_file.as_deref())?,
+            ingest: tokens(
+                Role::Ingest,
+                &config.ingest_tokens,
+                config.ingest_tokens_file.as_deref(),
+            )?,
             consumer: tokens(
+                Role::Consumer,
                 &config.consumer_tokens,
                 config.consumer_tokens_file.as_deref(),
             )?,
-            admin: tokens(&config.admin_tokens, config.admin_tokens_file.as_deref())?,
+            admin: tokens(
+                Role::Admin,
+                &config.admin_tokens,
+                config.admin_tokens_file.as_deref(),
+            )?,
+            admin_open: config.admin_open,
         })
     }
 
@@ -112,7 +176,13 @@ impl Access {
             (Role::Consumer, &self.consumer),
             (Role::Admin, &self.admin),
         ] {
-            if set.is_empty() {
+            if set.is_empty() && role == Role::Admin && !self.admin_open {
+                tracing::warn!(
+                    role = role.name(),
+                    "no admin tokens configured: admin calls are answered only from loopback \
+                     (set BUCKET_ADMIN_TOKENS, or BUCKET_ADMIN_OPEN=true to open them)"
+                );
+            } else if set.is_empty() {
                 tracing::warn!(
                     role = role.name(),
                     "no {} tokens configured: that role is open to anyone who can reach the port",
@@ -145,17 +215,44 @@ impl Access {
         }
     }
 
+    /// The digest of the caller's token when it is one this server knows
+    /// (of any role): a client the caller cannot change at will, for rate
+    /// limits; None for no token or a made-up one.
+    pub fn verified(&self, headers: &HeaderMap) -> Option<TokenDigest> {
+        let d = digest(bearer(headers)?);
+        [&self.ingest, &self.consumer, &self.admin]
+            .iter()
+            .any(|set| among(set, &d))
+            .then_some(d)
+    }
+
     /// Whether a call needing `required` (None: an open call) may go on
-    /// with these headers, and who the caller is.
-    pub fn decide(&self, required: Option<Role>, headers: &HeaderMap) -> Result<Caller, Error> {
+    /// with these headers from `origin`, and who the caller is.
+    pub fn decide(
+        &self,
+        required: Option<Role>,
+        headers: &HeaderMap,
+        origin: Origin,
+    ) -> Result<Caller, Error> {
         let token = bearer(headers);
         let held = token.map(|t| self.held(t)).unwrap_or_default();
+        // Without admin tokens, the admin role is an operator's on this
+        // machine, as Redis's protected mode does: a page on the internal
+        // network cannot read users' packets through a browser.
+        let open_admin = self.admin.is_empty() && (self.admin_open || origin == Origin::Loopback);
         let caller = Caller {
-            admin: self.admin.is_empty() || held.admin,
+            admin: open_admin || held.admin,
         };
         let Some(required) = required else {
             return Ok(caller);
         };
+        if required == Role::Admin && self.admin.is_empty() && !open_admin {
+            return Err(Error::PermissionDenied(
+                "admin calls need a token of BUCKET_ADMIN_TOKENS; with none set they are \
+                 answered only from loopback (BUCKET_ADMIN_OPEN=true answers them from anywhere)"
+                    .into(),
+            ));
+        }
         if self.tokens_of(required).is_empty() {
             return Ok(caller);
         }
@@ -241,6 +338,8 @@ pub fn refuse(headers: &HeaderMap, error: Error) -> Response {
 mod tests {
     use super::*;
 
+    const L: Origin = Origin::Loopback;
+
     fn access() -> Access {
         Access::from_config(&AuthConfig {
             ingest_tokens: vec!["browser".into()],
@@ -267,38 +366,38 @@ mod tests {
         let a = access();
         let none = HeaderMap::new();
         assert!(matches!(
-            a.decide(Some(Role::Ingest), &none),
+            a.decide(Some(Role::Ingest), &none, L),
             Err(Error::Unauthenticated(_))
         ));
-        assert!(a.decide(Some(Role::Ingest), &with("browser")).is_ok());
+        assert!(a.decide(Some(Role::Ingest), &with("browser"), L).is_ok());
         assert!(matches!(
-            a.decide(Some(Role::Consumer), &with("browser")),
+            a.decide(Some(Role::Consumer), &with("browser"), L),
             Err(Error::PermissionDenied(_))
         ));
         assert!(matches!(
-            a.decide(Some(Role::Consumer), &with("nobody")),
+            a.decide(Some(Role::Consumer), &with("nobody"), L),
             Err(Error::Unauthenticated(_))
         ));
-        assert!(a.decide(Some(Role::Consumer), &with("karma")).is_ok());
+        assert!(a.decide(Some(Role::Consumer), &with("karma"), L).is_ok());
         assert!(matches!(
-            a.decide(Some(Role::Admin), &with("karma")),
+            a.decide(Some(Role::Admin), &with("karma"), L),
             Err(Error::PermissionDenied(_))
         ));
         // An admin may do everything.
         for role in [Role::Ingest, Role::Consumer, Role::Admin] {
             assert_eq!(
-                a.decide(Some(role), &with("root")).unwrap(),
+                a.decide(Some(role), &with("root"), L).unwrap(),
                 Caller { admin: true }
             );
         }
         // Open calls go through; only admins see what admins see.
-        assert_eq!(a.decide(None, &none).unwrap(), Caller { admin: false });
+        assert_eq!(a.decide(None, &none, L).unwrap(), Caller { admin: false });
         assert_eq!(
-            a.decide(None, &with("root")).unwrap(),
+            a.decide(None, &with("root"), L).unwrap(),
             Caller { admin: true }
         );
         // A blank token in the list is no token.
-        assert!(a.decide(Some(Role::Consumer), &with(" ")).is_err());
+        assert!(a.decide(Some(Role::Consumer), &with(" "), L).is_err());
     }
 
     #[test]
@@ -308,12 +407,12 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert!(a.decide(Some(Role::Consumer), &HeaderMap::new()).is_ok());
+        assert!(a.decide(Some(Role::Consumer), &HeaderMap::new(), L).is_ok());
         assert_eq!(
-            a.decide(None, &HeaderMap::new()).unwrap(),
+            a.decide(None, &HeaderMap::new(), L).unwrap(),
             Caller { admin: true }
         );
-        assert!(a.decide(Some(Role::Ingest), &HeaderMap::new()).is_err());
+        assert!(a.decide(Some(Role::Ingest), &HeaderMap::new(), L).is_err());
     }
 
     #[test]
@@ -327,9 +426,98 @@ mod tests {
         })
         .unwrap();
         for t in ["one", "two", "three"] {
-            assert!(a.decide(Some(Role::Consumer), &with(t)).is_ok(), "{t}");
+            assert!(a.decide(Some(Role::Consumer), &with(t), L).is_ok(), "{t}");
         }
-        assert!(a.decide(Some(Role::Consumer), &with("four")).is_err());
+        assert!(a.decide(Some(Role::Consumer), &with("four"), L).is_err());
+    }
+
+    #[test]
+    fn without_admin_tokens_admin_calls_are_answered_only_from_loopback() {
+        let none = HeaderMap::new();
+        let protected = Access::from_config(&AuthConfig::default()).unwrap();
+        assert!(protected.decide(Some(Role::Admin), &none, L).is_ok());
+        let Err(Error::PermissionDenied(why)) =
+            protected.decide(Some(Role::Admin), &none, Origin::Remote)
+        else {
+            panic!("an admin call from afar without admin tokens")
+        };
+        assert!(why.contains("BUCKET_ADMIN_TOKENS"), "{why}");
+        // Nor does a remote caller see what admins see.
+        assert_eq!(
+            protected.decide(None, &none, Origin::Remote).unwrap(),
+            Caller { admin: false }
+        );
+        // Ingest and consumer keep their open default.
+        assert!(
+            protected
+                .decide(Some(Role::Ingest), &none, Origin::Remote)
+                .is_ok()
+        );
+        assert!(
+            protected
+                .decide(Some(Role::Consumer), &none, Origin::Remote)
+                .is_ok()
+        );
+        let opened = Access::from_config(&AuthConfig {
+            admin_open: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            opened
+                .decide(Some(Role::Admin), &none, Origin::Remote)
+                .is_ok()
+        );
+        assert_eq!(Origin::of(Some("::ffff:127.0.0.1".parse().unwrap())), L);
+        assert_eq!(
+            Origin::of(Some("10.0.0.7".parse().unwrap())),
+            Origin::Remote
+        );
+        assert_eq!(Origin::of(None), Origin::Remote);
+    }
+
+    #[test]
+    fn only_a_known_token_is_verified() {
+        let a = access();
+        assert!(a.verified(&with("browser")).is_some());
+        assert!(a.verified(&with("made-up")).is_none());
+        assert!(a.verified(&HeaderMap::new()).is_none());
+        let mut lower = HeaderMap::new();
+        lower.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer   browser"),
+        );
+        assert_eq!(a.verified(&lower), a.verified(&with("browser")));
+    }
+
+    #[test]
+    fn a_token_setting_that_holds_no_token_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n , \n").unwrap();
+        let refused = |config: AuthConfig| match Access::from_config(&config) {
+            Ok(_) => panic!("started with {config:?}"),
+            Err(e) => e.to_string(),
+        };
+        let e = refused(AuthConfig {
+            admin_tokens_file: Some(empty.clone()),
+            ..Default::default()
+        });
+        assert!(e.contains("BUCKET_ADMIN_TOKENS_FILE"), "{e}");
+        let e = refused(AuthConfig {
+            admin_tokens: vec![" ".into(), " ".into()],
+            ..Default::default()
+        });
+        assert!(e.contains("BUCKET_ADMIN_TOKENS "), "{e}");
+        // A blank beside real tokens is only a blank.
+        let e = refused(AuthConfig {
+            consumer_tokens: vec!["karma".into()],
+            consumer_tokens_file: Some(empty),
+            ..Default::default()
+        });
+        assert!(e.contains("BUCKET_CONSUMER_TOKENS_FILE"), "{e}");
+        // Never given: open, as before.
+        assert!(Access::from_config(&AuthConfig::default()).is_ok());
     }
 
     #[test]
