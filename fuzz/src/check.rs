@@ -575,6 +575,8 @@ fn group_record(payload: &[u8]) {
         if let Some(us) = change.processed_at_us {
             let _ = from_micros(us);
         }
+    }
+}
 
 /// How many items prost reads from a message (None: prost refuses it).
 type ItemCount = fn(&[u8]) -> Option<usize>;

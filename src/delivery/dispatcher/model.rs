@@ -357,6 +357,7 @@ impl Sut {
                         lease: Duration::from_millis(lease_ms),
                         held: HashSet::new(),
                         connected_at: Utc::now(),
+                        paused: false,
                     },
                 );
                 self.core.rotation.push(sid);
