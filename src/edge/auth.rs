@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::AuthConfig;
 use crate::error::Error;
-use crate::request_id::Method;
+use crate::edge::request_id::Method;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
