@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bucket::proto::bucket::v1 as pb;
 use bucket::proto::bucket::v1::bucket_service_client::BucketServiceClient;
 
-use crate::helpers::{Backend, TestDb, packet_for};
+use crate::helpers::{Backend, Rng, TestDb, packet_for};
 use crate::on_every_backend;
 
 on_every_backend!(
@@ -56,32 +56,17 @@ async fn acknowledged_packets_survive_sigkill(backend: Backend) {
     let client = connect(port).await;
 
     // Eight senders ingest as fast as they can; only acknowledged ids count.
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let mut senders = Vec::new();
-    for s in 0..8 {
-        let (mut client, acked) = (client.clone(), acked.clone());
-        senders.push(tokio::spawn(async move {
-            for i in 0.. {
-                let packet = packet_for(&format!("crash{s}_{i}"));
-                match client
-                    .ingest(pb::IngestRequest {
-                        packet: Some(packet),
-                    })
-                    .await
-                {
-                    Ok(r) => acked.lock().unwrap().push(r.into_inner().packet_id),
-                    Err(_) => return, // the server died under us
-                }
-            }
-        }));
-    }
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let senders: Vec<_> = (0..8)
+        .map(|s| spawn_sender(&client, format!("crash{s}"), acked.clone()))
+        .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     server.kill().unwrap(); // SIGKILL: no shutdown, no flush
     server.wait().unwrap();
     for sender in senders {
         sender.await.unwrap();
     }
-    let acked: Vec<String> = acked.lock().unwrap().clone();
+    let acked: HashSet<String> = acked.lock().unwrap().clone();
     assert!(
         acked.len() > 50,
         "too few packets acknowledged to mean anything: {}",
@@ -137,6 +122,32 @@ async fn acknowledged_packets_survive_sigkill(backend: Backend) {
     );
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// A sender that ingests as fast as it can until the server dies under it;
+/// the ids acknowledged go into `acked`.
+fn spawn_sender(
+    client: &BucketServiceClient<tonic::transport::Channel>,
+    prefix: String,
+    acked: Arc<Mutex<HashSet<String>>>,
+) -> tokio::task::JoinHandle<()> {
+    let mut client = client.clone();
+    tokio::spawn(async move {
+        for i in 0.. {
+            let packet = packet_for(&format!("{prefix}_{i}"));
+            match client
+                .ingest(pb::IngestRequest {
+                    packet: Some(packet),
+                })
+                .await
+            {
+                Ok(r) => {
+                    acked.lock().unwrap().insert(r.into_inner().packet_id);
+                }
+                Err(_) => return, // the server died under us
+            }
+        }
+    })
 }
 
 pub fn free_port() -> u16 {
@@ -254,14 +265,7 @@ async fn acknowledged_work_survives_sigkill_at_random_moments(backend: Backend) 
                 .as_nanos() as u64
         });
     eprintln!("BUCKET_TEST_SEED={seed}");
-    // xorshift64*: enough to spread kill moments, and replayable.
-    let mut state = seed | 1;
-    let mut next = move || {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    };
+    let mut rng = Rng(seed);
     let db = TestDb::new(backend).await;
     let port = free_port();
     let acked = Arc::new(Mutex::new(HashSet::new()));
@@ -273,26 +277,9 @@ async fn acknowledged_work_survives_sigkill_at_random_moments(backend: Backend) 
     for round in 0..ROUNDS {
         let mut server = start(&db, port);
         let client = connect(port).await;
-        let mut tasks = Vec::new();
-        for s in 0..4 {
-            let (mut client, acked) = (client.clone(), acked.clone());
-            tasks.push(tokio::spawn(async move {
-                for i in 0.. {
-                    let packet = packet_for(&format!("r{round}s{s}_{i}"));
-                    match client
-                        .ingest(pb::IngestRequest {
-                            packet: Some(packet),
-                        })
-                        .await
-                    {
-                        Ok(r) => {
-                            acked.lock().unwrap().insert(r.into_inner().packet_id);
-                        }
-                        Err(_) => return,
-                    }
-                }
-            }));
-        }
+        let mut tasks: Vec<_> = (0..4)
+            .map(|s| spawn_sender(&client, format!("r{round}s{s}"), acked.clone()))
+            .collect();
         let (mut consumer, marked, tried) = (client.clone(), marked.clone(), tried.clone());
         tasks.push(tokio::spawn(async move {
             let Ok(stream) = consumer
@@ -322,7 +309,7 @@ async fn acknowledged_work_survives_sigkill_at_random_moments(backend: Backend) 
                 }
             }
         }));
-        let after = Duration::from_millis(300 + next() % 2200);
+        let after = Duration::from_millis(300 + rng.below(2200));
         eprintln!("round {round}: SIGKILL after {after:?}");
         tokio::time::sleep(after).await;
         server.kill().unwrap();

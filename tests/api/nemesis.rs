@@ -25,28 +25,11 @@ use bucket::proto::bucket::v1::bucket_service_client::BucketServiceClient;
 use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::helpers::{Backend, TestDb, packet_for, postgres_admin_url};
+use crate::helpers::{Backend, Rng, TestDb, packet_for, postgres_admin_url};
 use crate::redis_queue::OwnRedis;
 
 const NODES: usize = 3;
 const MAX_DELIVERIES: u32 = 5;
-
-/// splitmix64: the schedule is a function of the seed alone.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
