@@ -7,6 +7,7 @@ mod browser;
 mod client;
 mod consume;
 mod crash;
+mod defaults;
 mod delivery;
 mod deploy;
 mod faults;

@@ -101,6 +101,16 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The directory holding `dir`'s entry. A relative name of one component
+/// (`bucket.db-records`, the default database's log) has the empty path
+/// as its parent, which no call can open: it is the working directory.
+fn parent_of(dir: &Path) -> PathBuf {
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
 impl RecordLog {
     /// Opens (or creates) the log in `dir` and reads every block from
     /// position `from` on; writing resumes where they end.
@@ -111,9 +121,7 @@ impl RecordLog {
         );
         if !dir.exists() {
             std::fs::create_dir_all(dir)?;
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
+            sync_dir(&parent_of(dir))?;
         }
         let lock = lock(dir)?;
         let replayed = replay(dir, segment_size, from)?;
@@ -401,6 +409,13 @@ mod tests {
 
     fn payload(i: usize, len: usize) -> Vec<u8> {
         (0..len).map(|j| (i * 31 + j) as u8).collect()
+    }
+
+    #[test]
+    fn a_log_named_without_a_folder_syncs_the_working_directory() {
+        assert_eq!(parent_of(Path::new("bucket.db-records")), Path::new("."));
+        assert_eq!(parent_of(Path::new("data/b-records")), Path::new("data"));
+        assert_eq!(parent_of(Path::new("/b-records")), Path::new("/"));
     }
 
     #[test]
