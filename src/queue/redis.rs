@@ -848,9 +848,11 @@ impl RedisQueue {
         }
     }
 
-    /// Shard by shard: one that fails (its cluster node away) does not
-    /// keep the others' entries from being claimed.
-    async fn claim_from_stopped_nodes(&self) -> Vec<Queued> {
+    /// The entries of nodes that lost their liveness key, claimed, with
+    /// the packets still pending. Shard by shard: one that fails (its
+    /// cluster node away) does not keep the others' entries from being
+    /// claimed.
+    pub async fn claim_from_stopped_nodes(&self) -> Vec<Queued> {
         let mut claimed = Vec::new();
         for shard in 0..self.shards.count() {
             match self.claim_in(shard).await {
