@@ -357,8 +357,7 @@ impl Dispatcher {
         max_subscribers: u32,
     ) -> Arc<Self> {
         let queue = match redis {
-            // A buffer of what was read from the stream, bounded by demand.
-            Some(_) => MemoryQueue::buffer(),
+            Some(_) => MemoryQueue::buffer(window),
             None => MemoryQueue::new(window),
         };
         Arc::new(Dispatcher {
@@ -840,6 +839,12 @@ impl Dispatcher {
         self.tasks.close();
         self.tasks.wait().await;
         if let Some(redis) = &self.redis {
+            // What Redis refused goes back only through the database (what
+            // is still pending): this node may not have heard of outcomes
+            // recorded elsewhere.
+            if let Err(e) = super::reconciler::hand_back(self).await {
+                tracing::warn!(error = %e, "could not give back what Redis refused; the reconciler adds it");
+            }
             let waiting: Vec<Queued> = {
                 let mut core = self.lock();
                 std::iter::from_fn(|| core.queue.pop()).collect()
@@ -867,16 +872,35 @@ impl Dispatcher {
     }
 
     fn feed(self: &Arc<Self>, packets: Vec<Queued>) {
+        self.take(packets, false);
+    }
+
+    /// Packets read from Redis (`refused` false) go into the buffer
+    /// whatever its window: local streams asked for them. Those Redis
+    /// refused: with an entry (a lease that ended, its entry still in this
+    /// node's pending-entries list, where nothing else reads it while this
+    /// node lives) likewise; without one, while the window has room, the
+    /// rest left to the database until Redis takes packets again.
+    fn take(self: &Arc<Self>, packets: Vec<Queued>, refused: bool) {
         let mut duplicates = Vec::new();
+        let mut left = 0;
         let mut core = self.lock();
         for queued in packets {
             if core.holds(&queued.id()) {
                 duplicates.extend(queued.entry);
-            } else {
+            } else if !refused || queued.entry.is_some() {
                 core.queue.push_back(queued);
+            } else if !core.queue.offer(queued.pending) {
+                left += 1;
             }
         }
         self.pump(core);
+        if left > 0 {
+            tracing::debug!(
+                count = left,
+                "buffer full: packets left to the database until Redis answers"
+            );
+        }
         if let Some(redis) = &self.redis {
             redis.remove_entries(duplicates);
         }
@@ -911,6 +935,10 @@ impl CommitListener for Arc<Dispatcher> {
 impl QueueSink for Arc<Dispatcher> {
     fn feed(&self, packets: Vec<Queued>) {
         Dispatcher::feed(self, packets);
+    }
+
+    fn keep(&self, packets: Vec<Queued>) {
+        self.take(packets, true);
     }
 
     fn wanted(&self) -> usize {
