@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::RedisQueue;
 use crate::queue::{QueueError, QueueSink, Queued};
-use crate::store::{CommitListener, LeaseEnd, PendingPacket, Released, Store};
+use crate::store::{CommitListener, LeaseEnd, MarkedDelivery, PendingPacket, Released, Store};
 
 #[cfg(test)]
 mod model;
@@ -130,7 +130,7 @@ impl Core {
                 received_at: queued.pending.received_at,
                 attempt,
                 lease_expires_at: Utc::now() + stream.lease,
-                lease_token: token(&self.node, self.leases.next_grant(), queued.id()),
+                lease_token: token(&self.node, self.leases.next_grant(), attempt, queued.id()),
             };
             match stream.tx.try_send(Ok(delivery)) {
                 Ok(()) => {
@@ -321,10 +321,11 @@ impl Core {
     }
 }
 
-fn token(node: &str, grant: u64, packet_id: PacketId) -> LeaseToken {
+fn token(node: &str, grant: u64, attempt: u32, packet_id: PacketId) -> LeaseToken {
     LeaseToken {
         node: node.to_owned(),
         grant,
+        attempt,
         packet_id,
     }
 }
@@ -561,7 +562,7 @@ impl Dispatcher {
             && let Some(queued) = core.queue.pop()
         {
             let attempt = queued.pending.attempts + 1;
-            let lease_token = token(&core.node, core.leases.next_grant(), queued.id());
+            let lease_token = token(&core.node, core.leases.next_grant(), attempt, queued.id());
             out.push(Delivery {
                 packet: queued.pending.packet.clone(),
                 received_at: queued.pending.received_at,
@@ -598,11 +599,27 @@ impl Dispatcher {
             .collect()
     }
 
-    /// The delivery each packet is on, where this node leased it (0 elsewhere).
-    pub fn attempts(&self, ids: &[PacketId]) -> Vec<u32> {
+    /// The delivery a mark of each packet is of, as far as this node
+    /// knows: the lease it granted (or that just ended, not yet counted);
+    /// none beyond those counted if no lease can live elsewhere (one node,
+    /// or the packet waits here); else, with Redis, another node may hold
+    /// the lease.
+    pub fn attempts(&self, ids: &[PacketId]) -> Vec<MarkedDelivery> {
         let core = self.lock();
         ids.iter()
-            .map(|id| core.leases.attempt(id).unwrap_or(0))
+            .map(|id| {
+                let here = core
+                    .leases
+                    .attempt(id)
+                    .or_else(|| core.ending.get(id).map(|e| e.attempts));
+                match here {
+                    Some(attempt) => MarkedDelivery::Attempt(attempt),
+                    None if self.redis.is_some() && !core.queue.contains(id) => {
+                        MarkedDelivery::AfterCounted
+                    }
+                    None => MarkedDelivery::Attempt(0),
+                }
+            })
             .collect()
     }
 
