@@ -19,7 +19,8 @@ use crate::domain::user_page::{PageBounds, user_id_violation};
 use crate::domain::{DeliveryStatus, FieldViolation, Packet, PacketDraft, PacketId};
 use crate::error::Error;
 use crate::store::{
-    Counts, Inserted, Mark, MarkOutcome, Requeue, RequeueReason, Store, StoredPacket, UserQuery,
+    Counts, Inserted, Mark, MarkOutcome, MarkedDelivery, Requeue, RequeueReason, Store,
+    StoredPacket, UserQuery,
 };
 
 pub use consume::{Answer, ConsumeEvent, ConsumeRequest, Consumption, StreamMark, StreamMarked};
@@ -253,7 +254,7 @@ impl Bucket {
                         karma_actions,
                         error_message,
                         at,
-                        attempt: 0,
+                        attempt: MarkedDelivery::Attempt(0),
                     });
                     valid_at.push(i);
                     results.push(None);
@@ -262,10 +263,18 @@ impl Bucket {
             }
         }
         // The delivery being marked is written with the outcome, so the
-        // stored attempts count it.
+        // stored attempts count it: the one this node leased, else the one
+        // the token names (a lease another node granted), else the
+        // dispatcher's best knowledge.
         let ids: Vec<PacketId> = valid.iter().map(|m| m.packet_id).collect();
-        for (mark, attempt) in valid.iter_mut().zip(self.dispatcher.attempts(&ids)) {
-            mark.attempt = attempt;
+        let known = self.dispatcher.attempts(&ids);
+        for ((mark, here), i) in valid.iter_mut().zip(known).zip(&valid_at) {
+            let named = tokens.get(*i).map_or(0, |t| t.attempt);
+            mark.attempt = match here {
+                MarkedDelivery::Attempt(attempt) => MarkedDelivery::Attempt(attempt.max(named)),
+                MarkedDelivery::AfterCounted if named > 0 => MarkedDelivery::Attempt(named),
+                after => after,
+            };
         }
         let outcomes = self.store.mark_many(valid.clone()).await;
         // Asked after the write, just before the leases end: a lease that

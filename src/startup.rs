@@ -134,6 +134,11 @@ impl Application {
         &self.store
     }
 
+    /// The dispatcher (tests ask what this node holds in memory).
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.dispatcher
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()

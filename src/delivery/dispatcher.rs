@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::RedisQueue;
 use crate::queue::{QueueError, QueueSink, Queued};
-use crate::store::{CommitListener, LeaseEnd, PendingPacket, Released, Store};
+use crate::store::{CommitListener, LeaseEnd, MarkedDelivery, PendingPacket, Released, Store};
 
 #[cfg(test)]
 mod model;
@@ -130,7 +130,7 @@ impl Core {
                 received_at: queued.pending.received_at,
                 attempt,
                 lease_expires_at: Utc::now() + stream.lease,
-                lease_token: token(&self.node, self.leases.next_grant(), queued.id()),
+                lease_token: token(&self.node, self.leases.next_grant(), attempt, queued.id()),
             };
             match stream.tx.try_send(Ok(delivery)) {
                 Ok(()) => {
@@ -321,10 +321,11 @@ impl Core {
     }
 }
 
-fn token(node: &str, grant: u64, packet_id: PacketId) -> LeaseToken {
+fn token(node: &str, grant: u64, attempt: u32, packet_id: PacketId) -> LeaseToken {
     LeaseToken {
         node: node.to_owned(),
         grant,
+        attempt,
         packet_id,
     }
 }
@@ -357,8 +358,7 @@ impl Dispatcher {
         max_subscribers: u32,
     ) -> Arc<Self> {
         let queue = match redis {
-            // A buffer of what was read from the stream, bounded by demand.
-            Some(_) => MemoryQueue::buffer(),
+            Some(_) => MemoryQueue::buffer(window),
             None => MemoryQueue::new(window),
         };
         Arc::new(Dispatcher {
@@ -562,7 +562,7 @@ impl Dispatcher {
             && let Some(queued) = core.queue.pop()
         {
             let attempt = queued.pending.attempts + 1;
-            let lease_token = token(&core.node, core.leases.next_grant(), queued.id());
+            let lease_token = token(&core.node, core.leases.next_grant(), attempt, queued.id());
             out.push(Delivery {
                 packet: queued.pending.packet.clone(),
                 received_at: queued.pending.received_at,
@@ -599,11 +599,27 @@ impl Dispatcher {
             .collect()
     }
 
-    /// The delivery each packet is on, where this node leased it (0 elsewhere).
-    pub fn attempts(&self, ids: &[PacketId]) -> Vec<u32> {
+    /// The delivery a mark of each packet is of, as far as this node
+    /// knows: the lease it granted (or that just ended, not yet counted);
+    /// none beyond those counted if no lease can live elsewhere (one node,
+    /// or the packet waits here); else, with Redis, another node may hold
+    /// the lease.
+    pub fn attempts(&self, ids: &[PacketId]) -> Vec<MarkedDelivery> {
         let core = self.lock();
         ids.iter()
-            .map(|id| core.leases.attempt(id).unwrap_or(0))
+            .map(|id| {
+                let here = core
+                    .leases
+                    .attempt(id)
+                    .or_else(|| core.ending.get(id).map(|e| e.attempts));
+                match here {
+                    Some(attempt) => MarkedDelivery::Attempt(attempt),
+                    None if self.redis.is_some() && !core.queue.contains(id) => {
+                        MarkedDelivery::AfterCounted
+                    }
+                    None => MarkedDelivery::Attempt(0),
+                }
+            })
             .collect()
     }
 
@@ -840,6 +856,12 @@ impl Dispatcher {
         self.tasks.close();
         self.tasks.wait().await;
         if let Some(redis) = &self.redis {
+            // What Redis refused goes back only through the database (what
+            // is still pending): this node may not have heard of outcomes
+            // recorded elsewhere.
+            if let Err(e) = super::reconciler::hand_back(self).await {
+                tracing::warn!(error = %e, "could not give back what Redis refused; the reconciler adds it");
+            }
             let waiting: Vec<Queued> = {
                 let mut core = self.lock();
                 std::iter::from_fn(|| core.queue.pop()).collect()
@@ -867,16 +889,35 @@ impl Dispatcher {
     }
 
     fn feed(self: &Arc<Self>, packets: Vec<Queued>) {
+        self.take(packets, false);
+    }
+
+    /// Packets read from Redis (`refused` false) go into the buffer
+    /// whatever its window: local streams asked for them. Those Redis
+    /// refused: with an entry (a lease that ended, its entry still in this
+    /// node's pending-entries list, where nothing else reads it while this
+    /// node lives) likewise; without one, while the window has room, the
+    /// rest left to the database until Redis takes packets again.
+    fn take(self: &Arc<Self>, packets: Vec<Queued>, refused: bool) {
         let mut duplicates = Vec::new();
+        let mut left = 0;
         let mut core = self.lock();
         for queued in packets {
             if core.holds(&queued.id()) {
                 duplicates.extend(queued.entry);
-            } else {
+            } else if !refused || queued.entry.is_some() {
                 core.queue.push_back(queued);
+            } else if !core.queue.offer(queued.pending) {
+                left += 1;
             }
         }
         self.pump(core);
+        if left > 0 {
+            tracing::debug!(
+                count = left,
+                "buffer full: packets left to the database until Redis answers"
+            );
+        }
         if let Some(redis) = &self.redis {
             redis.remove_entries(duplicates);
         }
@@ -911,6 +952,10 @@ impl CommitListener for Arc<Dispatcher> {
 impl QueueSink for Arc<Dispatcher> {
     fn feed(&self, packets: Vec<Queued>) {
         Dispatcher::feed(self, packets);
+    }
+
+    fn keep(&self, packets: Vec<Queued>) {
+        self.take(packets, true);
     }
 
     fn wanted(&self) -> usize {

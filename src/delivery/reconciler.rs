@@ -14,6 +14,10 @@
 //! entries added since then (entry ids are times): the one loss that
 //! happens without a reconnection, a node stopping between commit and
 //! XADD, is always recent.
+//!
+//! After every pass, and at shutdown, a node gives back what it kept or
+//! left to the database while Redis refused its packets ([`hand_back`]):
+//! from the database, so only what is still pending reaches the stream.
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +64,7 @@ pub async fn reconcile(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
     // node just took, so it is in one of the two sets.
     let held = dispatcher.held_ids();
     let in_stream = redis.stream_ids(None).await?;
-    let added = add_missing(dispatcher, 0, &in_stream, &held).await?;
+    let added = add_missing(dispatcher, 0, None, &in_stream, &held).await?;
     redis.checked(run);
     Ok(added)
 }
@@ -80,20 +84,64 @@ pub async fn reconcile_since(
     let in_stream = redis
         .stream_ids(Some(since - OVERLAP - CLOCK_SLACK))
         .await?;
-    add_missing(dispatcher, first - 1, &in_stream, &held).await
+    add_missing(dispatcher, first - 1, None, &in_stream, &held).await
 }
 
-/// Adds the pending packets after seq `after` that are neither in the
-/// stream nor held here, page by page.
+/// Gives back to the stream what this node kept, or left to the database,
+/// while Redis refused its packets (see
+/// [`crate::queue::memory::MemoryQueue::begin_hand_back`]): the pending
+/// packets among them that are neither in the stream nor held here are
+/// added, as ids, for any node to take; then the node keeps no copy, so it
+/// never delivers one that another node delivered and marked meanwhile
+/// unheard. If Redis refuses again, they are kept (and left out) as
+/// before, for the next pass.
+pub async fn hand_back(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
+    let Some(redis) = dispatcher.redis() else {
+        return Ok(0);
+    };
+    if !redis.connected() {
+        return Ok(0);
+    }
+    let Some(back) = dispatcher.lock_queue(|queue, _| queue.begin_hand_back()) else {
+        return Ok(0);
+    };
+    // Out of the buffer now, so not among what this node holds.
+    let held = dispatcher.held_ids();
+    let added = match redis.stream_ids(None).await {
+        Ok(in_stream) => {
+            add_missing(
+                dispatcher,
+                back.after_seq,
+                Some(back.upto_seq),
+                &in_stream,
+                &held,
+            )
+            .await
+        }
+        Err(e) => Err(e.into()),
+    };
+    let kept = back.kept.len();
+    dispatcher.lock_queue(|queue, held| queue.handed_back(back, added.is_ok(), held));
+    dispatcher.pump_now();
+    if added.is_ok() {
+        tracing::info!(kept, "gave back to Redis what it refused");
+    }
+    added
+}
+
+/// Adds the pending packets after seq `after` (up to `upto`) that are
+/// neither in the stream nor held here, page by page.
 async fn add_missing(
     dispatcher: &Arc<Dispatcher>,
     mut after: i64,
+    upto: Option<i64>,
     in_stream: &HashSet<PacketId>,
     held: &HashSet<PacketId>,
 ) -> Result<usize, Error> {
     let redis = dispatcher.redis().expect("reconciling a Redis queue");
+    let upto = upto.unwrap_or(i64::MAX);
     let mut added = 0;
-    loop {
+    while after < upto {
         let page = dispatcher.store().pending_ids(after, PAGE).await?;
         let Some(&(_, last)) = page.last() else {
             break;
@@ -101,8 +149,8 @@ async fn add_missing(
         after = last;
         let missing: Vec<PacketId> = page
             .iter()
+            .filter(|(id, seq)| *seq <= upto && !in_stream.contains(id) && !held.contains(id))
             .map(|(id, _)| *id)
-            .filter(|id| !in_stream.contains(id) && !held.contains(id))
             .collect();
         redis.add_ids(&missing).await?;
         added += missing.len();
@@ -149,6 +197,9 @@ pub async fn run<T: Clone>(
         match done {
             Ok(_) => last = started,
             Err(e) => tracing::warn!(error = %e, "queue reconciliation failed; will retry"),
+        }
+        if let Err(e) = hand_back(&dispatcher).await {
+            tracing::warn!(error = %e, "giving back what Redis refused failed; will retry");
         }
     }
 }

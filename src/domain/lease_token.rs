@@ -19,12 +19,17 @@ pub enum LeaseChange {
 /// Names one lease, for ExtendLease: the node that granted it, the grant's
 /// number there, and the packet. A grant number is never reused by a node,
 /// and a node's name is new at every start, so a token names one delivery
-/// of one packet to one stream, and nothing after that lease ends. Clients
-/// see an opaque string: `{node}.{grant, hex}.{packet id, 32 hex}`.
+/// of one packet to one stream, and nothing after that lease ends. It also
+/// says which delivery that was, so a mark presenting it through any node
+/// counts it (only the granting node knows its leases). Clients see an
+/// opaque string: `{node}.{grant, hex}.{attempt, hex}.{packet id, 32 hex}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseToken {
     pub node: String,
     pub grant: u64,
+    /// 1 for the first delivery; 0 in a token from before tokens said it
+    /// (`{node}.{grant}.{packet id}`, still taken while such nodes run).
+    pub attempt: u32,
     pub packet_id: PacketId,
 }
 
@@ -34,21 +39,30 @@ const MAX_NODE_CHARS: usize = 64;
 impl LeaseToken {
     /// A token this server makes, or None.
     pub fn parse(text: &str) -> Option<LeaseToken> {
-        let mut parts = text.split('.');
-        let (node, grant, packet) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some()
-            || node.is_empty()
+        let parts: Vec<&str> = text.split('.').collect();
+        let (node, grant, attempt, packet) = match parts[..] {
+            [node, grant, attempt, packet] => (node, grant, Some(attempt), packet),
+            [node, grant, packet] => (node, grant, None, packet),
+            _ => return None,
+        };
+        if node.is_empty()
             || node.len() > MAX_NODE_CHARS
             || !node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             || grant.is_empty()
             || grant.len() > 16
+            || attempt.is_some_and(|a| a.is_empty() || a.len() > 8)
             || packet.len() != 32
         {
             return None;
         }
+        let attempt = match attempt {
+            Some(a) => u32::from_str_radix(a, 16).ok()?,
+            None => 0,
+        };
         Some(LeaseToken {
             node: node.to_owned(),
             grant: u64::from_str_radix(grant, 16).ok()?,
+            attempt,
             packet_id: PacketId::parse(packet).ok()?,
         })
     }
@@ -58,9 +72,10 @@ impl fmt::Display for LeaseToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}.{:x}.{}",
+            "{}.{:x}.{:x}.{}",
             self.node,
             self.grant,
+            self.attempt,
             self.packet_id.as_uuid().simple()
         )
     }
@@ -75,22 +90,43 @@ mod tests {
         let token = LeaseToken {
             node: "1a2b3c4d".into(),
             grant: 0x2f,
+            attempt: 3,
             packet_id: PacketId::new(),
         };
         let text = token.to_string();
         assert!(text.len() <= 128, "{text}");
         assert_eq!(LeaseToken::parse(&text), Some(token.clone()));
+        let longest = LeaseToken {
+            node: "n".repeat(MAX_NODE_CHARS),
+            grant: u64::MAX,
+            attempt: u32::MAX,
+            ..token.clone()
+        };
+        assert!(longest.to_string().len() <= 128, "{longest}");
+        let simple = token.packet_id.as_uuid().simple();
+        // A token from before tokens said the attempt: the delivery unknown.
+        let older = format!("1a2b3c4d.2f.{simple}");
+        assert_eq!(
+            LeaseToken::parse(&older),
+            Some(LeaseToken {
+                attempt: 0,
+                ..token.clone()
+            })
+        );
         for bad in [
             "",
             "node",
             "a.b.c",
             "1a2b3c4d.2f",
             &format!("{text}.x"),
-            &format!(".2f.{}", token.packet_id.as_uuid().simple()),
-            &format!("1a2b3c4d.zz.{}", token.packet_id.as_uuid().simple()),
+            &format!(".2f.{simple}"),
+            &format!("1a2b3c4d.zz.{simple}"),
             &format!("1a2b3c4d.2f.{}", token.packet_id),
-            &format!("no de.2f.{}", token.packet_id.as_uuid().simple()),
-            &format!("n.11112222333344445.{}", token.packet_id.as_uuid().simple()),
+            &format!("no de.2f.{simple}"),
+            &format!("n.11112222333344445.{simple}"),
+            &format!("1a2b3c4d.2f..{simple}"),
+            &format!("1a2b3c4d.2f.zz.{simple}"),
+            &format!("1a2b3c4d.2f.123456789.{simple}"),
         ] {
             assert_eq!(LeaseToken::parse(bad), None, "{bad:?}");
         }

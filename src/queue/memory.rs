@@ -4,6 +4,14 @@
 //! must read the pending packets back (`spilled`); once it has read all of
 //! them it takes new packets directly again. So a backlog of millions costs
 //! disk, not memory.
+//!
+//! In front of the Redis queue it is the node's buffer ([`MemoryQueue::buffer`]):
+//! what it read from the stream, bounded by what local streams asked for,
+//! and what Redis refused, at most `window` of that, the rest left to the
+//! database the same way. Once Redis takes packets again, both go back
+//! through the database ([`MemoryQueue::begin_hand_back`]): only what is
+//! still pending reaches the stream, and the buffer keeps no copy another
+//! node could deliver and mark without this one hearing of it.
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::Queued;
@@ -22,10 +30,25 @@ pub struct MemoryQueue {
     /// the last refill began: a refill under way may have read before, so
     /// its end must not forget them.
     rewound: Option<i64>,
-    /// While a refill reads: packets finished since the read began (marked,
-    /// dead-lettered), which it may have read as pending. The store's gate
-    /// holds back inserts only, not marks or lease ends.
+    /// While a refill reads (or a hand-back adds): packets finished since
+    /// it began (marked, dead-lettered), which it may have read as pending.
+    /// The store's gate holds back inserts only, not marks or lease ends.
     finished: Option<HashSet<PacketId>>,
+    /// The buffer: the highest seq left to the database since the last
+    /// hand-back began. A hand-back reads no further: later packets went
+    /// to the stream, or are left out again for the next one.
+    spilled_upto: Option<i64>,
+}
+
+/// What the buffer gives back once Redis takes packets again: the packets
+/// it kept that no stream entry holds (out of the buffer meanwhile, so no
+/// local stream takes one while it goes to Redis), and the pending packets
+/// from `after_seq` to `upto_seq` it may have left to the database.
+#[derive(Debug)]
+pub struct HandBack {
+    pub kept: Vec<Queued>,
+    pub after_seq: i64,
+    pub upto_seq: i64,
 }
 
 /// A read of the database's pending packets that the queue asks for.
@@ -46,19 +69,23 @@ impl MemoryQueue {
             spilled: Some(0),
             rewound: None,
             finished: None,
+            spilled_upto: None,
         }
     }
 
-    /// A buffer with no window (the Redis queue's local hands): what goes
-    /// in is bounded by what local streams asked for.
-    pub fn buffer() -> Self {
+    /// The Redis queue's local hands. What it read from the stream goes in
+    /// whatever the window ([`MemoryQueue::push_back`]: bounded by what
+    /// local streams asked for); what Redis refused is offered
+    /// ([`MemoryQueue::offer`]), at most `window` of it.
+    pub fn buffer(window: usize) -> Self {
         MemoryQueue {
             order: VecDeque::new(),
             waiting: HashMap::new(),
-            window: usize::MAX,
+            window: window.max(2),
             spilled: None,
             rewound: None,
             finished: None,
+            spilled_upto: None,
         }
     }
 
@@ -95,6 +122,10 @@ impl MemoryQueue {
         // out decides where the next refill starts.
         let before = pending.seq - 1;
         self.spilled = Some(self.spilled.map_or(before, |s| s.min(before)));
+        self.spilled_upto = Some(
+            self.spilled_upto
+                .map_or(pending.seq, |s| s.max(pending.seq)),
+        );
         false
     }
 
@@ -167,6 +198,69 @@ impl MemoryQueue {
         let lower = |at: Option<i64>| Some(at.map_or(after_seq, |s| s.min(after_seq)));
         self.spilled = lower(self.spilled);
         self.rewound = lower(self.rewound);
+    }
+
+    /// The buffer, once Redis takes packets again: takes out the packets
+    /// it kept that no stream entry holds (kept because Redis refused them)
+    /// and says from where the database may hold pending packets it left
+    /// out; None if neither. Packets finished from now on are noted, so a
+    /// failed hand-back does not keep them again.
+    pub fn begin_hand_back(&mut self) -> Option<HandBack> {
+        // In hand-out order, so what is kept again goes out as before.
+        let mut seen = HashSet::new();
+        let ids: Vec<PacketId> = self
+            .order
+            .iter()
+            .filter(|id| self.waiting.get(id).is_some_and(|q| q.entry.is_none()))
+            .filter(|id| seen.insert(**id))
+            .copied()
+            .collect();
+        let kept: Vec<Queued> = ids.iter().filter_map(|id| self.remove(id)).collect();
+        let seqs = kept.iter().map(|q| q.pending.seq);
+        let after_seq = seqs.clone().map(|s| s - 1).chain(self.spilled).min()?;
+        let upto_seq = seqs.chain(self.spilled_upto).max().unwrap_or(after_seq);
+        self.spilled = None;
+        self.spilled_upto = None;
+        self.finished = Some(HashSet::new());
+        Some(HandBack {
+            kept,
+            after_seq,
+            upto_seq,
+        })
+    }
+
+    /// Ends a hand-back. `added`: the stream now holds every packet it
+    /// covered that is still pending. Else its packets are kept again
+    /// (those not finished meanwhile nor held otherwise, while the window
+    /// has room) and its range is left out again, for the next hand-back.
+    pub fn handed_back(
+        &mut self,
+        back: HandBack,
+        added: bool,
+        held_elsewhere: impl Fn(&PacketId) -> bool,
+    ) {
+        let finished = self.finished.take().unwrap_or_default();
+        if added {
+            return;
+        }
+        for queued in back.kept {
+            let id = queued.id();
+            if !finished.contains(&id)
+                && !held_elsewhere(&id)
+                && !self.contains(&id)
+                && self.waiting.len() < self.window
+            {
+                self.push_back(queued);
+            }
+        }
+        self.spilled = Some(
+            self.spilled
+                .map_or(back.after_seq, |s| s.min(back.after_seq)),
+        );
+        self.spilled_upto = Some(
+            self.spilled_upto
+                .map_or(back.upto_seq, |s| s.max(back.upto_seq)),
+        );
     }
 
     /// Takes the rows a refill read (pending, after `after_seq`, in seq
@@ -326,6 +420,45 @@ mod tests {
         let a = pending(1);
         q.refilled(read, vec![a], |_| false);
         assert_eq!(drain(&mut q), [1]);
+    }
+
+    #[test]
+    fn a_buffer_keeps_a_window_of_what_redis_refused_and_gives_it_back() {
+        // Issue 16, suspicion 4: the buffer in front of Redis kept all that
+        // Redis refused, and never gave it back.
+        let mut q = MemoryQueue::buffer(4);
+        let kept: Vec<bool> = (1..=6).map(|seq| q.offer(pending(seq))).collect();
+        assert_eq!(kept, [true, true, true, true, false, false]);
+        // Read from the stream: taken whatever the window, and its entry
+        // holds it, so it is not given back.
+        let mut read = Queued::local(pending(7));
+        read.entry = Some("0/1-0".into());
+        q.push_back(read);
+
+        let back = q.begin_hand_back().unwrap();
+        assert_eq!((back.after_seq, back.upto_seq), (0, 6));
+        let seqs: Vec<i64> = back.kept.iter().map(|k| k.pending.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert_eq!(drain(&mut q), [7], "given-back packets are out of reach");
+        // Refused again: kept again, but for one marked meanwhile; the
+        // range is left out again.
+        q.finished(back.kept[0].id());
+        q.handed_back(back, false, |_| false);
+        assert_eq!(q.spilled(), Some(0));
+        assert!(!q.offer(pending(8)), "left out after what was left out");
+        assert_eq!(drain(&mut q), [2, 3, 4]);
+
+        let back = q.begin_hand_back().unwrap();
+        assert_eq!((back.after_seq, back.upto_seq, back.kept.len()), (0, 8, 0));
+        // Refused while the hand-back ran: kept, for the next one.
+        assert!(q.offer(pending(9)));
+        q.handed_back(back, true, |_| false);
+        assert_eq!(q.spilled(), None);
+        let back = q.begin_hand_back().unwrap();
+        assert_eq!((back.after_seq, back.upto_seq, back.kept.len()), (8, 9, 1));
+        q.handed_back(back, true, |_| false);
+        assert!(q.begin_hand_back().is_none(), "nothing left to give back");
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -23,8 +23,11 @@ use crate::store::PendingPacket;
 
 /// What the Redis queue needs of the node it serves.
 pub trait QueueSink: Send + Sync + 'static {
-    /// Packets read from the stream (or kept here while Redis is away).
+    /// Packets read from the stream.
     fn feed(&self, packets: Vec<Queued>);
+    /// Packets Redis refused (XADD failed): kept here while there is room,
+    /// the rest left to the database until Redis takes packets again.
+    fn keep(&self, packets: Vec<Queued>);
     /// How many more packets local streams have room for.
     fn wanted(&self) -> usize;
     /// Another node recorded these packets' outcomes.

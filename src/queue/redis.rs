@@ -26,8 +26,12 @@
 //! sharded (SSUBSCRIBE/SPUBLISH), each on its own slot.
 //!
 //! While Redis cannot be reached a node keeps serving its own streams from
-//! memory; the reconciler puts back into the stream whatever pending packets
-//! it lacks once Redis answers again.
+//! memory, a window of what it could not add (the rest waits in the
+//! database); once Redis answers again that goes back to the stream through
+//! the database (only what is still pending), and the reconciler puts back
+//! whatever else the stream lacks. Nothing goes back to the stream with its
+//! body unless the database just said it is pending (a lease end): another
+//! node may have recorded its outcome unheard.
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -473,10 +477,26 @@ impl RedisQueue {
         Ok(self.resolve(entries, false).await)
     }
 
-    /// Hands `waiting` back to the stream, flushes every pending write,
-    /// and gives up this node's liveness key.
+    /// Hands back the entries of `waiting` (read from the stream, not
+    /// handed out), flushes every pending write, and gives up this node's
+    /// liveness key. They go back as ids, so the node that reads one asks
+    /// the database first: an outcome recorded through another node may
+    /// not have reached this one. If Redis refuses, they stay in this
+    /// node's pending-entries list, and the others claim them once its key
+    /// is gone (asking the database too). Packets without an entry are not
+    /// added: the dispatcher gave them back through the database before
+    /// (or could not, Redis away, and a reconciler adds them later).
     pub async fn close(&self, waiting: Vec<Queued>) {
-        self.requeue(waiting);
+        let (ids, entries): (Vec<PacketId>, Vec<String>) = waiting
+            .into_iter()
+            .filter_map(|q| Some((q.id(), q.entry?)))
+            .unzip();
+        match self.add_ids(&ids).await {
+            Ok(()) => self.remove_entries(entries),
+            Err(e) => {
+                tracing::debug!(error = %e, count = ids.len(), "entries left for other nodes to claim")
+            }
+        }
         self.flush.cancel();
         let flushers: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.flushers.lock().expect("flushers lock"));
@@ -487,7 +507,8 @@ impl RedisQueue {
     }
 
     /// XADDs what waits, a pipeline at a time. While Redis is away the
-    /// packets stay with this node (the reconciler adds them later).
+    /// packets stay with this node, as many as its buffer takes (they go
+    /// back to the stream once Redis answers).
     async fn add_loop(
         self: Arc<Self>,
         mut rx: mpsc::UnboundedReceiver<Outgoing>,
@@ -514,7 +535,7 @@ impl RedisQueue {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, count = batch.len(), "Redis away: packets stay with this node");
-                    sink.feed(
+                    sink.keep(
                         batch
                             .drain(..)
                             .map(|o| Queued {
@@ -848,9 +869,11 @@ impl RedisQueue {
         }
     }
 
-    /// Shard by shard: one that fails (its cluster node away) does not
-    /// keep the others' entries from being claimed.
-    async fn claim_from_stopped_nodes(&self) -> Vec<Queued> {
+    /// The entries of nodes that lost their liveness key, claimed, with
+    /// the packets still pending. Shard by shard: one that fails (its
+    /// cluster node away) does not keep the others' entries from being
+    /// claimed.
+    pub async fn claim_from_stopped_nodes(&self) -> Vec<Queued> {
         let mut claimed = Vec::new();
         for shard in 0..self.shards.count() {
             match self.claim_in(shard).await {

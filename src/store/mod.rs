@@ -132,8 +132,34 @@ pub struct Mark {
     pub karma_actions: Vec<Value>,
     pub error_message: Option<String>,
     pub at: DateTime<Utc>,
-    /// The delivery being marked, when this node knows it (0: unknown).
-    pub attempt: u32,
+    /// The delivery being marked, counted with the outcome.
+    pub attempt: MarkedDelivery,
+}
+
+/// Which delivery a mark is of, as far as the node recording it knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkedDelivery {
+    /// That one: the lease this node granted, or the one the mark's lease
+    /// token names. 0: none the database has not counted already (no
+    /// lease on the packet lives).
+    Attempt(u32),
+    /// Another node may hold its lease: the delivery after those the
+    /// database counted, if the packet is still pending (a lease that
+    /// ended has been counted, or is about to be, and then it stays
+    /// pending unless marked).
+    AfterCounted,
+}
+
+impl MarkedDelivery {
+    /// The delivery count a mark leaves, from the count stored before and
+    /// whether the packet was pending.
+    pub fn count(self, stored: u32, pending: bool) -> u32 {
+        match self {
+            Self::Attempt(attempt) => stored.max(attempt),
+            Self::AfterCounted if pending => stored + 1,
+            Self::AfterCounted => stored,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -519,4 +545,31 @@ pub struct Quiet {
 
 fn unexpected(reply: WriteReply) -> StoreError {
     StoreError::Internal(format!("writer answered with the wrong reply: {reply:?}").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MarkedDelivery::{AfterCounted, Attempt};
+
+    #[test]
+    fn a_mark_counts_the_delivery_it_marks() {
+        // (what the node knows, stored count, pending) → count after.
+        for (attempt, stored, pending, after) in [
+            (Attempt(1), 0, true, 1),
+            (Attempt(0), 2, true, 2),
+            (Attempt(1), 2, false, 2),
+            // Issue 16, suspicion 8: through a node that does not hold
+            // the lease, the delivery was not counted.
+            (AfterCounted, 0, true, 1),
+            (AfterCounted, 2, true, 3),
+            // Dead-lettered, or failed and marked again: nothing is live.
+            (AfterCounted, 5, false, 5),
+        ] {
+            assert_eq!(
+                attempt.count(stored, pending),
+                after,
+                "{attempt:?} {stored} {pending}"
+            );
+        }
+    }
 }

@@ -23,8 +23,8 @@ use uuid::Uuid;
 use super::partitions;
 use super::rows::{self, PENDING_COLUMNS, PendingRow, StoredRow};
 use super::{
-    Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket, Pruned,
-    Released, Requeue, StoreError, StoredPacket, UserQuery, Writers,
+    Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, MarkedDelivery,
+    PendingPacket, Pruned, Released, Requeue, StoreError, StoredPacket, UserQuery, Writers,
 };
 use crate::domain::{DeliveryStatus, Packet, PacketId};
 
@@ -118,7 +118,8 @@ const INSERT: &str = "WITH u AS (SELECT nextval('packet_seq') AS seq, u.* \
 
 const MARK: &str = "UPDATE packets p SET status = m.status, processed_by_karma = m.ok, \
      processed_at = m.at, karma_actions = m.actions, processing_error = m.error, \
-     delivery_attempts = GREATEST(p.delivery_attempts, m.attempt) \
+     delivery_attempts = CASE WHEN m.attempt >= 0 THEN GREATEST(p.delivery_attempts, m.attempt) \
+     WHEN p.status = 'pending' THEN p.delivery_attempts + 1 ELSE p.delivery_attempts END \
      FROM (SELECT m.*, i.seq, i.received_at \
      FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::jsonb[], \
      $6::text[], $7::int4[]) AS m(id, status, ok, at, actions, error, attempt) \
@@ -242,6 +243,15 @@ async fn insert_all(
         .collect()
 }
 
+/// A mark's delivery as MARK takes it: the attempt, or -1 for the one
+/// after those counted (MarkedDelivery::count, in SQL).
+fn attempt_code(attempt: MarkedDelivery) -> i32 {
+    match attempt {
+        MarkedDelivery::Attempt(n) => i32::try_from(n).unwrap_or(i32::MAX),
+        MarkedDelivery::AfterCounted => -1,
+    }
+}
+
 /// Records `marks`; each answer in their order.
 async fn mark_all(
     conn: &mut PgConnection,
@@ -274,7 +284,12 @@ async fn mark_all(
                     .map(|m| m.error_message.as_deref())
                     .collect::<Vec<_>>(),
             )
-            .bind(batch.iter().map(|m| m.attempt as i32).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|m| attempt_code(m.attempt))
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(&mut *conn)
             .await?
             .into_iter()

@@ -611,7 +611,7 @@ mod tests {
             karma_actions: Vec::new(),
             error_message: None,
             at: Utc::now(),
-            attempt: 1,
+            attempt: crate::store::MarkedDelivery::Attempt(1),
         })
     }
 

@@ -760,3 +760,30 @@ fn to_client(p: pb::PacketInput) -> bucket_client::pb::PacketInput {
     use prost::Message;
     bucket_client::pb::PacketInput::decode(p.encode_to_vec().as_slice()).unwrap()
 }
+
+/// Issue 16, suspicion 8: a mark whose lease another node granted (a
+/// consumer whose stream moved to B, marking what A delivered) recorded
+/// attempt 0: the delivery was not counted. The token names the delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_with_a_token_through_another_node_counts_the_delivery() {
+    let db = TestDb::new(Backend::Redis).await;
+    let a = TestApp::spawn_with(db.clone(), test_config(&db)).await;
+    let b = TestApp::spawn_with(db.clone(), test_config(&db)).await;
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let mut on_a_stream = Consume::open(&mut on_a, "karma", 1, 0).await;
+    let id = ingest(&mut on_b, packet_for("moved")).await;
+    let d = on_a_stream.delivery().await;
+    assert_eq!((packet_id(&d), d.delivery_attempt), (id, 1));
+
+    let mut on_b_stream = Consume::open(&mut on_b, "karma", 1, 0).await;
+    on_b_stream.mark(&[&d]).await;
+    let answer = on_b_stream.answer().await;
+    assert_eq!((answer.marked, answer.rejected), (1, 0));
+    let p = &user_packets(&mut on_b, "moved").await[0];
+    assert_eq!(
+        (p.status, p.delivery_attempts),
+        (pb::PacketStatus::Processed as i32, 1),
+        "the marked delivery is counted"
+    );
+}

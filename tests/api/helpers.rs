@@ -269,6 +269,9 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub db: Arc<TestDb>,
     pub config: Config,
+    /// Asked in-process what the node holds in memory; weak, so a stopped
+    /// node lets go of its store and Redis clients.
+    dispatcher: std::sync::Weak<bucket::delivery::Dispatcher>,
     stop: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -288,6 +291,7 @@ impl TestApp {
             .await
             .expect("app builds");
         let addr = app.local_addr();
+        let dispatcher = Arc::downgrade(app.dispatcher());
         db.stores.lock().unwrap().push(app.store().table_sync());
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run(stop.clone().cancelled_owned()));
@@ -295,6 +299,7 @@ impl TestApp {
             addr,
             db,
             config,
+            dispatcher,
             stop,
             handle: Some(handle),
         }
@@ -302,6 +307,11 @@ impl TestApp {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The packets this node holds in memory (waiting, leased).
+    pub fn held(&self) -> bucket::delivery::Held {
+        self.dispatcher.upgrade().expect("the node runs").held()
     }
 
     pub async fn client(&self) -> BucketServiceClient<Channel> {

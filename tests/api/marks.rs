@@ -1,8 +1,12 @@
-//! MarkProcessedBatch: many outcomes in one call, each answered on its own.
+//! MarkProcessedBatch: many outcomes in one call, each answered on its own;
+//! a mark through any node counts the delivery it marks.
 use bucket::proto::bucket::v1 as pb;
 use tonic::Code;
 
-use crate::helpers::{Backend, TestApp, ingest, next, packet_for, status, subscribe, user_packets};
+use crate::helpers::{
+    Backend, TestApp, TestDb, ingest, next, packet_for, status, subscribe, test_config,
+    user_packets,
+};
 use crate::on_every_backend;
 
 on_every_backend!(
@@ -121,4 +125,36 @@ async fn batch_marks_free_stream_slots_and_count_the_delivery(backend: Backend) 
     let processed = user_packets(&mut client, "u0").await;
     assert_eq!(processed[0].delivery_attempts, 1);
     assert_eq!(processed[0].status, pb::PacketStatus::Processed as i32);
+}
+
+/// Issue 16, suspicion 8: MarkProcessed through a node that does not hold
+/// the lease (a load balancer sent it to B; A delivered the packet)
+/// recorded attempt 0: the delivery was not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_through_another_node_counts_the_delivery() {
+    let db = TestDb::new(Backend::Redis).await;
+    let a = TestApp::spawn_with(db.clone(), test_config(&db)).await;
+    let b = TestApp::spawn_with(db.clone(), test_config(&db)).await;
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let mut stream = subscribe(&mut on_a, "karma", 1, 0).await;
+    let id = ingest(&mut on_b, packet_for("elsewhere")).await;
+    let d = next(&mut stream).await;
+    assert_eq!(
+        (d.packet.unwrap().packet_id, d.delivery_attempt),
+        (id.clone(), 1)
+    );
+
+    let response = on_b
+        .mark_processed(mark(&id, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!response.already_processed);
+    let p = &user_packets(&mut on_b, "elsewhere").await[0];
+    assert_eq!(
+        (p.status, p.delivery_attempts),
+        (pb::PacketStatus::Processed as i32, 1),
+        "the marked delivery is counted"
+    );
 }

@@ -20,7 +20,7 @@ async fn node(port: u16, tune: impl FnOnce(&mut Config)) -> TestApp {
     TestApp::spawn_with(db, config).await
 }
 
-async fn redis_cli(port: u16, args: &[&str]) -> String {
+pub(crate) async fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = tokio::process::Command::new("redis-cli")
         .args(["-p", &port.to_string()])
         .args(args)
@@ -32,7 +32,11 @@ async fn redis_cli(port: u16, args: &[&str]) -> String {
 }
 
 /// Waits (at most `within`) until `check` holds.
-async fn until<F: Future<Output = bool>>(within: Duration, what: &str, check: impl Fn() -> F) {
+pub(crate) async fn until<F: Future<Output = bool>>(
+    within: Duration,
+    what: &str,
+    check: impl Fn() -> F,
+) {
     let deadline = Instant::now() + within;
     while !check().await {
         assert!(Instant::now() < deadline, "{what}: not within {within:?}");

@@ -1,15 +1,18 @@
 //! The Redis queue: several nodes, outages, a Redis that comes late.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bucket::proto::bucket::v1 as pb;
+use bucket::queue::redis::{RedisQueue, RedisTarget};
 use fred::prelude::*;
 
 use crate::helpers::{
-    Backend, TestApp, TestDb, ingest, mark, next, packet_for, status, subscribe, test_config,
+    Backend, TestApp, TestDb, assert_quiet, ingest, mark, next, packet_for, status, subscribe,
+    test_config,
 };
+use crate::partial_faults::{redis_cli, until};
 
 /// A redis-server of the test's own, on a free port, that it can kill.
 pub(crate) struct OwnRedis {
@@ -377,4 +380,178 @@ async fn a_password_with_url_characters_works() {
         .unwrap();
     assert!(!keys.is_empty(), "the queue is in this Redis");
     redis.quit().await.unwrap();
+}
+
+/// Issue 16, suspicion 4: while Redis is away a node keeps what it cannot
+/// XADD, at most a window of it (the rest is in the database, read back
+/// once Redis answers); once Redis answers it gives back what it kept, so
+/// another node delivers and marks those packets; and stopping it then
+/// puts nothing back into the stream: no packet goes out twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_keeps_a_window_and_gives_it_back() {
+    const WINDOW: usize = 16;
+    const N: usize = 100;
+    let port = OwnRedis::free_port();
+    let mut redis = OwnRedis::start(port).await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.redis.redis_url = Some(OwnRedis::url(port));
+    config.delivery.queue_window = WINDOW;
+    let a = TestApp::spawn_with(db.clone(), config.clone()).await;
+    let b = TestApp::spawn_with(db.clone(), config.clone()).await;
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    wait_for_redis(&mut on_a, true).await;
+    wait_for_redis(&mut on_b, true).await;
+
+    redis.kill();
+    wait_for_redis(&mut on_a, false).await;
+    let mut sent = HashSet::new();
+    for i in 0..N {
+        sent.insert(ingest(&mut on_a, packet_for(&format!("away{i}"))).await);
+    }
+    // No stream on A takes them: what A keeps stays waiting.
+    until(
+        Duration::from_secs(10),
+        "A keeps what Redis refused",
+        || async { a.held().waiting >= WINDOW as u64 },
+    )
+    .await;
+    let kept = a.held().waiting;
+    assert!(
+        kept <= WINDOW as u64,
+        "A keeps {kept} packets in memory, more than its window ({WINDOW})"
+    );
+
+    // Back, empty.
+    redis = OwnRedis::start(port).await;
+    wait_for_redis(&mut on_a, true).await;
+    until(
+        Duration::from_secs(20),
+        "A gives back what it kept",
+        || async { a.held().waiting == 0 },
+    )
+    .await;
+
+    // Every packet through B, once, marked there.
+    let mut stream = subscribe(&mut on_b, "karma", 2 * N as u32, 0).await;
+    let mut seen = HashSet::new();
+    while seen.len() < N {
+        let id = next(&mut stream).await.packet.unwrap().packet_id;
+        assert!(sent.contains(&id), "{id} was not sent");
+        assert!(seen.insert(id.clone()), "{id} delivered twice");
+        mark(&mut on_b, &id).await;
+    }
+    let key = format!("{}pending", config.redis.redis_prefix);
+    until(
+        Duration::from_secs(10),
+        "B removes the entries it marked",
+        || async { redis_cli(port, &["XLEN", &key]).await == "0" },
+    )
+    .await;
+
+    // A stops: it puts back nothing, so nothing goes out again.
+    a.stop().await;
+    assert_eq!(
+        redis_cli(port, &["XLEN", &key]).await,
+        "0",
+        "A put packets back into the stream as it stopped"
+    );
+    assert_quiet(&mut stream, 1500).await;
+    assert_eq!(db.status_counts().await.get("processed"), Some(&(N as i64)));
+    drop(redis);
+}
+
+/// Issue 16, suspicion 7: two survivors claim a stopped node's entries at
+/// once. Each lists them (XPENDING) before either claims (their XCLAIMs
+/// held back by `CLIENT PAUSE WRITE` until both are waiting); with XCLAIM
+/// taking entries of any idle time, the second took from the first what it
+/// had just claimed, and both delivered them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_survivors_never_claim_the_same_entry() {
+    const N: usize = 8;
+    let port = OwnRedis::free_port();
+    let _redis = OwnRedis::start(port).await;
+    // The packets, pending in the database: a claim checks it.
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let mut client = app.client().await;
+    let mut sent = HashSet::new();
+    for i in 0..N {
+        sent.insert(ingest(&mut client, packet_for(&format!("held{i}"))).await);
+    }
+    // Their entries, held by a node that renews no liveness key, idle long.
+    let key = "claims:pending";
+    redis_cli(
+        port,
+        &["XGROUP", "CREATE", key, "dispatch", "$", "MKSTREAM"],
+    )
+    .await;
+    for id in &sent {
+        redis_cli(port, &["XADD", key, "*", "id", id]).await;
+    }
+    let read = [
+        "XREADGROUP",
+        "GROUP",
+        "dispatch",
+        "gone",
+        "STREAMS",
+        key,
+        ">",
+    ];
+    redis_cli(port, &read).await;
+    let listed = redis_cli(port, &["XRANGE", key, "-", "+"]).await;
+    let entries: Vec<&str> = listed.lines().step_by(3).collect();
+    assert_eq!(entries.len(), N);
+    let mut idle = vec!["XCLAIM", key, "dispatch", "gone", "0"];
+    idle.extend(&entries);
+    idle.extend(["IDLE", "60000"]);
+    redis_cli(port, &idle).await;
+
+    let store = bucket::store::Store::connect(&app.db.url).await.unwrap();
+    let mut settings = bucket::config::Config::defaults().redis;
+    settings.redis_url = Some(OwnRedis::url(port));
+    settings.redis_prefix = "claims:".into();
+    let target = RedisTarget::from_config(&settings).unwrap().unwrap();
+    let mut survivors = Vec::new();
+    for name in ["one", "two"] {
+        let queue = RedisQueue::connect(&target, &settings, name, store.clone()).unwrap();
+        queue.wait_connected().await;
+        survivors.push(queue);
+    }
+
+    redis_cli(port, &["CLIENT", "PAUSE", "10000", "WRITE"]).await;
+    let claims: Vec<_> = survivors
+        .iter()
+        .map(|s| {
+            let s = s.clone();
+            tokio::spawn(async move { s.claim_from_stopped_nodes().await })
+        })
+        .collect();
+    until(
+        Duration::from_secs(5),
+        "both survivors wait to XCLAIM",
+        || async {
+            let clients = redis_cli(port, &["CLIENT", "LIST"]).await;
+            clients.lines().filter(|c| c.contains("cmd=xclaim")).count() == 2
+        },
+    )
+    .await;
+    redis_cli(port, &["CLIENT", "UNPAUSE"]).await;
+    let mut claimed: HashMap<String, usize> = HashMap::new();
+    for claim in claims {
+        for queued in claim.await.unwrap() {
+            *claimed.entry(queued.id().to_string()).or_default() += 1;
+        }
+    }
+    let twice: Vec<&String> = claimed
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(twice.is_empty(), "claimed by both survivors: {twice:?}");
+    assert_eq!(
+        claimed.keys().cloned().collect::<HashSet<_>>(),
+        sent,
+        "every entry claimed by one survivor"
+    );
 }

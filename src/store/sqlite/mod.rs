@@ -382,7 +382,9 @@ fn decide(
                         true => DeliveryStatus::Processed,
                         false => DeliveryStatus::Failed,
                     },
-                    attempts: c.attempts.max(m.attempt),
+                    attempts: m
+                        .attempt
+                        .count(c.attempts, c.status == DeliveryStatus::Pending),
                     processed_at: Some(m.at),
                     processed_by_karma: m.success,
                     karma_actions: Arc::from(
