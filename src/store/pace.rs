@@ -59,7 +59,7 @@ impl Pace {
     pub fn wait(&self) -> Option<Wait> {
         let until = self.linger.min(Duration::from_secs_f64(self.commit));
         let expected = self.rate * until.as_secs_f64();
-        (expected >= 1.0).then_some(Wait {
+        (expected >= 1.0).then(|| Wait {
             until,
             company: expected as usize,
         })
