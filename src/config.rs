@@ -52,9 +52,9 @@ pub struct Config {
     #[arg(long, env = "BUCKET_MAX_COMMIT", default_value_t = 1000, value_parser = usize_in::<1, 100_000>)]
     pub max_commit: usize,
 
-    /// The longest a commit group waits for the company its arrival rate
-    /// predicts (every commit costs an fsync), in microseconds; unset: 300
-    /// on SQLite, 1000 on PostgreSQL. 0 turns waiting off.
+    /// How long a writer lets writes gather before a commit when they come
+    /// in company (every commit costs an fsync), in microseconds; unset:
+    /// 300 on SQLite, 1000 on PostgreSQL. 0 turns it off.
     #[arg(long, env = "BUCKET_COMMIT_LINGER_US")]
     pub commit_linger_us: Option<u64>,
 

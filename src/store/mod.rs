@@ -9,7 +9,6 @@
 //! commit whatever is waiting in one transaction, one statement per kind of
 //! write.
 mod error;
-mod pace;
 mod partitions;
 mod postgres;
 pub mod retention;

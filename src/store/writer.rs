@@ -15,13 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, RwLock, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::pace::Pace;
 use super::{
     Applied, Backend, CommitListener, Group, Inserted, LeaseEnd, Mark, MarkOutcome, PendingPacket,
     Released, StoreError,
@@ -70,7 +69,7 @@ type Lane = mpsc::UnboundedSender<Job>;
 pub struct CommitLimits {
     /// Most writes in one commit.
     pub max_writes: usize,
-    /// The longest a group waits for company (see `pace`); None: the
+    /// How long a writer waits for company (see `gather`); None: the
     /// engine's default.
     pub linger: Option<Duration>,
     /// Inserts that may wait for a commit at once; past it ingest is
@@ -95,7 +94,8 @@ struct Shared {
     gate: Arc<RwLock<()>>,
     listener: Arc<dyn CommitListener>,
     max_commit: usize,
-    /// The longest a group waits for company (see [`Pace`]).
+    /// How long a writer lets writes gather after the first one arrives,
+    /// when the previous group had company (see `gather`).
     linger: Duration,
     /// The highest seq an insert of this store was answered with: every
     /// packet a group stores after reading it gets a higher one.
@@ -152,8 +152,8 @@ impl Writer {
                 tasks.spawn(writer);
             }
         } else {
-            let ingest_rx = Arc::new(Mutex::new((ingest_rx, Pace::new(shared.linger))));
-            let delivery_rx = Arc::new(Mutex::new((delivery_rx, Pace::new(shared.linger))));
+            let ingest_rx = Arc::new(Mutex::new(ingest_rx));
+            let delivery_rx = Arc::new(Mutex::new(delivery_rx));
             for _ in 0..writers.ingest.max(1) {
                 tasks.spawn(run_lane(shared.clone(), ingest_rx.clone()));
             }
@@ -214,39 +214,34 @@ impl Writer {
     }
 }
 
-/// A writer of one lane, beside others of the same lane (they share its
-/// receiver and its pace).
-async fn run_lane(shared: Arc<Shared>, rx: Arc<Mutex<(mpsc::UnboundedReceiver<Job>, Pace)>>) {
+/// A writer of one lane, beside others of the same lane.
+async fn run_lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(shared.max_commit);
+    let mut last_group = 0;
     loop {
         {
             // One writer at a time gathers a batch; others wait their turn
             // and then gather what arrived meanwhile.
-            let mut lane = rx.lock().await;
-            let (rx, pace) = &mut *lane;
+            let mut rx = rx.lock().await;
             if rx.recv_many(&mut jobs, shared.max_commit).await == 0 {
                 return; // closed and drained
             }
-            pace.took(jobs.len(), Instant::now());
-            if let Some(wait) = pace.wait().filter(|_| jobs.len() < shared.max_commit) {
-                let target = (jobs.len() + wait.company).min(shared.max_commit);
-                let before = jobs.len();
-                let _ = tokio::time::timeout(wait.until, async {
-                    while jobs.len() < target {
-                        let room = target - jobs.len();
-                        if rx.recv_many(&mut jobs, room).await == 0 {
-                            return;
-                        }
-                    }
-                })
-                .await;
-                pace.took(jobs.len() - before, Instant::now());
+            if gather(&shared, last_group) {
+                tokio::time::sleep(shared.linger).await;
+                drain_ready(&mut rx, &mut jobs, shared.max_commit);
             }
         }
-        let started = Instant::now();
+        last_group = jobs.len();
         commit(&shared, &mut jobs).await;
-        rx.lock().await.1.committed(started.elapsed());
     }
+}
+
+/// Whether to let writes gather before this commit. Every commit costs an
+/// fsync (tens of µs of CPU here, whatever its size), so when writes come
+/// in company (the last group had several) a short wait lets more share
+/// the next one. A lone client never waits: its groups have one write.
+fn gather(shared: &Shared, last_group: usize) -> bool {
+    last_group > 1 && !shared.linger.is_zero()
 }
 
 /// The one writer of an engine with one writer: every waiting delivery
@@ -259,7 +254,7 @@ async fn run_combined(
     let max = shared.max_commit;
     let mut jobs: Vec<Job> = Vec::with_capacity(max);
     let (mut delivery_open, mut ingest_open) = (true, true);
-    let mut pace = Pace::new(shared.linger);
+    let mut last_group = 0;
     while delivery_open || ingest_open {
         drain_ready(&mut delivery, &mut jobs, usize::MAX);
         drain_ready(&mut ingest, &mut jobs, max);
@@ -274,34 +269,18 @@ async fn run_combined(
                     None => ingest_open = false,
                 },
             }
+            if gather(&shared, last_group) {
+                // A thread of its own (see `Writer::start`): it may sleep.
+                std::thread::sleep(shared.linger);
+            }
+            // Whatever else waits now joins this commit.
             drain_ready(&mut delivery, &mut jobs, usize::MAX);
             drain_ready(&mut ingest, &mut jobs, max);
         }
-        if jobs.is_empty() {
-            continue;
+        last_group = jobs.len();
+        if !jobs.is_empty() {
+            commit(&shared, &mut jobs).await;
         }
-        pace.took(jobs.len(), Instant::now());
-        if let Some(wait) = pace.wait().filter(|_| jobs.len() < max) {
-            // A thread of its own (see `Writer::start`): it may sleep. No
-            // timer of the runtime's (1 ms grain) is fine enough here.
-            let target = jobs.len() + wait.company;
-            let before = jobs.len();
-            let deadline = Instant::now() + wait.until;
-            let step = (wait.until / 4).max(Duration::from_micros(50));
-            while jobs.len() < target {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                std::thread::sleep(step.min(deadline - now));
-                drain_ready(&mut delivery, &mut jobs, usize::MAX);
-                drain_ready(&mut ingest, &mut jobs, max);
-            }
-            pace.took(jobs.len() - before, Instant::now());
-        }
-        let started = Instant::now();
-        commit(&shared, &mut jobs).await;
-        pace.committed(started.elapsed());
     }
 }
 
@@ -321,7 +300,7 @@ fn drain_ready(rx: &mut mpsc::UnboundedReceiver<Job>, jobs: &mut Vec<Job>, max: 
 /// its neighbours; against a dead database that would make each waiter sit
 /// through its own timeout, so they all fail at once.
 async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let count = jobs.len();
     let mut inserts: Vec<(Arc<Packet>, oneshot::Sender<Reply>)> = Vec::new();
     let mut marks: Vec<(Mark, oneshot::Sender<Reply>)> = Vec::new();
