@@ -30,8 +30,11 @@ use crate::store::{Counts, Requeue, StoreError, rows};
 /// How often the tables are brought up to date.
 const FOLD_EVERY: Duration = Duration::from_secs(1);
 
-/// Overlay entries past which a fold starts at once.
-pub const FOLD_AT: usize = 20_000;
+/// Overlay entries past which a fold starts at once. Under load the
+/// overlay holds every packet stored since the last fold, bodies and all
+/// (~3 KB each in memory): at 20,000 a sustained closed-loop run peaked at
+/// 81-90 MiB RSS, at 4,096 at 62-64 MiB (BENCHMARKS.md, issue 15).
+pub const FOLD_AT: usize = 4_096;
 
 /// WAL frames (4 KiB pages) past which the WAL file is cut back when it
 /// starts over.
