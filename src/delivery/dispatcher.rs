@@ -101,8 +101,42 @@ struct Pumped {
 }
 
 impl Core {
-    fn holds(&self, id: &PacketId) -> bool {
-        self.queue.contains(id) || self.leases.contains(id) || self.ending.contains_key(id)
+    /// How this node holds `id`: None if it does not, else the stream
+    /// entry it holds it under (None for one it holds without an entry).
+    fn held_entry(&self, id: &PacketId) -> Option<Option<&str>> {
+        self.leases
+            .get(id)
+            .map(|lease| &lease.queued)
+            .or_else(|| self.queue.get(id))
+            .or_else(|| self.ending.get(id).map(|ending| &ending.queued))
+            .map(|queued| queued.entry.as_deref())
+    }
+
+    /// Queues packets read from the stream (or, `refused`, that Redis
+    /// refused) that this node does not hold yet; returns the entries of
+    /// those it holds under another entry (to remove: the packet is in
+    /// hand), and how many refused ones the full window left to the
+    /// database.
+    fn take_read(&mut self, packets: Vec<Queued>, refused: bool) -> (Vec<String>, usize) {
+        let mut duplicates = Vec::new();
+        let mut left = 0;
+        for queued in packets {
+            match self.held_entry(&queued.id()) {
+                None if !refused || queued.entry.is_some() => self.queue.push_back(queued),
+                None => {
+                    if !self.queue.offer(queued.pending) {
+                        left += 1;
+                    }
+                }
+                // The very entry it holds, read again (taken back from this
+                // node's own pending-entries list while the read that
+                // brought it was still being resolved): removing it would
+                // leave the packet in hand without an entry.
+                Some(held) if held.is_some() && held == queued.entry.as_deref() => {}
+                Some(_) => duplicates.extend(queued.entry),
+            }
+        }
+        (duplicates, left)
     }
 
     /// Hands waiting packets to streams with room, one each in turn.
@@ -318,6 +352,13 @@ impl Core {
     fn wanted(&self) -> usize {
         let room: usize = self.streams.values().map(Stream::room).sum();
         room.saturating_sub(self.queue.len())
+    }
+
+    /// The packets read from the stream beyond what the streams have room
+    /// for, newest read first, taken out of the queue.
+    fn surplus(&mut self) -> Vec<Queued> {
+        let room: usize = self.streams.values().map(Stream::room).sum();
+        self.queue.shed(room)
     }
 }
 
@@ -899,18 +940,8 @@ impl Dispatcher {
     /// node lives) likewise; without one, while the window has room, the
     /// rest left to the database until Redis takes packets again.
     fn take(self: &Arc<Self>, packets: Vec<Queued>, refused: bool) {
-        let mut duplicates = Vec::new();
-        let mut left = 0;
         let mut core = self.lock();
-        for queued in packets {
-            if core.holds(&queued.id()) {
-                duplicates.extend(queued.entry);
-            } else if !refused || queued.entry.is_some() {
-                core.queue.push_back(queued);
-            } else if !core.queue.offer(queued.pending) {
-                left += 1;
-            }
-        }
+        let (duplicates, left) = core.take_read(packets, refused);
         self.pump(core);
         if left > 0 {
             tracing::debug!(
@@ -974,6 +1005,10 @@ impl QueueSink for Arc<Dispatcher> {
         }
     }
 
+    fn surplus(&self) -> Vec<Queued> {
+        self.lock().surplus()
+    }
+
     fn held_ids(&self) -> HashSet<PacketId> {
         let core = self.lock();
         core.leases
@@ -981,6 +1016,17 @@ impl QueueSink for Arc<Dispatcher> {
             .chain(core.ending.keys())
             .copied()
             .chain(core.queue.ids())
+            .collect()
+    }
+
+    fn held_entries(&self) -> HashSet<String> {
+        let core = self.lock();
+        core.leases
+            .iter()
+            .map(|lease| &lease.queued)
+            .chain(core.queue.iter())
+            .chain(core.ending.values().map(|ending| &ending.queued))
+            .filter_map(|queued| queued.entry.clone())
             .collect()
     }
 
@@ -1003,5 +1049,99 @@ impl From<QueueError> for Error {
                 Error::Unavailable("the queue is unavailable; retry with backoff".into())
             }
         }
+    }
+}
+
+/// What a node on the Redis queue keeps in its hands.
+#[cfg(test)]
+mod hands_tests {
+    use super::*;
+    use crate::domain::Packet;
+    use crate::domain::packet::{PacketDraft, TimestampInput};
+
+    fn core() -> Core {
+        Core {
+            node: "n".into(),
+            queue: MemoryQueue::buffer(64),
+            leases: Leases::default(),
+            streams: HashMap::new(),
+            rotation: Vec::new(),
+            turn: 0,
+            next_stream: 1,
+            ending: HashMap::new(),
+            stuck: Vec::new(),
+            closed: false,
+        }
+    }
+
+    fn read(pending: &PendingPacket, entry: &str) -> Queued {
+        Queued {
+            pending: pending.clone(),
+            entry: Some(entry.to_owned()),
+        }
+    }
+
+    fn pending(seq: i64) -> PendingPacket {
+        let draft = PacketDraft {
+            user_id: Some("u".into()),
+            timestamp: Some(TimestampInput::At(Utc::now())),
+            cognitive_state: Some("ON_TASK".into()),
+            active_seconds: Some(5.0),
+            idle_seconds: Some(0.0),
+            away_seconds: Some(0.0),
+            raw_signals: Some(serde_json::json!({})),
+            ..Default::default()
+        };
+        PendingPacket {
+            packet: Arc::new(Packet::parse(draft, Utc::now()).expect("a valid packet")),
+            seq,
+            received_at: Utc::now(),
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn an_entry_read_twice_is_kept_and_another_entry_of_a_held_packet_removed() {
+        let pending = pending(1);
+        let mut core = core();
+        assert!(
+            core.take_read(vec![read(&pending, "0/1-0")], false)
+                .0
+                .is_empty()
+        );
+        // The same entry again: nothing to remove, the packet queued once.
+        assert!(
+            core.take_read(vec![read(&pending, "0/1-0")], false)
+                .0
+                .is_empty()
+        );
+        assert_eq!(core.queue.len(), 1);
+        // Another entry of the packet in hand: a duplicate, removed.
+        assert_eq!(
+            core.take_read(vec![read(&pending, "0/2-0")], false).0,
+            ["0/2-0"]
+        );
+        assert_eq!(
+            core.held_entry(&pending.packet.packet_id),
+            Some(Some("0/1-0"))
+        );
+    }
+
+    #[test]
+    fn with_no_stream_to_take_them_every_packet_read_is_surplus() {
+        let mut core = core();
+        core.take_read(vec![read(&pending(1), "0/1-0")], false);
+        // Refused by Redis: kept for the hand-back, never surplus.
+        let refused = Queued {
+            pending: pending(2),
+            entry: None,
+        };
+        core.take_read(vec![refused], true);
+        core.take_read(vec![read(&pending(3), "0/3-0")], false);
+        let surplus = core.surplus();
+        let entries: Vec<_> = surplus.iter().map(|q| q.entry.as_deref()).collect();
+        assert_eq!(entries, [Some("0/3-0"), Some("0/1-0")], "newest read first");
+        assert_eq!(core.queue.len(), 1, "the refused packet stays");
+        assert!(core.surplus().is_empty());
     }
 }

@@ -56,6 +56,15 @@ impl Leases {
         self.by_id.contains_key(id)
     }
 
+    pub fn get(&self, id: &PacketId) -> Option<&Lease> {
+        self.by_id.get(id)
+    }
+
+    /// Every lease.
+    pub fn iter(&self) -> impl Iterator<Item = &Lease> {
+        self.by_id.values()
+    }
+
     pub fn attempt(&self, id: &PacketId) -> Option<u32> {
         self.by_id.get(id).map(|l| l.attempt)
     }

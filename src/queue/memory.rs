@@ -110,6 +110,15 @@ impl MemoryQueue {
         self.waiting.contains_key(id)
     }
 
+    pub fn get(&self, id: &PacketId) -> Option<&Queued> {
+        self.waiting.get(id)
+    }
+
+    /// Every waiting packet.
+    pub fn iter(&self) -> impl Iterator<Item = &Queued> {
+        self.waiting.values()
+    }
+
     /// A newly committed packet: queued, or left to a refill when the
     /// window is full or older packets still wait in the database (they go
     /// first). True when queued.
@@ -153,6 +162,24 @@ impl MemoryQueue {
             }
         }
         None
+    }
+
+    /// Takes out, newest first, packets read from the stream until at most
+    /// `room` wait. Packets without an entry (Redis refused them) stay:
+    /// they go back through the hand-back, which adds only what is neither
+    /// in the stream nor held, and would add one on its way twice.
+    pub fn shed(&mut self, room: usize) -> Vec<Queued> {
+        let mut out = Vec::new();
+        let mut i = self.order.len();
+        while self.waiting.len() > room && i > 0 {
+            i -= 1;
+            let id = self.order[i];
+            if self.waiting.get(&id).is_some_and(|q| q.entry.is_some()) {
+                out.extend(self.waiting.remove(&id));
+                self.order.remove(i);
+            }
+        }
+        out
     }
 
     pub fn remove(&mut self, id: &PacketId) -> Option<Queued> {

@@ -32,8 +32,16 @@ pub trait QueueSink: Send + Sync + 'static {
     fn wanted(&self) -> usize;
     /// Another node recorded these packets' outcomes.
     fn settle_remote(&self, ids: &[PacketId]);
+    /// Takes out of this node's hands the waiting packets its streams
+    /// have no room for, to go back to the stream for any node: a read
+    /// sent while a stream had room can answer after the stream left.
+    fn surplus(&self) -> Vec<Queued>;
     /// Every packet this node holds (for the reconciler).
     fn held_ids(&self) -> HashSet<PacketId>;
+    /// The stream entries of the packets this node holds (tagged with
+    /// their shard): an entry in this node's pending-entries list that is
+    /// not among them is one it lost track of.
+    fn held_entries(&self) -> HashSet<String>;
     /// ExtendLease, for leases this node granted (asked by another node).
     fn change_leases(
         &self,

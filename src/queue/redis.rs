@@ -16,7 +16,14 @@
 //! The PEL says which node holds what: a node that stops without handing
 //! its entries back (a crash) stops renewing `{prefix}node:{name}`, and the
 //! other nodes claim its entries, check them against the database, and
-//! deliver what is still pending.
+//! deliver what is still pending. A live node's own PEL can hold entries
+//! the node knows nothing of (an XREADGROUP whose answer was lost, a Redis
+//! restored from an older snapshot): no other node claims them, so every
+//! heartbeat the node takes back those it has not held for a while and
+//! checks them against the database the same way. Nor does a node keep
+//! more packets waiting than its streams have room for: a blocking read
+//! sent while a stream had room can answer after the stream left, and
+//! every heartbeat hands the excess back (XADDed anew, for any node).
 //!
 //! ExtendLease may reach any node: a lease granted elsewhere is changed by
 //! asking its node on that node's channel `{prefix}leases:{name}` and
@@ -75,6 +82,12 @@ const NODE_TTL_MS: i64 = 10_000;
 const CLAIM_MIN_IDLE_MS: u64 = 5_000;
 /// How long a node asked to change its leases has to answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// An entry in a node's own PEL that it does not hold is taken back once
+/// idle this long: longer than a read's answer takes to be resolved into
+/// the node's hands (a database lookup bounded by its pool's 2 s wait), so
+/// an entry merely on its way is rarely read twice (and if it is, the
+/// dispatcher knows the entry it already holds).
+const OWN_MIN_IDLE_MS: u64 = 10_000;
 
 /// What nodes say to each other about leases, on `{prefix}leases:{node}`.
 #[derive(Serialize, Deserialize)]
@@ -193,6 +206,13 @@ pub struct RedisQueue {
     /// replica) may hold as many entries as packets are pending and still
     /// lack some.
     checked_run: Mutex<Option<String>>,
+    /// Entries whose packets are being added anew (a lease ended
+    /// unmarked): in no one's hands until the XADD is done, and removed
+    /// after it.
+    moving: Mutex<HashSet<String>>,
+    /// Per shard, where the next look at this node's own PEL starts: a
+    /// page a heartbeat, so a long list costs one command per heartbeat.
+    own_cursor: Mutex<Vec<String>>,
 }
 
 struct Reader {
@@ -320,7 +340,6 @@ impl RedisQueue {
             readers,
             subscriber,
             store,
-            shards,
             channel: format!("{prefix}settled"),
             node_key: format!("{prefix}node:{node}"),
             node_prefix: format!("{prefix}node:"),
@@ -340,6 +359,9 @@ impl RedisQueue {
             orphans: Mutex::new(HashMap::new()),
             unqueued: Mutex::new(HashSet::new()),
             checked_run: Mutex::new(None),
+            moving: Mutex::new(HashSet::new()),
+            own_cursor: Mutex::new(vec!["-".to_owned(); shards.count()]),
+            shards,
         }))
     }
 
@@ -417,7 +439,9 @@ impl RedisQueue {
     /// Packets whose lease ended unmarked: added anew for any node, and
     /// their old entries removed.
     pub fn requeue(&self, packets: Vec<Queued>) {
+        let mut moving = self.moving.lock().expect("moving lock");
         for queued in packets {
+            moving.extend(queued.entry.clone());
             let _ = self.outgoing.send(Outgoing {
                 pending: queued.pending,
                 replaces: queued.entry,
@@ -528,7 +552,15 @@ impl RedisQueue {
                     }
                 }
             }
-            match self.xadd(&batch).await {
+            let added = self.xadd(&batch).await;
+            {
+                // Removed below, or back in this node's hands.
+                let mut moving = self.moving.lock().expect("moving lock");
+                for entry in batch.iter().filter_map(|o| o.replaces.as_ref()) {
+                    moving.remove(entry);
+                }
+            }
+            match added {
                 Ok(()) => {
                     let replaced = batch.drain(..).filter_map(|o| o.replaces).collect();
                     self.remove_entries(replaced);
@@ -853,6 +885,22 @@ impl RedisQueue {
                     tracing::debug!(error = %e, "could not renew the liveness key");
                 }
                 self.retry_stranded(&sink).await;
+                let surplus = sink.surplus();
+                if !surplus.is_empty() {
+                    tracing::info!(
+                        count = surplus.len(),
+                        "handed back to the stream packets no local stream has room for"
+                    );
+                    self.requeue(surplus);
+                }
+                let taken = self.take_back_own(&sink).await;
+                if !taken.is_empty() {
+                    tracing::info!(
+                        count = taken.len(),
+                        "took back pending packets this node's own stream list held unknown to it"
+                    );
+                    sink.feed(taken);
+                }
                 let claimed = self.claim_from_stopped_nodes().await;
                 if !claimed.is_empty() {
                     tracing::info!(
@@ -882,6 +930,87 @@ impl RedisQueue {
             }
         }
         claimed
+    }
+
+    /// Entries in this node's own PEL that it does not hold, idle at least
+    /// [`OWN_MIN_IDLE_MS`], checked against the database: what is still
+    /// pending, to hand out; the rest removed.
+    async fn take_back_own(&self, sink: &Arc<dyn QueueSink>) -> Vec<Queued> {
+        // Before the lists are read: an entry that comes into this node's
+        // hands afterwards was read (or claimed) since, and is not idle.
+        let held = sink.held_entries();
+        let mut taken = Vec::new();
+        for shard in 0..self.shards.count() {
+            match self.take_back_in(shard, &held).await {
+                Ok(entries) => taken.extend(entries),
+                Err(e) => {
+                    tracing::debug!(error = %e, shard, "looking at this node's own stream list failed");
+                }
+            }
+        }
+        taken
+    }
+
+    async fn take_back_in(
+        &self,
+        shard: usize,
+        held: &HashSet<String>,
+    ) -> Result<Vec<Queued>, QueueError> {
+        let key = self.shards.key(shard);
+        let start = self.own_cursor.lock().expect("cursor lock")[shard].clone();
+        let page: Vec<(String, String, u64, u64)> = self
+            .fast()
+            .xpending(
+                key,
+                GROUP,
+                (start.as_str(), "+", PAGE as u64, self.consumer.as_str()),
+            )
+            .await?;
+        let next = match page.last() {
+            Some((last, ..)) if page.len() == PAGE => format!("({last}"),
+            _ => "-".to_owned(),
+        };
+        self.own_cursor.lock().expect("cursor lock")[shard] = next;
+        let lost: Vec<String> = {
+            let moving = self.moving.lock().expect("moving lock");
+            let orphans = self.orphans.lock().expect("orphans lock");
+            let orphaned: HashSet<&String> = orphans.values().collect();
+            page.into_iter()
+                .filter(|(entry, _, idle, _)| {
+                    let tagged = shards::tag(shard, entry);
+                    *idle >= OWN_MIN_IDLE_MS
+                        && !held.contains(&tagged)
+                        && !moving.contains(&tagged)
+                        && !orphaned.contains(&tagged)
+                })
+                .map(|(entry, ..)| entry)
+                .collect()
+        };
+        if lost.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Claimed by this node from itself: only if still idle, so an
+        // entry read again meanwhile (by a read whose answer came) is left.
+        let entries: Vec<Entry> = self
+            .fast()
+            .xclaim_values(
+                key,
+                GROUP,
+                &self.consumer,
+                OWN_MIN_IDLE_MS,
+                lost,
+                None,
+                None,
+                None,
+                false,
+                false,
+            )
+            .await?;
+        let entries = entries
+            .into_iter()
+            .map(|(entry, fields)| (shards::tag(shard, &entry), fields))
+            .collect();
+        Ok(self.resolve(entries, true).await)
     }
 
     /// The entries of `shard` held by stopped nodes, claimed.

@@ -10,6 +10,7 @@
 //! write.
 mod error;
 mod partitions;
+mod pg_counts;
 mod postgres;
 pub mod retention;
 mod rows;
@@ -326,7 +327,7 @@ pub trait Backend: Send + Sync + 'static {
     async fn pending_ids(&self, after: i64, limit: u32)
     -> Result<Vec<(PacketId, i64)>, StoreError>;
     /// The first seq of the packets received at or after `since` (by the
-    /// `received_at` index), if any.
+    /// index that leads with `received_at`), if any.
     async fn first_seq_since(&self, since: DateTime<Utc>) -> Result<Option<i64>, StoreError>;
     async fn user_packets(&self, query: &UserQuery) -> Result<Vec<StoredPacket>, StoreError>;
     async fn counts(&self) -> Result<Counts, StoreError>;

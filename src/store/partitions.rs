@@ -13,14 +13,18 @@
 //! the table lock, inserts queue behind it, so it would rather give up and
 //! try again on the next pass.
 use chrono::{DateTime, Days, NaiveDate, Utc};
+use sqlx::Transaction;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
-use sqlx::{Row, Transaction};
 
+use super::pg_counts::{self, counted};
 use super::{Pruned, StoreError};
 
 /// Days created ahead of today: how long the maintenance may fail (or every
 /// node be down) before packets land in `packets_default`.
 const AHEAD: u64 = 3;
+/// Percent of each page a day's packets fill when stored: the rest takes
+/// their marks' new row versions on the same page (migration 0007).
+const FILLFACTOR: u32 = 50;
 /// Serialises partition changes across bucket nodes (any fixed key).
 const MAINTENANCE_LOCK: i64 = 0x6275_636b_6574;
 
@@ -106,12 +110,14 @@ async fn create(pool: &PgPool, day: NaiveDate) -> Result<(), sqlx::Error> {
     if strays {
         // CREATE ... PARTITION OF would fail on the day's rows in the
         // default partition: they move into the new table before it is
-        // attached. Statements naming partitions fire none of the parent's
-        // count triggers, and the rows keep their day: counts stay right.
+        // attached. The rows keep their day and status: counts stay right.
         ddl(&mut tx, "LOCK TABLE packets IN ACCESS EXCLUSIVE MODE").await?;
         ddl(
             &mut tx,
-            &format!("CREATE TABLE {name} (LIKE packets INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"),
+            &format!(
+                "CREATE TABLE {name} (LIKE packets INCLUDING DEFAULTS INCLUDING CONSTRAINTS) \
+                 WITH (fillfactor = {FILLFACTOR})"
+            ),
         )
         .await?;
         sqlx::query(&format!(
@@ -136,7 +142,8 @@ async fn create(pool: &PgPool, day: NaiveDate) -> Result<(), sqlx::Error> {
             &mut tx,
             &format!(
                 "CREATE TABLE {name} PARTITION OF packets \
-                 FOR VALUES FROM ('{from_text}') TO ('{to_text}')"
+                 FOR VALUES FROM ('{from_text}') TO ('{to_text}') \
+                 WITH (fillfactor = {FILLFACTOR})"
             ),
         )
         .await?;
@@ -224,14 +231,7 @@ async fn drop_day(
     let name = table(day);
     // Most passes find a day kept for its pending packets this way, without
     // the table lock below.
-    let waiting: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(SUM(n), 0)::int8 FROM packet_counts \
-         WHERE day = $1 AND status IN ('pending', 'leased')",
-    )
-    .bind(day)
-    .fetch_one(pool)
-    .await?;
-    if waiting > 0 {
+    if pg_counts::waiting_on(pool, day).await? > 0 {
         return Ok(None);
     }
     let mut tx = maintenance(pool).await?;
@@ -248,15 +248,10 @@ async fn drop_day(
     if newest.is_some_and(|newest| newest >= before) {
         return Ok(None);
     }
-    // A DROP fires no trigger: the day's counts go by hand. They are kept
-    // per day for this, so nothing is counted here.
-    let counts = sqlx::query("DELETE FROM packet_counts WHERE day = $1 RETURNING status, n")
-        .bind(day)
-        .fetch_all(&mut *tx)
-        .await?;
+    // The day's counts go with it. They are kept per day for this, so
+    // nothing is counted here.
     let mut packets = 0;
-    for row in counts {
-        let (status, n): (String, i64) = (row.try_get("status")?, row.try_get("n")?);
+    for (status, n) in pg_counts::take_day(&mut tx, day).await? {
         if n > 0 && (status == "pending" || status == "leased") {
             // Never delete a packet still waiting for delivery; its day is
             // dropped on a later pass, once its finished rows went.
@@ -276,8 +271,8 @@ async fn drop_day(
 
 /// Deletes at most `limit` of the oldest finished packets of `partition`
 /// received from `from` (if given) and before `before`, with their ids.
-/// Through the parent table, so the count triggers fire; the range is
-/// repeated there so PostgreSQL plans for that partition only.
+/// Counted by the same statement (`pg_counts`); through the parent table,
+/// the range repeated there so PostgreSQL plans for that partition only.
 async fn delete_finished(
     pool: &PgPool,
     partition: &str,
@@ -290,12 +285,13 @@ async fn delete_finished(
         None => "received_at < $1",
     };
     let sql = format!(
-        "WITH gone AS (DELETE FROM packets WHERE {range} AND (seq, received_at) IN (\
+        "WITH changed AS (DELETE FROM packets WHERE {range} AND (seq, received_at) IN (\
          SELECT seq, received_at FROM {partition} WHERE {range} \
          AND status IN ('processed', 'failed', 'dead_letter') ORDER BY received_at LIMIT $2) \
-         RETURNING packet_id), \
-         forgotten AS (DELETE FROM packet_ids WHERE packet_id IN (SELECT packet_id FROM gone)) \
-         SELECT COUNT(*) FROM gone"
+         RETURNING packet_id, received_at, status AS was, NULL::text AS now), {}, \
+         forgotten AS (DELETE FROM packet_ids WHERE packet_id IN (SELECT packet_id FROM changed)) \
+         SELECT COUNT(*) FROM changed",
+        counted!()
     );
     let mut query = sqlx::query_scalar(&sql)
         .bind(before)

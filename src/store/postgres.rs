@@ -21,6 +21,7 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use uuid::Uuid;
 
 use super::partitions;
+use super::pg_counts::{self, counted};
 use super::rows::{self, PENDING_COLUMNS, PendingRow, StoredRow};
 use super::{
     Applied, Backend, Counts, Group, Inserted, LeaseEnd, Mark, MarkOutcome, MarkedDelivery,
@@ -31,6 +32,14 @@ use crate::domain::{DeliveryStatus, Packet, PacketId};
 pub struct PgBackend {
     pool: PgPool,
     doubt: Arc<Doubt>,
+    /// Folds the appended count deltas while the backend lives.
+    folder: tokio::task::AbortHandle,
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        self.folder.abort();
+    }
 }
 
 /// Pooled connections are used without a ping (a round trip per statement),
@@ -93,13 +102,20 @@ impl PgBackend {
         if let Err(e) = partitions::create_ahead(&pool, Utc::now()).await {
             tracing::warn!(error = %e, "day partitions not created ahead; will retry");
         }
-        Ok(Self { pool, doubt })
+        let folder =
+            tokio::spawn(pg_counts::fold_every(pool.clone(), pg_counts::FOLD_EVERY)).abort_handle();
+        Ok(Self {
+            pool,
+            doubt,
+            folder,
+        })
     }
 }
 
-/// The id is claimed in `packet_ids` and the packet stored by one statement:
-/// only the ids claimed (not already there, first of equals in the batch)
-/// get a packet row.
+/// The id is claimed in `packet_ids`, the packet stored and counted by one
+/// statement: only the ids claimed (not already there, first of equals in
+/// the batch) get a packet row, and the count of those is the group's one
+/// delta (see `pg_counts`).
 const INSERT: &str = "WITH u AS (SELECT nextval('packet_seq') AS seq, u.* \
      FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
      $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[], \
@@ -109,32 +125,52 @@ const INSERT: &str = "WITH u AS (SELECT nextval('packet_seq') AS seq, u.* \
      focus_score, integrity_score, raw_signals)), \
      claimed AS (INSERT INTO packet_ids (packet_id, received_at, seq) \
      SELECT packet_id, $17::timestamptz, seq FROM u ON CONFLICT (packet_id) DO NOTHING \
-     RETURNING seq) \
+     RETURNING seq), \
+     counted AS (INSERT INTO packet_count_deltas (day, status, n) \
+     SELECT ($17::timestamptz AT TIME ZONE 'UTC')::date, 'pending', COUNT(*) FROM claimed \
+     HAVING COUNT(*) > 0) \
      INSERT INTO packets (seq, packet_id, user_id, employee_id, session_id, \
      lesson_id, system_type, role, client_timestamp, cognitive_state, state, active_seconds, \
      idle_seconds, away_seconds, focus_score, integrity_score, raw_signals, received_at) \
      SELECT u.*, $17::timestamptz FROM u JOIN claimed USING (seq) \
      RETURNING packet_id, seq";
 
-const MARK: &str = "UPDATE packets p SET status = m.status, processed_by_karma = m.ok, \
+/// The status each packet had is read beside the update (`was`, by the
+/// LATERAL: one look-up in one partition per id) and required again of the
+/// row the update locks: a packet another statement changed in between is
+/// left alone, so `was` is exactly what the update replaced, and
+/// `mark_all` tries that packet again.
+const MARK: &str = concat!(
+    "WITH changed AS (UPDATE packets p SET status = m.status, processed_by_karma = m.ok, \
      processed_at = m.at, karma_actions = m.actions, processing_error = m.error, \
      delivery_attempts = CASE WHEN m.attempt >= 0 THEN GREATEST(p.delivery_attempts, m.attempt) \
      WHEN p.status = 'pending' THEN p.delivery_attempts + 1 ELSE p.delivery_attempts END \
-     FROM (SELECT m.*, i.seq, i.received_at \
+     FROM (SELECT m.*, i.seq, i.received_at, o.status AS was \
      FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::jsonb[], \
      $6::text[], $7::int4[]) AS m(id, status, ok, at, actions, error, attempt) \
-     JOIN packet_ids i ON i.packet_id = m.id) m \
+     JOIN packet_ids i ON i.packet_id = m.id \
+     CROSS JOIN LATERAL (SELECT o.status FROM packets o \
+     WHERE o.seq = i.seq AND o.received_at = i.received_at LIMIT 1) o) m \
      WHERE p.seq = m.seq AND p.received_at = m.received_at AND p.status <> 'processed' \
-     RETURNING p.packet_id";
+     AND p.status = m.was \
+     RETURNING p.packet_id, p.received_at, m.was, p.status AS now), ",
+    counted!(),
+    " SELECT packet_id FROM changed"
+);
 
-const END: &str = "UPDATE packets p \
+/// Only pending packets end a lease, so each was 'pending'.
+const END: &str = concat!(
+    "WITH changed AS (UPDATE packets p \
      SET delivery_attempts = GREATEST(p.delivery_attempts, e.attempts), \
      status = CASE WHEN GREATEST(p.delivery_attempts, e.attempts) >= $3 \
      THEN 'dead_letter' ELSE 'pending' END \
      FROM (SELECT e.*, i.seq, i.received_at FROM UNNEST($1::uuid[], $2::int4[]) AS e(id, attempts) \
      JOIN packet_ids i ON i.packet_id = e.id) e \
      WHERE p.seq = e.seq AND p.received_at = e.received_at AND p.status = 'pending' \
-     RETURNING p.packet_id, p.status";
+     RETURNING p.packet_id, p.received_at, 'pending'::text AS was, p.status AS now), ",
+    counted!(),
+    " SELECT packet_id, now AS status FROM changed"
+);
 
 /// Stores `packets`; a packet whose id is already stored gets the stored receipt.
 async fn insert_all(
@@ -252,6 +288,11 @@ fn attempt_code(attempt: MarkedDelivery) -> i32 {
     }
 }
 
+/// How often a mark is tried again when its packet changed between the
+/// statement's read of its status and its update (see [`MARK`]): another
+/// node's mark or lease end, an operator's Redrive, each a commit apart.
+const RACES: usize = 8;
+
 /// Records `marks`; each answer in their order.
 async fn mark_all(
     conn: &mut PgConnection,
@@ -259,63 +300,43 @@ async fn mark_all(
 ) -> Result<Vec<MarkOutcome>, sqlx::Error> {
     let mut outcomes = vec![MarkOutcome::NotFound; marks.len()];
     for round in rows::rounds(marks, |m| m.packet_id) {
-        let batch: Vec<&Mark> = round.iter().map(|&i| marks[i]).collect();
-        let status = |m: &&Mark| {
-            if m.success {
-                DeliveryStatus::Processed.as_str()
-            } else {
-                DeliveryStatus::Failed.as_str()
+        let all: Vec<&Mark> = round.iter().map(|&i| marks[i]).collect();
+        let mut batch = all.clone();
+        let mut applied: HashSet<PacketId> = HashSet::new();
+        let mut known: HashSet<PacketId> = HashSet::new();
+        for _ in 0..RACES {
+            applied.extend(mark_once(conn, &batch).await?);
+            let rest: Vec<PacketId> = batch
+                .iter()
+                .map(|m| m.packet_id)
+                .filter(|id| !applied.contains(id))
+                .collect();
+            if rest.is_empty() {
+                break;
             }
-        };
-        let applied: HashSet<PacketId> = sqlx::query_scalar(MARK)
-            .bind(batch.iter().map(|m| m.packet_id).collect::<Vec<_>>())
-            .bind(batch.iter().map(status).collect::<Vec<_>>())
-            .bind(batch.iter().map(|m| m.success).collect::<Vec<_>>())
-            .bind(batch.iter().map(|m| m.at).collect::<Vec<_>>())
-            .bind(
-                batch
-                    .iter()
-                    .map(|m| Json(&m.karma_actions))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                batch
-                    .iter()
-                    .map(|m| m.error_message.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                batch
-                    .iter()
-                    .map(|m| attempt_code(m.attempt))
-                    .collect::<Vec<_>>(),
-            )
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
-        let rest: Vec<PacketId> = batch
-            .iter()
-            .map(|m| m.packet_id)
-            .filter(|id| !applied.contains(id))
-            .collect();
-        let known: HashSet<PacketId> = if rest.is_empty() {
-            HashSet::new()
-        } else {
             // Through the packet itself: an id whose day was dropped is not
             // a packet any more.
-            sqlx::query_scalar(
-                "SELECT i.packet_id FROM packet_ids i CROSS JOIN LATERAL (SELECT 1 FROM packets p \
+            let stored: Vec<(PacketId, String)> = sqlx::query_as(
+                "SELECT i.packet_id, x.status FROM packet_ids i CROSS JOIN LATERAL (\
+                 SELECT p.status FROM packets p \
                  WHERE p.seq = i.seq AND p.received_at = i.received_at LIMIT 1) x \
                  WHERE i.packet_id = ANY($1)",
             )
             .bind(&rest)
             .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect()
-        };
-        for (i, m) in round.into_iter().zip(batch) {
+            .await?;
+            let raced: HashSet<PacketId> = stored
+                .iter()
+                .filter(|(_, status)| status != DeliveryStatus::Processed.as_str())
+                .map(|(id, _)| *id)
+                .collect();
+            known.extend(stored.into_iter().map(|(id, _)| id));
+            if raced.is_empty() {
+                break;
+            }
+            batch.retain(|m| raced.contains(&m.packet_id));
+        }
+        for (i, m) in round.into_iter().zip(all) {
             outcomes[i] = if applied.contains(&m.packet_id) {
                 MarkOutcome::Applied
             } else if known.contains(&m.packet_id) {
@@ -326,6 +347,42 @@ async fn mark_all(
         }
     }
     Ok(outcomes)
+}
+
+/// One MARK statement over `batch` (distinct ids): the ids it changed.
+async fn mark_once(conn: &mut PgConnection, batch: &[&Mark]) -> Result<Vec<PacketId>, sqlx::Error> {
+    let status = |m: &&Mark| {
+        if m.success {
+            DeliveryStatus::Processed.as_str()
+        } else {
+            DeliveryStatus::Failed.as_str()
+        }
+    };
+    sqlx::query_scalar(MARK)
+        .bind(batch.iter().map(|m| m.packet_id).collect::<Vec<_>>())
+        .bind(batch.iter().map(status).collect::<Vec<_>>())
+        .bind(batch.iter().map(|m| m.success).collect::<Vec<_>>())
+        .bind(batch.iter().map(|m| m.at).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|m| Json(&m.karma_actions))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|m| m.error_message.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|m| attempt_code(m.attempt))
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut *conn)
+        .await
 }
 
 async fn end_all(
@@ -438,8 +495,12 @@ impl Backend for PgBackend {
         requeue: &Requeue,
         at: DateTime<Utc>,
     ) -> Result<Vec<(PacketId, i64)>, StoreError> {
+        // The status each packet had is the one its new history entry
+        // keeps, read from the row the update locked: exact, whatever ran
+        // beside it.
         let sql = format!(
-            "UPDATE packets SET history = history || jsonb_build_array(jsonb_build_object(\
+            "WITH changed AS (UPDATE packets SET history = history || \
+             jsonb_build_array(jsonb_build_object(\
              'reason', $1::text, 'requeued_at', $2::timestamptz, 'status', status, \
              'delivery_attempts', delivery_attempts, 'processed_at', processed_at, \
              'processed_by_karma', processed_by_karma, 'karma_actions', karma_actions, \
@@ -449,8 +510,11 @@ impl Backend for PgBackend {
              WHERE status IN ({}) AND ($3::text IS NULL OR user_id = $3) \
              AND ($4::timestamptz IS NULL OR received_at >= $4) \
              AND ($5::timestamptz IS NULL OR received_at < $5) \
-             RETURNING packet_id, seq",
-            requeue.status_list()
+             RETURNING packet_id, seq, received_at, history -> -1 ->> 'status' AS was, \
+             status AS now), {} \
+             SELECT packet_id, seq FROM changed",
+            requeue.status_list(),
+            counted!()
         );
         let rows: Result<Vec<(PacketId, i64)>, StoreError> = sqlx::query_as(&sql)
             .bind(requeue.reason.as_str())
@@ -526,18 +590,21 @@ impl Backend for PgBackend {
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
-        let rows: Vec<(String, i64)> =
-            // Kept by triggers per day and status (migration 0006): a few
-            // rows a day, whatever is stored.
-            sqlx::query_as("SELECT status, SUM(n)::int8 FROM packet_counts GROUP BY status")
-                .fetch_all(&self.pool)
-                .await?;
+        // Per day and status, folded (a few rows a day) and appended since
+        // the last fold (about a second's statements): migration 0007.
+        let rows: Vec<(String, i64)> = sqlx::query_as(pg_counts::COUNTS)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(Counts::from_rows(rows))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         let pinged = sqlx::query("SELECT 1").execute(&self.pool).await;
         self.doubt.note(pinged.map(drop).map_err(StoreError::from))
+    }
+
+    async fn close(&self) {
+        self.folder.abort();
     }
 
     fn writers(&self) -> Writers {

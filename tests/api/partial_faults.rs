@@ -1,7 +1,9 @@
 //! Partial faults (issue 16): one Redis command refused, one database
-//! query failing, while everything else works. Each test owns its Redis
-//! (it changes its ACL), and checks that a packet caught in the fault is
-//! delivered once the fault heals, within a bound, with nothing restarted.
+//! query failing, one answer lost, a Redis restored from an old snapshot,
+//! while everything else works. Each test owns its Redis (it changes its
+//! ACL, restarts it, or slows the link to it), and checks that a packet
+//! caught in the fault is delivered once the fault heals, within a bound,
+//! with no bucket node restarted.
 use std::time::{Duration, Instant};
 
 use bucket::config::Config;
@@ -9,7 +11,8 @@ use bucket::proto::bucket::v1 as pb;
 use tonic::Streaming;
 
 use crate::helpers::{Backend, TestApp, TestDb, ingest, packet_for, subscribe, test_config};
-use crate::redis_queue::OwnRedis;
+use crate::proxy::Proxy;
+use crate::redis_queue::{OwnRedis, wait_for_redis};
 
 /// A node on its own PostgreSQL database and the test's own Redis.
 async fn node(port: u16, tune: impl FnOnce(&mut Config)) -> TestApp {
@@ -185,4 +188,163 @@ async fn a_redis_restored_from_an_old_snapshot_loses_no_packet() {
     // packet must come.
     delivered(&mut stream, &new, Duration::from_secs(20)).await;
     drop(redis);
+}
+
+/// A Redis restored from an old snapshot puts back, in a live node's own
+/// pending-entries list, the entry of a packet the node held then and has
+/// since handed back (its lease ended unmarked; the new entry, unread, is
+/// lost with the restore). The reconciler finds the old entry in the
+/// stream and adds nothing; the node does not hold the packet, and no
+/// other node claims from a live one: before the fix it was never
+/// delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_puts_an_entry_back_in_a_live_nodes_list_loses_no_packet() {
+    let port = OwnRedis::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().display().to_string();
+    let args = ["--dir", dir_arg.as_str(), "--dbfilename", "dump.rdb"];
+    let mut redis = OwnRedis::start_with(port, &args).await;
+    let app = node(port, |c| c.redis.reconcile_seconds = 1).await;
+    let key = format!("{}pending", app.config.redis.redis_prefix);
+    let mut client = app.client().await;
+    let id = ingest(&mut client, packet_for("restored-into-a-list")).await;
+    // One in flight: with the packet leased the node wants no more, and
+    // its reader's last blocking read (1 s) ends before the lease does.
+    let mut stream = subscribe(&mut client, "karma", 1, 30).await;
+    delivered(&mut stream, &id, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The snapshot: the packet's entry in this node's list.
+    redis_cli(port, &["SAVE"]).await;
+    // Handed back unmarked; with no stream open, its new entry stays unread.
+    drop(stream);
+    until(
+        Duration::from_secs(10),
+        "the packet handed back to the stream",
+        || async {
+            let pel = redis_cli(port, &["XPENDING", &key, "dispatch"]).await;
+            let len = redis_cli(port, &["XLEN", &key]).await;
+            pel.lines().next() == Some("0") && len == "1"
+        },
+    )
+    .await;
+    drop(redis);
+    redis = OwnRedis::start_with(port, &args).await;
+    let pel = redis_cli(port, &["XPENDING", &key, "dispatch"]).await;
+    assert_eq!(pel.lines().next(), Some("1"), "the snapshot's list: {pel}");
+    let mut stream = subscribe(&mut client, "karma", 8, 30).await;
+    let again = delivered(&mut stream, &id, Duration::from_secs(30)).await;
+    assert_eq!(again.delivery_attempt, 2);
+    drop(redis);
+}
+
+/// An XREADGROUP that Redis answered but whose answer the node never got
+/// (here: it came after the command's timeout, through a slow link) moves
+/// the entry into the node's own pending-entries list while the node does
+/// not hold the packet. The reconciler sees the entry in the stream; no
+/// node claims from a live one: before the fix the packet was never
+/// delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_whose_read_answer_was_lost_is_delivered() {
+    let port = OwnRedis::free_port();
+    let _redis = OwnRedis::start_with(port, &[]).await;
+    let link = Proxy::start(port).await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.redis.redis_url = Some(format!("redis://127.0.0.1:{}", link.port()));
+    let slow = TestApp::spawn_with(db.clone(), config.clone()).await;
+    config.redis.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+    let direct = TestApp::spawn_with(db, config).await;
+    let key = format!("{}pending", slow.config.redis.redis_prefix);
+    let mut slow_client = slow.client().await;
+    wait_for_redis(&mut slow_client, true).await;
+    let mut slow_stream = subscribe(&mut slow_client, "karma-slow", 8, 30).await;
+    // 2.5 s each way: every read the slow node sends from now on is
+    // answered after its 3 s timeout; the reads already sent end first.
+    link.set_delay(Duration::from_millis(2_500));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Ingested through the other node, which has no stream and reads nothing.
+    let mut direct_client = direct.client().await;
+    let id = ingest(&mut direct_client, packet_for("answer-lost")).await;
+    until(
+        Duration::from_secs(10),
+        "the slow node's read takes the entry",
+        || async {
+            let pel = redis_cli(port, &["XPENDING", &key, "dispatch"]).await;
+            pel.lines().next() == Some("1")
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    link.set_delay(Duration::ZERO);
+    let mut direct_stream = subscribe(&mut direct_client, "karma-direct", 8, 30).await;
+    tokio::select! {
+        _ = delivered(&mut slow_stream, &id, Duration::from_secs(30)) => {}
+        _ = delivered(&mut direct_stream, &id, Duration::from_secs(30)) => {}
+    }
+}
+
+/// A packet acknowledged by a node cut off from Redis stays in that
+/// node's memory; with no stream on it, another node's reconciler must
+/// put it in the stream for its own streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_kept_by_a_node_without_streams_reaches_another_nodes_stream() {
+    let port = OwnRedis::free_port();
+    let _redis = OwnRedis::start_with(port, &[]).await;
+    let link = Proxy::start(port).await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.redis.reconcile_seconds = 1;
+    config.redis.redis_url = Some(format!("redis://127.0.0.1:{}", link.port()));
+    let cut_off = TestApp::spawn_with(db.clone(), config.clone()).await;
+    config.redis.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+    let direct = TestApp::spawn_with(db, config).await;
+    let mut cut_client = cut_off.client().await;
+    wait_for_redis(&mut cut_client, true).await;
+    let mut direct_client = direct.client().await;
+    let mut stream = subscribe(&mut direct_client, "karma", 8, 30).await;
+    link.cut(crate::proxy::Cut::Refuse);
+    wait_for_redis(&mut cut_client, false).await;
+    let id = ingest(&mut cut_client, packet_for("kept")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    link.mend();
+    wait_for_redis(&mut cut_client, true).await;
+    delivered(&mut stream, &id, Duration::from_secs(20)).await;
+}
+
+/// A node's blocking read, sent while one of its streams had room, can
+/// answer after that stream is gone: the packet it brings then waits in a
+/// node with no stream to hand it to, its entry in that live node's list,
+/// so neither the reconciler nor another node takes it. Before the fix it
+/// waited until a consumer happened to connect to that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_read_after_the_last_stream_left_goes_back_to_the_stream() {
+    let port = OwnRedis::free_port();
+    let _redis = OwnRedis::start_with(port, &[]).await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.redis.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+    let left = TestApp::spawn_with(db.clone(), config.clone()).await;
+    let other = TestApp::spawn_with(db, config).await;
+    let key = format!("{}pending", left.config.redis.redis_prefix);
+    let mut left_client = left.client().await;
+    wait_for_redis(&mut left_client, true).await;
+    let stream = subscribe(&mut left_client, "karma-gone", 8, 30).await;
+    // Its reader now waits in XREADGROUP BLOCK (1 s) for the stream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(stream);
+    // The other node has no stream, so it reads nothing.
+    let mut other_client = other.client().await;
+    let id = ingest(&mut other_client, packet_for("read-too-late")).await;
+    until(
+        Duration::from_secs(5),
+        "the node whose stream left takes the entry",
+        || async {
+            let pel = redis_cli(port, &["XPENDING", &key, "dispatch"]).await;
+            pel.lines().next() == Some("1")
+        },
+    )
+    .await;
+    let mut stream = subscribe(&mut other_client, "karma", 8, 30).await;
+    let got = delivered(&mut stream, &id, Duration::from_secs(15)).await;
+    assert_eq!(got.delivery_attempt, 1, "it was never delivered before");
 }

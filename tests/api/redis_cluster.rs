@@ -111,6 +111,25 @@ impl Cluster {
             })
             .collect()
     }
+
+    /// Entries some node has read and not yet acknowledged, on every shard.
+    fn held_entries(&self, prefix: &str) -> u64 {
+        self.streams_by_node(prefix)
+            .iter()
+            .zip(&self.ports)
+            .flat_map(|(streams, port)| streams.keys().map(move |key| (*port, key.clone())))
+            .map(|(port, key)| {
+                let summary = self.ask(port, &["XPENDING", &key, "dispatch"]);
+                summary
+                    .lines()
+                    .next()
+                    .unwrap_or("0")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
 }
 
 async fn extend(
@@ -176,6 +195,10 @@ async fn two_nodes_share_a_redis_cluster() {
     assert_eq!(d.packet.unwrap().packet_id, second);
     mark(&mut on_a, &second).await;
     drop(stream);
+    // A's reader's last blocking read (1 s) ends before the packets come,
+    // most times: one it brought after the stream left would be A's until
+    // A handed it back (a heartbeat later), and is waited for below.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
 
     const N: usize = 400;
     for chunk in 0..N / 100 {
@@ -192,17 +215,20 @@ async fn two_nodes_share_a_redis_cluster() {
     }
 
     // Queued (XADDed after the commit, so waited for), not yet read:
-    // spread over the shards, on several nodes.
+    // spread over the shards, on several nodes. No node holds any of them
+    // (one read after the stream left is handed back by its node's
+    // heartbeat): every entry is in a stream once.
     let deadline = Instant::now() + Duration::from_secs(10);
     let by_node = loop {
         let by_node = cluster.streams_by_node(&prefix);
         let queued: u64 = by_node.iter().flat_map(|n| n.values()).sum();
-        if queued >= N as u64 {
+        if queued == N as u64 && cluster.held_entries(&prefix) == 0 {
             break by_node;
         }
         assert!(
             Instant::now() < deadline,
-            "{queued} entries for {N} packets: {by_node:?}"
+            "{queued} entries for {N} packets, {} held: {by_node:?}",
+            cluster.held_entries(&prefix)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

@@ -36,32 +36,50 @@ impl OwnRedis {
         Self::start_with(port, &[]).await
     }
 
+    /// Starts redis-server and waits until it listens. A start that fails
+    /// is tried again (at most 5 times): the port, free while an earlier
+    /// server was down, may have been taken for a moment as the local port
+    /// of an outgoing connection.
     pub(crate) async fn start_with(port: u16, extra: &[&str]) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args(extra)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (tests/run.sh installs it)");
-        let redis = OwnRedis { child: Some(child) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for attempt in 1..=5 {
+            let child = Command::new("redis-server")
+                .args(extra)
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (tests/run.sh installs it)");
+            let mut redis = OwnRedis { child: Some(child) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return redis;
+                }
+                let exited = redis
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                if exited {
+                    println!("redis-server on {port} exited at start (try {attempt})");
+                    break;
+                }
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        redis
+        panic!("redis-server on {port} exited at start 5 times");
     }
 
     fn kill(&mut self) {

@@ -477,9 +477,12 @@ async fn postgres_days_are_ready_ahead_after_startup() {
         .await
         .unwrap();
     let id = Uuid::new_v4();
+    // Counted as the bucket counts its inserts (migration 0007).
     sqlx::query(
         "WITH claimed AS (INSERT INTO packet_ids (packet_id, received_at, seq) \
-         VALUES ($1, $2, nextval('packet_seq')) RETURNING seq) \
+         VALUES ($1, $2, nextval('packet_seq')) RETURNING seq), \
+         counted AS (INSERT INTO packet_count_deltas (day, status, n) \
+         VALUES (($2::timestamptz AT TIME ZONE 'UTC')::date, 'pending', 1)) \
          INSERT INTO packets (seq, packet_id, user_id, client_timestamp, cognitive_state, \
          active_seconds, idle_seconds, away_seconds, integrity_score, raw_signals, received_at) \
          SELECT seq, $1, 'ahead_user', now(), 'ON_TASK', 1, 0, 0, 0.9, '{}', $2 FROM claimed",
@@ -507,4 +510,171 @@ async fn postgres_days_are_ready_ahead_after_startup() {
     assert_counts_match(&store, &app.db).await;
     assert_eq!(store.counts().await.unwrap().pending, 1);
     pool.close().await;
+}
+
+/// Issue 15: the counts are kept by the bucket's own statements, not by
+/// triggers (migration 0007). Every way a packet's status changes, and
+/// every way it goes, keeps them equal to the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_counts_stay_exact_through_every_change() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.delivery.max_deliveries = 1;
+    let app = TestApp::spawn_with(db.clone(), config).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let mut client = app.client().await;
+    let counts = || async { store.counts().await.unwrap() };
+    let by_status = |c: bucket::store::Counts| (c.pending, c.processed, c.failed, c.dead_letter);
+
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(Uuid::new_v4());
+        assert!(ingest_id(&mut client, ids[ids.len() - 1]).await.created);
+    }
+    assert!(!ingest_id(&mut client, ids[0]).await.created, "a retry");
+    assert_eq!(by_status(counts().await), (6, 0, 0, 0));
+    assert_counts_match(&store, &db).await;
+
+    // Marks: processed, failed, again (no change), failed then processed.
+    let outcome = |id: &Uuid, success: bool| pb::MarkProcessedRequest {
+        packet_id: id.to_string(),
+        success,
+        ..Default::default()
+    };
+    for (id, success) in [
+        (ids[0], true),
+        (ids[1], true),
+        (ids[2], false),
+        (ids[0], true),
+        (ids[0], false),
+        (ids[2], true),
+        (ids[3], false),
+    ] {
+        client.mark_processed(outcome(&id, success)).await.unwrap();
+    }
+    assert_eq!(by_status(counts().await), (2, 3, 1, 0));
+    assert_counts_match(&store, &db).await;
+
+    // Leases that end unmarked with no delivery left: dead letters.
+    let mut stream = crate::helpers::subscribe(&mut client, "never-marks", 0, 1).await;
+    for _ in 0..2 {
+        crate::helpers::next(&mut stream).await;
+    }
+    drop(stream);
+    for _ in 0..100 {
+        if counts().await.dead_letter == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(by_status(counts().await), (0, 3, 1, 2));
+    assert_counts_match(&store, &db).await;
+
+    // Redrive and Replay send them back to pending.
+    let redriven = client
+        .redrive(pb::RedriveRequest {
+            statuses: vec![
+                pb::PacketStatus::DeadLetter as i32,
+                pb::PacketStatus::Failed as i32,
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redriven.redriven, 3);
+    let replayed = client
+        .replay(pb::ReplayRequest {
+            user_id: "retry_user".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.replayed, 3);
+    assert_eq!(by_status(counts().await), (6, 0, 0, 0));
+    assert_counts_match(&store, &db).await;
+
+    // All processed in one batch, then deleted by retention (today's
+    // partition stays: its rows go by the batch).
+    let marks = ids.iter().map(|id| outcome(id, true)).collect();
+    client
+        .mark_processed_batch(pb::MarkProcessedBatchRequest { marks })
+        .await
+        .unwrap();
+    assert_eq!(by_status(counts().await), (0, 6, 0, 0));
+    assert_counts_match(&store, &db).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let deleted = prune_now(&store, Duration::from_secs(1), &CancellationToken::new()).await;
+    assert_eq!(deleted, 6);
+    assert_eq!(counts().await.total(), 0);
+    assert_counts_match(&store, &db).await;
+    store.close().await;
+}
+
+/// A mark whose packet another transaction changes while the mark waits
+/// for its row: the mark reads the status it replaces beside the update,
+/// finds it changed once it holds the row, and is applied again from what
+/// the row now holds, so the counts stay exact and the answer is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_mark_racing_another_change_counts_what_it_replaced() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let store = Store::connect(&app.db.url).await.unwrap();
+    let mut client = app.client().await;
+    let id = Uuid::new_v4();
+    assert!(ingest_id(&mut client, id).await.created);
+
+    // Another writer (an operator's hand, counted as the bucket counts)
+    // fails the packet and holds its row.
+    let pool = PgPool::connect(&app.db.url).await.unwrap();
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query(
+        "WITH changed AS (UPDATE packets SET status = 'failed' WHERE packet_id = $1 \
+         RETURNING received_at) \
+         INSERT INTO packet_count_deltas (day, status, n) \
+         SELECT (received_at AT TIME ZONE 'UTC')::date, s, n FROM changed \
+         CROSS JOIN (VALUES ('pending', -1), ('failed', 1)) AS d(s, n)",
+    )
+    .bind(id)
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let mut marker = app.client().await;
+    let mark = tokio::spawn(async move {
+        marker
+            .mark_processed(pb::MarkProcessedRequest {
+                packet_id: id.to_string(),
+                success: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    // Until the mark waits for the row.
+    let mut waiting = false;
+    for _ in 0..200 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'WITH changed AS (UPDATE packets p%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(waiting, "the mark waits for the row");
+    other.commit().await.unwrap();
+
+    let marked = mark.await.unwrap();
+    assert_eq!(marked.message, "Packet marked as processed", "{marked:?}");
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.pending, c.failed, c.processed), (0, 0, 1));
+    assert_counts_match(&store, &app.db).await;
+    pool.close().await;
+    store.close().await;
 }
