@@ -1056,8 +1056,6 @@ impl From<QueueError> for Error {
 #[cfg(test)]
 mod hands_tests {
     use super::*;
-    use crate::domain::Packet;
-    use crate::domain::packet::{PacketDraft, TimestampInput};
 
     fn core() -> Core {
         Core {
@@ -1082,22 +1080,7 @@ mod hands_tests {
     }
 
     fn pending(seq: i64) -> PendingPacket {
-        let draft = PacketDraft {
-            user_id: Some("u".into()),
-            timestamp: Some(TimestampInput::At(Utc::now())),
-            cognitive_state: Some("ON_TASK".into()),
-            active_seconds: Some(5.0),
-            idle_seconds: Some(0.0),
-            away_seconds: Some(0.0),
-            raw_signals: Some(serde_json::json!({})),
-            ..Default::default()
-        };
-        PendingPacket {
-            packet: Arc::new(Packet::parse(draft, Utc::now()).expect("a valid packet")),
-            seq,
-            received_at: Utc::now(),
-            attempts: 0,
-        }
+        PendingPacket::sample(seq)
     }
 
     #[test]

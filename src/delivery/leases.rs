@@ -173,33 +173,13 @@ impl Leases {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use chrono::Utc;
-
     use super::*;
-    use crate::domain::Packet;
-    use crate::domain::packet::{PacketDraft, TimestampInput};
     use crate::store::PendingPacket;
 
     fn queued() -> Queued {
-        let draft = PacketDraft {
-            user_id: Some("u".into()),
-            timestamp: Some(TimestampInput::At(Utc::now())),
-            cognitive_state: Some("ON_TASK".into()),
-            active_seconds: Some(5.0),
-            idle_seconds: Some(0.0),
-            away_seconds: Some(0.0),
-            raw_signals: Some(serde_json::json!({})),
-            ..Default::default()
-        };
-        Queued::local(PendingPacket {
-            packet: Arc::new(Packet::parse(draft, Utc::now()).unwrap()),
-            seq: 1,
-            received_at: Utc::now(),
-            attempts: 0,
-        })
+        Queued::local(PendingPacket::sample(1))
     }
 
     #[test]

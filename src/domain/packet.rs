@@ -104,6 +104,22 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// A valid packet of user `u`, for tests.
+    #[cfg(test)]
+    pub fn sample() -> std::sync::Arc<Packet> {
+        let draft = PacketDraft {
+            user_id: Some("u".into()),
+            timestamp: Some(TimestampInput::At(Utc::now())),
+            cognitive_state: Some("ON_TASK".into()),
+            active_seconds: Some(5.0),
+            idle_seconds: Some(0.0),
+            away_seconds: Some(0.0),
+            raw_signals: Some(serde_json::json!({})),
+            ..Default::default()
+        };
+        std::sync::Arc::new(Packet::parse(draft, Utc::now()).expect("a valid packet"))
+    }
+
     /// Validates a draft against every rule, naming every violated field.
     /// `now` is the server's clock, for the future-timestamp limit.
     pub fn parse(draft: PacketDraft, now: DateTime<Utc>) -> Result<Packet, Vec<FieldViolation>> {

@@ -322,31 +322,10 @@ impl MemoryQueue {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use chrono::Utc;
-
     use super::*;
-    use crate::domain::Packet;
-    use crate::domain::packet::{PacketDraft, TimestampInput};
 
     fn pending(seq: i64) -> PendingPacket {
-        let draft = PacketDraft {
-            user_id: Some("u".into()),
-            timestamp: Some(TimestampInput::At(Utc::now())),
-            cognitive_state: Some("ON_TASK".into()),
-            active_seconds: Some(5.0),
-            idle_seconds: Some(0.0),
-            away_seconds: Some(0.0),
-            raw_signals: Some(serde_json::json!({})),
-            ..Default::default()
-        };
-        PendingPacket {
-            packet: Arc::new(Packet::parse(draft, Utc::now()).unwrap()),
-            seq,
-            received_at: Utc::now(),
-            attempts: 0,
-        }
+        PendingPacket::sample(seq)
     }
 
     fn drain(q: &mut MemoryQueue) -> Vec<i64> {

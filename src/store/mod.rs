@@ -115,6 +115,19 @@ pub struct PendingPacket {
     pub attempts: u32,
 }
 
+#[cfg(test)]
+impl PendingPacket {
+    /// A pending packet never delivered, for tests.
+    pub fn sample(seq: i64) -> PendingPacket {
+        PendingPacket {
+            packet: Packet::sample(),
+            seq,
+            received_at: Utc::now(),
+            attempts: 0,
+        }
+    }
+}
+
 /// The receipt of an insert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Inserted {

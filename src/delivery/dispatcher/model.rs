@@ -26,7 +26,6 @@ use tokio::time::Instant;
 
 use super::{Core, Sent, Stream};
 use crate::delivery::{Delivery, LeaseChange};
-use crate::domain::packet::{PacketDraft, TimestampInput};
 use crate::domain::{DeliveryStatus, Packet, PacketId};
 use crate::queue::Queued;
 use crate::queue::memory::{MemoryQueue, Refill};
@@ -250,17 +249,7 @@ pub struct Sut {
 }
 
 fn packet() -> Arc<Packet> {
-    let draft = PacketDraft {
-        user_id: Some("u".into()),
-        timestamp: Some(TimestampInput::At(Utc::now())),
-        cognitive_state: Some("ON_TASK".into()),
-        active_seconds: Some(5.0),
-        idle_seconds: Some(0.0),
-        away_seconds: Some(0.0),
-        raw_signals: Some(serde_json::json!({})),
-        ..Default::default()
-    };
-    Arc::new(Packet::parse(draft, Utc::now()).expect("a valid packet"))
+    Packet::sample()
 }
 
 impl Sut {

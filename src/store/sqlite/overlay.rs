@@ -256,20 +256,9 @@ pub struct Known {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::packet::{PacketDraft, TimestampInput};
 
     fn packet() -> Arc<Packet> {
-        let draft = PacketDraft {
-            user_id: Some("u".into()),
-            timestamp: Some(TimestampInput::At(Utc::now())),
-            cognitive_state: Some("ON_TASK".into()),
-            active_seconds: Some(5.0),
-            idle_seconds: Some(0.0),
-            away_seconds: Some(0.0),
-            raw_signals: Some(serde_json::json!({})),
-            ..Default::default()
-        };
-        Arc::new(Packet::parse(draft, Utc::now()).unwrap())
+        Packet::sample()
     }
 
     fn processed() -> State {
