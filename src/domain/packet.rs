@@ -104,11 +104,11 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// A valid packet of user `u`, for tests.
+    /// A valid packet of `user`, for tests.
     #[cfg(test)]
-    pub fn sample() -> std::sync::Arc<Packet> {
+    pub fn sample(user: &str) -> std::sync::Arc<Packet> {
         let draft = PacketDraft {
-            user_id: Some("u".into()),
+            user_id: Some(user.into()),
             timestamp: Some(TimestampInput::At(Utc::now())),
             cognitive_state: Some("ON_TASK".into()),
             active_seconds: Some(5.0),

@@ -120,7 +120,7 @@ impl PendingPacket {
     /// A pending packet never delivered, for tests.
     pub fn sample(seq: i64) -> PendingPacket {
         PendingPacket {
-            packet: Packet::sample(),
+            packet: Packet::sample("u"),
             seq,
             received_at: Utc::now(),
             attempts: 0,

@@ -458,7 +458,6 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::domain::packet::{PacketDraft, TimestampInput};
     use crate::store::{Counts, StoredPacket, UserQuery, Writers};
 
     /// Fails a whole batch when it holds a packet of user "bad", or always
@@ -591,17 +590,7 @@ mod tests {
     }
 
     fn insert(user: &str) -> WriteOp {
-        let draft = PacketDraft {
-            user_id: Some(user.into()),
-            timestamp: Some(TimestampInput::At(Utc::now())),
-            cognitive_state: Some("ON_TASK".into()),
-            active_seconds: Some(5.0),
-            idle_seconds: Some(0.0),
-            away_seconds: Some(0.0),
-            raw_signals: Some(serde_json::json!({})),
-            ..Default::default()
-        };
-        WriteOp::Insert(Arc::new(Packet::parse(draft, Utc::now()).unwrap()))
+        WriteOp::Insert(Packet::sample(user))
     }
 
     fn mark() -> WriteOp {

@@ -249,7 +249,7 @@ pub struct Sut {
 }
 
 fn packet() -> Arc<Packet> {
-    Packet::sample()
+    Packet::sample("u")
 }
 
 impl Sut {

@@ -258,7 +258,7 @@ mod tests {
     use super::*;
 
     fn packet() -> Arc<Packet> {
-        Packet::sample()
+        Packet::sample("u")
     }
 
     fn processed() -> State {
