@@ -101,6 +101,21 @@ struct Pumped {
 }
 
 impl Core {
+    fn new(node: Arc<str>, queue: MemoryQueue) -> Core {
+        Core {
+            node,
+            queue,
+            leases: Leases::default(),
+            streams: HashMap::new(),
+            rotation: Vec::new(),
+            turn: 0,
+            next_stream: 1,
+            ending: HashMap::new(),
+            stuck: Vec::new(),
+            closed: false,
+        }
+    }
+
     /// How this node holds `id`: None if it does not, else the stream
     /// entry it holds it under (None for one it holds without an entry).
     fn held_entry(&self, id: &PacketId) -> Option<Option<&str>> {
@@ -403,18 +418,7 @@ impl Dispatcher {
             None => MemoryQueue::new(window),
         };
         Arc::new(Dispatcher {
-            core: Mutex::new(Core {
-                node: node.into(),
-                queue,
-                leases: Leases::default(),
-                streams: HashMap::new(),
-                rotation: Vec::new(),
-                turn: 0,
-                next_stream: 1,
-                ending: HashMap::new(),
-                stuck: Vec::new(),
-                closed: false,
-            }),
+            core: Mutex::new(Core::new(node.into(), queue)),
             store,
             redis,
             max_deliveries: max_deliveries.max(1),
@@ -1058,18 +1062,7 @@ mod hands_tests {
     use super::*;
 
     fn core() -> Core {
-        Core {
-            node: "n".into(),
-            queue: MemoryQueue::buffer(64),
-            leases: Leases::default(),
-            streams: HashMap::new(),
-            rotation: Vec::new(),
-            turn: 0,
-            next_stream: 1,
-            ending: HashMap::new(),
-            stuck: Vec::new(),
-            closed: false,
-        }
+        Core::new("n".into(), MemoryQueue::buffer(64))
     }
 
     fn read(pending: &PendingPacket, entry: &str) -> Queued {

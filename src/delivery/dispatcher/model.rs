@@ -259,18 +259,7 @@ impl Sut {
             .start_paused(true)
             .build()
             .expect("a runtime");
-        let core = Core {
-            node: "model".into(),
-            queue: MemoryQueue::new(WINDOW),
-            leases: Default::default(),
-            streams: HashMap::new(),
-            rotation: Vec::new(),
-            turn: 0,
-            next_stream: 0,
-            ending: HashMap::new(),
-            stuck: Vec::new(),
-            closed: false,
-        };
+        let core = Core::new("model".into(), MemoryQueue::new(WINDOW));
         let mut sut = Sut {
             rt,
             core,
