@@ -539,19 +539,7 @@ impl RedisQueue {
         sink: Arc<dyn QueueSink>,
     ) {
         let mut batch = Vec::with_capacity(PAGE);
-        loop {
-            tokio::select! {
-                biased;
-                n = rx.recv_many(&mut batch, PAGE) => if n == 0 { return },
-                _ = self.flush.cancelled() => {
-                    while let Ok(item) = rx.try_recv() {
-                        batch.push(item);
-                    }
-                    if batch.is_empty() {
-                        return;
-                    }
-                }
-            }
+        while self.next_batch(&mut rx, &mut batch).await {
             let added = self.xadd(&batch).await;
             {
                 // Removed below, or back in this node's hands.
@@ -600,22 +588,26 @@ impl RedisQueue {
         Ok(())
     }
 
+    /// Waits for what `rx` brings, a page at most, into `batch`; once the
+    /// flush began, takes what is left without waiting. False when there
+    /// is nothing more to do.
+    async fn next_batch<T>(&self, rx: &mut mpsc::UnboundedReceiver<T>, batch: &mut Vec<T>) -> bool {
+        tokio::select! {
+            biased;
+            n = rx.recv_many(batch, PAGE) => n > 0,
+            _ = self.flush.cancelled() => {
+                while let Ok(item) = rx.try_recv() {
+                    batch.push(item);
+                }
+                !batch.is_empty()
+            }
+        }
+    }
+
     /// XACKs and XDELs entries this node is done with.
     async fn remove_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<String>) {
         let mut batch = Vec::with_capacity(PAGE);
-        loop {
-            tokio::select! {
-                biased;
-                n = rx.recv_many(&mut batch, PAGE) => if n == 0 { return },
-                _ = self.flush.cancelled() => {
-                    while let Ok(item) = rx.try_recv() {
-                        batch.push(item);
-                    }
-                    if batch.is_empty() {
-                        return;
-                    }
-                }
-            }
+        while self.next_batch(&mut rx, &mut batch).await {
             if let Err(e) = self.remove(&batch).await {
                 // Left in this node's PEL: harmless (a claimer checks the
                 // database first), and gone if Redis restarted empty.
