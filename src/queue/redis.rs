@@ -983,14 +983,26 @@ impl RedisQueue {
         }
         // Claimed by this node from itself: only if still idle, so an
         // entry read again meanwhile (by a read whose answer came) is left.
+        self.claim(shard, lost, OWN_MIN_IDLE_MS).await
+    }
+
+    /// XCLAIMs `ids` of `shard` for this node, those idle at least
+    /// `min_idle_ms`, and checks them against the database: what is still
+    /// pending, to hand out.
+    async fn claim(
+        &self,
+        shard: usize,
+        ids: Vec<String>,
+        min_idle_ms: u64,
+    ) -> Result<Vec<Queued>, QueueError> {
         let entries: Vec<Entry> = self
             .fast()
             .xclaim_values(
-                key,
+                self.shards.key(shard),
                 GROUP,
                 &self.consumer,
-                OWN_MIN_IDLE_MS,
-                lost,
+                min_idle_ms,
+                ids,
                 None,
                 None,
                 None,
@@ -1044,26 +1056,7 @@ impl RedisQueue {
                     .await;
                 continue;
             }
-            let entries: Vec<Entry> = self
-                .fast()
-                .xclaim_values(
-                    key,
-                    GROUP,
-                    &self.consumer,
-                    CLAIM_MIN_IDLE_MS,
-                    ids,
-                    None,
-                    None,
-                    None,
-                    false,
-                    false,
-                )
-                .await?;
-            let entries = entries
-                .into_iter()
-                .map(|(entry, fields)| (shards::tag(shard, &entry), fields))
-                .collect();
-            claimed.extend(self.resolve(entries, true).await);
+            claimed.extend(self.claim(shard, ids, CLAIM_MIN_IDLE_MS).await?);
         }
         Ok(claimed)
     }

@@ -34,6 +34,13 @@ pub(crate) async fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// How many entries of `key` some node has read and not acknowledged
+/// (XPENDING's summary count), as redis-cli prints it.
+async fn held_entries(port: u16, key: &str) -> String {
+    let summary = redis_cli(port, &["XPENDING", key, "dispatch"]).await;
+    summary.lines().next().unwrap_or_default().to_owned()
+}
+
 /// Waits (at most `within`) until `check` holds.
 pub(crate) async fn until<F: Future<Output = bool>>(
     within: Duration,
@@ -142,10 +149,7 @@ async fn an_entry_read_while_the_database_fails_is_delivered_once_it_answers() {
     until(
         Duration::from_secs(10),
         "the node reads the entry",
-        || async {
-            let pending = redis_cli(port, &["XPENDING", &key, "dispatch"]).await;
-            pending.lines().next() == Some("1")
-        },
+        || async { held_entries(port, &key).await == "1" },
     )
     .await;
     // Long enough for a lookup to fail and, before the fix, be dropped.
@@ -221,16 +225,14 @@ async fn a_restore_that_puts_an_entry_back_in_a_live_nodes_list_loses_no_packet(
         Duration::from_secs(10),
         "the packet handed back to the stream",
         || async {
-            let pel = redis_cli(port, &["XPENDING", &key, "dispatch"]).await;
             let len = redis_cli(port, &["XLEN", &key]).await;
-            pel.lines().next() == Some("0") && len == "1"
+            held_entries(port, &key).await == "0" && len == "1"
         },
     )
     .await;
     drop(redis);
     redis = OwnRedis::start_with(port, &args).await;
-    let pel = redis_cli(port, &["XPENDING", &key, "dispatch"]).await;
-    assert_eq!(pel.lines().next(), Some("1"), "the snapshot's list: {pel}");
+    assert_eq!(held_entries(port, &key).await, "1", "the snapshot's list");
     let mut stream = subscribe(&mut client, "karma", 8, 30).await;
     let again = delivered(&mut stream, &id, Duration::from_secs(30)).await;
     assert_eq!(again.delivery_attempt, 2);
@@ -268,10 +270,7 @@ async fn an_entry_whose_read_answer_was_lost_is_delivered() {
     until(
         Duration::from_secs(10),
         "the slow node's read takes the entry",
-        || async {
-            let pel = redis_cli(port, &["XPENDING", &key, "dispatch"]).await;
-            pel.lines().next() == Some("1")
-        },
+        || async { held_entries(port, &key).await == "1" },
     )
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -338,10 +337,7 @@ async fn a_packet_read_after_the_last_stream_left_goes_back_to_the_stream() {
     until(
         Duration::from_secs(5),
         "the node whose stream left takes the entry",
-        || async {
-            let pel = redis_cli(port, &["XPENDING", &key, "dispatch"]).await;
-            pel.lines().next() == Some("1")
-        },
+        || async { held_entries(port, &key).await == "1" },
     )
     .await;
     let mut stream = subscribe(&mut other_client, "karma", 8, 30).await;
