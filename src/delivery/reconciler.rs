@@ -15,12 +15,17 @@
 //! happens without a reconnection, a node stopping between commit and
 //! XADD, is always recent.
 //!
+//! A packet pending in the database and absent from the stream may still be
+//! on its way there (committed, not yet XADDed, on this node or another):
+//! it is looked for again before it is added (see [`add_missing`]), so a
+//! pass does not put a second entry beside the one arriving.
+//!
 //! After every pass, and at shutdown, a node gives back what it kept or
 //! left to the database while Redis refused its packets ([`hand_back`]):
 //! from the database, so only what is still pending reaches the stream.
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
@@ -30,9 +35,16 @@ use super::dispatcher::Dispatcher;
 use crate::domain::PacketId;
 use crate::error::Error;
 use crate::queue::QueueSink;
+use crate::queue::redis::StreamView;
 
 /// Pending ids read per query.
 const PAGE: u32 = 10_000;
+/// How long after its commit a packet may still be on its way to the
+/// stream from another node; this node's own sends are waited for.
+const IN_FLIGHT: Duration = Duration::from_secs(2);
+/// Ids that look missing, looked for again together (the look waits
+/// [`IN_FLIGHT`], so not once a page).
+const CONFIRM_AT: usize = 50_000;
 /// How far before the previous pass the incremental one looks at packets,
 /// for commits in flight then.
 const OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
@@ -63,8 +75,8 @@ pub async fn reconcile(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
     // Held here first: an entry removed between the two reads is one this
     // node just took, so it is in one of the two sets.
     let held = dispatcher.held_ids();
-    let in_stream = redis.stream_ids(None).await?;
-    let added = add_missing(dispatcher, 0, None, &in_stream, &held).await?;
+    let mut in_stream = redis.stream_ids(None).await?;
+    let added = add_missing(dispatcher, 0, None, &mut in_stream, &held).await?;
     redis.checked(run);
     Ok(added)
 }
@@ -81,10 +93,10 @@ pub async fn reconcile_since(
         return Ok(0);
     };
     let held = dispatcher.held_ids();
-    let in_stream = redis
+    let mut in_stream = redis
         .stream_ids(Some(since - OVERLAP - CLOCK_SLACK))
         .await?;
-    add_missing(dispatcher, first - 1, None, &in_stream, &held).await
+    add_missing(dispatcher, first - 1, None, &mut in_stream, &held).await
 }
 
 /// Gives back to the stream what this node kept, or left to the database,
@@ -108,12 +120,12 @@ pub async fn hand_back(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
     // Out of the buffer now, so not among what this node holds.
     let held = dispatcher.held_ids();
     let added = match redis.stream_ids(None).await {
-        Ok(in_stream) => {
+        Ok(mut in_stream) => {
             add_missing(
                 dispatcher,
                 back.after_seq,
                 Some(back.upto_seq),
-                &in_stream,
+                &mut in_stream,
                 &held,
             )
             .await
@@ -131,30 +143,70 @@ pub async fn hand_back(dispatcher: &Arc<Dispatcher>) -> Result<usize, Error> {
 
 /// Adds the pending packets after seq `after` (up to `upto`) that are
 /// neither in the stream nor held here, page by page.
+///
+/// A packet is committed before its XADD, on whichever node committed it:
+/// one pending in the database and not in the stream may be on its way.
+/// So what looks missing is looked for again before it is added: once this
+/// node sent everything it committed, and [`IN_FLIGHT`] after the database
+/// said it was pending (time for another node's send), in the entries
+/// added to the stream since and among what this node holds by then; and
+/// what is still missing is asked of the database again (an entry read,
+/// marked and removed meanwhile is missing from the stream too).
 async fn add_missing(
     dispatcher: &Arc<Dispatcher>,
     mut after: i64,
     upto: Option<i64>,
-    in_stream: &HashSet<PacketId>,
+    in_stream: &mut StreamView,
     held: &HashSet<PacketId>,
 ) -> Result<usize, Error> {
     let redis = dispatcher.redis().expect("reconciling a Redis queue");
     let upto = upto.unwrap_or(i64::MAX);
     let mut added = 0;
-    while after < upto {
-        let page = dispatcher.store().pending_ids(after, PAGE).await?;
-        let Some(&(_, last)) = page.last() else {
-            break;
+    let mut looks_missing: Vec<PacketId> = Vec::new();
+    let mut since: Option<Instant> = None;
+    loop {
+        let last_page = if after < upto {
+            let read = Instant::now();
+            let page = dispatcher.store().pending_ids(after, PAGE).await?;
+            if let Some(&(_, last)) = page.last() {
+                after = last;
+            }
+            let before = looks_missing.len();
+            looks_missing.extend(
+                page.iter()
+                    .filter(|(id, seq)| {
+                        *seq <= upto && !in_stream.ids.contains(id) && !held.contains(id)
+                    })
+                    .map(|(id, _)| *id),
+            );
+            if looks_missing.len() > before {
+                since.get_or_insert(read);
+            }
+            page.len() < PAGE as usize
+        } else {
+            true
         };
-        after = last;
-        let missing: Vec<PacketId> = page
-            .iter()
-            .filter(|(id, seq)| *seq <= upto && !in_stream.contains(id) && !held.contains(id))
-            .map(|(id, _)| *id)
-            .collect();
-        redis.add_ids(&missing).await?;
-        added += missing.len();
-        if page.len() < PAGE as usize {
+        if let Some(read) = since
+            && (last_page || looks_missing.len() >= CONFIRM_AT)
+        {
+            tokio::time::sleep_until((read + IN_FLIGHT).into()).await;
+            redis.sent_so_far(IN_FLIGHT).await;
+            redis.catch_up(in_stream).await?;
+            let held = dispatcher.held_ids();
+            looks_missing.retain(|id| !in_stream.ids.contains(id) && !held.contains(id));
+            // An entry read, marked and removed meanwhile is not in the
+            // stream either: its packet is no longer pending.
+            let mut missing = Vec::with_capacity(looks_missing.len());
+            for chunk in looks_missing.chunks(PAGE as usize) {
+                let pending = dispatcher.store().pending_among(chunk).await?;
+                missing.extend(pending.iter().map(|p| p.packet.packet_id));
+            }
+            redis.add_ids(&missing).await?;
+            added += missing.len();
+            looks_missing.clear();
+            since = None;
+        }
+        if last_page {
             break;
         }
     }

@@ -65,6 +65,9 @@ use crate::domain::lease_token::{LeaseChange, LeaseToken};
 use crate::error::Error;
 use crate::store::{PendingPacket, Store};
 
+mod reconciling;
+pub use reconciling::StreamView;
+
 const GROUP: &str = "dispatch";
 const ID: &str = "id";
 const BODY: &str = "p";
@@ -187,6 +190,11 @@ pub struct RedisQueue {
     /// This node's name in the consumer group.
     consumer: String,
     outgoing: mpsc::UnboundedSender<Outgoing>,
+    /// Packets given to `outgoing`, and of those how many the adder is
+    /// done with (added, or kept when Redis refused): the reconciler waits
+    /// for the second to reach the first before it calls a packet missing.
+    pushed: AtomicU64,
+    sent: watch::Sender<u64>,
     done: mpsc::UnboundedSender<String>,
     receivers: Mutex<Option<Receivers>>,
     /// Ends the adder and remover once they drained (after the dispatcher).
@@ -349,6 +357,8 @@ impl RedisQueue {
             listening: watch::Sender::new(false),
             consumer: node.to_owned(),
             outgoing,
+            pushed: AtomicU64::new(0),
+            sent: watch::Sender::new(0),
             done,
             receivers: Mutex::new(Some(Receivers {
                 outgoing: outgoing_rx,
@@ -428,6 +438,8 @@ impl RedisQueue {
 
     /// Newly committed packets, for any node to take.
     pub fn push(&self, packets: Vec<PendingPacket>) {
+        self.pushed
+            .fetch_add(packets.len() as u64, Ordering::Release);
         for pending in packets {
             let _ = self.outgoing.send(Outgoing {
                 pending,
@@ -439,6 +451,8 @@ impl RedisQueue {
     /// Packets whose lease ended unmarked: added anew for any node, and
     /// their old entries removed.
     pub fn requeue(&self, packets: Vec<Queued>) {
+        self.pushed
+            .fetch_add(packets.len() as u64, Ordering::Release);
         let mut moving = self.moving.lock().expect("moving lock");
         for queued in packets {
             moving.extend(queued.entry.clone());
@@ -540,6 +554,7 @@ impl RedisQueue {
     ) {
         let mut batch = Vec::with_capacity(PAGE);
         while self.next_batch(&mut rx, &mut batch).await {
+            let count = batch.len() as u64;
             let added = self.xadd(&batch).await;
             {
                 // Removed below, or back in this node's hands.
@@ -566,6 +581,7 @@ impl RedisQueue {
                     );
                 }
             }
+            self.sent.send_modify(|n| *n += count);
         }
     }
 
@@ -1061,51 +1077,6 @@ impl RedisQueue {
         Ok(claimed)
     }
 
-    /// The packet ids in the stream (every shard), all or those of entries
-    /// added since `since` (for the reconciler).
-    pub async fn stream_ids(
-        &self,
-        since: Option<DateTime<Utc>>,
-    ) -> Result<std::collections::HashSet<PacketId>, QueueError> {
-        let mut ids = std::collections::HashSet::new();
-        for shard in 0..self.shards.count() {
-            self.shard_ids(shard, since, &mut ids).await?;
-        }
-        Ok(ids)
-    }
-
-    async fn shard_ids(
-        &self,
-        shard: usize,
-        since: Option<DateTime<Utc>>,
-        ids: &mut std::collections::HashSet<PacketId>,
-    ) -> Result<(), QueueError> {
-        // Entry ids begin with the time (ms) they were added.
-        let mut start = since.map_or("-".to_owned(), |t| {
-            format!("{}-0", t.timestamp_millis().max(0))
-        });
-        loop {
-            let page: Vec<Entry> = self
-                .fast()
-                .xrange(
-                    self.shards.key(shard),
-                    start.as_str(),
-                    "+",
-                    Some(PAGE as u64),
-                )
-                .await?;
-            let last = page.last().map(|(id, _)| id.clone());
-            ids.extend(
-                page.iter()
-                    .filter_map(|(_, f)| f.get(ID).and_then(|v| PacketId::parse(v).ok())),
-            );
-            match last {
-                Some(last) if page.len() == PAGE => start = format!("({last}"),
-                _ => return Ok(()),
-            }
-        }
-    }
-
     /// ExtendLease for leases `holder` (another node) granted: asks it, and
     /// waits for its answer at most [`ASK_TIMEOUT`].
     pub async fn change_leases(
@@ -1196,67 +1167,6 @@ impl RedisQueue {
                 });
             }
         }
-    }
-
-    /// Adds ids alone (the reconciler): the reader reads their packets from
-    /// the database.
-    pub async fn add_ids(&self, ids: &[PacketId]) -> Result<(), QueueError> {
-        for chunk in ids.chunks(PAGE) {
-            let pipeline = self.commands.pipeline();
-            for id in chunk {
-                let key = self.shards.key(self.shards.of(*id));
-                let _: () = pipeline
-                    .xadd(key, false, None, "*", (ID, id.to_string()))
-                    .await?;
-            }
-            let _: Vec<Value> = pipeline.all().await?;
-        }
-        Ok(())
-    }
-
-    /// The run_id of the Redis server answering (of one node, in a
-    /// cluster): new at every start of a server.
-    pub async fn run_id(&self) -> Result<String, QueueError> {
-        let info: String = self
-            .fast()
-            .info(Some(fred::types::InfoKind::Server))
-            .await?;
-        Ok(info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .unwrap_or_default()
-            .trim()
-            .to_owned())
-    }
-
-    /// Whether the stream last checked was another server's than `run`'s
-    /// (so this one may have lost or gained entries since).
-    pub fn restarted(&self, run: &str) -> bool {
-        let checked = self.checked_run.lock().expect("checked lock");
-        checked.as_deref().is_some_and(|c| c != run)
-    }
-
-    /// The stream of the server `run` was checked against the database.
-    pub fn checked(&self, run: String) {
-        *self.checked_run.lock().expect("checked lock") = Some(run);
-    }
-
-    /// Entries in the stream (every shard), and how many of them nodes hold.
-    pub async fn depth(&self) -> Result<(u64, u64), QueueError> {
-        if !self.connected() {
-            return Ok((0, 0));
-        }
-        let (mut len, mut held) = (0, 0);
-        for shard in 0..self.shards.count() {
-            let key = self.shards.key(shard);
-            len += self.fast().xlen::<u64, _>(key).await?;
-            let summary: Value = self.fast().xpending(key, GROUP, ()).await?;
-            held += match summary {
-                Value::Array(parts) => parts.first().and_then(|v| v.as_u64()).unwrap_or(0),
-                _ => 0,
-            };
-        }
-        Ok((len, held))
     }
 }
 
