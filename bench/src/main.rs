@@ -4,6 +4,7 @@
 mod consume_stream;
 mod consumers;
 mod costs;
+mod floor;
 mod load;
 mod modes;
 mod nats;
@@ -63,6 +64,16 @@ enum Command {
     /// Load N packets, then measure Status, /metrics, UserPackets, RSS and
     /// the database's size with them stored
     Scale(ScaleArgs),
+    /// Serve the contract with nothing behind it (no store, no log, no edge
+    /// layers), for `e2e --url`: what the network path alone costs
+    Floor(FloorArgs),
+}
+
+#[derive(Args, Debug)]
+struct FloorArgs {
+    /// Where to listen
+    #[arg(long, default_value = "127.0.0.1:3960")]
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Args, Debug)]
@@ -476,6 +487,10 @@ async fn run(command: Command) -> Result<ExitCode> {
             let result = scale::scale(&server, &plan).await;
             server.stop().await;
             result?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Floor(a) => {
+            floor::serve(a.listen).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot(a) => {
