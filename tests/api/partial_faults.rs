@@ -23,6 +23,36 @@ async fn node(port: u16, tune: impl FnOnce(&mut Config)) -> TestApp {
     TestApp::spawn_with(db, config).await
 }
 
+/// Two nodes on one PostgreSQL database and the test's own Redis: `linked`
+/// reaches Redis through a proxy the test owns (`link`), `direct` does not.
+struct LinkedPair {
+    port: u16,
+    _redis: OwnRedis,
+    link: Proxy,
+    linked: TestApp,
+    direct: TestApp,
+}
+
+async fn linked_pair(tune: impl Fn(&mut Config)) -> LinkedPair {
+    let port = OwnRedis::free_port();
+    let redis = OwnRedis::start_with(port, &[]).await;
+    let link = Proxy::start(port).await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    tune(&mut config);
+    config.redis.redis_url = Some(format!("redis://127.0.0.1:{}", link.port()));
+    let linked = TestApp::spawn_with(db.clone(), config.clone()).await;
+    config.redis.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+    let direct = TestApp::spawn_with(db, config).await;
+    LinkedPair {
+        port,
+        _redis: redis,
+        link,
+        linked,
+        direct,
+    }
+}
+
 pub(crate) async fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = tokio::process::Command::new("redis-cli")
         .args(["-p", &port.to_string()])
@@ -247,15 +277,13 @@ async fn a_restore_that_puts_an_entry_back_in_a_live_nodes_list_loses_no_packet(
 /// delivered again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_whose_read_answer_was_lost_is_delivered() {
-    let port = OwnRedis::free_port();
-    let _redis = OwnRedis::start_with(port, &[]).await;
-    let link = Proxy::start(port).await;
-    let db = TestDb::new(Backend::Postgres).await;
-    let mut config = test_config(&db);
-    config.redis.redis_url = Some(format!("redis://127.0.0.1:{}", link.port()));
-    let slow = TestApp::spawn_with(db.clone(), config.clone()).await;
-    config.redis.redis_url = Some(format!("redis://127.0.0.1:{port}"));
-    let direct = TestApp::spawn_with(db, config).await;
+    let LinkedPair {
+        port,
+        _redis,
+        link,
+        linked: slow,
+        direct,
+    } = linked_pair(|_| {}).await;
     let key = format!("{}pending", slow.config.redis.redis_prefix);
     let mut slow_client = slow.client().await;
     wait_for_redis(&mut slow_client, true).await;
@@ -287,16 +315,13 @@ async fn an_entry_whose_read_answer_was_lost_is_delivered() {
 /// put it in the stream for its own streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packet_kept_by_a_node_without_streams_reaches_another_nodes_stream() {
-    let port = OwnRedis::free_port();
-    let _redis = OwnRedis::start_with(port, &[]).await;
-    let link = Proxy::start(port).await;
-    let db = TestDb::new(Backend::Postgres).await;
-    let mut config = test_config(&db);
-    config.redis.reconcile_seconds = 1;
-    config.redis.redis_url = Some(format!("redis://127.0.0.1:{}", link.port()));
-    let cut_off = TestApp::spawn_with(db.clone(), config.clone()).await;
-    config.redis.redis_url = Some(format!("redis://127.0.0.1:{port}"));
-    let direct = TestApp::spawn_with(db, config).await;
+    let LinkedPair {
+        _redis,
+        link,
+        linked: cut_off,
+        direct,
+        ..
+    } = linked_pair(|c| c.redis.reconcile_seconds = 1).await;
     let mut cut_client = cut_off.client().await;
     wait_for_redis(&mut cut_client, true).await;
     let mut direct_client = direct.client().await;
@@ -354,16 +379,13 @@ async fn a_packet_read_after_the_last_stream_left_goes_back_to_the_stream() {
 /// in `redis_cluster`, under load).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packet_on_its_way_to_the_stream_is_not_added_twice() {
-    let port = OwnRedis::free_port();
-    let _redis = OwnRedis::start_with(port, &[]).await;
-    let link = Proxy::start(port).await;
-    let db = TestDb::new(Backend::Postgres).await;
-    let mut config = test_config(&db);
-    config.redis.reconcile_seconds = 1;
-    config.redis.redis_url = Some(format!("redis://127.0.0.1:{}", link.port()));
-    let slow = TestApp::spawn_with(db.clone(), config.clone()).await;
-    config.redis.redis_url = Some(format!("redis://127.0.0.1:{port}"));
-    let direct = TestApp::spawn_with(db, config).await;
+    let LinkedPair {
+        port,
+        _redis,
+        link,
+        linked: slow,
+        direct,
+    } = linked_pair(|c| c.redis.reconcile_seconds = 1).await;
     let key = format!("{}pending", slow.config.redis.redis_prefix);
     let mut slow_client = slow.client().await;
     wait_for_redis(&mut slow_client, true).await;
