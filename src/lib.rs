@@ -1,5 +1,6 @@
 //! The PRANA bucket: durable ingest of PRANA telemetry packets and their
 //! leased, at-least-once delivery to the Karma Tracker.
+pub mod allocator;
 pub mod bucket;
 pub mod config;
 pub mod delivery;

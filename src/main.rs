@@ -3,8 +3,28 @@ use bucket::startup::Application;
 use bucket::telemetry;
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: bucket::allocator::Allocator = bucket::allocator::Allocator {};
+
+/// mimalloc's options, set before Rust's runtime allocates anything:
+/// constructors with a priority run before those without (mimalloc's own)
+/// and before `main`.
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array.00100")]
+static TUNE_ALLOCATOR: extern "C" fn() = bucket::allocator::tune;
+
+fn main() -> anyhow::Result<()> {
+    // Before any thread or SQLite connection exists.
+    #[cfg(not(target_os = "linux"))]
+    bucket::allocator::tune();
+    // SAFETY: no other thread exists yet, so none uses SQLite.
+    unsafe { bucket::store::before_first_connection() };
+    serve()
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn serve() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init_logs(config.log_json);
     let app = Application::build(config).await?;

@@ -15,6 +15,7 @@ mod postgres;
 pub mod retention;
 mod rows;
 mod sqlite;
+pub use sqlite::before_first_connection;
 /// The SQLite record log's on-disk format (blocks, and the records in
 /// them), public for its fuzz target.
 pub use sqlite::{log as record_log, record as log_record};
