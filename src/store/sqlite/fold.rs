@@ -74,6 +74,10 @@ pub struct Folder {
 /// Settings of the writing connection.
 pub fn prepare(conn: &rusqlite::Connection) -> Result<(), StoreError> {
     conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
+    // Every shape of the fold's statements stays prepared (four kinds of
+    // nine sizes each, and the rest); past the cache they are compiled
+    // again, the 256-row INSERT's 6,144 placeholders among them.
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(())
 }
 
@@ -315,20 +319,18 @@ const ROW_VALUES: usize = 24;
 fn insert_sql(n: usize) -> &'static str {
     static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let shapes = SHAPES.get_or_init(|| {
-        (0..=rows::MAX_ROWS_PER_STATEMENT.ilog2())
-            .map(|k| {
-                let row = format!("({})", ["?"; ROW_VALUES].join(", "));
-                format!(
-                    "INSERT OR FAIL INTO packets ({ROW}) VALUES {} ON CONFLICT (seq) DO UPDATE SET \
+        shapes(|n| {
+            let row = format!("({})", ["?"; ROW_VALUES].join(", "));
+            format!(
+                "INSERT OR FAIL INTO packets ({ROW}) VALUES {} ON CONFLICT (seq) DO UPDATE SET \
                      status = excluded.status, delivery_attempts = excluded.delivery_attempts, \
                      processed_at = excluded.processed_at, \
                      processed_by_karma = excluded.processed_by_karma, \
                      karma_actions = excluded.karma_actions, \
                      processing_error = excluded.processing_error",
-                    vec![row; 1 << k].join(", ")
-                )
-            })
-            .collect()
+                vec![row; n].join(", ")
+            )
+        })
     });
     &shapes[n.ilog2() as usize]
 }
@@ -383,23 +385,53 @@ fn update_changed(
     tx: &rusqlite::Transaction<'_>,
     changed: &[&(PacketId, Entry)],
 ) -> Result<(), StoreError> {
-    let mut update = tx.prepare_cached(
-        "UPDATE OR FAIL packets SET status = ?2, delivery_attempts = ?3, processed_at = ?4, \
-         processed_by_karma = ?5, karma_actions = ?6, processing_error = ?7 WHERE seq = ?1",
-    )?;
-    for (_, entry) in changed.iter().copied() {
-        let s = &entry.state;
-        update.execute(params![
-            entry.seq,
-            s.status.as_str(),
-            s.attempts,
-            s.processed_at.map(text_time),
-            s.processed_by_karma,
-            &*s.karma_actions,
-            s.error_message.as_deref(),
-        ])?;
+    for chunk in rows::chunks(changed) {
+        let mut update = tx.prepare_cached(update_sql(chunk.len()))?;
+        let mut at = 0;
+        let mut bind = |value: &dyn rusqlite::ToSql| {
+            at += 1;
+            update.raw_bind_parameter(at, value)
+        };
+        for (_, entry) in chunk.iter().copied() {
+            let s = &entry.state;
+            bind(&entry.seq)?;
+            bind(&s.status.as_str())?;
+            bind(&s.attempts)?;
+            bind(&s.processed_at.map(text_time))?;
+            bind(&s.processed_by_karma)?;
+            bind(&&*s.karma_actions)?;
+            bind(&s.error_message.as_deref())?;
+        }
+        update.raw_execute()?;
     }
     Ok(())
+}
+
+/// The UPDATE of `n` rows (a power of two) by their seqs, one statement
+/// for many rows: a statement per row cost a program start each, the
+/// larger part of what a fold spent on marks.
+fn update_sql(n: usize) -> &'static str {
+    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let shapes = SHAPES.get_or_init(|| {
+        shapes(|n| {
+            format!(
+                "UPDATE OR FAIL packets SET status = v.column2, delivery_attempts = v.column3, \
+                 processed_at = v.column4, processed_by_karma = v.column5, \
+                 karma_actions = v.column6, processing_error = v.column7 \
+                 FROM (VALUES {}) AS v WHERE packets.seq = v.column1",
+                vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
+            )
+        })
+    });
+    &shapes[n.ilog2() as usize]
+}
+
+/// A statement's text for each power of two of rows, up to
+/// [`rows::MAX_ROWS_PER_STATEMENT`], indexed by the power.
+fn shapes(text: impl Fn(usize) -> String) -> Vec<String> {
+    (0..=rows::MAX_ROWS_PER_STATEMENT.ilog2())
+        .map(|k| text(1 << k))
+        .collect()
 }
 
 /// Adds this fold's packets to each user's chain: one `user_folds` row per
@@ -416,23 +448,74 @@ fn chain_users(
     for (_, entry) in new.iter().copied() {
         by_user.entry(entry.user_id()).or_default().push(entry.seq);
     }
-    let mut head = tx.prepare_cached("SELECT fold FROM user_heads WHERE user_id = ?1")?;
-    let mut link = tx.prepare_cached(
-        "INSERT OR IGNORE INTO user_folds (fold, user_id, prev, last_seq, seqs) \
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    let mut advance = tx.prepare_cached(
-        "INSERT INTO user_heads (user_id, fold) VALUES (?1, ?2) \
-         ON CONFLICT (user_id) DO UPDATE SET fold = excluded.fold",
-    )?;
-    for (user, seqs) in by_user {
-        let prev: Option<i64> = head.query_row([user], |r| r.get(0)).optional()?;
-        let last = *seqs.last().expect("at least one");
-        let list = serde_json::to_string(&seqs).expect("numbers encode");
-        link.execute(params![fold, user, prev.filter(|p| *p != fold), last, list])?;
-        advance.execute(params![user, fold])?;
+    let users: Vec<(&str, i64, String)> = by_user
+        .into_iter()
+        .map(|(user, seqs)| {
+            let last = *seqs.last().expect("at least one");
+            (
+                user,
+                last,
+                serde_json::to_string(&seqs).expect("numbers encode"),
+            )
+        })
+        .collect();
+    // Several users per statement (each user once, so no row of a chunk
+    // reads a head another row of it moves); the links read the heads
+    // before the heads move on.
+    for chunk in rows::chunks(&users) {
+        let mut link = tx.prepare_cached(link_sql(chunk.len()))?;
+        link.raw_bind_parameter(1, fold)?;
+        for (i, (user, last, seqs)) in chunk.iter().enumerate() {
+            link.raw_bind_parameter(2 + 3 * i, user)?;
+            link.raw_bind_parameter(3 + 3 * i, last)?;
+            link.raw_bind_parameter(4 + 3 * i, seqs)?;
+        }
+        link.raw_execute()?;
+        let mut advance = tx.prepare_cached(advance_sql(chunk.len()))?;
+        advance.raw_bind_parameter(1, fold)?;
+        for (i, (user, _, _)) in chunk.iter().enumerate() {
+            advance.raw_bind_parameter(2 + i, user)?;
+        }
+        advance.raw_execute()?;
     }
     Ok(())
+}
+
+/// Links `n` users' rows of fold `?1` to each one's previous head (none
+/// when the head is this very fold: a fold replayed over itself).
+fn link_sql(n: usize) -> &'static str {
+    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let shapes = SHAPES.get_or_init(|| {
+        shapes(|n| {
+            let rows: Vec<String> = (0..n)
+                .map(|i| format!("(?{}, ?{}, ?{})", 2 + 3 * i, 3 + 3 * i, 4 + 3 * i))
+                .collect();
+            format!(
+                "INSERT OR IGNORE INTO user_folds (fold, user_id, prev, last_seq, seqs) \
+                 SELECT ?1, v.column1, (SELECT h.fold FROM user_heads h \
+                 WHERE h.user_id = v.column1 AND h.fold <> ?1), v.column2, v.column3 \
+                 FROM (VALUES {}) AS v",
+                rows.join(", ")
+            )
+        })
+    });
+    &shapes[n.ilog2() as usize]
+}
+
+/// Moves `n` users' heads to fold `?1`.
+fn advance_sql(n: usize) -> &'static str {
+    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let shapes = SHAPES.get_or_init(|| {
+        shapes(|n| {
+            let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 2 + i)).collect();
+            format!(
+                "INSERT INTO user_heads (user_id, fold) SELECT column1, ?1 FROM (VALUES {}) \
+                 WHERE true ON CONFLICT (user_id) DO UPDATE SET fold = excluded.fold",
+                rows.join(", ")
+            )
+        })
+    });
+    &shapes[n.ilog2() as usize]
 }
 
 /// The first seq of the packets received at or after `since`. Seqs and
