@@ -121,6 +121,46 @@ impl<Id: Into<Uuid>> PendingRow<Id> {
     }
 }
 
+impl PendingRow<Uuid> {
+    /// A row of [`PENDING_COLUMNS`] as rusqlite reads it from SQLite (the
+    /// hot reads skip sqlx, which hands each row to the runtime on its own):
+    /// times as the text sqlx writes, the id hyphenated, JSON as text.
+    pub(super) fn from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        fn bad(at: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+            rusqlite::Error::FromSqlConversionFailure(at, rusqlite::types::Type::Text, Box::new(e))
+        }
+        let time = |at: usize| -> rusqlite::Result<DateTime<Utc>> {
+            let text: String = r.get(at)?;
+            DateTime::parse_from_rfc3339(&text)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| bad(at, e))
+        };
+        let id: String = r.get(1)?;
+        let raw_signals: String = r.get(16)?;
+        Ok(PendingRow {
+            seq: r.get(0)?,
+            packet_id: Uuid::try_parse(&id).map_err(|e| bad(1, e))?,
+            user_id: r.get(2)?,
+            employee_id: r.get(3)?,
+            session_id: r.get(4)?,
+            lesson_id: r.get(5)?,
+            system_type: r.get(6)?,
+            role: r.get(7)?,
+            client_timestamp: time(8)?,
+            cognitive_state: r.get(9)?,
+            state: r.get(10)?,
+            active_seconds: r.get(11)?,
+            idle_seconds: r.get(12)?,
+            away_seconds: r.get(13)?,
+            focus_score: r.get(14)?,
+            integrity_score: r.get(15)?,
+            raw_signals: Json(serde_json::from_str(&raw_signals).map_err(|e| bad(16, e))?),
+            received_at: time(17)?,
+            delivery_attempts: r.get(18)?,
+        })
+    }
+}
+
 impl<Id: Into<Uuid>> StoredRow<Id> {
     pub(super) fn into_stored(self) -> Result<StoredPacket, StoreError> {
         let status = DeliveryStatus::parse(&self.status).ok_or_else(|| {

@@ -69,6 +69,8 @@ const MAX_UNFOLDED: usize = 200_000;
 pub struct SqliteBackend {
     shared: Arc<Shared>,
     reads: SqlitePool,
+    /// Delivery's reads (see [`reads::Readers`]); `reads` serves the rest.
+    readers: Arc<reads::Readers>,
     folder: Folder,
 }
 
@@ -156,6 +158,7 @@ impl SqliteBackend {
             .await?;
         sqlx::Connection::close(migrator).await?;
         let path = options.get_filename().to_owned();
+        let readers = reads::Readers::new(path.clone());
         let (shared, tables) =
             tokio::task::spawn_blocking(move || -> Result<_, StoreError> { recover(&path) })
                 .await
@@ -173,6 +176,7 @@ impl SqliteBackend {
         Ok(Self {
             shared,
             reads,
+            readers,
             folder,
         })
     }
@@ -558,11 +562,11 @@ impl Backend for SqliteBackend {
     }
 
     async fn pending_after(&self, seq: i64, limit: u32) -> Result<Vec<PendingPacket>, StoreError> {
-        reads::pending_after(&self.shared.overlay, &self.reads, seq, limit).await
+        reads::pending_after(&self.shared.overlay, &self.readers, seq, limit).await
     }
 
     async fn pending_among(&self, ids: &[PacketId]) -> Result<Vec<PendingPacket>, StoreError> {
-        reads::pending_among(&self.shared.overlay, &self.reads, ids).await
+        reads::pending_among(&self.shared.overlay, &self.readers, ids).await
     }
 
     async fn pending_ids(
@@ -571,7 +575,7 @@ impl Backend for SqliteBackend {
         limit: u32,
     ) -> Result<Vec<(PacketId, i64)>, StoreError> {
         Ok(
-            reads::pending_after(&self.shared.overlay, &self.reads, after, limit)
+            reads::pending_after(&self.shared.overlay, &self.readers, after, limit)
                 .await?
                 .into_iter()
                 .map(|p| (p.packet.packet_id, p.seq))
@@ -622,6 +626,7 @@ impl Backend for SqliteBackend {
 
     async fn close(&self) {
         self.folder.close().await;
+        self.readers.close();
         self.reads.close().await;
     }
 

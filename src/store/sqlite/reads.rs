@@ -7,7 +7,10 @@
 //! in the copy, or in the tables by the time they are read), and a state
 //! newer than the copy is at most one the read did not wait for.
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+
+use rusqlite::params;
 
 use sqlx::SqlitePool;
 use uuid::fmt::Hyphenated;
@@ -16,6 +19,56 @@ use super::overlay::{Entry, Kind, Overlay, State};
 use crate::domain::{DeliveryStatus, PacketId};
 use crate::store::rows::{PENDING_COLUMNS, PendingRow, STORED_COLUMNS, StoredRow};
 use crate::store::{PendingPacket, StoreError, StoredPacket, UserQuery};
+
+/// rusqlite connections for the reads on delivery's path (the backlog,
+/// the reconciler's look-ups), each read on the blocking pool: sqlx hands
+/// every row from its worker thread to the runtime on its own, and under a
+/// sustained load that was a tenth of the bucket's CPU for the backlog's
+/// reads alone.
+pub struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<rusqlite::Connection>>,
+}
+
+/// Connections kept between reads; more are opened while more reads run.
+const IDLE_READERS: usize = 4;
+
+impl Readers {
+    pub fn new(path: PathBuf) -> Arc<Readers> {
+        Arc::new(Readers {
+            path,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Closes the idle connections (a read still running closes its own).
+    pub fn close(&self) {
+        self.idle.lock().expect("readers lock").clear();
+    }
+
+    /// Runs `read` on a connection of its own, off the runtime.
+    async fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        read: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = readers.idle.lock().expect("readers lock").pop();
+            let conn = match idle {
+                Some(conn) => conn,
+                None => super::open_connection(&readers.path)?,
+            };
+            let out = read(&conn);
+            let mut idle = readers.idle.lock().expect("readers lock");
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("a read stopped: {e}").into()))?
+    }
+}
 
 fn json(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).expect("JSON values always encode")
@@ -83,7 +136,7 @@ impl PendingView {
 /// Pending packets after `after`, oldest first, at most `limit`.
 pub async fn pending_after(
     overlay: &Mutex<Overlay>,
-    pool: &SqlitePool,
+    readers: &Arc<Readers>,
     after: i64,
     limit: u32,
 ) -> Result<Vec<PendingPacket>, StoreError> {
@@ -91,15 +144,18 @@ pub async fn pending_after(
     for (_, entry) in overlay.lock().expect("overlay lock").after(after) {
         view.add(entry);
     }
-    let sql = format!(
-        "SELECT {PENDING_COLUMNS} FROM packets WHERE status = 'pending' AND seq > $1 \
-         AND seq NOT IN (SELECT value FROM json_each($3)) ORDER BY seq LIMIT $2"
-    );
-    let rows: Vec<PendingRow<Hyphenated>> = sqlx::query_as(&sql)
-        .bind(after)
-        .bind(i64::from(limit))
-        .bind(json(&view.stale))
-        .fetch_all(pool)
+    let stale = json(&view.stale);
+    let rows = readers
+        .read(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {PENDING_COLUMNS} FROM packets WHERE status = 'pending' AND seq > ?1 \
+                 AND seq NOT IN (SELECT value FROM json_each(?3)) ORDER BY seq LIMIT ?2"
+            ))?;
+            let rows = statement
+                .query_map(params![after, limit, stale], PendingRow::from_sqlite)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
         .await?;
     let full = rows.len() >= limit as usize;
     let rows = rows
@@ -114,7 +170,7 @@ pub async fn pending_after(
 /// Those of `ids` that are pending, in seq order.
 pub async fn pending_among(
     overlay: &Mutex<Overlay>,
-    pool: &SqlitePool,
+    readers: &Arc<Readers>,
     ids: &[PacketId],
 ) -> Result<Vec<PendingPacket>, StoreError> {
     let mut view = PendingView::default();
@@ -133,15 +189,19 @@ pub async fn pending_among(
             }
         }
     }
-    let sql = format!(
-        "SELECT {PENDING_COLUMNS} FROM packets WHERE status = 'pending' \
-         AND packet_id IN (SELECT value FROM json_each($1)) \
-         AND seq NOT IN (SELECT value FROM json_each($2)) ORDER BY seq"
-    );
-    let rows: Vec<PendingRow<Hyphenated>> = sqlx::query_as(&sql)
-        .bind(json(&ask))
-        .bind(json(&view.stale))
-        .fetch_all(pool)
+    let (ask, stale) = (json(&ask), json(&view.stale));
+    let rows = readers
+        .read(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {PENDING_COLUMNS} FROM packets WHERE status = 'pending' \
+                 AND packet_id IN (SELECT value FROM json_each(?1)) \
+                 AND seq NOT IN (SELECT value FROM json_each(?2)) ORDER BY seq"
+            ))?;
+            let rows = statement
+                .query_map(params![ask, stale], PendingRow::from_sqlite)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
         .await?;
     let rows = rows
         .into_iter()
