@@ -21,14 +21,17 @@ pub type Allocator = mimalloc::MiMalloc;
 const ARENA_EAGER_COMMIT: ffi::mi_option_t = 4;
 const PURGE_DELAY: ffi::mi_option_t = 15;
 
-/// Memory is handed back to the system at once and arenas are committed as
-/// used: under a sustained closed loop the defaults held 120 MiB where
-/// these hold 61 MiB, for ~7 % of the throughput (BENCHMARKS.md). Set
-/// after the first allocation instead, arena_eager_commit no longer counts
-/// (the first arena is reserved by then): 91 MiB.
+/// Freed memory goes back to the system after 10 ms, and arenas are
+/// committed as they are used. Under a sustained closed loop (BENCHMARKS.md,
+/// fifth session): the defaults held 120-127 MiB; these 62-63 MiB and
+/// delivered 19.5-20.1k/s; a 0 ms delay 59 MiB but 15.8-18.0k/s (every
+/// page freed and faulted in again, with a TLB shootdown each), 50 ms
+/// 67-68 MiB for 20.2-20.5k/s. Set after the first allocation instead,
+/// arena_eager_commit no longer counts (the first arena is reserved by
+/// then): 91 MiB.
 pub extern "C" fn tune() {
     set_unless_given(ARENA_EAGER_COMMIT, c"MIMALLOC_ARENA_EAGER_COMMIT", 0);
-    set_unless_given(PURGE_DELAY, c"MIMALLOC_PURGE_DELAY", 0);
+    set_unless_given(PURGE_DELAY, c"MIMALLOC_PURGE_DELAY", 10);
 }
 
 fn set_unless_given(option: ffi::mi_option_t, env: &CStr, value: c_long) {
