@@ -43,14 +43,15 @@ pub struct Config {
     #[arg(long, env = "BUCKET_MAX_BATCH", default_value_t = 500, value_parser = usize_in::<1, 10_000>)]
     pub max_batch: usize,
 
-    /// Most queued writes the writer commits in one transaction.
     /// Inserts waiting for a commit at once; past it ingest answers
     /// UNAVAILABLE (retry with backoff) instead of queueing without bound.
     #[arg(long, env = "BUCKET_MAX_QUEUED_WRITES", default_value_t = 100_000, value_parser = usize_in::<1, 10_000_000>)]
     pub max_queued_writes: usize,
 
-    #[arg(long, env = "BUCKET_MAX_COMMIT", default_value_t = 1000, value_parser = usize_in::<1, 100_000>)]
-    pub max_commit: usize,
+    /// Most inserts one commit takes (every waiting mark and lease end
+    /// joins it too); unset: 128 on SQLite, 1000 on PostgreSQL.
+    #[arg(long, env = "BUCKET_MAX_COMMIT", value_parser = usize_in::<1, 100_000>)]
+    pub max_commit: Option<usize>,
 
     /// How long a writer lets writes gather before a commit when they come
     /// in company (every commit costs an fsync), in microseconds; unset:

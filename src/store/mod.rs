@@ -269,6 +269,8 @@ pub struct Writers {
     /// How long a writer lets writes gather when they come in company,
     /// unless configured: every commit costs an fsync.
     pub linger: std::time::Duration,
+    /// Most inserts in one commit, unless configured.
+    pub max_commit: usize,
 }
 
 /// A commit group: every write the writer took, by kind.

@@ -67,8 +67,9 @@ type Lane = mpsc::UnboundedSender<Job>;
 /// How much one commit takes.
 #[derive(Debug, Clone, Copy)]
 pub struct CommitLimits {
-    /// Most writes in one commit.
-    pub max_writes: usize,
+    /// Most inserts in one commit (delivery writes all join); None: the
+    /// engine's default.
+    pub max_writes: Option<usize>,
     /// How long a writer waits for company (see `gather`); None: the
     /// engine's default.
     pub linger: Option<Duration>,
@@ -125,7 +126,7 @@ impl Writer {
             backend,
             gate,
             listener,
-            max_commit: limits.max_writes.max(1),
+            max_commit: limits.max_writes.unwrap_or(writers.max_commit).max(1),
             linger: limits.linger.unwrap_or(writers.linger),
             newest: AtomicI64::new(0),
         });
@@ -570,6 +571,7 @@ mod tests {
                 delivery: 0,
                 blocking: false,
                 linger: Duration::ZERO,
+                max_commit: 100,
             }
         }
     }
@@ -611,7 +613,7 @@ mod tests {
     fn start_with(fake: &Arc<Fake>, heard: &Arc<Heard>, max_queued: usize) -> Writer {
         let writer = Writer::idle();
         let limits = CommitLimits {
-            max_writes: 100,
+            max_writes: Some(100),
             linger: Some(Duration::ZERO),
             max_queued,
         };

@@ -638,6 +638,12 @@ impl Backend for SqliteBackend {
             // The writer thread sleeps precisely; 300 µs cut CPU per packet
             // by ~15% at 5,000/s for +0.3 ms at the median (BENCHMARKS.md).
             linger: Duration::from_micros(300),
+            // Marks join every commit first; under a closed loop of
+            // ingests, groups of up to 1,000 inserts made each mark wait
+            // out a long decide-and-write, and delivery fell behind ingest
+            // (20k/s delivered of 29k/s ingested); at 128 it keeps up
+            // (27k/s of 27k/s), and IngestBatch loses nothing (BENCHMARKS.md).
+            max_commit: 128,
         }
     }
 }
