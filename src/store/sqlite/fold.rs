@@ -22,7 +22,7 @@ use rusqlite::{OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::log::Releaser;
-use super::overlay::{Entry, Kind};
+use super::overlay::{Entry, Kind, State};
 use super::{Shared, id_text, text_time};
 use crate::domain::{DeliveryStatus, PacketId};
 use crate::store::{Counts, Requeue, StoreError, rows};
@@ -339,72 +339,76 @@ fn insert_new(
     tx: &rusqlite::Transaction<'_>,
     new: &[&(PacketId, Entry)],
 ) -> Result<(), StoreError> {
-    for chunk in rows::chunks(new) {
-        let mut insert = tx.prepare_cached(insert_sql(chunk.len()))?;
-        let mut at = 0;
-        let mut bind = |value: &dyn rusqlite::ToSql| {
-            at += 1;
-            insert.raw_bind_parameter(at, value)
+    in_chunks(tx, new, insert_sql, |bind, (id, entry)| {
+        let Kind::New(p) = &entry.kind else {
+            unreachable!("partitioned: new entries only");
         };
-        for (id, entry) in chunk.iter().copied() {
-            let Kind::New(p) = &entry.kind else {
-                unreachable!("partitioned: new entries only");
-            };
-            let s = &entry.state;
-            bind(&entry.seq)?;
-            bind(&id_text(*id))?;
-            bind(&p.user_id)?;
-            bind(&p.employee_id)?;
-            bind(&p.session_id)?;
-            bind(&p.lesson_id)?;
-            bind(&p.system_type.map(|s| s.as_str()))?;
-            bind(&p.role.map(|r| r.as_str()))?;
-            bind(&text_time(p.client_timestamp))?;
-            bind(&p.cognitive_state)?;
-            bind(&p.state.map(|s| s.as_str()))?;
-            bind(&p.active_seconds)?;
-            bind(&p.idle_seconds)?;
-            bind(&p.away_seconds)?;
-            bind(&p.focus_score)?;
-            bind(&p.integrity_score)?;
-            bind(&serde_json::to_string(&p.raw_signals).expect("JSON values encode"))?;
-            bind(&text_time(entry.received_at))?;
-            bind(&s.status.as_str())?;
-            bind(&s.attempts)?;
-            bind(&s.processed_at.map(text_time))?;
-            bind(&s.processed_by_karma)?;
-            bind(&&*s.karma_actions)?;
-            bind(&s.error_message.as_deref())?;
-        }
-        insert.raw_execute()?;
-    }
-    Ok(())
+        bind(&entry.seq)?;
+        bind(&id_text(*id))?;
+        bind(&p.user_id)?;
+        bind(&p.employee_id)?;
+        bind(&p.session_id)?;
+        bind(&p.lesson_id)?;
+        bind(&p.system_type.map(|s| s.as_str()))?;
+        bind(&p.role.map(|r| r.as_str()))?;
+        bind(&text_time(p.client_timestamp))?;
+        bind(&p.cognitive_state)?;
+        bind(&p.state.map(|s| s.as_str()))?;
+        bind(&p.active_seconds)?;
+        bind(&p.idle_seconds)?;
+        bind(&p.away_seconds)?;
+        bind(&p.focus_score)?;
+        bind(&p.integrity_score)?;
+        bind(&serde_json::to_string(&p.raw_signals).expect("JSON values encode"))?;
+        bind(&text_time(entry.received_at))?;
+        bind_state(bind, &entry.state)
+    })
 }
 
 fn update_changed(
     tx: &rusqlite::Transaction<'_>,
     changed: &[&(PacketId, Entry)],
 ) -> Result<(), StoreError> {
-    for chunk in rows::chunks(changed) {
-        let mut update = tx.prepare_cached(update_sql(chunk.len()))?;
+    in_chunks(tx, changed, update_sql, |bind, (_, entry)| {
+        bind(&entry.seq)?;
+        bind_state(bind, &entry.state)
+    })
+}
+
+/// Binds one value after the last one bound.
+type Bind<'b> = dyn FnMut(&dyn rusqlite::ToSql) -> rusqlite::Result<()> + 'b;
+
+/// Runs `sql(n)` once per chunk of `items` (see [`rows::chunks`]), with
+/// `row` binding each item's values in turn.
+fn in_chunks<T>(
+    tx: &rusqlite::Transaction<'_>,
+    items: &[T],
+    sql: fn(usize) -> &'static str,
+    mut row: impl FnMut(&mut Bind<'_>, &T) -> rusqlite::Result<()>,
+) -> Result<(), StoreError> {
+    for chunk in rows::chunks(items) {
+        let mut statement = tx.prepare_cached(sql(chunk.len()))?;
         let mut at = 0;
         let mut bind = |value: &dyn rusqlite::ToSql| {
             at += 1;
-            update.raw_bind_parameter(at, value)
+            statement.raw_bind_parameter(at, value)
         };
-        for (_, entry) in chunk.iter().copied() {
-            let s = &entry.state;
-            bind(&entry.seq)?;
-            bind(&s.status.as_str())?;
-            bind(&s.attempts)?;
-            bind(&s.processed_at.map(text_time))?;
-            bind(&s.processed_by_karma)?;
-            bind(&&*s.karma_actions)?;
-            bind(&s.error_message.as_deref())?;
+        for item in chunk {
+            row(&mut bind, item)?;
         }
-        update.raw_execute()?;
+        statement.raw_execute()?;
     }
     Ok(())
+}
+
+/// A row's delivery state, in the order of the last six columns of `ROW`.
+fn bind_state(bind: &mut Bind<'_>, s: &State) -> rusqlite::Result<()> {
+    bind(&s.status.as_str())?;
+    bind(&s.attempts)?;
+    bind(&s.processed_at.map(text_time))?;
+    bind(&s.processed_by_karma)?;
+    bind(&&*s.karma_actions)?;
+    bind(&s.error_message.as_deref())
 }
 
 /// The UPDATE of `n` rows (a power of two) by their seqs, one statement
