@@ -22,7 +22,9 @@
 //!
 //! The writer thread ([`SqliteBackend::write`]) owns the log and a reading
 //! connection for look-ups of folded packets; the fold thread owns the
-//! writing connection; sqlx's pool serves the reads. Operator writes
+//! writing connection; delivery's reads (the backlog, the reconciler's
+//! look-ups) run on rusqlite connections on the blocking pool
+//! ([`reads::Readers`]), and sqlx's pool serves the rest. Operator writes
 //! (retention, Redrive, Replay) run on the fold thread, which pauses the
 //! writer while it commits them.
 mod fold;
