@@ -25,8 +25,12 @@ pub struct PacketRef {
 impl PacketRef {
     pub fn new(seq: u64, users: UserSpread) -> Self {
         Self {
-            // v7: time-ordered, like the ids the server makes itself.
-            id: Uuid::now_v7(),
+            // v7: time-ordered, like the ids the server makes itself;
+            // v4 when asked, as a browser's crypto.randomUUID() makes them.
+            id: match users.random_ids {
+                true => Uuid::new_v4(),
+                false => Uuid::now_v7(),
+            },
             seq,
             users,
         }
@@ -125,5 +129,14 @@ mod tests {
         assert_eq!(proto.packet_id, p.id.to_string());
         assert_eq!(proto.user_id, users.user_id(1234));
         assert_eq!(proto.timestamp.unwrap().seconds, SEED_TIMESTAMP_SECONDS);
+    }
+
+    #[test]
+    fn ids_are_time_ordered_unless_random_ones_are_asked_for() {
+        let users = UserSpread::new(10);
+        assert_eq!(PacketRef::new(1, users).id.get_version_num(), 7);
+        let mut random = users;
+        random.random_ids = true;
+        assert_eq!(PacketRef::new(1, random).id.get_version_num(), 4);
     }
 }

@@ -12,11 +12,19 @@ pub struct UsersArg {
     /// per user in each run of N)
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub users: u64,
+
+    /// Random (v4) packet ids, as `crypto.randomUUID()` in a browser makes
+    /// them, instead of time-ordered v7 ones
+    #[arg(long)]
+    pub random_ids: bool,
 }
 
 impl UsersArg {
     pub fn spread(self) -> UserSpread {
-        UserSpread::new(self.users)
+        UserSpread {
+            random_ids: self.random_ids,
+            ..UserSpread::new(self.users)
+        }
     }
 }
 
@@ -25,6 +33,8 @@ impl UsersArg {
 pub struct UserSpread {
     users: u64,
     stride: u64,
+    /// The packets' ids are v4 (random), not v7.
+    pub random_ids: bool,
 }
 
 impl UserSpread {
@@ -38,7 +48,11 @@ impl UserSpread {
         while gcd(stride, users) != 1 {
             stride += 1;
         }
-        Self { users, stride }
+        Self {
+            users,
+            stride,
+            random_ids: false,
+        }
     }
 
     pub fn users(self) -> u64 {
