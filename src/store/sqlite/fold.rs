@@ -323,11 +323,11 @@ fn insert_sql(n: usize) -> &'static str {
             let row = format!("({})", ["?"; ROW_VALUES].join(", "));
             format!(
                 "INSERT OR FAIL INTO packets ({ROW}) VALUES {} ON CONFLICT (seq) DO UPDATE SET \
-                     status = excluded.status, delivery_attempts = excluded.delivery_attempts, \
-                     processed_at = excluded.processed_at, \
-                     processed_by_karma = excluded.processed_by_karma, \
-                     karma_actions = excluded.karma_actions, \
-                     processing_error = excluded.processing_error",
+                 status = excluded.status, delivery_attempts = excluded.delivery_attempts, \
+                 processed_at = excluded.processed_at, \
+                 processed_by_karma = excluded.processed_by_karma, \
+                 karma_actions = excluded.karma_actions, \
+                 processing_error = excluded.processing_error",
                 vec![row; n].join(", ")
             )
         })
