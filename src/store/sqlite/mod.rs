@@ -93,17 +93,16 @@ struct WriterSide {
 /// Turns off SQLite's global memory statistics, which nothing here reads:
 /// while they are kept, every allocation of every connection takes one
 /// process-wide mutex, and under a sustained load the fold thread spent a
-/// twentieth of its time waking threads that waited on it. Returns whether
-/// SQLite took the setting (it refuses once a connection has opened).
+/// twentieth of its time waking threads that waited on it. Once a
+/// connection has opened SQLite refuses the setting, and they stay on.
 ///
 /// # Safety
 /// No other thread may use SQLite during the call (`sqlite3_config`'s
 /// rule): `main` calls it before it starts any.
-pub unsafe fn before_first_connection() -> bool {
+pub unsafe fn before_first_connection() {
     use rusqlite::ffi;
     // SAFETY: the caller's promise above; the setting is one int.
-    let rc = unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::os::raw::c_int) };
-    rc == ffi::SQLITE_OK
+    unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::os::raw::c_int) };
 }
 
 /// Where the record log of a database file lives.
