@@ -3,7 +3,9 @@ use bucket::proto::bucket::v1 as pb;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{Backend, TestApp, ingest, mark, next, packet_for, status, subscribe};
+use crate::helpers::{
+    Backend, TestApp, TestDb, ingest, mark, next, packet_for, status, subscribe, user_packets,
+};
 use crate::on_every_backend;
 
 on_every_backend!(
@@ -183,4 +185,97 @@ async fn status_counts_match_the_database(backend: Backend) {
     assert_eq!(s.redis_connected, backend == Backend::Redis);
     assert!(!s.model_available);
     assert_eq!(s.consumers[0].consumer, "karma");
+}
+
+/// A SQLite database as migrations 0001-0006 left it (user chains keyed by
+/// user_id text), holding `packets` as `(user, packet_id)` in seq order.
+async fn sqlite_before_user_numbers(packets: &[(&str, uuid::Uuid)]) -> std::sync::Arc<TestDb> {
+    use std::str::FromStr;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(&db.url)
+        .unwrap()
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
+    let migrator = |upto: i64| async move {
+        let mut m = sqlx::migrate::Migrator::new(std::path::Path::new(dir))
+            .await
+            .unwrap();
+        m.migrations = m
+            .migrations
+            .iter()
+            .filter(|m| m.version <= upto)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        m
+    };
+    migrator(5).await.run(&pool).await.unwrap();
+    for (user, id) in packets {
+        sqlx::query(
+            "INSERT INTO packets (packet_id, user_id, client_timestamp, cognitive_state, \
+             active_seconds, idle_seconds, away_seconds, integrity_score, raw_signals, \
+             received_at) VALUES ($1, $2, '2026-12-01T10:00:00Z', 'ON_TASK', 1, 0, 0, 0.9, \
+             '{\"k\": 1}', '2026-12-01T10:00:01Z')",
+        )
+        .bind(id.to_string())
+        .bind(user)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // 0006 builds the text-keyed chains from these rows.
+    migrator(6).await.run(&pool).await.unwrap();
+    pool.close().await;
+    db
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_user_chains_carry_over_to_user_numbers() {
+    let ids: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::now_v7()).collect();
+    let db = sqlite_before_user_numbers(&[
+        ("ann", ids[0]),
+        ("bo", ids[1]),
+        ("ann", ids[2]),
+        ("bo", ids[3]),
+        ("ann", ids[4]),
+    ])
+    .await;
+    let app = TestApp::spawn_with(db.clone(), crate::helpers::test_config(&db)).await;
+    let mut client = app.client().await;
+    let listed = |packets: Vec<pb::Packet>| -> Vec<String> {
+        packets.into_iter().map(|p| p.packet_id).collect()
+    };
+    let text = |i: &[usize]| -> Vec<String> { i.iter().map(|&i| ids[i].to_string()).collect() };
+    assert_eq!(
+        listed(user_packets(&mut client, "ann").await),
+        text(&[4, 2, 0])
+    );
+    assert_eq!(listed(user_packets(&mut client, "bo").await), text(&[3, 1]));
+
+    // An old user's chain goes on from its migrated head; a new user gets
+    // a number of its own.
+    let newer = ingest(&mut client, packet_for("ann")).await;
+    let first = ingest(&mut client, packet_for("cy")).await;
+    app.db.sync_tables().await;
+    let mut ann = vec![newer];
+    ann.extend(text(&[4, 2, 0]));
+    assert_eq!(listed(user_packets(&mut client, "ann").await), ann);
+    assert_eq!(listed(user_packets(&mut client, "cy").await), vec![first]);
+    assert_eq!(listed(user_packets(&mut client, "bo").await), text(&[3, 1]));
+
+    let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+    let numbered: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT u.user_id, COUNT(*) FROM users u JOIN user_folds f ON f.num = u.num \
+         GROUP BY u.user_id ORDER BY u.user_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        numbered,
+        [("ann".into(), 2), ("bo".into(), 1), ("cy".into(), 1)],
+        "one number per user, one chain row per user per fold"
+    );
+    pool.close().await;
 }

@@ -441,6 +441,7 @@ fn shapes(text: impl Fn(usize) -> String) -> Vec<String> {
 /// Adds this fold's packets to each user's chain: one `user_folds` row per
 /// user, keyed by the fold's first seq so the table only grows at its end,
 /// pointing at the user's previous row; `user_heads` names the newest.
+/// Both name a user by its number (`users`, given at its first fold).
 fn chain_users(
     tx: &rusqlite::Transaction<'_>,
     new: &[&(PacketId, Entry)],
@@ -467,6 +468,11 @@ fn chain_users(
     // reads a head another row of it moves); the links read the heads
     // before the heads move on.
     for chunk in rows::chunks(&users) {
+        let mut number = tx.prepare_cached(number_sql(chunk.len()))?;
+        for (i, (user, _, _)) in chunk.iter().enumerate() {
+            number.raw_bind_parameter(1 + i, user)?;
+        }
+        number.raw_execute()?;
         let mut link = tx.prepare_cached(link_sql(chunk.len()))?;
         link.raw_bind_parameter(1, fold)?;
         for (i, (user, last, seqs)) in chunk.iter().enumerate() {
@@ -485,6 +491,21 @@ fn chain_users(
     Ok(())
 }
 
+/// Gives each of `n` users not numbered yet its number.
+fn number_sql(n: usize) -> &'static str {
+    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let shapes = SHAPES.get_or_init(|| {
+        shapes(|n| {
+            let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 1 + i)).collect();
+            format!(
+                "INSERT OR IGNORE INTO users (user_id) VALUES {}",
+                rows.join(", ")
+            )
+        })
+    });
+    &shapes[n.ilog2() as usize]
+}
+
 /// Links `n` users' rows of fold `?1` to each one's previous head (none
 /// when the head is this very fold: a fold replayed over itself).
 fn link_sql(n: usize) -> &'static str {
@@ -495,10 +516,10 @@ fn link_sql(n: usize) -> &'static str {
                 .map(|i| format!("(?{}, ?{}, ?{})", 2 + 3 * i, 3 + 3 * i, 4 + 3 * i))
                 .collect();
             format!(
-                "INSERT OR IGNORE INTO user_folds (fold, user_id, prev, last_seq, seqs) \
-                 SELECT ?1, v.column1, (SELECT h.fold FROM user_heads h \
-                 WHERE h.user_id = v.column1 AND h.fold <> ?1), v.column2, v.column3 \
-                 FROM (VALUES {}) AS v",
+                "INSERT OR IGNORE INTO user_folds (fold, num, prev, last_seq, seqs) \
+                 SELECT ?1, u.num, (SELECT h.fold FROM user_heads h \
+                 WHERE h.num = u.num AND h.fold <> ?1), v.column2, v.column3 \
+                 FROM (VALUES {}) AS v JOIN users u ON u.user_id = v.column1",
                 rows.join(", ")
             )
         })
@@ -513,8 +534,9 @@ fn advance_sql(n: usize) -> &'static str {
         shapes(|n| {
             let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 2 + i)).collect();
             format!(
-                "INSERT INTO user_heads (user_id, fold) SELECT column1, ?1 FROM (VALUES {}) \
-                 WHERE true ON CONFLICT (user_id) DO UPDATE SET fold = excluded.fold",
+                "INSERT INTO user_heads (num, fold) SELECT u.num, ?1 FROM (VALUES {}) AS v \
+                 JOIN users u ON u.user_id = v.column1 \
+                 WHERE true ON CONFLICT (num) DO UPDATE SET fold = excluded.fold",
                 rows.join(", ")
             )
         })
@@ -615,10 +637,13 @@ fn prune(
             .collect();
         overlay.pruned(&statuses);
     }
-    // Chain rows whose packets are all gone, and heads left pointing at them.
+    // Chain rows whose packets are all gone, heads left pointing at them,
+    // and the numbers of users with neither (a number comes back only to a
+    // user with nothing left under it).
     conn.execute_batch(
         "DELETE FROM user_folds WHERE last_seq < (SELECT COALESCE(MIN(seq), 0) FROM packets); \
-         DELETE FROM user_heads WHERE fold < (SELECT COALESCE(MIN(fold), 0) FROM user_folds);",
+         DELETE FROM user_heads WHERE fold < (SELECT COALESCE(MIN(fold), 0) FROM user_folds); \
+         DELETE FROM users WHERE num NOT IN (SELECT num FROM user_heads);",
     )?;
     // Give the freed pages back. Each step of this pragma frees one page,
     // so it is stepped to the end.

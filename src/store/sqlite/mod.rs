@@ -17,7 +17,7 @@
 //! several 4 KiB pages for a few 400-byte packets (9.4 KB written per
 //! packet at 5,000/s, BENCHMARKS.md). Folding a second's worth at once
 //! writes each page once for hundreds of packets, and the user index is a
-//! chain of per-fold rows (`user_folds`, `user_heads`, migration 0006)
+//! chain of per-fold rows (`user_folds`, `user_heads`, migrations 0006-0007)
 //! that only grows at its end.
 //!
 //! The writer thread ([`SqliteBackend::write`]) owns the log and a reading

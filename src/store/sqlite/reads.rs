@@ -326,11 +326,17 @@ async fn table_rows(
         return rows.into_iter().map(StoredRow::into_stored).collect();
     }
     let held: HashSet<i64> = held.iter().copied().collect();
-    let mut next: Option<i64> =
-        sqlx::query_scalar("SELECT fold FROM user_heads WHERE user_id = $1")
-            .bind(&query.user_id)
-            .fetch_optional(pool)
-            .await?;
+    let head: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT u.num, h.fold FROM users u JOIN user_heads h ON h.num = u.num \
+         WHERE u.user_id = $1",
+    )
+    .bind(&query.user_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some((num, head)) = head else {
+        return Ok(Vec::new());
+    };
+    let mut next = Some(head);
     let mut out = Vec::new();
     let mut steps = FIRST_STEPS.max(query.limit + 1);
     while let Some(start) = next
@@ -338,14 +344,14 @@ async fn table_rows(
     {
         let chain: Vec<(i64, Option<i64>, String)> = sqlx::query_as(
             "WITH RECURSIVE chain(fold, prev, seqs, n) AS ( \
-               SELECT fold, prev, seqs, 1 FROM user_folds WHERE fold = $2 AND user_id = $1 \
+               SELECT fold, prev, seqs, 1 FROM user_folds WHERE fold = $2 AND num = $1 \
                UNION ALL \
                SELECT f.fold, f.prev, f.seqs, chain.n + 1 FROM chain \
-                 JOIN user_folds f ON f.fold = chain.prev AND f.user_id = $1 \
+                 JOIN user_folds f ON f.fold = chain.prev AND f.num = $1 \
                 WHERE chain.n < $3) \
              SELECT fold, prev, seqs FROM chain",
         )
-        .bind(&query.user_id)
+        .bind(num)
         .bind(start)
         .bind(steps)
         .fetch_all(pool)
