@@ -4,7 +4,7 @@ mod consume;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
 use crate::config::{Config, DeliveryConfig};
 use crate::delivery::{
@@ -235,7 +235,9 @@ impl Bucket {
         requests: Vec<MarkRequest>,
         tokens: &[LeaseToken],
     ) -> Vec<Result<(Marked, bool), Error>> {
-        let at = Utc::now();
+        // Microseconds, as every store keeps times (PostgreSQL's timestamptz,
+        // SQLite's record log): read before and after a restart alike.
+        let at = Utc::now().trunc_subsecs(6);
         let mut results: Vec<Option<Result<(Marked, bool), Error>>> =
             Vec::with_capacity(requests.len());
         let mut valid = Vec::new();

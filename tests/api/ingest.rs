@@ -90,7 +90,12 @@ async fn seed_packet_round_trips_through_stream_and_user_packets(backend: Backen
     assert_eq!(stored.raw_signals, sent.raw_signals);
     assert_eq!(stored.status, pb::PacketStatus::Processed as i32);
     assert!(stored.processed_by_karma);
-    assert!(stored.processed_at.is_some());
+    let processed_at = stored.processed_at.expect("processed_at");
+    assert_eq!(
+        processed_at.nanos % 1000,
+        0,
+        "microseconds, as every store keeps them (before a restart too)"
+    );
     assert_eq!(stored.karma_actions, vec![action]);
     assert!(page.next_page_token.is_empty());
 }
