@@ -120,12 +120,56 @@ async fn acknowledged_packets_survive_sigkill(backend: Backend) {
         acked.len(),
         lost.first()
     );
+    let prefixes: Vec<String> = (0..8).map(|s| format!("crash{s}")).collect();
+    let listed = listed_by_user(&mut client, &prefixes).await;
+    let unlisted: Vec<&String> = acked.difference(&listed).collect();
+    assert!(
+        unlisted.is_empty(),
+        "{} of {} acknowledged packets missing from their user's packets, e.g. {:?}",
+        unlisted.len(),
+        acked.len(),
+        unlisted.first()
+    );
     server.kill().unwrap();
     server.wait().unwrap();
 }
 
 /// A sender that ingests as fast as it can until the server dies under it;
 /// the ids acknowledged go into `acked`.
+const USERS_PER_SENDER: usize = 7;
+
+/// Every packet id UserPackets lists for the users of `prefixes`, paged
+/// to the end.
+async fn listed_by_user(
+    client: &mut BucketServiceClient<tonic::transport::Channel>,
+    prefixes: &[String],
+) -> HashSet<String> {
+    let mut listed = HashSet::new();
+    for prefix in prefixes {
+        for u in 0..USERS_PER_SENDER {
+            let mut token = String::new();
+            loop {
+                let page = client
+                    .user_packets(pb::UserPacketsRequest {
+                        user_id: format!("{prefix}_{u}"),
+                        limit: 500,
+                        page_token: token,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                listed.extend(page.packets.into_iter().map(|p| p.packet_id));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+    }
+    listed
+}
+
 fn spawn_sender(
     client: &BucketServiceClient<tonic::transport::Channel>,
     prefix: String,
@@ -134,7 +178,9 @@ fn spawn_sender(
     let mut client = client.clone();
     tokio::spawn(async move {
         for i in 0.. {
-            let packet = packet_for(&format!("{prefix}_{i}"));
+            // A few users per sender, so each user's packets span folds
+            // (and, where a prefix outlives a restart, restarts).
+            let packet = packet_for(&format!("{prefix}_{}", i % USERS_PER_SENDER));
             match client
                 .ingest(pb::IngestRequest {
                     packet: Some(packet),
@@ -252,8 +298,9 @@ async fn leased_packets_come_back_after_sigkill(backend: Backend) {
 /// (printed; `BUCKET_TEST_SEED` replays it) while senders ingest and a
 /// consumer marks what it is given: on SQLite the kill lands before, during
 /// or after a fold of the record log into the tables. At the end every
-/// acknowledged packet is there, and exactly the ones whose mark was not
-/// acknowledged are still to be delivered.
+/// acknowledged packet is there, listed among its user's packets (users
+/// outlive the rounds, so their chains run across restarts), and exactly
+/// the ones whose mark was not acknowledged are still to be delivered.
 async fn acknowledged_work_survives_sigkill_at_random_moments(backend: Backend) {
     let seed: u64 = std::env::var("BUCKET_TEST_SEED")
         .ok()
@@ -278,7 +325,7 @@ async fn acknowledged_work_survives_sigkill_at_random_moments(backend: Backend) 
         let mut server = start(&db, port);
         let client = connect(port).await;
         let mut tasks: Vec<_> = (0..4)
-            .map(|s| spawn_sender(&client, format!("r{round}s{s}"), acked.clone()))
+            .map(|s| spawn_sender(&client, format!("s{s}"), acked.clone()))
             .collect();
         let (mut consumer, marked, tried) = (client.clone(), marked.clone(), tried.clone());
         tasks.push(tokio::spawn(async move {
@@ -383,6 +430,17 @@ async fn acknowledged_work_survives_sigkill_at_random_moments(backend: Backend) 
         lost.len(),
         expected.len(),
         lost.first()
+    );
+    // Each user's packets, along its chain of folds, across the restarts.
+    let prefixes: Vec<String> = (0..4).map(|s| format!("s{s}")).collect();
+    let listed = listed_by_user(&mut client, &prefixes).await;
+    let unlisted: Vec<&String> = acked.difference(&listed).collect();
+    assert!(
+        unlisted.is_empty(),
+        "{} of {} acknowledged packets missing from their user's packets, e.g. {:?} (seed {seed})",
+        unlisted.len(),
+        acked.len(),
+        unlisted.first()
     );
     eprintln!(
         "{} acknowledged, {} marks acknowledged, {} delivered after the crashes",
