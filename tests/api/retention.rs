@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::helpers::{Backend, TestApp, TestDb, packet_for, status, test_config};
+use crate::helpers::{
+    Backend, TestApp, TestDb, ingest, packet_for, status, test_config, user_packets,
+};
 
 async fn old_finished_packets_are_deleted_and_pending_ones_kept(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -109,6 +111,19 @@ async fn old_finished_packets_are_deleted_and_pending_ones_kept(backend: Backend
             "the SQLite file shrinks: {before} -> {after} pages"
         );
     }
+    // A user whose packets all went starts over; one with a packet left
+    // goes on from it.
+    let gone = ingest(&mut client, packet_for("r0")).await;
+    let kept = ingest(&mut client, packet_for(&format!("r{}", N - 1))).await;
+    app.db.sync_tables().await;
+    let listed = |packets: Vec<pb::Packet>| -> Vec<String> {
+        packets.into_iter().map(|p| p.packet_id).collect()
+    };
+    assert_eq!(listed(user_packets(&mut client, "r0").await), vec![gone]);
+    assert_eq!(
+        listed(user_packets(&mut client, &format!("r{}", N - 1)).await),
+        vec![kept, ids[N - 1].clone()]
+    );
 }
 
 crate::on_every_backend!(old_finished_packets_are_deleted_and_pending_ones_kept);
