@@ -120,16 +120,7 @@ async fn acknowledged_packets_survive_sigkill(backend: Backend) {
         acked.len(),
         lost.first()
     );
-    let prefixes: Vec<String> = (0..8).map(|s| format!("crash{s}")).collect();
-    let listed = listed_by_user(&mut client, &prefixes).await;
-    let unlisted: Vec<&String> = acked.difference(&listed).collect();
-    assert!(
-        unlisted.is_empty(),
-        "{} of {} acknowledged packets missing from their user's packets, e.g. {:?}",
-        unlisted.len(),
-        acked.len(),
-        unlisted.first()
-    );
+    assert_listed_by_user(&mut client, "crash", 8, &acked, "").await;
     server.kill().unwrap();
     server.wait().unwrap();
 }
@@ -138,20 +129,23 @@ async fn acknowledged_packets_survive_sigkill(backend: Backend) {
 /// the ids acknowledged go into `acked`.
 const USERS_PER_SENDER: usize = 7;
 
-/// Every packet id UserPackets lists for the users of `prefixes`, paged
-/// to the end.
-async fn listed_by_user(
+/// Every acknowledged id must be among the packets UserPackets lists,
+/// paged to the end, for the users of senders `{prefix}0`..`{prefix}{senders}`.
+async fn assert_listed_by_user(
     client: &mut BucketServiceClient<tonic::transport::Channel>,
-    prefixes: &[String],
-) -> HashSet<String> {
+    prefix: &str,
+    senders: usize,
+    acked: &HashSet<String>,
+    context: &str,
+) {
     let mut listed = HashSet::new();
-    for prefix in prefixes {
+    for s in 0..senders {
         for u in 0..USERS_PER_SENDER {
             let mut token = String::new();
             loop {
                 let page = client
                     .user_packets(pb::UserPacketsRequest {
-                        user_id: format!("{prefix}_{u}"),
+                        user_id: format!("{prefix}{s}_{u}"),
                         limit: 500,
                         page_token: token,
                         ..Default::default()
@@ -167,7 +161,14 @@ async fn listed_by_user(
             }
         }
     }
-    listed
+    let unlisted: Vec<&String> = acked.difference(&listed).collect();
+    assert!(
+        unlisted.is_empty(),
+        "{} of {} acknowledged packets missing from their user's packets, e.g. {:?}{context}",
+        unlisted.len(),
+        acked.len(),
+        unlisted.first()
+    );
 }
 
 fn spawn_sender(
@@ -432,16 +433,7 @@ async fn acknowledged_work_survives_sigkill_at_random_moments(backend: Backend) 
         lost.first()
     );
     // Each user's packets, along its chain of folds, across the restarts.
-    let prefixes: Vec<String> = (0..4).map(|s| format!("s{s}")).collect();
-    let listed = listed_by_user(&mut client, &prefixes).await;
-    let unlisted: Vec<&String> = acked.difference(&listed).collect();
-    assert!(
-        unlisted.is_empty(),
-        "{} of {} acknowledged packets missing from their user's packets, e.g. {:?} (seed {seed})",
-        unlisted.len(),
-        acked.len(),
-        unlisted.first()
-    );
+    assert_listed_by_user(&mut client, "s", 4, &acked, &format!(" (seed {seed})")).await;
     eprintln!(
         "{} acknowledged, {} marks acknowledged, {} delivered after the crashes",
         acked.len(),
