@@ -317,22 +317,19 @@ const ROW_VALUES: usize = 24;
 /// a statement undone alone buys nothing. The triggers take the outer
 /// statement's policy.
 fn insert_sql(n: usize) -> &'static str {
-    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let shapes = SHAPES.get_or_init(|| {
-        shapes(|n| {
-            let row = format!("({})", ["?"; ROW_VALUES].join(", "));
-            format!(
-                "INSERT OR FAIL INTO packets ({ROW}) VALUES {} ON CONFLICT (seq) DO UPDATE SET \
-                 status = excluded.status, delivery_attempts = excluded.delivery_attempts, \
-                 processed_at = excluded.processed_at, \
-                 processed_by_karma = excluded.processed_by_karma, \
-                 karma_actions = excluded.karma_actions, \
-                 processing_error = excluded.processing_error",
-                vec![row; n].join(", ")
-            )
-        })
-    });
-    &shapes[n.ilog2() as usize]
+    static SHAPES: Shapes = Shapes::new();
+    shape(&SHAPES, n, |n| {
+        let row = format!("({})", ["?"; ROW_VALUES].join(", "));
+        format!(
+            "INSERT OR FAIL INTO packets ({ROW}) VALUES {} ON CONFLICT (seq) DO UPDATE SET \
+             status = excluded.status, delivery_attempts = excluded.delivery_attempts, \
+             processed_at = excluded.processed_at, \
+             processed_by_karma = excluded.processed_by_karma, \
+             karma_actions = excluded.karma_actions, \
+             processing_error = excluded.processing_error",
+            vec![row; n].join(", ")
+        )
+    })
 }
 
 fn insert_new(
@@ -415,27 +412,30 @@ fn bind_state(bind: &mut Bind<'_>, s: &State) -> rusqlite::Result<()> {
 /// for many rows: a statement per row cost a program start each, the
 /// larger part of what a fold spent on marks.
 fn update_sql(n: usize) -> &'static str {
-    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let shapes = SHAPES.get_or_init(|| {
-        shapes(|n| {
-            format!(
-                "UPDATE OR FAIL packets SET status = v.column2, delivery_attempts = v.column3, \
-                 processed_at = v.column4, processed_by_karma = v.column5, \
-                 karma_actions = v.column6, processing_error = v.column7 \
-                 FROM (VALUES {}) AS v WHERE packets.seq = v.column1",
-                vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
-            )
-        })
-    });
-    &shapes[n.ilog2() as usize]
+    static SHAPES: Shapes = Shapes::new();
+    shape(&SHAPES, n, |n| {
+        format!(
+            "UPDATE OR FAIL packets SET status = v.column2, delivery_attempts = v.column3, \
+             processed_at = v.column4, processed_by_karma = v.column5, \
+             karma_actions = v.column6, processing_error = v.column7 \
+             FROM (VALUES {}) AS v WHERE packets.seq = v.column1",
+            vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
+        )
+    })
 }
 
-/// A statement's text for each power of two of rows, up to
-/// [`rows::MAX_ROWS_PER_STATEMENT`], indexed by the power.
-fn shapes(text: impl Fn(usize) -> String) -> Vec<String> {
-    (0..=rows::MAX_ROWS_PER_STATEMENT.ilog2())
-        .map(|k| text(1 << k))
-        .collect()
+/// A statement's texts, one for each power of two of rows.
+type Shapes = std::sync::OnceLock<Vec<String>>;
+
+/// The text `text` makes for `n` rows (a power of two): made once for each
+/// power up to [`rows::MAX_ROWS_PER_STATEMENT`] and kept in `cell`.
+fn shape(cell: &'static Shapes, n: usize, text: impl Fn(usize) -> String) -> &'static str {
+    let all = cell.get_or_init(|| {
+        (0..=rows::MAX_ROWS_PER_STATEMENT.ilog2())
+            .map(|k| text(1 << k))
+            .collect()
+    });
+    &all[n.ilog2() as usize]
 }
 
 /// Adds this fold's packets to each user's chain: one `user_folds` row per
@@ -493,55 +493,46 @@ fn chain_users(
 
 /// Gives each of `n` users not numbered yet its number.
 fn number_sql(n: usize) -> &'static str {
-    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let shapes = SHAPES.get_or_init(|| {
-        shapes(|n| {
-            let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 1 + i)).collect();
-            format!(
-                "INSERT OR IGNORE INTO users (user_id) VALUES {}",
-                rows.join(", ")
-            )
-        })
-    });
-    &shapes[n.ilog2() as usize]
+    static SHAPES: Shapes = Shapes::new();
+    shape(&SHAPES, n, |n| {
+        let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 1 + i)).collect();
+        format!(
+            "INSERT OR IGNORE INTO users (user_id) VALUES {}",
+            rows.join(", ")
+        )
+    })
 }
 
 /// Links `n` users' rows of fold `?1` to each one's previous head (none
 /// when the head is this very fold: a fold replayed over itself).
 fn link_sql(n: usize) -> &'static str {
-    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let shapes = SHAPES.get_or_init(|| {
-        shapes(|n| {
-            let rows: Vec<String> = (0..n)
-                .map(|i| format!("(?{}, ?{}, ?{})", 2 + 3 * i, 3 + 3 * i, 4 + 3 * i))
-                .collect();
-            format!(
-                "INSERT OR IGNORE INTO user_folds (fold, num, prev, last_seq, seqs) \
-                 SELECT ?1, u.num, (SELECT h.fold FROM user_heads h \
-                 WHERE h.num = u.num AND h.fold <> ?1), v.column2, v.column3 \
-                 FROM (VALUES {}) AS v JOIN users u ON u.user_id = v.column1",
-                rows.join(", ")
-            )
-        })
-    });
-    &shapes[n.ilog2() as usize]
+    static SHAPES: Shapes = Shapes::new();
+    shape(&SHAPES, n, |n| {
+        let rows: Vec<String> = (0..n)
+            .map(|i| format!("(?{}, ?{}, ?{})", 2 + 3 * i, 3 + 3 * i, 4 + 3 * i))
+            .collect();
+        format!(
+            "INSERT OR IGNORE INTO user_folds (fold, num, prev, last_seq, seqs) \
+             SELECT ?1, u.num, (SELECT h.fold FROM user_heads h \
+             WHERE h.num = u.num AND h.fold <> ?1), v.column2, v.column3 \
+             FROM (VALUES {}) AS v JOIN users u ON u.user_id = v.column1",
+            rows.join(", ")
+        )
+    })
 }
 
 /// Moves `n` users' heads to fold `?1`.
 fn advance_sql(n: usize) -> &'static str {
-    static SHAPES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let shapes = SHAPES.get_or_init(|| {
-        shapes(|n| {
-            let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 2 + i)).collect();
-            format!(
-                "INSERT INTO user_heads (num, fold) SELECT u.num, ?1 FROM (VALUES {}) AS v \
-                 JOIN users u ON u.user_id = v.column1 \
-                 WHERE true ON CONFLICT (num) DO UPDATE SET fold = excluded.fold",
-                rows.join(", ")
-            )
-        })
-    });
-    &shapes[n.ilog2() as usize]
+    static SHAPES: Shapes = Shapes::new();
+    shape(&SHAPES, n, |n| {
+        let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 2 + i)).collect();
+        format!(
+            "INSERT INTO user_heads (num, fold) SELECT u.num, ?1 FROM (VALUES {}) AS v \
+             JOIN users u ON u.user_id = v.column1 \
+             WHERE true ON CONFLICT (num) DO UPDATE SET fold = excluded.fold",
+            rows.join(", ")
+        )
+    })
 }
 
 /// The first seq of the packets received at or after `since`. Seqs and
