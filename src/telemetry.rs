@@ -1,4 +1,5 @@
 //! Logs (tracing) and metrics (Prometheus text).
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -10,6 +11,10 @@ pub fn init_logs(json: bool) {
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,hyper=warn,tower=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").is_some(),
+        ))
         .with_writer(std::io::stderr);
     // A second init (tests start many servers in one process) is harmless.
     let _ = if json {
@@ -17,6 +22,14 @@ pub fn init_logs(json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// Colours only for a person at a terminal: a file, a pipe or journald
+/// would keep the escape codes in every line (and formatting them was a
+/// sixth of what a request's log span cost). `NO_COLOR` turns them off
+/// there too (no-color.org).
+fn colours(stderr_is_terminal: bool, no_color: bool) -> bool {
+    stderr_is_terminal && !no_color
 }
 
 /// The process's metrics recorder, installed on first use.
@@ -58,4 +71,17 @@ pub fn metrics() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+#[cfg(test)]
+mod colour_tests {
+    use super::colours;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colours(true, false));
+        assert!(!colours(false, false));
+        assert!(!colours(true, true));
+        assert!(!colours(false, true));
+    }
 }
