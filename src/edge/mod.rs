@@ -124,7 +124,6 @@ where
         let started = Instant::now();
         let method = Method::of(request.uri().path());
         let id = request_id::given(&request).unwrap_or_else(request_id::new_id);
-        request.headers_mut().insert(request_id::HEADER, id.clone());
         let grpc = is_grpc(request.headers());
         // The connection is busy until this answer's body ends.
         let under_way = request

@@ -1,11 +1,76 @@
 //! CORS for browsers (PRANA): gRPC-web and the JSON gateway from pages of
 //! other origins. tonic-web has no CORS of its own since 0.12.
+//!
+//! Invariant: every request a browser can make (it names its `Origin`, and
+//! a preflight is an OPTIONS without a gRPC body) passes the CORS layer; a
+//! native gRPC call without an `Origin` (a server, the Karma Tracker, a
+//! load generator) skips it. CORS has nothing to say to those, and its
+//! `Vary` headers cost ~1 µs of the ~65 µs the runtime spends on a call
+//! (BENCHMARKS.md, seventh session).
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
-use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
+use futures::future::Either;
+use http::{HeaderName, HeaderValue, Method, Request, Response, header};
+use tower::{Layer, Service};
+use tower_http::cors::{AllowHeaders, AllowOrigin, Any, Cors, CorsLayer};
 
-pub fn layer(origins: &[String]) -> CorsLayer {
+/// CORS for what browsers send, nothing for native gRPC callers.
+#[derive(Clone)]
+pub struct BrowserCors(CorsLayer);
+
+impl<S> Layer<S> for BrowserCors {
+    type Service = BrowserCorsService<S>;
+
+    fn layer(&self, inner: S) -> BrowserCorsService<S> {
+        BrowserCorsService(self.0.layer(inner))
+    }
+}
+
+#[derive(Clone)]
+pub struct BrowserCorsService<S>(Cors<S>);
+
+impl<S, B, R> Service<Request<B>> for BrowserCorsService<S>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+    R: Default,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = Either<<Cors<S> as Service<Request<B>>>::Future, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // The same inner service answers either way.
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if from_a_browser(&request) {
+            Either::Left(self.0.call(request))
+        } else {
+            Either::Right(self.0.get_mut().call(request))
+        }
+    }
+}
+
+/// Whether CORS may have something to say: anything with an `Origin`, and
+/// everything that is not a native gRPC call (gRPC-web, REST, preflights).
+fn from_a_browser<B>(request: &Request<B>) -> bool {
+    let native_grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|ct| {
+            let ct = ct.as_bytes();
+            ct.starts_with(b"application/grpc") && !ct.starts_with(b"application/grpc-web")
+        });
+    !native_grpc || request.headers().contains_key(header::ORIGIN)
+}
+
+pub fn layer(origins: &[String]) -> BrowserCors {
+    BrowserCors(cors(origins))
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
     let base = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         // Echo what the preflight asks for: a wildcard would not cover
@@ -38,4 +103,35 @@ pub fn layer(origins: &[String]) -> CorsLayer {
         .collect();
     tracing::info!(origins = ?origins, "CORS allowed origins");
     base.allow_origin(AllowOrigin::list(allowed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(content_type: &str, origin: Option<&str>) -> Request<()> {
+        let mut builder = Request::post("/bucket.v1.BucketService/Ingest")
+            .header(header::CONTENT_TYPE, content_type);
+        if let Some(origin) = origin {
+            builder = builder.header(header::ORIGIN, origin);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_native_grpc_without_an_origin_skips_cors() {
+        assert!(!from_a_browser(&request("application/grpc", None)));
+        assert!(!from_a_browser(&request("application/grpc+proto", None)));
+        assert!(from_a_browser(&request(
+            "application/grpc",
+            Some("http://prana.example")
+        )));
+        assert!(from_a_browser(&request("application/grpc-web+proto", None)));
+        assert!(from_a_browser(&request("application/grpc-web-text", None)));
+        assert!(from_a_browser(&request("application/json", None)));
+        let preflight = Request::options("/bucket.v1.BucketService/Ingest")
+            .body(())
+            .unwrap();
+        assert!(from_a_browser(&preflight));
+    }
 }

@@ -175,6 +175,26 @@ async fn cors_preflight_for_open_and_listed_origins() {
     for h in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
         assert!(exposed.contains(h), "{h} not exposed: {exposed}");
     }
+
+    // A native gRPC caller names no origin: CORS has nothing to add, while
+    // the same call with an origin still gets its headers.
+    let mut client = listed.client().await;
+    let answer = client.status(pb::StatusRequest {}).await.unwrap();
+    for h in ["vary", "access-control-expose-headers"] {
+        assert!(answer.metadata().get(h).is_none(), "{h} on a native call");
+    }
+    let mut named = tonic::Request::new(pb::StatusRequest {});
+    named
+        .metadata_mut()
+        .insert("origin", "http://prana.example".parse().unwrap());
+    let answer = client.status(named).await.unwrap();
+    assert_eq!(
+        answer
+            .metadata()
+            .get("access-control-allow-origin")
+            .unwrap(),
+        "http://prana.example"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
