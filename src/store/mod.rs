@@ -269,6 +269,9 @@ pub struct Writers {
     /// How long a writer lets writes gather when they come in company,
     /// unless configured: every commit costs an fsync.
     pub linger: std::time::Duration,
+    /// The longest the linger grows to while the groups keep company
+    /// (see `writer::linger`); equal to `linger`, it stays fixed.
+    pub max_linger: std::time::Duration,
     /// Most inserts in one commit, unless configured.
     pub max_commit: usize,
 }

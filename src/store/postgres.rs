@@ -619,6 +619,7 @@ impl Backend for PgBackend {
             // Fewer, larger commits cost PostgreSQL less CPU, which on a
             // shared machine is also lower latency (BENCHMARKS.md).
             linger: Duration::from_millis(1),
+            max_linger: Duration::from_millis(1),
             // A commit is a round trip: larger groups, fewer of them.
             max_commit: 1000,
         }

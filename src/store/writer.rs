@@ -96,8 +96,10 @@ struct Shared {
     listener: Arc<dyn CommitListener>,
     max_commit: usize,
     /// How long a writer lets writes gather after the first one arrives,
-    /// when the previous group had company (see `gather`).
+    /// when the previous group had company, and how long that grows to
+    /// (see [`linger`]).
     linger: Duration,
+    max_linger: Duration,
     /// The highest seq an insert of this store was answered with: every
     /// packet a group stores after reading it gets a higher one.
     newest: AtomicI64,
@@ -127,7 +129,11 @@ impl Writer {
             gate,
             listener,
             max_commit: limits.max_writes.unwrap_or(writers.max_commit).max(1),
+            // A configured linger is fixed: it is also the most.
             linger: limits.linger.unwrap_or(writers.linger),
+            max_linger: limits
+                .linger
+                .unwrap_or(writers.max_linger.max(writers.linger)),
             newest: AtomicI64::new(0),
         });
         let (ingest_tx, ingest_rx) = mpsc::unbounded_channel::<Job>();
@@ -227,8 +233,8 @@ async fn run_lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job
             if rx.recv_many(&mut jobs, shared.max_commit).await == 0 {
                 return; // closed and drained
             }
-            if gather(&shared, last_group) {
-                tokio::time::sleep(shared.linger).await;
+            if let Some(wait) = linger(&shared, last_group) {
+                tokio::time::sleep(wait).await;
                 drain_ready(&mut rx, &mut jobs, shared.max_commit);
             }
         }
@@ -237,12 +243,31 @@ async fn run_lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job
     }
 }
 
-/// Whether to let writes gather before this commit. Every commit costs an
-/// fsync (tens of µs of CPU here, whatever its size), so when writes come
-/// in company (the last group had several) a short wait lets more share
-/// the next one. A lone client never waits: its groups have one write.
-fn gather(shared: &Shared, last_group: usize) -> bool {
-    last_group > 1 && !shared.linger.is_zero()
+/// How long to let writes gather before this commit, if at all. Every
+/// commit costs an fsync and the wake-ups around it (~240 µs of CPU here,
+/// whatever its size), so when writes come in company (the last group had
+/// several) a wait lets more share the next one, and each companion of the
+/// last group lengthens it by [`LINGER_PER_COMPANION`], up to `max_linger`:
+/// under load the groups grow until the wait is at its most, and at a few
+/// writes at a time it stays near `linger`. A lone client never waits: its
+/// groups have one write.
+fn linger(shared: &Shared, last_group: usize) -> Option<Duration> {
+    wait_for_company(shared.linger, shared.max_linger, last_group)
+}
+
+/// What one more write in the last group adds to the next wait.
+const LINGER_PER_COMPANION: Duration = Duration::from_micros(100);
+
+fn wait_for_company(linger: Duration, max: Duration, last_group: usize) -> Option<Duration> {
+    if last_group <= 1 || linger.is_zero() {
+        return None;
+    }
+    let companions = u32::try_from(last_group - 2).unwrap_or(u32::MAX);
+    let grown = LINGER_PER_COMPANION
+        .checked_mul(companions)
+        .and_then(|extra| linger.checked_add(extra))
+        .unwrap_or(max);
+    Some(grown.min(max.max(linger)))
 }
 
 /// The one writer of an engine with one writer: every waiting delivery
@@ -270,9 +295,9 @@ async fn run_combined(
                     None => ingest_open = false,
                 },
             }
-            if gather(&shared, last_group) {
+            if let Some(wait) = linger(&shared, last_group) {
                 // A thread of its own (see `Writer::start`): it may sleep.
-                std::thread::sleep(shared.linger);
+                std::thread::sleep(wait);
             }
             // Whatever else waits now joins this commit.
             drain_ready(&mut delivery, &mut jobs, usize::MAX);
@@ -461,6 +486,26 @@ mod tests {
     use super::*;
     use crate::store::{Counts, StoredPacket, UserQuery, Writers};
 
+    #[test]
+    fn the_wait_grows_with_the_company_up_to_its_most() {
+        let us = Duration::from_micros;
+        let (base, most) = (us(300), us(2_000));
+        assert_eq!(wait_for_company(base, most, 0), None);
+        assert_eq!(
+            wait_for_company(base, most, 1),
+            None,
+            "a lone client never waits"
+        );
+        assert_eq!(wait_for_company(base, most, 2), Some(us(300)));
+        assert_eq!(wait_for_company(base, most, 10), Some(us(1_100)));
+        assert_eq!(wait_for_company(base, most, 18), Some(us(1_900)));
+        assert_eq!(wait_for_company(base, most, 19), Some(most));
+        assert_eq!(wait_for_company(base, most, usize::MAX), Some(most));
+        // Fixed when the most is the linger (a configured one, PostgreSQL's).
+        assert_eq!(wait_for_company(us(1_000), us(1_000), 50), Some(us(1_000)));
+        assert_eq!(wait_for_company(Duration::ZERO, most, 50), None);
+    }
+
     /// Fails a whole batch when it holds a packet of user "bad", or always
     /// when `down`; counts the batches it was asked to apply.
     #[derive(Default)]
@@ -571,6 +616,7 @@ mod tests {
                 delivery: 0,
                 blocking: false,
                 linger: Duration::ZERO,
+                max_linger: Duration::ZERO,
                 max_commit: 100,
             }
         }

@@ -639,6 +639,11 @@ impl Backend for SqliteBackend {
             // The writer thread sleeps precisely; 300 µs cut CPU per packet
             // by ~15% at 5,000/s for +0.3 ms at the median (BENCHMARKS.md).
             linger: Duration::from_micros(300),
+            // Each commit costs ~240 µs of CPU here (fsync, the writer's
+            // wake-ups, the waiters'): growing the wait with the company
+            // to 2 ms took 5,000/s from 165-181 to 146-149 µs per packet,
+            // p99 within the run's noise (BENCHMARKS.md, seventh session).
+            max_linger: Duration::from_millis(2),
             // Marks join every commit first; under a closed loop of
             // ingests, groups of up to 1,000 inserts made each mark wait
             // out a long decide-and-write, and delivery fell behind ingest
