@@ -278,14 +278,18 @@ impl Bucket {
                 after => after,
             };
         }
-        let outcomes = self.store.mark_many(valid.clone()).await;
+        // What the answers need; the marks themselves (karma actions and
+        // all) go to the store without a copy.
+        let answered: Vec<(PacketId, bool)> =
+            valid.iter().map(|m| (m.packet_id, m.success)).collect();
+        let outcomes = self.store.mark_many(valid).await;
         // Asked after the write, just before the leases end: a lease that
         // expired while the outcome was written had ended.
         let live = self.dispatcher.live(tokens);
         let mut settled = Vec::with_capacity(outcomes.len());
         let (mut processed, mut failed) = (0, 0);
-        for ((i, mark), outcome) in valid_at.into_iter().zip(valid).zip(outcomes) {
-            let packet_id = mark.packet_id;
+        for ((i, (packet_id, success)), outcome) in valid_at.into_iter().zip(answered).zip(outcomes)
+        {
             let answer = match outcome {
                 Err(e) => Err(e.into()),
                 Ok(MarkOutcome::NotFound) => Err(Error::NotFound(format!("packet {packet_id}"))),
@@ -295,17 +299,13 @@ impl Bucket {
                     settled.push(packet_id);
                     let already_processed = outcome == MarkOutcome::AlreadyProcessed;
                     if !already_processed {
-                        *(if mark.success {
-                            &mut processed
-                        } else {
-                            &mut failed
-                        }) += 1;
+                        *(if success { &mut processed } else { &mut failed }) += 1;
                     }
                     let lease_ended = live.get(i).is_some_and(|live| !live);
                     Ok((
                         Marked {
                             packet_id,
-                            success: mark.success,
+                            success,
                             already_processed,
                         },
                         lease_ended,
