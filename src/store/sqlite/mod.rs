@@ -641,8 +641,9 @@ impl Backend for SqliteBackend {
             linger: Duration::from_micros(300),
             // Each commit costs ~240 µs of CPU here (fsync, the writer's
             // wake-ups, the waiters'): growing the wait with the company
-            // to 2 ms took 5,000/s from 165-181 to 146-149 µs per packet,
-            // p99 within the run's noise (BENCHMARKS.md, seventh session).
+            // to 2 ms took 5,000/s from 162-185 to 138-161 µs per packet,
+            // +1 ms at the median, the median p99 no worse (BENCHMARKS.md,
+            // seventh session).
             max_linger: Duration::from_millis(2),
             // Marks join every commit first; under a closed loop of
             // ingests, groups of up to 1,000 inserts made each mark wait
