@@ -131,9 +131,7 @@ impl Writer {
             max_commit: limits.max_writes.unwrap_or(writers.max_commit).max(1),
             // A configured linger is fixed: it is also the most.
             linger: limits.linger.unwrap_or(writers.linger),
-            max_linger: limits
-                .linger
-                .unwrap_or(writers.max_linger.max(writers.linger)),
+            max_linger: limits.linger.unwrap_or(writers.max_linger),
             newest: AtomicI64::new(0),
         });
         let (ingest_tx, ingest_rx) = mpsc::unbounded_channel::<Job>();
@@ -504,6 +502,8 @@ mod tests {
         // Fixed when the most is the linger (a configured one, PostgreSQL's).
         assert_eq!(wait_for_company(us(1_000), us(1_000), 50), Some(us(1_000)));
         assert_eq!(wait_for_company(Duration::ZERO, most, 50), None);
+        // A most below the linger never shortens it.
+        assert_eq!(wait_for_company(base, us(100), 50), Some(base));
     }
 
     /// Fails a whole batch when it holds a packet of user "bad", or always
