@@ -5,6 +5,7 @@ pub mod bucket;
 pub mod config;
 pub mod delivery;
 pub mod domain;
+pub mod doors;
 pub mod edge;
 pub mod error;
 pub mod grpc;

@@ -13,6 +13,7 @@ use crate::auth::Access;
 use crate::bucket::Bucket;
 use crate::config::Config;
 use crate::delivery::Dispatcher;
+use crate::doors::Doors;
 use crate::edge::EdgeLayer;
 use crate::edge::connections::ConnectionLimits;
 use crate::grpc::BucketGrpc;
@@ -185,7 +186,10 @@ impl Application {
             .max_concurrent_streams(limits.max_concurrent_streams)
             // CORS outside everything, so preflights and errors carry it too.
             .layer(crate::http::cors::layer(&self.config.cors_origins))
-            .add_routes(self.routes()?);
+            // Then, once for every door: request id, authentication,
+            // ingest rate, per-method metrics.
+            .layer(EdgeLayer::new(self.access.clone(), self.limits()));
+        let doors = self.doors()?;
         // Server::tcp_nodelay only reaches listeners tonic binds itself;
         // without it, Nagle holds small HTTP/2 frames back behind delayed
         // ACKs (20-40 ms per unary call beside a busy stream).
@@ -206,7 +210,9 @@ impl Application {
             };
             tracing::info!(%addr, %database, tls, "bucket listening");
             let incoming = crate::edge::connections::incoming(tcp, self.tls.clone(), connections);
-            server.serve_with_incoming_shutdown(incoming, stop).await
+            server
+                .serve_with_incoming_shutdown(doors, incoming, stop)
+                .await
         };
         tokio::select! {
             served = serving => served.context("serving")?,
@@ -221,7 +227,7 @@ impl Application {
         Ok(())
     }
 
-    fn routes(&self) -> anyhow::Result<Routes> {
+    fn doors(&self) -> anyhow::Result<Doors> {
         let bucket = BucketServiceServer::new(BucketGrpc::new(self.bucket.clone()))
             .max_decoding_message_size(self.config.max_body_bytes);
         let reflection = reflection_builder().build_v1()?;
@@ -234,30 +240,23 @@ impl Application {
         ));
         // gRPC-web (binary and text, over HTTP/1.1 too) on the gRPC routes
         // only: tonic-web refuses every other HTTP/1.1 request.
-        let grpc = Routes::new(bucket)
-            .add_service(health)
+        let grpc = Routes::new(health)
             .add_service(reflection)
             .add_service(reflection_alpha)
             .into_axum_router()
-            // Inside gRPC-web, so it walks gRPC framing for both.
-            .layer(crate::edge::batch_limit::BatchLimitLayer::new(
-                self.config.max_batch,
-            ))
             .layer(tonic_web::GrpcWebLayer::new());
         let http = crate::http::router(self.bucket.clone(), self.config.max_body_bytes);
-        let limits = Limits {
+        let rest = grpc.merge(http).fallback(crate::http::not_found);
+        Ok(Doors::new(bucket, self.config.max_batch, rest))
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
             ingest_rate: IngestRate::new(
                 self.config.limits.ingest_rate,
                 self.config.limits.ingest_burst,
             ),
-        };
-        // One layer before everything: request id, authentication, ingest
-        // rate, per-method metrics.
-        Ok(Routes::from(
-            grpc.merge(http)
-                .fallback(crate::http::not_found)
-                .layer(EdgeLayer::new(self.access.clone(), limits)),
-        ))
+        }
     }
 }
 

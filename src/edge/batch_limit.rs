@@ -13,10 +13,10 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use axum::body::{Body, Bytes};
-use axum::extract::Request;
-use axum::response::Response;
+use axum::body::Bytes;
+use http::Request;
 use http_body::{Frame, SizeHint};
+use tonic::body::Body;
 use tower::{Layer, Service};
 
 use crate::domain::batch::Batch;
@@ -314,11 +314,13 @@ pub struct BatchLimit<S> {
     max: usize,
 }
 
-impl<S> Service<Request> for BatchLimit<S>
+impl<S, B> Service<Request<B>> for BatchLimit<S>
 where
-    S: Service<Request, Response = Response>,
+    S: Service<Request<Body>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
-    type Response = Response;
+    type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
 
@@ -326,7 +328,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> S::Future {
+    fn call(&mut self, request: Request<B>) -> S::Future {
+        // tonic's Body::new takes its own type back without boxing it again.
+        let request = request.map(Body::new);
         let Some(listed) = Listed::of_path(request.uri().path()) else {
             return self.inner.call(request);
         };

@@ -26,8 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::Request;
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Request};
 use axum::response::Response;
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -83,7 +82,7 @@ pub struct Edge<S> {
 
 impl Shared {
     /// Why this caller may not make this call now, if it may not.
-    fn admit(&self, method: Method, request: &mut Request) -> Result<(), Error> {
+    fn admit<B>(&self, method: Method, request: &mut Request<B>) -> Result<(), Error> {
         // CORS preflights carry no token.
         let required = if request.method() == axum::http::Method::OPTIONS {
             None
@@ -107,9 +106,9 @@ impl Shared {
     }
 }
 
-impl<S> Service<Request> for Edge<S>
+impl<S, B> Service<Request<B>> for Edge<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response;
@@ -120,10 +119,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let started = Instant::now();
         let method = Method::of(request.uri().path());
-        let id = request_id::given(&request).unwrap_or_else(request_id::new_id);
+        let id = request_id::given(request.headers()).unwrap_or_else(request_id::new_id);
         let grpc = is_grpc(request.headers());
         // The connection is busy until this answer's body ends.
         let under_way = request

@@ -3,15 +3,14 @@
 //! REST header; gRPC response metadata) and carried by every log line of
 //! the request (a span). Requests are counted and timed by `Method`
 //! (`crate::edge` does both, for gRPC, gRPC-web and REST alike).
-use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use uuid::Uuid;
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The caller's id when it is one we can echo and log safely.
-pub fn given(request: &Request) -> Option<HeaderValue> {
-    let value = request.headers().get(&HEADER)?;
+pub fn given(headers: &HeaderMap) -> Option<HeaderValue> {
+    let value = headers.get(&HEADER)?;
     let ok = !value.is_empty()
         && value.len() <= 128
         && value.as_bytes().iter().all(|b| b.is_ascii_graphic());
