@@ -993,6 +993,13 @@ impl QueueSink for Arc<Dispatcher> {
         self.take(packets, true);
     }
 
+    fn leave(&self, packets: Vec<PendingPacket>) {
+        let mut core = self.lock();
+        for pending in &packets {
+            core.queue.leave(pending);
+        }
+    }
+
     fn wanted(&self) -> usize {
         self.lock().wanted()
     }

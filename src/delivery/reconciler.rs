@@ -21,8 +21,9 @@
 //! pass does not put a second entry beside the one arriving.
 //!
 //! After every pass, and at shutdown, a node gives back what it kept or
-//! left to the database while Redis refused its packets ([`hand_back`]):
-//! from the database, so only what is still pending reaches the stream.
+//! left to the database while Redis refused (or did not answer) its
+//! packets ([`hand_back`]): from the database, so only what is still
+//! pending reaches the stream.
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,7 +101,7 @@ pub async fn reconcile_since(
 }
 
 /// Gives back to the stream what this node kept, or left to the database,
-/// while Redis refused its packets (see
+/// while Redis refused (or did not answer) its packets (see
 /// [`crate::queue::memory::MemoryQueue::begin_hand_back`]): the pending
 /// packets among them that are neither in the stream nor held here are
 /// added, as ids, for any node to take; then the node keeps no copy, so it

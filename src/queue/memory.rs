@@ -8,10 +8,11 @@
 //! In front of the Redis queue it is the node's buffer ([`MemoryQueue::buffer`]):
 //! what it read from the stream, bounded by what local streams asked for,
 //! and what Redis refused, at most `window` of that, the rest left to the
-//! database the same way. Once Redis takes packets again, both go back
-//! through the database ([`MemoryQueue::begin_hand_back`]): only what is
-//! still pending reaches the stream, and the buffer keeps no copy another
-//! node could deliver and mark without this one hearing of it.
+//! database the same way; what Redis may have taken (an XADD whose answer
+//! never came) it leaves there whole. Once Redis takes packets again, both
+//! go back through the database ([`MemoryQueue::begin_hand_back`]): only
+//! what is still pending reaches the stream, and the buffer keeps no copy
+//! another node could deliver and mark without this one hearing of it.
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::Queued;
@@ -38,6 +39,10 @@ pub struct MemoryQueue {
     /// hand-back began. A hand-back reads no further: later packets went
     /// to the stream, or are left out again for the next one.
     spilled_upto: Option<i64>,
+    /// The buffer: the seqs, from after the first to the second, of the
+    /// packets left to the database since the last hand-back began
+    /// because their XADD went unanswered ([`MemoryQueue::leave`]).
+    left: Option<(i64, i64)>,
 }
 
 /// What the buffer gives back once Redis takes packets again: the packets
@@ -70,6 +75,7 @@ impl MemoryQueue {
             rewound: None,
             finished: None,
             spilled_upto: None,
+            left: None,
         }
     }
 
@@ -86,6 +92,7 @@ impl MemoryQueue {
             rewound: None,
             finished: None,
             spilled_upto: None,
+            left: None,
         }
     }
 
@@ -136,6 +143,19 @@ impl MemoryQueue {
                 .map_or(pending.seq, |s| s.max(pending.seq)),
         );
         false
+    }
+
+    /// The buffer: a packet whose XADD went unanswered, left to the
+    /// database whatever the window (its entry may land still, and one
+    /// with a body is delivered unchecked, so no copy is kept here; see
+    /// [`super::redis`]). The next hand-back reads it; unlike a spill, it
+    /// holds back nothing Redis refuses later.
+    pub fn leave(&mut self, pending: &PendingPacket) {
+        let (after, upto) = (pending.seq - 1, pending.seq);
+        self.left = Some(
+            self.left
+                .map_or((after, upto), |(a, u)| (a.min(after), u.max(upto))),
+        );
     }
 
     /// Queues a packet whatever the window (one whose lease ended, one
@@ -244,8 +264,18 @@ impl MemoryQueue {
             .collect();
         let kept: Vec<Queued> = ids.iter().filter_map(|id| self.remove(id)).collect();
         let seqs = kept.iter().map(|q| q.pending.seq);
-        let after_seq = seqs.clone().map(|s| s - 1).chain(self.spilled).min()?;
-        let upto_seq = seqs.chain(self.spilled_upto).max().unwrap_or(after_seq);
+        let (left_after, left_upto) = self.left.take().unzip();
+        let after_seq = seqs
+            .clone()
+            .map(|s| s - 1)
+            .chain(self.spilled)
+            .chain(left_after)
+            .min()?;
+        let upto_seq = seqs
+            .chain(self.spilled_upto)
+            .chain(left_upto)
+            .max()
+            .unwrap_or(after_seq);
         self.spilled = None;
         self.spilled_upto = None;
         self.finished = Some(HashSet::new());
@@ -465,6 +495,21 @@ mod tests {
         q.handed_back(back, true, |_| false);
         assert!(q.begin_hand_back().is_none(), "nothing left to give back");
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_buffer_leaves_what_redis_may_have_taken_to_the_hand_back() {
+        let mut q = MemoryQueue::buffer(4);
+        q.leave(&pending(3));
+        q.leave(&pending(2));
+        assert!(q.is_empty(), "no copy kept");
+        // Unlike a spill it holds back nothing Redis refuses later.
+        assert!(q.offer(pending(4)));
+        let back = q.begin_hand_back().unwrap();
+        assert_eq!((back.after_seq, back.upto_seq), (1, 4));
+        assert_eq!(back.kept.len(), 1);
+        q.handed_back(back, true, |_| false);
+        assert!(q.begin_hand_back().is_none(), "nothing left to give back");
     }
 
     #[test]

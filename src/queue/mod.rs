@@ -28,6 +28,11 @@ pub trait QueueSink: Send + Sync + 'static {
     /// Packets Redis refused (XADD failed): kept here while there is room,
     /// the rest left to the database until Redis takes packets again.
     fn keep(&self, packets: Vec<Queued>);
+    /// Packets Redis may have taken (the XADD went unanswered): their
+    /// entries may land still and go out with their bodies unchecked, so
+    /// none is kept; they are left to the database, and the hand-back adds
+    /// those the stream lacks by then.
+    fn leave(&self, packets: Vec<PendingPacket>);
     /// How many more packets local streams have room for.
     fn wanted(&self) -> usize;
     /// Another node recorded these packets' outcomes.

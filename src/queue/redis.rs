@@ -39,6 +39,15 @@
 //! whatever else the stream lacks. Nothing goes back to the stream with its
 //! body unless the database just said it is pending (a lease end): another
 //! node may have recorded its outcome unheard.
+//!
+//! An entry with a body is delivered unchecked, so a packet that has one
+//! must have no other copy. An XADD whose answer never came may land later
+//! (fred writes a pipeline that timed out waiting for a connection once
+//! one is up, to a Redis that may have restarted meanwhile): its packet is
+//! not kept in memory but left to the database, and the hand-back adds it
+//! only if the stream lacks it then. By then it has landed or never will:
+//! the hand-back reads the stream through the same client, whose commands
+//! reach Redis in the order they were sent.
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -159,6 +168,19 @@ struct Outgoing {
     replaces: Option<String>,
 }
 
+/// What became of one XADD.
+enum Xadded {
+    Added,
+    /// Not added: Redis was not connected, or answered with an error.
+    Refused(QueueError),
+    /// Perhaps added, now or later: no answer came in time, or the
+    /// connection dropped after the command went out. fred writes a
+    /// pipeline that timed out while it waited for a connection once one
+    /// is up (it skips only single commands that timed out), and Redis
+    /// may have run a command whose answer was lost.
+    Unsure(QueueError),
+}
+
 pub struct RedisQueue {
     /// Ordinary commands, failing fast while disconnected.
     commands: Client,
@@ -191,8 +213,9 @@ pub struct RedisQueue {
     consumer: String,
     outgoing: mpsc::UnboundedSender<Outgoing>,
     /// Packets given to `outgoing`, and of those how many the adder is
-    /// done with (added, or kept when Redis refused): the reconciler waits
-    /// for the second to reach the first before it calls a packet missing.
+    /// done with (added, kept when Redis refused, or left to the database
+    /// when it did not answer): the reconciler waits for the second to
+    /// reach the first before it calls a packet missing.
     pushed: AtomicU64,
     sent: watch::Sender<u64>,
     done: mpsc::UnboundedSender<String>,
@@ -546,7 +569,8 @@ impl RedisQueue {
 
     /// XADDs what waits, a pipeline at a time. While Redis is away the
     /// packets stay with this node, as many as its buffer takes (they go
-    /// back to the stream once Redis answers).
+    /// back to the stream once Redis answers). Those it may have added (no
+    /// answer came) stay in the database only: see [`Xadded::Unsure`].
     async fn add_loop(
         self: Arc<Self>,
         mut rx: mpsc::UnboundedReceiver<Outgoing>,
@@ -555,39 +579,63 @@ impl RedisQueue {
         let mut batch = Vec::with_capacity(PAGE);
         while self.next_batch(&mut rx, &mut batch).await {
             let count = batch.len() as u64;
-            let added = self.xadd(&batch).await;
+            let outcomes = self.xadd(&batch).await;
+            let moved: Vec<String> = batch.iter().filter_map(|o| o.replaces.clone()).collect();
+            let (mut replaced, mut kept, mut unsure) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut refusal, mut silence) = (None, None);
+            for (item, outcome) in batch.drain(..).zip(outcomes) {
+                match outcome {
+                    Xadded::Added => replaced.extend(item.replaces),
+                    Xadded::Refused(e) => {
+                        refusal = Some(e);
+                        kept.push(Queued {
+                            pending: item.pending,
+                            entry: item.replaces,
+                        });
+                    }
+                    Xadded::Unsure(e) => {
+                        silence = Some(e);
+                        unsure.push(item);
+                    }
+                }
+            }
+            // A lease's end whose new entry may land: its old entry goes
+            // now, before the packet is left to the database. Else the
+            // hand-back would find the old entry and add nothing, and this
+            // node would take it back from its own list (the database
+            // says pending) and deliver it beside the new one.
+            let old: Vec<String> = unsure.iter().filter_map(|o| o.replaces.clone()).collect();
+            if !old.is_empty()
+                && let Err(e) = self.remove(&old).await
             {
-                // Removed below, or back in this node's hands.
+                tracing::debug!(error = %e, count = old.len(), "could not remove entries replaced by an unanswered XADD; the remover tries again");
+                self.remove_entries(old);
+            }
+            {
+                // Removed by now (or below), or back in this node's hands.
                 let mut moving = self.moving.lock().expect("moving lock");
-                for entry in batch.iter().filter_map(|o| o.replaces.as_ref()) {
+                for entry in &moved {
                     moving.remove(entry);
                 }
             }
-            match added {
-                Ok(()) => {
-                    let replaced = batch.drain(..).filter_map(|o| o.replaces).collect();
-                    self.remove_entries(replaced);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, count = batch.len(), "Redis away: packets stay with this node");
-                    sink.keep(
-                        batch
-                            .drain(..)
-                            .map(|o| Queued {
-                                pending: o.pending,
-                                entry: o.replaces,
-                            })
-                            .collect(),
-                    );
-                }
+            self.remove_entries(replaced);
+            if let Some(e) = refusal {
+                tracing::warn!(error = %e, count = kept.len(), "Redis away: packets stay with this node");
+                sink.keep(kept);
+            }
+            if let Some(e) = silence {
+                tracing::warn!(error = %e, count = unsure.len(), "Redis did not answer XADD: packets left to the database until it does");
+                sink.leave(unsure.into_iter().map(|o| o.pending).collect());
             }
             self.sent.send_modify(|n| *n += count);
         }
     }
 
-    async fn xadd(&self, batch: &[Outgoing]) -> Result<(), QueueError> {
+    /// What became of each XADD of `batch`, in order.
+    async fn xadd(&self, batch: &[Outgoing]) -> Vec<Xadded> {
+        let refused = |e: QueueError| batch.iter().map(|_| Xadded::Refused(e.clone())).collect();
         if !self.connected() {
-            return Err(QueueError::NotConnected);
+            return refused(QueueError::NotConnected);
         }
         let pipeline = self.commands.pipeline();
         for item in batch {
@@ -598,10 +646,33 @@ impl RedisQueue {
             let key = self
                 .shards
                 .key(self.shards.of(item.pending.packet.packet_id));
-            let _: () = pipeline.xadd(key, false, None, "*", fields).await?;
+            // Queued in memory: nothing is sent before try_all.
+            let queued: Result<(), _> = pipeline.xadd(key, false, None, "*", fields).await;
+            if let Err(e) = queued {
+                return refused(e.into());
+            }
         }
-        let _: Vec<Value> = pipeline.all().await?;
-        Ok(())
+        let mut results = pipeline.try_all::<Value>().await;
+        if results.len() != batch.len() {
+            // The pipeline failed as a whole: its one error stands for each.
+            let e = match results.pop() {
+                Some(Err(e)) => e,
+                _ => fred::error::Error::new(
+                    fred::error::ErrorKind::Protocol,
+                    "a pipeline answer of the wrong length",
+                ),
+            };
+            results = batch.iter().map(|_| Err(e.clone())).collect();
+        }
+        results
+            .into_iter()
+            .map(|result| match result {
+                Ok(_) => Xadded::Added,
+                // An error reply: Redis ran the command, and refused it.
+                Err(e) if error_code(&e).is_some() => Xadded::Refused(e.into()),
+                Err(e) => Xadded::Unsure(e.into()),
+            })
+            .collect()
     }
 
     /// Waits for what `rx` brings, a page at most, into `batch`; once the

@@ -10,7 +10,7 @@ use bucket::config::Config;
 use bucket::proto::bucket::v1 as pb;
 use tonic::Streaming;
 
-use crate::helpers::{Backend, TestApp, TestDb, ingest, packet_for, subscribe, test_config};
+use crate::helpers::{Backend, TestApp, TestDb, ingest, mark, packet_for, subscribe, test_config};
 use crate::proxy::Proxy;
 use crate::redis_queue::{OwnRedis, wait_for_redis};
 
@@ -425,4 +425,75 @@ async fn a_packet_on_its_way_to_the_stream_is_not_added_twice() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let entries: usize = redis_cli(port, &["XLEN", &key]).await.parse().unwrap();
     assert_eq!(entries, sent, "entries for {sent} packets");
+}
+
+/// The packets one poll of `app`'s JSON gateway leases (one at most).
+async fn polled(app: &TestApp) -> Vec<String> {
+    let url = format!("{}/api/v1/bucket/prana/packets/pending?limit=1", app.url());
+    let answer: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    answer["packets"]
+        .as_array()
+        .expect("a list of packets")
+        .iter()
+        .map(|p| p["packet_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// An XADD whose answer comes after its timeout (here: through a link
+/// slowed past it) may land all the same, with the packet's body, and the
+/// node that reads an entry with a body delivers it unchecked. Before the
+/// fix the node kept such a packet in memory as one Redis refused and
+/// handed it out (here to a poll) while its entry, landing later, went out
+/// through the other node: delivered twice, the second mark finding it
+/// processed (seen in `redis_queue::redis_outage_loses_nothing`, where
+/// fred wrote a timed-out XADD pipeline to the Redis that came back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_whose_xadd_went_unanswered_is_delivered_once() {
+    let LinkedPair {
+        _redis,
+        link,
+        linked: slow,
+        direct,
+        ..
+    } = linked_pair(|_| {}).await;
+    let mut slow_client = slow.client().await;
+    wait_for_redis(&mut slow_client, true).await;
+    let mut direct_client = direct.client().await;
+    let mut stream = subscribe(&mut direct_client, "karma", 8, 30).await;
+    // 4 s each way: the XADD lands 4 s after it is sent, its 2 s timeout
+    // long past. The slow node has no stream, so it reads nothing.
+    link.set_delay(Duration::from_secs(4));
+    let id = ingest(&mut slow_client, packet_for("xadd-unanswered")).await;
+
+    // Every delivery, from the other node's stream or from the slow node's
+    // memory (polled only while it holds a packet, so the poll reads
+    // nothing from Redis), until none came for 10 s.
+    let mut deliveries = 0;
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(10) {
+        let (got, marker) = if slow.held().waiting > 0 {
+            (polled(&slow).await, &mut slow_client)
+        } else {
+            let next = tokio::time::timeout(Duration::from_millis(100), stream.message()).await;
+            let got = match next {
+                Ok(message) => {
+                    let delivery = message.expect("stream ok").expect("stream open");
+                    vec![delivery.packet.unwrap().packet_id]
+                }
+                Err(_) => Vec::new(),
+            };
+            (got, &mut direct_client)
+        };
+        for got in got {
+            assert_eq!(got, id);
+            deliveries += 1;
+            last = Instant::now();
+            let marked = mark(marker, &got).await;
+            assert!(
+                !marked.already_processed,
+                "delivered again after it was processed"
+            );
+        }
+    }
+    assert_eq!(deliveries, 1, "delivered once");
 }
