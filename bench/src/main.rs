@@ -4,6 +4,7 @@
 mod consume_stream;
 mod consumers;
 mod costs;
+mod disk;
 mod floor;
 mod load;
 mod modes;
@@ -67,6 +68,25 @@ enum Command {
     /// Serve the contract with nothing behind it (no store, no log, no edge
     /// layers), for `e2e --url`: what the network path alone costs
     Floor(FloorArgs),
+    /// Synced appends to a file, as the record log commits, with nothing
+    /// else: the disk's latency tail and the kernel's CPU per commit
+    Disk(DiskArgs),
+}
+
+#[derive(Args, Debug)]
+struct DiskArgs {
+    /// A directory on the file system to measure (where the database lives)
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// Appends per second
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// Seconds of appends
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// Bytes per append (a multiple of 512)
+    #[arg(long, default_value_t = 4096)]
+    bytes: usize,
 }
 
 #[derive(Args, Debug)]
@@ -491,6 +511,15 @@ async fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Floor(a) => {
             floor::serve(a.listen).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Disk(a) => {
+            disk::run(&disk::DiskPlan {
+                dir: a.dir,
+                rate: a.rate,
+                duration: Duration::from_secs(a.duration),
+                bytes: a.bytes,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot(a) => {

@@ -33,7 +33,7 @@ impl Percentiles {
         })
     }
 
-    fn human(&self) -> String {
+    pub fn human(&self) -> String {
         format!(
             "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (n={})",
             ms(self.p50),

@@ -270,6 +270,15 @@ fn wait_for_company(linger: Duration, max: Duration, last_group: usize) -> Optio
 
 /// The one writer of an engine with one writer: every waiting delivery
 /// write first, then inserts up to `max_commit`.
+///
+/// In company a commit also starts no sooner than the wait after the one
+/// before it started. Under load the writes that arrive during a commit
+/// would otherwise start the next one at once, and the groups would stay
+/// as small as one fsync is short (550 commits a second of ~18 writes at
+/// 5,000 packets/s); paced, they grow to what arrives in the wait, and the
+/// commits, their wake-ups and the answers' socket writes become fewer
+/// (BENCHMARKS.md, ninth session). A lone client is never paced, nor a
+/// full group.
 async fn run_combined(
     shared: Arc<Shared>,
     mut delivery: mpsc::UnboundedReceiver<Job>,
@@ -279,6 +288,7 @@ async fn run_combined(
     let mut jobs: Vec<Job> = Vec::with_capacity(max);
     let (mut delivery_open, mut ingest_open) = (true, true);
     let mut last_group = 0;
+    let mut last_start = std::time::Instant::now();
     while delivery_open || ingest_open {
         drain_ready(&mut delivery, &mut jobs, usize::MAX);
         drain_ready(&mut ingest, &mut jobs, max);
@@ -301,11 +311,27 @@ async fn run_combined(
             drain_ready(&mut delivery, &mut jobs, usize::MAX);
             drain_ready(&mut ingest, &mut jobs, max);
         }
+        if let Some(left) = linger(&shared, last_group)
+            .and_then(|wait| still_to_wait(last_start.elapsed(), wait))
+            // A full group cannot grow: it goes at once.
+            .filter(|_| !jobs.is_empty() && jobs.len() < max)
+        {
+            std::thread::sleep(left);
+            drain_ready(&mut delivery, &mut jobs, usize::MAX);
+            drain_ready(&mut ingest, &mut jobs, max);
+        }
         last_group = jobs.len();
         if !jobs.is_empty() {
+            last_start = std::time::Instant::now();
             commit(&shared, &mut jobs).await;
         }
     }
+}
+
+/// What is left of `wait` counted from the last commit's start, `since`
+/// ago; None once it is over.
+fn still_to_wait(since: Duration, wait: Duration) -> Option<Duration> {
+    wait.checked_sub(since).filter(|left| !left.is_zero())
 }
 
 /// Moves waiting jobs into `jobs` without waiting, until `jobs` holds `max`.
@@ -504,6 +530,15 @@ mod tests {
         assert_eq!(wait_for_company(Duration::ZERO, most, 50), None);
         // A most below the linger never shortens it.
         assert_eq!(wait_for_company(base, us(100), 50), Some(base));
+    }
+
+    #[test]
+    fn a_paced_commit_waits_out_what_is_left_of_the_wait() {
+        let us = Duration::from_micros;
+        assert_eq!(still_to_wait(us(0), us(4_000)), Some(us(4_000)));
+        assert_eq!(still_to_wait(us(1_500), us(4_000)), Some(us(2_500)));
+        assert_eq!(still_to_wait(us(4_000), us(4_000)), None);
+        assert_eq!(still_to_wait(us(9_000), us(4_000)), None);
     }
 
     /// Fails a whole batch when it holds a packet of user "bad", or always

@@ -639,12 +639,15 @@ impl Backend for SqliteBackend {
             // The writer thread sleeps precisely; 300 µs cut CPU per packet
             // by ~15% at 5,000/s for +0.3 ms at the median (BENCHMARKS.md).
             linger: Duration::from_micros(300),
-            // Each commit costs ~240 µs of CPU here (fsync, the writer's
-            // wake-ups, the waiters'): growing the wait with the company
-            // to 2 ms took 5,000/s from 162-185 to 138-161 µs per packet,
-            // +1 ms at the median, the median p99 no worse (BENCHMARKS.md,
-            // seventh session).
-            max_linger: Duration::from_millis(2),
+            // Each commit costs ~240 µs of CPU here (the synced append
+            // alone ~130 µs on this disk, then the writer's wake-ups and
+            // the waiters'): growing the wait with the company to 2 ms took
+            // 5,000/s from 162-185 to 138-161 µs per packet (seventh
+            // session); pacing the commits by it at up to 4 ms took acks
+            // on the stream from 2.30-2.40 to 1.87-1.89 write syscalls per
+            // packet and 99-130 to 75-96 µs, +1.5-2 ms at the median
+            // (BENCHMARKS.md, ninth session).
+            max_linger: Duration::from_millis(4),
             // Marks join every commit first; under a closed loop of
             // ingests, groups of up to 1,000 inserts made each mark wait
             // out a long decide-and-write, and delivery fell behind ingest
