@@ -274,10 +274,11 @@ fn wait_for_company(linger: Duration, max: Duration, last_group: usize) -> Optio
 /// In company a commit also starts no sooner than the wait after the one
 /// before it started. Under load the writes that arrive during a commit
 /// would otherwise start the next one at once, and the groups would stay
-/// as small as one fsync is short (550 commits a second of ~18 writes at
-/// 5,000 packets/s); paced, they grow to what arrives in the wait, and the
-/// commits, their wake-ups and the answers' socket writes become fewer
-/// (BENCHMARKS.md, ninth session). A lone client is never paced, nor a
+/// as small as one fsync is short (610-660 commits a second of 15-16
+/// writes at 5,000 packets/s). Paced, they grow to what arrives in the
+/// wait (~210 commits a second of 46-50 writes), and the commits, their
+/// wake-ups and the answers' socket writes become fewer (BENCHMARKS.md,
+/// ninth session). A lone client is never paced, nor a
 /// full group.
 async fn run_combined(
     shared: Arc<Shared>,
