@@ -18,12 +18,11 @@ use axum::body::Body;
 use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use http::Request;
-use tonic::server::NamedService;
 use tower::{Layer, Service};
 
 use crate::edge::batch_limit::{BatchLimit, BatchLimitLayer};
 use crate::grpc::BucketGrpc;
-use crate::proto::bucket::v1::bucket_service_server::BucketServiceServer;
+use crate::proto::{self, bucket::v1::bucket_service_server::BucketServiceServer};
 
 type BucketDoor = tonic_web::GrpcWebService<BatchLimit<BucketServiceServer<BucketGrpc>>>;
 
@@ -48,13 +47,6 @@ impl Doors {
     }
 }
 
-/// Whether `path` is one of the bucket service's methods.
-fn is_bucket(path: &str) -> bool {
-    path.strip_prefix('/')
-        .and_then(|p| p.strip_prefix(<BucketServiceServer<BucketGrpc> as NamedService>::NAME))
-        .is_some_and(|rest| rest.starts_with('/'))
-}
-
 impl Service<Request<tonic::body::Body>> for Doors {
     type Response = Response;
     type Error = Infallible;
@@ -71,7 +63,7 @@ impl Service<Request<tonic::body::Body>> for Doors {
     }
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> DoorFuture {
-        if is_bucket(request.uri().path()) {
+        if proto::bucket_method(request.uri().path()).is_some() {
             DoorFuture::Bucket {
                 future: self.bucket.call(request),
             }
@@ -99,20 +91,5 @@ impl Future for DoorFuture {
             DoorProj::Bucket { future } => future.poll(cx).map_ok(|r| r.map(Body::new)),
             DoorProj::Rest { future } => future.poll(cx),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_bucket_services_methods_take_its_door() {
-        assert!(is_bucket("/bucket.v1.BucketService/Ingest"));
-        assert!(is_bucket("/bucket.v1.BucketService/Unknown"));
-        assert!(!is_bucket("/bucket.v1.BucketServiceX/Ingest"));
-        assert!(!is_bucket("/bucket.v1.BucketService"));
-        assert!(!is_bucket("/grpc.health.v1.Health/Check"));
-        assert!(!is_bucket("/api/v1/bucket/prana/ingest"));
     }
 }

@@ -11,6 +11,15 @@ pub mod bucket {
     }
 }
 
+/// The method a request path names on the bucket's service
+/// (`/bucket.v1.BucketService/Ingest`: `Ingest`), or None for any other
+/// path: the one place that knows how gRPC spells the service's paths.
+pub fn bucket_method(path: &str) -> Option<&str> {
+    path.strip_prefix('/')?
+        .strip_prefix(bucket::v1::bucket_service_server::SERVICE_NAME)?
+        .strip_prefix('/')
+}
+
 /// The compiled contract, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("bucket_descriptor");
 
@@ -101,6 +110,23 @@ mod tests {
             unreachable!()
         };
         assert_eq!(Value::Object(struct_to_json(json_to_struct(&map))), v);
+    }
+
+    #[test]
+    fn only_the_bucket_services_paths_name_its_methods() {
+        assert_eq!(
+            bucket_method("/bucket.v1.BucketService/Ingest"),
+            Some("Ingest")
+        );
+        assert_eq!(
+            bucket_method("/bucket.v1.BucketService/Unknown"),
+            Some("Unknown")
+        );
+        assert_eq!(bucket_method("/bucket.v1.BucketServiceX/Ingest"), None);
+        assert_eq!(bucket_method("/bucket.v1.BucketService"), None);
+        assert_eq!(bucket_method("bucket.v1.BucketService/Ingest"), None);
+        assert_eq!(bucket_method("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(bucket_method("/api/v1/bucket/prana/ingest"), None);
     }
 
     #[test]

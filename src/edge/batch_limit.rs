@@ -38,7 +38,7 @@ pub struct Listed {
 impl Listed {
     /// The list of the method at `path`, if its request has one.
     pub fn of_path(path: &str) -> Option<Listed> {
-        let method = path.strip_prefix("/bucket.v1.BucketService/")?;
+        let method = crate::proto::bucket_method(path)?;
         let (field, packable, batch) = match method {
             "IngestBatch" => (1, false, Batch::Packets),
             "MarkProcessedBatch" => (1, false, Batch::Marks),

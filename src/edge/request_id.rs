@@ -70,7 +70,7 @@ impl Method {
     pub const COUNT: usize = LABELS.len();
 
     pub fn of(path: &str) -> Method {
-        let (range, name) = if let Some(rpc) = path.strip_prefix("/bucket.v1.BucketService/") {
+        let (range, name) = if let Some(rpc) = crate::proto::bucket_method(path) {
             (RPCS, rpc)
         } else if let Some(rest) = path.strip_prefix("/api/v1/bucket/prana/") {
             let rest = match rest.strip_prefix("packets/user") {
