@@ -278,8 +278,7 @@ fn wait_for_company(linger: Duration, max: Duration, last_group: usize) -> Optio
 /// writes at 5,000 packets/s). Paced, they grow to what arrives in the
 /// wait (~210 commits a second of 46-50 writes), and the commits, their
 /// wake-ups and the answers' socket writes become fewer (BENCHMARKS.md,
-/// ninth session). A lone client is never paced, nor a
-/// full group.
+/// ninth session). A lone client is never paced, nor a full group.
 async fn run_combined(
     shared: Arc<Shared>,
     mut delivery: mpsc::UnboundedReceiver<Job>,
@@ -317,6 +316,7 @@ async fn run_combined(
             // A full group cannot grow: it goes at once.
             .filter(|_| !jobs.is_empty() && jobs.len() < max)
         {
+            // A thread of its own, as above: it may sleep.
             std::thread::sleep(left);
             drain_ready(&mut delivery, &mut jobs, usize::MAX);
             drain_ready(&mut ingest, &mut jobs, max);
