@@ -292,7 +292,8 @@ async fn run_combined(
     while delivery_open || ingest_open {
         drain_ready(&mut delivery, &mut jobs, usize::MAX);
         drain_ready(&mut ingest, &mut jobs, max);
-        if jobs.is_empty() {
+        let idle = jobs.is_empty();
+        if idle {
             tokio::select! {
                 job = delivery.recv(), if delivery_open => match job {
                     Some(job) => jobs.push(job),
@@ -303,24 +304,24 @@ async fn run_combined(
                     None => ingest_open = false,
                 },
             }
-            if let Some(wait) = linger(&shared, last_group) {
-                // A thread of its own (see `Writer::start`): it may sleep.
-                std::thread::sleep(wait);
-            }
-            // Whatever else waits now joins this commit.
-            drain_ready(&mut delivery, &mut jobs, usize::MAX);
-            drain_ready(&mut ingest, &mut jobs, max);
         }
+        // An idle writer waits from its first write; a busy one from the
+        // last commit's start (the pacing), unless its group is full.
+        let from = if idle {
+            std::time::Instant::now()
+        } else {
+            last_start
+        };
         if let Some(left) = linger(&shared, last_group)
-            .and_then(|wait| still_to_wait(last_start.elapsed(), wait))
-            // A full group cannot grow: it goes at once.
-            .filter(|_| !jobs.is_empty() && jobs.len() < max)
+            .and_then(|wait| still_to_wait(from.elapsed(), wait))
+            .filter(|_| idle || jobs.len() < max)
         {
-            // A thread of its own, as above: it may sleep.
+            // A thread of its own (see `Writer::start`): it may sleep.
             std::thread::sleep(left);
-            drain_ready(&mut delivery, &mut jobs, usize::MAX);
-            drain_ready(&mut ingest, &mut jobs, max);
         }
+        // Whatever else waits now joins this commit.
+        drain_ready(&mut delivery, &mut jobs, usize::MAX);
+        drain_ready(&mut ingest, &mut jobs, max);
         last_group = jobs.len();
         if !jobs.is_empty() {
             last_start = std::time::Instant::now();
@@ -329,8 +330,7 @@ async fn run_combined(
     }
 }
 
-/// What is left of `wait` counted from the last commit's start, `since`
-/// ago; None once it is over.
+/// What is left of `wait` counted from `since` ago; None once it is over.
 fn still_to_wait(since: Duration, wait: Duration) -> Option<Duration> {
     wait.checked_sub(since).filter(|left| !left.is_zero())
 }
