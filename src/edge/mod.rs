@@ -2,7 +2,7 @@
 //! door (gRPC, gRPC-web, REST). `connections` accepts and holds the
 //! connections within their limits; `batch_limit` refuses a gRPC list over
 //! the batch limit before it is decoded; and this module's layer gives each
-//! request its id and log span, lets only the right callers through
+//! request its id (on its log lines: `telemetry::request`), lets only the right callers through
 //! (`auth`), holds a runaway client to the ingest rate (`limits`), marks
 //! the connection busy until the answer ends, and counts and times the
 //! answer by method.
@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Request};
+use axum::http::Request;
 use axum::response::Response;
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -37,6 +37,7 @@ use self::auth::{Access, Origin, Role, is_grpc, refuse, required_role};
 use self::limits::{Client, Limits, too_large_is_resource_exhausted};
 use self::request_id::Method;
 use crate::error::Error;
+use crate::telemetry::request;
 
 #[derive(Clone)]
 pub struct EdgeLayer {
@@ -129,12 +130,14 @@ where
             .extensions()
             .get::<connections::Peer>()
             .map(connections::Peer::request);
-        let span = tracing::info_span!(
-            "request",
-            request_id = id.to_str().unwrap_or_default(),
-            method = method.label()
-        );
-        let admitted = span.in_scope(|| self.shared.admit(method, &mut request));
+        let tag = Arc::new(request::Tag {
+            id,
+            method: method.label(),
+        });
+        let admitted = {
+            let _entered = request::enter(&tag);
+            self.shared.admit(method, &mut request)
+        };
         let state = match admitted {
             Err(error) => State::Refused {
                 response: Some(refuse(request.headers(), error)),
@@ -150,10 +153,9 @@ where
         };
         EdgeFuture {
             state,
-            span,
             done: Some(Done {
                 under_way,
-                id,
+                tag,
                 method,
                 grpc,
                 started,
@@ -167,7 +169,6 @@ pin_project_lite::pin_project! {
     pub struct EdgeFuture<F> {
         #[pin]
         state: State<F>,
-        span: tracing::Span,
         done: Option<Done>,
     }
 }
@@ -183,7 +184,8 @@ pin_project_lite::pin_project! {
 /// What the answer needs once it comes.
 struct Done {
     under_way: Option<connections::UnderWay>,
-    id: HeaderValue,
+    /// The request's id and method, for its log lines.
+    tag: Arc<request::Tag>,
     method: Method,
     grpc: bool,
     started: Instant,
@@ -201,7 +203,8 @@ where
         let response = match this.state.project() {
             StateProj::Refused { response } => response.take().expect("polled after completion"),
             StateProj::Called { future } => {
-                let _entered = this.span.enter();
+                let tag = &this.done.as_ref().expect("polled after completion").tag;
+                let _entered = request::enter(tag);
                 match future.poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(response)) => response,
@@ -215,7 +218,9 @@ where
 
 impl Done {
     fn finish(self, mut response: Response) -> Response {
-        response.headers_mut().insert(request_id::HEADER, self.id);
+        // Nothing else holds the tag once the request is answered.
+        let id = Arc::try_unwrap(self.tag).map_or_else(|tag| tag.id.clone(), |tag| tag.id);
+        response.headers_mut().insert(request_id::HEADER, id);
         if self.grpc {
             too_large_is_resource_exhausted(response.headers_mut());
             // An oversized message after the first can only come on a

@@ -4,23 +4,35 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::{Format, JsonFields};
+
+use self::request::WithRequest;
+
+pub mod request;
 
 /// Structured logs to stderr; `RUST_LOG` overrides the default level.
+/// A line logged while a request is handled carries its id and method
+/// (`request`).
 pub fn init_logs(json: bool) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,hyper=warn,tower=warn"));
+    let ansi = colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").is_some(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(colours(
-            std::io::stderr().is_terminal(),
-            std::env::var_os("NO_COLOR").is_some(),
-        ))
         .with_writer(std::io::stderr);
     // A second init (tests start many servers in one process) is harmless.
     let _ = if json {
-        builder.json().try_init()
+        builder
+            .fmt_fields(JsonFields::new())
+            .event_format(WithRequest::json(Format::default().json()))
+            .try_init()
     } else {
-        builder.try_init()
+        builder
+            .event_format(WithRequest::text(Format::default().with_ansi(ansi)))
+            .try_init()
     };
 }
 
