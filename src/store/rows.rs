@@ -217,6 +217,24 @@ pub(super) fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// A statement's texts, one for each power of two of rows.
+pub(super) type Shapes = std::sync::OnceLock<Vec<String>>;
+
+/// The text `text` makes for `n` rows (a power of two): made once for each
+/// power up to [`MAX_ROWS_PER_STATEMENT`] and kept in `cell`.
+pub(super) fn shape(
+    cell: &'static Shapes,
+    n: usize,
+    text: impl Fn(usize) -> String,
+) -> &'static str {
+    let all = cell.get_or_init(|| {
+        (0..=MAX_ROWS_PER_STATEMENT.ilog2())
+            .map(|k| text(1 << k))
+            .collect()
+    });
+    &all[n.ilog2() as usize]
+}
+
 #[cfg(test)]
 mod tests {
     use crate::domain::PacketId;

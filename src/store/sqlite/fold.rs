@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use super::chains::{self, Numbers};
 use super::log::Releaser;
 use super::overlay::{Entry, Kind, State};
 use super::{Shared, id_text, text_time};
@@ -211,23 +212,24 @@ fn run(
             }
         }
     };
+    let mut numbers = Numbers::default();
     loop {
         let job = match jobs.recv_timeout(FOLD_EVERY) {
             Ok(job) => Some(job),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 // Shutting down: what is folded now need not be replayed.
-                let _ = fold_once(&conn, &shared, &releaser);
+                let _ = fold_once(&conn, &shared, &releaser, &mut numbers);
                 return;
             }
         };
         match job {
             None | Some(Job::Fold(None)) => {
                 asked.store(false, Ordering::Release);
-                record(&fold_once(&conn, &shared, &releaser));
+                record(&fold_once(&conn, &shared, &releaser, &mut numbers));
             }
             Some(Job::Fold(Some(reply))) => {
-                let result = fold_once(&conn, &shared, &releaser);
+                let result = fold_once(&conn, &shared, &releaser, &mut numbers);
                 record(&result);
                 let _ = reply.send(result.map(|_| ()));
             }
@@ -236,16 +238,23 @@ fn run(
                 limit,
                 reply,
             }) => {
-                let _ = reply.send(prune(&conn, &shared, before, limit));
+                let _ = reply.send(prune(&conn, &shared, &mut numbers, before, limit));
             }
             Some(Job::Requeue { requeue, at, reply }) => {
-                let _ = reply.send(requeue_now(&conn, &shared, &releaser, &requeue, at));
+                let _ = reply.send(requeue_now(
+                    &conn,
+                    &shared,
+                    &releaser,
+                    &mut numbers,
+                    &requeue,
+                    at,
+                ));
             }
             Some(Job::FirstSeqSince { since, reply }) => {
                 let _ = reply.send(first_seq_since(&conn, since));
             }
             Some(Job::Close(reply)) => {
-                let _ = fold_once(&conn, &shared, &releaser);
+                let _ = fold_once(&conn, &shared, &releaser, &mut numbers);
                 shared.writer.lock().expect("writer lock").log.close();
                 drop(conn);
                 let _ = reply.send(());
@@ -260,6 +269,7 @@ pub fn fold_once(
     conn: &rusqlite::Connection,
     shared: &Shared,
     releaser: &Releaser,
+    numbers: &mut Numbers,
 ) -> Result<usize, StoreError> {
     let snapshot = shared.overlay.lock().expect("overlay lock").snapshot();
     if snapshot.entries.is_empty() {
@@ -275,12 +285,14 @@ pub fn fold_once(
     changed.sort_by_key(|(_, e)| e.seq);
     insert_new(&tx, &new)?;
     update_changed(&tx, &changed)?;
-    chain_users(&tx, &new)?;
+    let users: Vec<(&str, i64)> = new.iter().map(|(_, e)| (e.user_id(), e.seq)).collect();
+    chains::link(&tx, &users, numbers)?;
     tx.execute(
         "UPDATE fold_meta SET folded_lsn = ?1, next_seq = MAX(next_seq, ?2) WHERE id = 1",
         params![snapshot.lsn as i64, snapshot.next_seq],
     )?;
     tx.commit()?;
+    numbers.committed();
     shared
         .overlay
         .lock()
@@ -317,8 +329,8 @@ const ROW_VALUES: usize = 24;
 /// a statement undone alone buys nothing. The triggers take the outer
 /// statement's policy.
 fn insert_sql(n: usize) -> &'static str {
-    static SHAPES: Shapes = Shapes::new();
-    shape(&SHAPES, n, |n| {
+    static SHAPES: rows::Shapes = rows::Shapes::new();
+    rows::shape(&SHAPES, n, |n| {
         let row = format!("({})", ["?"; ROW_VALUES].join(", "));
         format!(
             "INSERT OR FAIL INTO packets ({ROW}) VALUES {} ON CONFLICT (seq) DO UPDATE SET \
@@ -412,125 +424,14 @@ fn bind_state(bind: &mut Bind<'_>, s: &State) -> rusqlite::Result<()> {
 /// for many rows: a statement per row cost a program start each, the
 /// larger part of what a fold spent on marks.
 fn update_sql(n: usize) -> &'static str {
-    static SHAPES: Shapes = Shapes::new();
-    shape(&SHAPES, n, |n| {
+    static SHAPES: rows::Shapes = rows::Shapes::new();
+    rows::shape(&SHAPES, n, |n| {
         format!(
             "UPDATE OR FAIL packets SET status = v.column2, delivery_attempts = v.column3, \
              processed_at = v.column4, processed_by_karma = v.column5, \
              karma_actions = v.column6, processing_error = v.column7 \
              FROM (VALUES {}) AS v WHERE packets.seq = v.column1",
             vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
-        )
-    })
-}
-
-/// A statement's texts, one for each power of two of rows.
-type Shapes = std::sync::OnceLock<Vec<String>>;
-
-/// The text `text` makes for `n` rows (a power of two): made once for each
-/// power up to [`rows::MAX_ROWS_PER_STATEMENT`] and kept in `cell`.
-fn shape(cell: &'static Shapes, n: usize, text: impl Fn(usize) -> String) -> &'static str {
-    let all = cell.get_or_init(|| {
-        (0..=rows::MAX_ROWS_PER_STATEMENT.ilog2())
-            .map(|k| text(1 << k))
-            .collect()
-    });
-    &all[n.ilog2() as usize]
-}
-
-/// Adds this fold's packets to each user's chain: one `user_folds` row per
-/// user, keyed by the fold's first seq so the table only grows at its end,
-/// pointing at the user's previous row; `user_heads` names the newest.
-/// Both name a user by its number (`users`, given at its first fold).
-fn chain_users(
-    tx: &rusqlite::Transaction<'_>,
-    new: &[&(PacketId, Entry)],
-) -> Result<(), StoreError> {
-    let Some(fold) = new.first().map(|(_, e)| e.seq) else {
-        return Ok(());
-    };
-    let mut by_user: std::collections::BTreeMap<&str, Vec<i64>> = Default::default();
-    for (_, entry) in new.iter().copied() {
-        by_user.entry(entry.user_id()).or_default().push(entry.seq);
-    }
-    let users: Vec<(&str, i64, String)> = by_user
-        .into_iter()
-        .map(|(user, seqs)| {
-            let last = *seqs.last().expect("at least one");
-            (
-                user,
-                last,
-                serde_json::to_string(&seqs).expect("numbers encode"),
-            )
-        })
-        .collect();
-    // Several users per statement (each user once, so no row of a chunk
-    // reads a head another row of it moves); the links read the heads
-    // before the heads move on.
-    for chunk in rows::chunks(&users) {
-        let mut number = tx.prepare_cached(number_sql(chunk.len()))?;
-        for (i, (user, _, _)) in chunk.iter().enumerate() {
-            number.raw_bind_parameter(1 + i, user)?;
-        }
-        number.raw_execute()?;
-        let mut link = tx.prepare_cached(link_sql(chunk.len()))?;
-        link.raw_bind_parameter(1, fold)?;
-        for (i, (user, last, seqs)) in chunk.iter().enumerate() {
-            link.raw_bind_parameter(2 + 3 * i, user)?;
-            link.raw_bind_parameter(3 + 3 * i, last)?;
-            link.raw_bind_parameter(4 + 3 * i, seqs)?;
-        }
-        link.raw_execute()?;
-        let mut advance = tx.prepare_cached(advance_sql(chunk.len()))?;
-        advance.raw_bind_parameter(1, fold)?;
-        for (i, (user, _, _)) in chunk.iter().enumerate() {
-            advance.raw_bind_parameter(2 + i, user)?;
-        }
-        advance.raw_execute()?;
-    }
-    Ok(())
-}
-
-/// Gives each of `n` users not numbered yet its number.
-fn number_sql(n: usize) -> &'static str {
-    static SHAPES: Shapes = Shapes::new();
-    shape(&SHAPES, n, |n| {
-        let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 1 + i)).collect();
-        format!(
-            "INSERT OR IGNORE INTO users (user_id) VALUES {}",
-            rows.join(", ")
-        )
-    })
-}
-
-/// Links `n` users' rows of fold `?1` to each one's previous head (none
-/// when the head is this very fold: a fold replayed over itself).
-fn link_sql(n: usize) -> &'static str {
-    static SHAPES: Shapes = Shapes::new();
-    shape(&SHAPES, n, |n| {
-        let rows: Vec<String> = (0..n)
-            .map(|i| format!("(?{}, ?{}, ?{})", 2 + 3 * i, 3 + 3 * i, 4 + 3 * i))
-            .collect();
-        format!(
-            "INSERT OR IGNORE INTO user_folds (fold, num, prev, last_seq, seqs) \
-             SELECT ?1, u.num, (SELECT h.fold FROM user_heads h \
-             WHERE h.num = u.num AND h.fold <> ?1), v.column2, v.column3 \
-             FROM (VALUES {}) AS v JOIN users u ON u.user_id = v.column1",
-            rows.join(", ")
-        )
-    })
-}
-
-/// Moves `n` users' heads to fold `?1`.
-fn advance_sql(n: usize) -> &'static str {
-    static SHAPES: Shapes = Shapes::new();
-    shape(&SHAPES, n, |n| {
-        let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 2 + i)).collect();
-        format!(
-            "INSERT INTO user_heads (num, fold) SELECT u.num, ?1 FROM (VALUES {}) AS v \
-             JOIN users u ON u.user_id = v.column1 \
-             WHERE true ON CONFLICT (num) DO UPDATE SET fold = excluded.fold",
-            rows.join(", ")
         )
     })
 }
@@ -579,6 +480,7 @@ pub fn first_seq_since(
 fn prune(
     conn: &rusqlite::Connection,
     shared: &Shared,
+    numbers: &mut Numbers,
     before: DateTime<Utc>,
     limit: u32,
 ) -> Result<u64, StoreError> {
@@ -630,7 +532,9 @@ fn prune(
     }
     // Chain rows whose packets are all gone, heads left pointing at them,
     // and the numbers of users with neither (a number comes back only to a
-    // user with nothing left under it).
+    // user with nothing left under it). Forgotten first: each statement
+    // commits alone, so a failure midway has taken some back already.
+    numbers.forget_all();
     conn.execute_batch(
         "DELETE FROM user_folds WHERE last_seq < (SELECT COALESCE(MIN(seq), 0) FROM packets); \
          DELETE FROM user_heads WHERE fold < (SELECT COALESCE(MIN(fold), 0) FROM user_folds); \
@@ -650,11 +554,12 @@ fn requeue_now(
     conn: &rusqlite::Connection,
     shared: &Shared,
     releaser: &Releaser,
+    numbers: &mut Numbers,
     requeue: &Requeue,
     at: DateTime<Utc>,
 ) -> Result<Vec<(PacketId, i64)>, StoreError> {
     let _paused = shared.writer.lock().expect("writer lock");
-    fold_once(conn, shared, releaser)?;
+    fold_once(conn, shared, releaser, numbers)?;
     // The outcome goes into the history as one JSON object; booleans are
     // stored as 0/1, hence the CASE.
     let sql = format!(

@@ -18,7 +18,7 @@
 //! packet at 5,000/s, BENCHMARKS.md). Folding a second's worth at once
 //! writes each page once for hundreds of packets, and the user index is a
 //! chain of per-fold rows (`user_folds`, `user_heads`, migrations 0006-0007)
-//! that only grows at its end.
+//! that only grows at its end ([`chains`]).
 //!
 //! The writer thread ([`SqliteBackend::write`]) owns the log and a reading
 //! connection for look-ups of folded packets; the fold thread owns the
@@ -27,6 +27,7 @@
 //! ([`reads::Readers`]), and sqlx's pool serves the rest. Operator writes
 //! (retention, Redrive, Replay) run on the fold thread, which pauses the
 //! writer while it commits them.
+mod chains;
 mod fold;
 pub mod log;
 mod overlay;
@@ -221,7 +222,7 @@ fn recover(db: &Path) -> Result<(Shared, rusqlite::Connection), StoreError> {
     };
     if groups > 0 {
         let releaser = shared.writer.lock().expect("writer lock").log.releaser();
-        let folded = fold::fold_once(&tables, &shared, &releaser)?;
+        let folded = fold::fold_once(&tables, &shared, &releaser, &mut chains::Numbers::default())?;
         tracing::info!(
             groups,
             packets = folded,
