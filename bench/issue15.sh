@@ -1,0 +1,43 @@
+#!/bin/bash
+# Issue 15's table in one sitting: the bucket binary BIN on SQLite beside
+# NATS JetStream (alternated, unary marks and acks on the stream, twice),
+# the floor, sustained delivery, and PostgreSQL + Redis. Prints each run's
+# throughput, ingest→delivery latency, CPU, writes and memory lines.
+# BENCHMARKS.md, tenth session.
+#
+#   cargo build --release -p bucket -p bucket-bench --bins
+#   bash bench/issue15.sh target/release/bucket
+set -uo pipefail
+BIN=$(realpath "$1")
+cd "$(dirname "$0")/.."
+B=./target/release/bucket-bench
+S="--outstanding 512 --connections 4 --streams 4 --max-in-flight 64 --duration 8"
+lines() {
+  grep -E "throughput|ingest→delivery|server CPU|server writes|server memory|store CPU|PostgreSQL WAL" |
+    sed 's/  */ /g'
+}
+for _ in 1 2; do
+  for m in unary stream; do
+    echo "## bucket, --marks $m"
+    $B e2e --target sqlite --server-bin "$BIN" --rate 5000 --duration 8 --marks $m 2>&1 | lines
+    echo "## NATS, --marks $m"
+    $B e2e --target nats --rate 5000 --duration 8 --marks $m 2>&1 | lines
+  done
+done
+for m in unary stream; do
+  $B floor --listen 127.0.0.1:3960 > /dev/null 2>&1 & FP=$!
+  sleep 1
+  echo "## floor, --marks $m"
+  $B e2e --url http://127.0.0.1:3960 --pid $FP --rate 5000 --duration 8 --marks $m 2>&1 | lines
+  kill $FP; wait $FP 2>/dev/null
+done
+for _ in 1 2; do
+  echo "## bucket, sustained, --marks stream"
+  $B e2e --target sqlite --server-bin "$BIN" $S --marks stream 2>&1 | lines
+  echo "## NATS, sustained"
+  $B e2e --target nats $S --marks unary 2>&1 | lines
+done
+for m in unary stream; do
+  echo "## PostgreSQL + Redis, --marks $m"
+  $B e2e --target redis --server-bin "$BIN" --rate 5000 --duration 8 --marks $m 2>&1 | lines
+done
