@@ -220,6 +220,16 @@ pub(super) fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
 /// A statement's texts, one for each power of two of rows.
 pub(super) type Shapes = std::sync::OnceLock<Vec<String>>;
 
+/// `shaped!(n, text)`: [`shape`] with a cell of the call's own, so each
+/// statement's texts are made once.
+macro_rules! shaped {
+    ($n:expr, $text:expr) => {{
+        static SHAPES: $crate::store::rows::Shapes = $crate::store::rows::Shapes::new();
+        $crate::store::rows::shape(&SHAPES, $n, $text)
+    }};
+}
+pub(super) use shaped;
+
 /// The text `text` makes for `n` rows (a power of two): made once for each
 /// power up to [`MAX_ROWS_PER_STATEMENT`] and kept in `cell`.
 pub(super) fn shape(

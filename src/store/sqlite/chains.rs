@@ -139,26 +139,28 @@ fn number(
     Ok(())
 }
 
+/// `each(i)` for `i` in `0..n`, comma-separated: a statement's rows of
+/// placeholders.
+fn list(n: usize, each: impl Fn(usize) -> String) -> String {
+    (0..n).map(each).collect::<Vec<_>>().join(", ")
+}
+
 /// Gives each of `n` users not numbered yet its number.
 fn number_sql(n: usize) -> &'static str {
-    static SHAPES: rows::Shapes = rows::Shapes::new();
-    rows::shape(&SHAPES, n, |n| {
-        let rows: Vec<String> = (0..n).map(|i| format!("(?{})", 1 + i)).collect();
+    rows::shaped!(n, |n| {
         format!(
             "INSERT OR IGNORE INTO users (user_id) VALUES {}",
-            rows.join(", ")
+            list(n, |i| format!("(?{})", 1 + i))
         )
     })
 }
 
 /// The numbers of `n` users.
 fn read_sql(n: usize) -> &'static str {
-    static SHAPES: rows::Shapes = rows::Shapes::new();
-    rows::shape(&SHAPES, n, |n| {
-        let ids: Vec<String> = (0..n).map(|i| format!("?{}", 1 + i)).collect();
+    rows::shaped!(n, |n| {
         format!(
             "SELECT user_id, num FROM users WHERE user_id IN ({})",
-            ids.join(", ")
+            list(n, |i| format!("?{}", 1 + i))
         )
     })
 }
@@ -167,30 +169,26 @@ fn read_sql(n: usize) -> &'static str {
 /// head (none when the head is this very fold: a fold replayed over
 /// itself).
 fn link_sql(n: usize) -> &'static str {
-    static SHAPES: rows::Shapes = rows::Shapes::new();
-    rows::shape(&SHAPES, n, |n| {
-        let rows: Vec<String> = (0..n)
-            .map(|i| format!("(?{}, ?{}, ?{})", 2 + 3 * i, 3 + 3 * i, 4 + 3 * i))
-            .collect();
+    rows::shaped!(n, |n| {
+        let rows = list(n, |i| {
+            format!("(?{}, ?{}, ?{})", 2 + 3 * i, 3 + 3 * i, 4 + 3 * i)
+        });
         format!(
             "INSERT OR IGNORE INTO user_folds (fold, num, prev, last_seq, seqs) \
              SELECT ?1, v.column1, (SELECT h.fold FROM user_heads h \
              WHERE h.num = v.column1 AND h.fold <> ?1), v.column2, v.column3 \
-             FROM (VALUES {}) AS v",
-            rows.join(", ")
+             FROM (VALUES {rows}) AS v"
         )
     })
 }
 
 /// Moves `n` users' heads (by number) to fold `?1`.
 fn advance_sql(n: usize) -> &'static str {
-    static SHAPES: rows::Shapes = rows::Shapes::new();
-    rows::shape(&SHAPES, n, |n| {
-        let rows: Vec<String> = (0..n).map(|i| format!("(?{}, ?1)", 2 + i)).collect();
+    rows::shaped!(n, |n| {
         format!(
             "INSERT INTO user_heads (num, fold) VALUES {} \
              ON CONFLICT (num) DO UPDATE SET fold = excluded.fold",
-            rows.join(", ")
+            list(n, |i| format!("(?{}, ?1)", 2 + i))
         )
     })
 }

@@ -329,8 +329,7 @@ const ROW_VALUES: usize = 24;
 /// a statement undone alone buys nothing. The triggers take the outer
 /// statement's policy.
 fn insert_sql(n: usize) -> &'static str {
-    static SHAPES: rows::Shapes = rows::Shapes::new();
-    rows::shape(&SHAPES, n, |n| {
+    rows::shaped!(n, |n| {
         let row = format!("({})", ["?"; ROW_VALUES].join(", "));
         format!(
             "INSERT OR FAIL INTO packets ({ROW}) VALUES {} ON CONFLICT (seq) DO UPDATE SET \
@@ -424,8 +423,7 @@ fn bind_state(bind: &mut Bind<'_>, s: &State) -> rusqlite::Result<()> {
 /// for many rows: a statement per row cost a program start each, the
 /// larger part of what a fold spent on marks.
 fn update_sql(n: usize) -> &'static str {
-    static SHAPES: rows::Shapes = rows::Shapes::new();
-    rows::shape(&SHAPES, n, |n| {
+    rows::shaped!(n, |n| {
         format!(
             "UPDATE OR FAIL packets SET status = v.column2, delivery_attempts = v.column3, \
              processed_at = v.column4, processed_by_karma = v.column5, \
