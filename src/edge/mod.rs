@@ -2,10 +2,10 @@
 //! door (gRPC, gRPC-web, REST). `connections` accepts and holds the
 //! connections within their limits; `batch_limit` refuses a gRPC list over
 //! the batch limit before it is decoded; and this module's layer gives each
-//! request its id (on its log lines: `telemetry::request`), lets only the right callers through
-//! (`auth`), holds a runaway client to the ingest rate (`limits`), marks
-//! the connection busy until the answer ends, and counts and times the
-//! answer by method.
+//! request its id (on its log lines too: `telemetry::request`), lets only
+//! the right callers through (`auth`), holds a runaway client to the ingest
+//! rate (`limits`), marks the connection busy until the answer ends, and
+//! counts and times the answer by method.
 //!
 //! One hand-written service instead of a middleware per concern: each
 //! `axum::middleware::from_fn` clones the inner router and boxes a future
