@@ -22,6 +22,7 @@ pub fn init_logs(json: bool) {
     );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // A second init (tests start many servers in one process) is harmless.
     let _ = if json {
