@@ -75,10 +75,11 @@ pub struct Folder {
 /// Settings of the writing connection.
 pub fn prepare(conn: &rusqlite::Connection) -> Result<(), StoreError> {
     conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
-    // Every shape of the fold's statements stays prepared (four kinds of
-    // nine sizes each, and the rest); past the cache they are compiled
-    // again, the 256-row INSERT's 6,144 placeholders among them.
-    conn.set_prepared_statement_cache_capacity(64);
+    // Every shape of the fold's statements stays prepared (six kinds of
+    // nine sizes each, `chains`' among them, and the rest); past the cache
+    // they are compiled again, the 256-row INSERT's 6,144 placeholders
+    // among them.
+    conn.set_prepared_statement_cache_capacity(96);
     Ok(())
 }
 
