@@ -1,8 +1,9 @@
 //! Every request gets an id: `x-request-id` from the caller (up to 128
 //! visible ASCII characters) or a new UUIDv7, echoed on the response (a
 //! REST header; gRPC response metadata) and carried by every log line of
-//! the request (`crate::telemetry::request`). Requests are counted and timed by `Method`
-//! (`crate::edge` does both, for gRPC, gRPC-web and REST alike).
+//! the request (`crate::telemetry::request`). Requests are counted and
+//! timed by `Method` (`crate::edge` does both, for gRPC, gRPC-web and REST
+//! alike).
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use uuid::Uuid;
 
