@@ -279,3 +279,64 @@ async fn sqlite_user_chains_carry_over_to_user_numbers() {
     );
     pool.close().await;
 }
+
+/// SQLite's own counts (`packet_counts`, what a restart starts from) are
+/// the rows' after folds that insert packets pending, change them later,
+/// and insert packets already marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_table_counts_match_the_rows() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let mut client = app.client().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(ingest(&mut client, packet_for(&format!("u{i}"))).await);
+    }
+    app.db.sync_tables().await;
+    mark(&mut client, &ids[0]).await;
+    client
+        .mark_processed(pb::MarkProcessedRequest {
+            packet_id: ids[1].clone(),
+            success: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Marked before a fold takes it (unless the fold's timer falls in
+    // between): inserted with its outcome.
+    let late = ingest(&mut client, packet_for("u6")).await;
+    mark(&mut client, &late).await;
+    ingest(&mut client, packet_for("u7")).await;
+
+    let rows = app.db.status_counts().await;
+    let pool = sqlx::SqlitePool::connect(&app.db.url).await.unwrap();
+    let table: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, n FROM packet_counts WHERE n <> 0 ORDER BY status")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    let mut expected: Vec<(String, i64)> = rows.into_iter().collect();
+    expected.sort();
+    assert_eq!(
+        table,
+        [
+            ("failed".to_string(), 1),
+            ("pending".to_string(), 5),
+            ("processed".to_string(), 2)
+        ]
+    );
+    assert_eq!(table, expected, "packet_counts as the rows are");
+
+    let app = app.restart().await;
+    let mut client = app.client().await;
+    let s = status(&mut client).await;
+    assert_eq!(
+        (
+            s.total_packets,
+            s.pending_packets,
+            s.processed_packets,
+            s.failed_packets
+        ),
+        (8, 5, 2, 1)
+    );
+}

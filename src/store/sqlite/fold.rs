@@ -83,7 +83,8 @@ pub fn prepare(conn: &rusqlite::Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Packets per status, as the tables count them (migration 0004's triggers).
+/// Packets per status, as the tables count them (migration 0004's triggers
+/// and, for a fold's inserts, [`count_new`]).
 pub fn table_counts(conn: &rusqlite::Connection) -> Result<Counts, StoreError> {
     let mut statement = conn.prepare_cached("SELECT status, n FROM packet_counts")?;
     let rows = statement
@@ -278,6 +279,10 @@ pub fn fold_once(
     }
     let started = std::time::Instant::now();
     let tx = conn.unchecked_transaction()?;
+    // Every seq below it is in the tables: a committed fold wrote it.
+    let fresh_from: i64 = tx.query_row("SELECT next_seq FROM fold_meta WHERE id = 1", [], |r| {
+        r.get(0)
+    })?;
     let (mut new, mut changed): (Vec<_>, Vec<_>) = snapshot
         .entries
         .iter()
@@ -285,6 +290,7 @@ pub fn fold_once(
     new.sort_by_key(|(_, e)| e.seq);
     changed.sort_by_key(|(_, e)| e.seq);
     insert_new(&tx, &new)?;
+    count_new(&tx, &new, fresh_from)?;
     update_changed(&tx, &changed)?;
     let users: Vec<(&str, i64)> = new.iter().map(|(_, e)| (e.user_id(), e.seq)).collect();
     chains::link(&tx, &users, numbers)?;
@@ -372,6 +378,29 @@ fn insert_new(
         bind(&text_time(entry.received_at))?;
         bind_state(bind, &entry.state)
     })
+}
+
+/// Counts the rows this fold inserts for the first time (those from
+/// `fresh_from` on) in `packet_counts`, one statement per status, where a
+/// trigger ran a program per row (migration 0008). A row written over
+/// itself again is an update, counted by the update trigger.
+fn count_new(
+    tx: &rusqlite::Transaction<'_>,
+    new: &[&(PacketId, Entry)],
+    fresh_from: i64,
+) -> Result<(), StoreError> {
+    let mut added: Vec<(DeliveryStatus, i64)> = Vec::new();
+    for (_, entry) in new.iter().filter(|(_, e)| e.seq >= fresh_from) {
+        match added.iter_mut().find(|(s, _)| *s == entry.state.status) {
+            Some((_, n)) => *n += 1,
+            None => added.push((entry.state.status, 1)),
+        }
+    }
+    let mut count = tx.prepare_cached("UPDATE packet_counts SET n = n + ?2 WHERE status = ?1")?;
+    for (status, n) in added {
+        count.execute(params![status.as_str(), n])?;
+    }
+    Ok(())
 }
 
 fn update_changed(
