@@ -201,16 +201,7 @@ mod tests {
     /// A database with every SQLite migration applied.
     fn tables() -> rusqlite::Connection {
         let conn = rusqlite::Connection::open_in_memory().unwrap();
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|f| f.unwrap().path())
-            .collect();
-        files.sort();
-        for file in files {
-            conn.execute_batch(&std::fs::read_to_string(file).unwrap())
-                .unwrap();
-        }
+        super::super::migrate_for_tests(&conn);
         conn
     }
 

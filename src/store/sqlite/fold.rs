@@ -630,3 +630,73 @@ fn requeue_now(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::overlay::State;
+    use super::*;
+    use crate::domain::Packet;
+
+    /// Packets per status, as (status, n) rows.
+    type PerStatus = Vec<(String, i64)>;
+
+    /// `packet_counts` (those not zero), and a count of the rows.
+    fn counts(conn: &rusqlite::Connection) -> (PerStatus, PerStatus) {
+        let read = |sql: &str| -> PerStatus {
+            let mut statement = conn.prepare(sql).unwrap();
+            statement
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        (
+            read("SELECT status, n FROM packet_counts WHERE n <> 0 ORDER BY status"),
+            read("SELECT status, COUNT(*) FROM packets GROUP BY status ORDER BY status"),
+        )
+    }
+
+    /// A fold that writes a row over itself again (the row's seq is below
+    /// the `next_seq` a committed fold left) counts only its change of
+    /// status, through the update trigger, not a second packet.
+    #[test]
+    fn a_row_written_over_itself_again_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("bucket.db");
+        super::super::migrate_for_tests(&rusqlite::Connection::open(&db).unwrap());
+        let (shared, conn) = super::super::recover(&db).unwrap();
+        let releaser = shared.writer.lock().unwrap().log.releaser();
+        let mut numbers = Numbers::default();
+        let (packet, at) = (Packet::sample("u"), Utc::now());
+        let seq = {
+            let mut overlay = shared.overlay.lock().unwrap();
+            let seq = overlay.next_seq;
+            overlay.insert(seq, packet.clone(), at);
+            overlay.next_seq = seq + 1;
+            seq
+        };
+        assert_eq!(
+            fold_once(&conn, &shared, &releaser, &mut numbers).unwrap(),
+            1
+        );
+        let pending = vec![("pending".to_string(), 1)];
+        assert_eq!(counts(&conn), (pending.clone(), pending));
+
+        {
+            let mut overlay = shared.overlay.lock().unwrap();
+            overlay.insert(seq, packet.clone(), at);
+            let processed = State {
+                status: DeliveryStatus::Processed,
+                processed_at: Some(at),
+                ..State::pending(1)
+            };
+            overlay.change(packet.packet_id, processed, None);
+        }
+        assert_eq!(
+            fold_once(&conn, &shared, &releaser, &mut numbers).unwrap(),
+            1
+        );
+        let processed = vec![("processed".to_string(), 1)];
+        assert_eq!(counts(&conn), (processed.clone(), processed));
+    }
+}

@@ -107,6 +107,22 @@ pub unsafe fn before_first_connection() {
 }
 
 /// Where the record log of a database file lives.
+/// Applies every SQLite migration to `conn`, as files, without sqlx's
+/// bookkeeping (the store's own tests).
+#[cfg(test)]
+fn migrate_for_tests(conn: &rusqlite::Connection) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .collect();
+    files.sort();
+    for file in files {
+        conn.execute_batch(&std::fs::read_to_string(file).unwrap())
+            .unwrap();
+    }
+}
+
 fn log_dir(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push("-records");
