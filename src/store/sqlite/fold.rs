@@ -279,7 +279,8 @@ pub fn fold_once(
     }
     let started = std::time::Instant::now();
     let tx = conn.unchecked_transaction()?;
-    // Every seq below it is in the tables: a committed fold wrote it.
+    // Every seq below it was written by a committed fold (and is in the
+    // tables unless retention took it, which never takes an overlay's).
     let fresh_from: i64 = tx.query_row("SELECT next_seq FROM fold_meta WHERE id = 1", [], |r| {
         r.get(0)
     })?;

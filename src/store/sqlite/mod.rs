@@ -106,7 +106,6 @@ pub unsafe fn before_first_connection() {
     unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::os::raw::c_int) };
 }
 
-/// Where the record log of a database file lives.
 /// Applies every SQLite migration to `conn`, as files, without sqlx's
 /// bookkeeping (the store's own tests).
 #[cfg(test)]
@@ -123,6 +122,7 @@ fn migrate_for_tests(conn: &rusqlite::Connection) {
     }
 }
 
+/// Where the record log of a database file lives.
 fn log_dir(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push("-records");
