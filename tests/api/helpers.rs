@@ -433,10 +433,26 @@ pub async fn mark(
     client: &mut BucketServiceClient<Channel>,
     packet_id: &str,
 ) -> pb::MarkProcessedResponse {
+    mark_outcome(client, packet_id, true).await
+}
+
+/// Marks `packet_id` failed, without an error message.
+pub async fn mark_failed(
+    client: &mut BucketServiceClient<Channel>,
+    packet_id: &str,
+) -> pb::MarkProcessedResponse {
+    mark_outcome(client, packet_id, false).await
+}
+
+async fn mark_outcome(
+    client: &mut BucketServiceClient<Channel>,
+    packet_id: &str,
+    success: bool,
+) -> pb::MarkProcessedResponse {
     client
         .mark_processed(pb::MarkProcessedRequest {
             packet_id: packet_id.into(),
-            success: true,
+            success,
             ..Default::default()
         })
         .await

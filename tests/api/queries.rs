@@ -4,7 +4,8 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::helpers::{
-    Backend, TestApp, TestDb, ingest, mark, next, packet_for, status, subscribe, user_packets,
+    Backend, TestApp, TestDb, ingest, mark, mark_failed, next, packet_for, status, subscribe,
+    user_packets,
 };
 use crate::on_every_backend;
 
@@ -150,14 +151,7 @@ async fn status_counts_match_the_database(backend: Backend) {
     let b = next(&mut stream).await.packet.unwrap().packet_id;
     next(&mut stream).await;
     mark(&mut client, &a).await;
-    client
-        .mark_processed(pb::MarkProcessedRequest {
-            packet_id: b,
-            success: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    mark_failed(&mut client, &b).await;
     // Two slots freed: two more leased.
     next(&mut stream).await;
     next(&mut stream).await;
@@ -293,14 +287,7 @@ async fn sqlite_table_counts_match_the_rows() {
     }
     app.db.sync_tables().await;
     mark(&mut client, &ids[0]).await;
-    client
-        .mark_processed(pb::MarkProcessedRequest {
-            packet_id: ids[1].clone(),
-            success: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    mark_failed(&mut client, &ids[1]).await;
     // Marked before a fold takes it (unless the fold's timer falls in
     // between): inserted with its outcome.
     let late = ingest(&mut client, packet_for("u6")).await;
