@@ -19,6 +19,7 @@ mod report;
 mod scale;
 mod series;
 mod server;
+mod tables;
 mod tracker;
 mod users;
 
@@ -71,6 +72,25 @@ enum Command {
     /// Synced appends to a file, as the record log commits, with nothing
     /// else: the disk's latency tail and the kernel's CPU per commit
     Disk(DiskArgs),
+    /// A second's packets into SQLite tables once a second, as the fold
+    /// writes them, with nothing else: the least keeping tables costs
+    Tables(TablesArgs),
+}
+
+#[derive(Args, Debug)]
+struct TablesArgs {
+    /// A directory on the file system to measure (where the database lives)
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// Rows per second (one transaction a second)
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// Seconds measured, per table
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Distinct users the rows are spread over
+    #[arg(long, default_value_t = 10_000)]
+    users: u64,
 }
 
 #[derive(Args, Debug)]
@@ -519,6 +539,15 @@ async fn run(command: Command) -> Result<ExitCode> {
                 rate: a.rate,
                 duration: Duration::from_secs(a.duration),
                 bytes: a.bytes,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tables(a) => {
+            tables::run(&tables::TablesPlan {
+                dir: a.dir,
+                rate: a.rate,
+                duration: Duration::from_secs(a.duration),
+                users: a.users,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -1,0 +1,173 @@
+//! `tables`: what keeping the packets in SQLite tables costs at least,
+//! with nothing of the bucket. Once a second, a second's packets go into a
+//! table in one transaction, the way the fold brings the bucket's tables up
+//! to date (WAL, `synchronous=FULL`, a PASSIVE checkpoint after each
+//! commit), each row already in its final state and as small as a packet
+//! can be stored (its id, user, time and one ~400-byte body). Three
+//! tables, each with one more index than the last: the rows alone; with
+//! the unique packet id (a retried Ingest must find its packet); and with
+//! (user_id, seq) for UserPackets. The thread's CPU per row is the least
+//! a design that serves UserPackets and deduplicates by id from SQLite
+//! spends beside the protocol and the synced append.
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, params};
+
+pub struct TablesPlan {
+    pub dir: std::path::PathBuf,
+    pub rate: u64,
+    pub duration: Duration,
+    pub users: u64,
+}
+
+const VARIANTS: [(&str, &str); 3] = [
+    ("rows alone", ""),
+    (
+        "+ unique packet_id",
+        "CREATE UNIQUE INDEX t_id ON t (packet_id);",
+    ),
+    (
+        "+ (user_id, seq)",
+        "CREATE UNIQUE INDEX t_id ON t (packet_id); CREATE INDEX t_user ON t (user_id, seq);",
+    ),
+];
+
+pub fn run(plan: &TablesPlan) -> Result<()> {
+    println!(
+        "tables: {} rows a second for {} s in one transaction a second, {} users; CPU of the writing thread",
+        plan.rate,
+        plan.duration.as_secs(),
+        plan.users
+    );
+    for (name, indexes) in VARIANTS {
+        let dir = tempfile::tempdir_in(&plan.dir)
+            .with_context(|| format!("a directory in {}", plan.dir.display()))?;
+        let measured = one(plan, &dir.path().join("t.db"), indexes)?;
+        println!(
+            "{name:<20} {:>6.2} µs CPU per row ({:.2} user, {:.2} system), {:>6.0} B written per row, commit + checkpoint p50 {:.1} ms, max {:.1} ms",
+            measured.cpu_us(),
+            measured.user_us,
+            measured.system_us,
+            measured.bytes_per_row,
+            measured.p50_ms,
+            measured.max_ms,
+        );
+    }
+    Ok(())
+}
+
+struct Measured {
+    user_us: f64,
+    system_us: f64,
+    bytes_per_row: f64,
+    p50_ms: f64,
+    max_ms: f64,
+}
+
+impl Measured {
+    fn cpu_us(&self) -> f64 {
+        self.user_us + self.system_us
+    }
+}
+
+fn one(plan: &TablesPlan, path: &std::path::Path, indexes: &str) -> Result<Measured> {
+    let conn = Connection::open(path)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0;",
+    )?;
+    conn.execute_batch(&format!(
+        "CREATE TABLE t (seq INTEGER PRIMARY KEY, packet_id TEXT NOT NULL, \
+         user_id TEXT NOT NULL, received_at TEXT NOT NULL, body TEXT NOT NULL); {indexes}"
+    ))?;
+    let body = format!("{{\"raw_signals\":\"{}\"}}", "x".repeat(380));
+    let mut seq: i64 = 0;
+    let mut rng = Lcg(0x9e37_79b9_7f4a_7c15);
+    let mut write = |conn: &Connection, seq: &mut i64| -> Result<()> {
+        let tx = conn.unchecked_transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO t (seq, packet_id, user_id, received_at, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for _ in 0..plan.rate {
+                *seq += 1;
+                let id = uuid::Uuid::from_u128(rng.u128() & !(0xf << 76) | (0x4 << 76));
+                let user = format!("user-{}", rng.u64() % plan.users.max(1));
+                insert.execute(params![
+                    *seq,
+                    id.hyphenated().to_string(),
+                    user,
+                    "2026-12-04T15:00:00.000000Z",
+                    body
+                ])?;
+            }
+        }
+        tx.commit()?;
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    };
+    // Two seconds' rows first: the tables and indexes have leaves to land in.
+    write(&conn, &mut seq)?;
+    write(&conn, &mut seq)?;
+    let (cpu0, bytes0) = (thread_cpu(), thread_write_bytes());
+    let mut took = Vec::new();
+    let seconds = plan.duration.as_secs().max(1);
+    let start = Instant::now();
+    for second in 0..seconds {
+        let began = Instant::now();
+        write(&conn, &mut seq)?;
+        took.push(began.elapsed());
+        let next = start + Duration::from_secs(second + 1);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let (cpu1, bytes1) = (thread_cpu(), thread_write_bytes());
+    let rows = (seconds * plan.rate) as f64;
+    took.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok(Measured {
+        user_us: (cpu1.0 - cpu0.0) * 1e6 / rows,
+        system_us: (cpu1.1 - cpu0.1) * 1e6 / rows,
+        bytes_per_row: bytes1.saturating_sub(bytes0) as f64 / rows,
+        p50_ms: ms(took[took.len() / 2]),
+        max_ms: ms(*took.last().expect("at least one second")),
+    })
+}
+
+/// This thread's user and system CPU, in seconds.
+fn thread_cpu() -> (f64, f64) {
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(usage.ru_utime), secs(usage.ru_stime))
+}
+
+/// Bytes this thread caused to be written (`/proc/thread-self/io`).
+fn thread_write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("write_bytes: "))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Ids and users without a random number crate: a 64-bit LCG is plenty to
+/// spread rows over leaves.
+struct Lcg(u64);
+
+impl Lcg {
+    fn u64(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 ^ (self.0 >> 29)
+    }
+
+    fn u128(&mut self) -> u128 {
+        (u128::from(self.u64()) << 64) | u128::from(self.u64())
+    }
+}
