@@ -140,9 +140,9 @@ fn io_kind(direct: bool) -> &'static str {
 }
 
 #[derive(Clone, Copy)]
-struct ThreadCpu {
-    user: f64,
-    system: f64,
+pub struct ThreadCpu {
+    pub user: f64,
+    pub system: f64,
 }
 
 impl std::ops::Sub for ThreadCpu {
@@ -156,7 +156,7 @@ impl std::ops::Sub for ThreadCpu {
 }
 
 /// This thread's CPU time so far, in seconds.
-fn thread_cpu() -> ThreadCpu {
+pub fn thread_cpu() -> ThreadCpu {
     // SAFETY: getrusage fills the struct it is given.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();

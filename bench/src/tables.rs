@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rusqlite::{Connection, params};
 
+use crate::disk::thread_cpu;
+
 pub struct TablesPlan {
     pub dir: std::path::PathBuf,
     pub rate: u64,
@@ -120,26 +122,17 @@ fn one(plan: &TablesPlan, path: &std::path::Path, indexes: &str) -> Result<Measu
         let next = start + Duration::from_secs(second + 1);
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
-    let (cpu1, bytes1) = (thread_cpu(), thread_write_bytes());
+    let (cpu, bytes1) = (thread_cpu() - cpu0, thread_write_bytes());
     let rows = (seconds * plan.rate) as f64;
     took.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(Measured {
-        user_us: (cpu1.0 - cpu0.0) * 1e6 / rows,
-        system_us: (cpu1.1 - cpu0.1) * 1e6 / rows,
+        user_us: cpu.user * 1e6 / rows,
+        system_us: cpu.system * 1e6 / rows,
         bytes_per_row: bytes1.saturating_sub(bytes0) as f64 / rows,
         p50_ms: ms(took[took.len() / 2]),
         max_ms: ms(*took.last().expect("at least one second")),
     })
-}
-
-/// This thread's user and system CPU, in seconds.
-fn thread_cpu() -> (f64, f64) {
-    // SAFETY: getrusage writes the struct it is given and nothing else.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    (secs(usage.ru_utime), secs(usage.ru_stime))
 }
 
 /// Bytes this thread caused to be written (`/proc/thread-self/io`).
