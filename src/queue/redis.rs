@@ -1,8 +1,9 @@
 //! The Redis queue: a stream read through a consumer group, shared by every
 //! bucket node.
 //!
-//! A committed packet is XADDed to `{prefix}pending` with its body, so the
-//! node that reads it delivers without reading the database; with
+//! A committed packet is XADDed to `{prefix}pending` with its body (a batch
+//! at a time by a script, `redis/adding.rs`), so the node that reads it delivers
+//! without reading the database; with
 //! `BUCKET_REDIS_SHARDS` > 1 to one of several such stream keys, chosen by
 //! its id ([`super::shards`]), each with its own consumer group, and
 //! everything below holds per shard. Each node XREADGROUPs every shard
@@ -49,7 +50,7 @@
 //! the hand-back reads the stream through the same client, whose commands
 //! reach Redis in the order they were sent.
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,6 +75,7 @@ use crate::domain::lease_token::{LeaseChange, LeaseToken};
 use crate::error::Error;
 use crate::store::{PendingPacket, Store};
 
+mod adding;
 mod reconciling;
 pub use reconciling::StreamView;
 
@@ -244,6 +246,9 @@ pub struct RedisQueue {
     /// Per shard, where the next look at this node's own PEL starts: a
     /// page a heartbeat, so a long list costs one command per heartbeat.
     own_cursor: Mutex<Vec<String>>,
+    /// Set once Redis refused the adding script (`redis/adding.rs`): from
+    /// then on each packet is XADDed by itself.
+    scripts_refused: AtomicBool,
 }
 
 struct Reader {
@@ -394,6 +399,7 @@ impl RedisQueue {
             checked_run: Mutex::new(None),
             moving: Mutex::new(HashSet::new()),
             own_cursor: Mutex::new(vec!["-".to_owned(); shards.count()]),
+            scripts_refused: AtomicBool::new(false),
             shards,
         }))
     }
@@ -629,50 +635,6 @@ impl RedisQueue {
             }
             self.sent.send_modify(|n| *n += count);
         }
-    }
-
-    /// What became of each XADD of `batch`, in order.
-    async fn xadd(&self, batch: &[Outgoing]) -> Vec<Xadded> {
-        let refused = |e: QueueError| batch.iter().map(|_| Xadded::Refused(e.clone())).collect();
-        if !self.connected() {
-            return refused(QueueError::NotConnected);
-        }
-        let pipeline = self.commands.pipeline();
-        for item in batch {
-            let fields: Vec<(&str, Value)> = vec![
-                (ID, item.pending.packet.packet_id.to_string().into()),
-                (BODY, Value::Bytes(codec::encode(&item.pending).into())),
-            ];
-            let key = self
-                .shards
-                .key(self.shards.of(item.pending.packet.packet_id));
-            // Queued in memory: nothing is sent before try_all.
-            let queued: Result<(), _> = pipeline.xadd(key, false, None, "*", fields).await;
-            if let Err(e) = queued {
-                return refused(e.into());
-            }
-        }
-        let mut results = pipeline.try_all::<Value>().await;
-        if results.len() != batch.len() {
-            // The pipeline failed as a whole: its one error stands for each.
-            let e = match results.pop() {
-                Some(Err(e)) => e,
-                _ => fred::error::Error::new(
-                    fred::error::ErrorKind::Protocol,
-                    "a pipeline answer of the wrong length",
-                ),
-            };
-            results = batch.iter().map(|_| Err(e.clone())).collect();
-        }
-        results
-            .into_iter()
-            .map(|result| match result {
-                Ok(_) => Xadded::Added,
-                // An error reply: Redis ran the command, and refused it.
-                Err(e) if error_code(&e).is_some() => Xadded::Refused(e.into()),
-                Err(e) => Xadded::Unsure(e.into()),
-            })
-            .collect()
     }
 
     /// Waits for what `rx` brings, a page at most, into `batch`; once the

@@ -144,6 +144,26 @@ async fn a_redrive_whose_xadd_is_refused_is_delivered_once_redis_accepts() {
     );
 }
 
+/// Packets go into the stream a batch per EVAL; a Redis whose ACL refuses
+/// scripts (here without `@scripting`) gets them one XADD each instead,
+/// from the first batch on, each packet once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_reach_the_stream_where_redis_refuses_scripts() {
+    let port = OwnRedis::free_port();
+    let _redis = OwnRedis::start_with(port, &[]).await;
+    redis_cli(port, &["ACL", "SETUSER", "default", "-@scripting"]).await;
+    let app = node(port, |_| {}).await;
+    let mut client = app.client().await;
+    let mut stream = subscribe(&mut client, "karma", 8, 30).await;
+    for name in ["first", "second", "third"] {
+        let id = ingest(&mut client, packet_for(name)).await;
+        delivered(&mut stream, &id, Duration::from_secs(10)).await;
+    }
+    // Held by the consumer, unmarked: each packet's entry is still there.
+    let key = format!("{}pending", app.config.redis.redis_prefix);
+    assert_eq!(redis_cli(port, &["XLEN", &key]).await.trim(), "3");
+}
+
 /// Suspicion 2: entries that carry no body (put back by the reconciler or
 /// a Redrive, claimed from a stopped node) are looked up in the database
 /// after XREADGROUP moved them into this node's pending-entries list; if
