@@ -2,8 +2,8 @@
 //! bucket node.
 //!
 //! A committed packet is XADDed to `{prefix}pending` with its body (a batch
-//! at a time by a script, `redis/adding.rs`), so the node that reads it delivers
-//! without reading the database; with
+//! at a time by a script, `redis/adding.rs`), so the node that reads it
+//! delivers without reading the database; with
 //! `BUCKET_REDIS_SHARDS` > 1 to one of several such stream keys, chosen by
 //! its id ([`super::shards`]), each with its own consumer group, and
 //! everything below holds per shard. Each node XREADGROUPs every shard
