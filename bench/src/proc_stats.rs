@@ -47,7 +47,16 @@ impl IoCounters {
 
 /// /proc/PID/io (needs the right to trace the process: our own, or root).
 pub fn io(pid: u32) -> Option<IoCounters> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io_at(&format!("/proc/{pid}/io"))
+}
+
+/// The calling thread's own counters (/proc/thread-self/io).
+pub fn thread_io() -> Option<IoCounters> {
+    io_at("/proc/thread-self/io")
+}
+
+fn io_at(path: &str) -> Option<IoCounters> {
+    let text = std::fs::read_to_string(path).ok()?;
     let field = |key: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(key))

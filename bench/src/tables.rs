@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use rusqlite::{Connection, params};
 
 use crate::disk::thread_cpu;
+use crate::proc_stats;
 
 pub struct TablesPlan {
     pub dir: std::path::PathBuf,
@@ -135,16 +136,9 @@ fn one(plan: &TablesPlan, path: &std::path::Path, indexes: &str) -> Result<Measu
     })
 }
 
-/// Bytes this thread caused to be written (`/proc/thread-self/io`).
+/// Bytes this thread caused to be written.
 fn thread_write_bytes() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/io")
-        .ok()
-        .and_then(|io| {
-            io.lines()
-                .find_map(|l| l.strip_prefix("write_bytes: "))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    proc_stats::thread_io().map_or(0, |io| io.write_bytes)
 }
 
 /// Ids and users without a random number crate: a 64-bit LCG is plenty to
