@@ -8,13 +8,14 @@
 //! id once with where its packet is, so statements that address packets by
 //! id join through it and touch one partition each.
 use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{Connection, Row};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
@@ -80,6 +81,23 @@ impl PgBackend {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let doubt = Arc::new(Doubt::default());
         let in_doubt = doubt.clone();
+        // The schema's own statements plan as PostgreSQL would.
+        let mut plain = PgConnection::connect(url).await?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&mut plain)
+            .await?;
+        plain.close().await?;
+        // Every statement the bucket sends finds its rows by key. A
+        // prepared statement's generic plan is made once per connection,
+        // about its sixth use: on a new database the tables are then nearly
+        // empty, and the plan (a hash join over a sequential scan of
+        // packet_ids and of each day's partition) is kept as they grow,
+        // until autovacuum's first ANALYZE. At 5,000 packets/s every mark
+        // group read the whole of packet_ids: PostgreSQL's backends 122 µs
+        // per packet, 68-88 without sequential scans (BENCHMARKS.md,
+        // thirteenth session). Where no index serves a statement, a
+        // sequential scan is still its plan.
+        let options = PgConnectOptions::from_str(url)?.options([("enable_seqscan", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             // While the database is away sqlx retries a refused connection
@@ -94,9 +112,8 @@ impl PgBackend {
                 let in_doubt = in_doubt.clone();
                 Box::pin(async move { Ok(!in_doubt.active() || conn.ping().await.is_ok()) })
             })
-            .connect(url)
+            .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         // Until the days are there, packets go to the default partition,
         // which takes them; the retention task tries again every minute.
         if let Err(e) = partitions::create_ahead(&pool, Utc::now()).await {

@@ -22,6 +22,7 @@ mod operator;
 mod ops;
 mod own_postgres;
 mod partial_faults;
+mod pg_plans;
 mod proxy;
 mod queries;
 mod redis_cluster;
