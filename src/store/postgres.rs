@@ -634,9 +634,15 @@ impl Backend for PgBackend {
             delivery: 1,
             blocking: false,
             // Fewer, larger commits cost PostgreSQL less CPU, which on a
-            // shared machine is also lower latency (BENCHMARKS.md).
+            // shared machine is also lower latency (BENCHMARKS.md). The
+            // wait grows with the company (see `writer::linger`): at
+            // 5,000/s a fixed 1 ms made ~600 commits a second; growing it
+            // to 5 ms took bucket + PostgreSQL + Redis from 191-205 to
+            // 158-166 µs per packet with acks on the stream, and the p99
+            // from 11.8-13.0 to 14.8-15.9 ms (BENCHMARKS.md, thirteenth
+            // session). At 200/s the groups stay small and so does the wait.
             linger: Duration::from_millis(1),
-            max_linger: Duration::from_millis(1),
+            max_linger: Duration::from_millis(5),
             // A commit is a round trip: larger groups, fewer of them.
             max_commit: 1000,
         }
