@@ -272,6 +272,8 @@ pub struct Writers {
     /// The longest the linger grows to while the groups keep company
     /// (see `writer::linger`); equal to `linger`, it stays fixed.
     pub max_linger: std::time::Duration,
+    /// What each write of the last group past two adds to the linger.
+    pub per_companion: std::time::Duration,
     /// Most inserts in one commit, unless configured.
     pub max_commit: usize,
 }

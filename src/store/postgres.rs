@@ -637,12 +637,16 @@ impl Backend for PgBackend {
             // shared machine is also lower latency (BENCHMARKS.md). The
             // wait grows with the company (see `writer::linger`): at
             // 5,000/s a fixed 1 ms made ~600 commits a second; growing it
-            // to 5 ms took bucket + PostgreSQL + Redis from 191-205 to
-            // 158-166 µs per packet with acks on the stream, and the p99
-            // from 11.8-13.0 to 14.8-15.9 ms (BENCHMARKS.md, thirteenth
+            // 100 µs a companion to 5 ms took bucket + PostgreSQL + Redis
+            // from 191-205 to 158-166 µs per packet with acks on the
+            // stream, but two ingest writers split the company and the
+            // wait stayed near 1.6 ms; 300 µs a companion reaches the 5 ms
+            // at that rate: 137-145 µs, p99 14.6-14.7 ms (one run of three
+            // 44 ms) against 14.0-14.7 (BENCHMARKS.md, thirteenth
             // session). At 200/s the groups stay small and so does the wait.
             linger: Duration::from_millis(1),
             max_linger: Duration::from_millis(5),
+            per_companion: Duration::from_micros(300),
             // A commit is a round trip: larger groups, fewer of them.
             max_commit: 1000,
         }

@@ -100,6 +100,7 @@ struct Shared {
     /// (see [`linger`]).
     linger: Duration,
     max_linger: Duration,
+    per_companion: Duration,
     /// The highest seq an insert of this store was answered with: every
     /// packet a group stores after reading it gets a higher one.
     newest: AtomicI64,
@@ -132,6 +133,7 @@ impl Writer {
             // A configured linger is fixed: it is also the most.
             linger: limits.linger.unwrap_or(writers.linger),
             max_linger: limits.linger.unwrap_or(writers.max_linger),
+            per_companion: writers.per_companion,
             newest: AtomicI64::new(0),
         });
         let (ingest_tx, ingest_rx) = mpsc::unbounded_channel::<Job>();
@@ -245,23 +247,32 @@ async fn run_lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job
 /// commit costs an fsync and the wake-ups around it (~240 µs of CPU here,
 /// whatever its size), so when writes come in company (the last group had
 /// several) a wait lets more share the next one, and each companion of the
-/// last group lengthens it by [`LINGER_PER_COMPANION`], up to `max_linger`:
+/// last group lengthens it by the engine's step, up to `max_linger`:
 /// under load the groups grow until the wait is at its most, and at a few
 /// writes at a time it stays near `linger`. A lone client never waits: its
 /// groups have one write.
 fn linger(shared: &Shared, last_group: usize) -> Option<Duration> {
-    wait_for_company(shared.linger, shared.max_linger, last_group)
+    wait_for_company(
+        shared.linger,
+        shared.max_linger,
+        shared.per_companion,
+        last_group,
+    )
 }
 
-/// What one more write in the last group adds to the next wait.
-const LINGER_PER_COMPANION: Duration = Duration::from_micros(100);
-
-fn wait_for_company(linger: Duration, max: Duration, last_group: usize) -> Option<Duration> {
+/// `linger`, plus `step` for each write of the last group past two, up to
+/// `max`.
+fn wait_for_company(
+    linger: Duration,
+    max: Duration,
+    step: Duration,
+    last_group: usize,
+) -> Option<Duration> {
     if last_group <= 1 || linger.is_zero() {
         return None;
     }
     let companions = u32::try_from(last_group - 2).unwrap_or(u32::MAX);
-    let grown = LINGER_PER_COMPANION
+    let grown = step
         .checked_mul(companions)
         .and_then(|extra| linger.checked_add(extra))
         .unwrap_or(max);
@@ -514,23 +525,35 @@ mod tests {
     #[test]
     fn the_wait_grows_with_the_company_up_to_its_most() {
         let us = Duration::from_micros;
-        let (base, most) = (us(300), us(2_000));
-        assert_eq!(wait_for_company(base, most, 0), None);
+        let (base, most, step) = (us(300), us(2_000), us(100));
+        assert_eq!(wait_for_company(base, most, step, 0), None);
         assert_eq!(
-            wait_for_company(base, most, 1),
+            wait_for_company(base, most, step, 1),
             None,
             "a lone client never waits"
         );
-        assert_eq!(wait_for_company(base, most, 2), Some(us(300)));
-        assert_eq!(wait_for_company(base, most, 10), Some(us(1_100)));
-        assert_eq!(wait_for_company(base, most, 18), Some(us(1_900)));
-        assert_eq!(wait_for_company(base, most, 19), Some(most));
-        assert_eq!(wait_for_company(base, most, usize::MAX), Some(most));
-        // Fixed when the most is the linger (a configured one, PostgreSQL's).
-        assert_eq!(wait_for_company(us(1_000), us(1_000), 50), Some(us(1_000)));
-        assert_eq!(wait_for_company(Duration::ZERO, most, 50), None);
+        assert_eq!(wait_for_company(base, most, step, 2), Some(us(300)));
+        assert_eq!(wait_for_company(base, most, step, 10), Some(us(1_100)));
+        assert_eq!(wait_for_company(base, most, step, 18), Some(us(1_900)));
+        assert_eq!(wait_for_company(base, most, step, 19), Some(most));
+        assert_eq!(wait_for_company(base, most, step, usize::MAX), Some(most));
+        // A steeper step reaches the most sooner (PostgreSQL's).
+        assert_eq!(
+            wait_for_company(us(1_000), us(5_000), us(300), 10),
+            Some(us(3_400))
+        );
+        assert_eq!(
+            wait_for_company(us(1_000), us(5_000), us(300), 16),
+            Some(us(5_000))
+        );
+        // Fixed when the most is the linger (a configured one).
+        assert_eq!(
+            wait_for_company(us(1_000), us(1_000), step, 50),
+            Some(us(1_000))
+        );
+        assert_eq!(wait_for_company(Duration::ZERO, most, step, 50), None);
         // A most below the linger never shortens it.
-        assert_eq!(wait_for_company(base, us(100), 50), Some(base));
+        assert_eq!(wait_for_company(base, us(100), step, 50), Some(base));
     }
 
     #[test]
@@ -653,6 +676,7 @@ mod tests {
                 blocking: false,
                 linger: Duration::ZERO,
                 max_linger: Duration::ZERO,
+                per_companion: Duration::ZERO,
                 max_commit: 100,
             }
         }

@@ -665,6 +665,7 @@ impl Backend for SqliteBackend {
             // packet and 99-130 to 75-96 µs, +1.5-2 ms at the median
             // (BENCHMARKS.md, ninth session).
             max_linger: Duration::from_millis(4),
+            per_companion: Duration::from_micros(100),
             // Marks join every commit first; under a closed loop of
             // ingests, groups of up to 1,000 inserts made each mark wait
             // out a long decide-and-write, and delivery fell behind ingest
