@@ -641,9 +641,10 @@ impl Backend for PgBackend {
             // from 191-205 to 158-166 µs per packet with acks on the
             // stream, but two ingest writers split the company and the
             // wait stayed near 1.6 ms; 300 µs a companion reaches the 5 ms
-            // at that rate: 137-145 µs, p99 14.6-14.7 ms (one run of three
-            // 44 ms) against 14.0-14.7 (BENCHMARKS.md, thirteenth
-            // session). At 200/s the groups stay small and so does the wait.
+            // at that rate: 137-145 µs, p99 14.6-14.7 ms in two runs of
+            // three (the third stalled: 44 ms) against 14.0-14.7
+            // (BENCHMARKS.md, thirteenth session). At 200/s the groups stay
+            // small and so does the wait.
             linger: Duration::from_millis(1),
             max_linger: Duration::from_millis(5),
             per_companion: Duration::from_micros(300),
