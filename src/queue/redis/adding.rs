@@ -76,6 +76,14 @@ fn failed(e: &fred::error::Error) -> Failed {
     Failed::ScriptsRefused
 }
 
+/// An entry's fields as the reader reads them, whichever way it is added.
+fn entry(item: &Outgoing) -> [(&'static str, Value); 2] {
+    [
+        (ID, item.pending.packet.packet_id.to_string().into()),
+        (BODY, Value::Bytes(codec::encode(&item.pending).into())),
+    ]
+}
+
 impl RedisQueue {
     /// What became of each XADD of `batch`, in order.
     pub(super) async fn xadd(&self, batch: &[Outgoing]) -> Vec<Xadded> {
@@ -123,9 +131,7 @@ impl RedisQueue {
         let calls = by_shard.iter().map(|(shard, items)| {
             let mut args: Vec<Value> = Vec::with_capacity(items.len() * 2);
             for &i in items {
-                let pending = &batch[i].pending;
-                args.push(pending.packet.packet_id.to_string().into());
-                args.push(Value::Bytes(codec::encode(pending).into()));
+                args.extend(entry(&batch[i]).map(|(_, value)| value));
             }
             self.commands
                 .eval::<Value, _, _, _>(XADD_ALL, self.shards.key(*shard), args)
@@ -182,10 +188,7 @@ impl RedisQueue {
         let refused = |e: QueueError| batch.iter().map(|_| Xadded::Refused(e.clone())).collect();
         let pipeline = self.commands.pipeline();
         for item in batch {
-            let fields: Vec<(&str, Value)> = vec![
-                (ID, item.pending.packet.packet_id.to_string().into()),
-                (BODY, Value::Bytes(codec::encode(&item.pending).into())),
-            ];
+            let fields = Vec::from(entry(item));
             let key = self
                 .shards
                 .key(self.shards.of(item.pending.packet.packet_id));
