@@ -5,12 +5,10 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 
-/// Rows read by sequential scans of `relname` (a `LIKE` pattern) so far,
-/// once the statistics show `updates` rows updated in the packets'
-/// partitions (the marks below): a backend reports its counts when it goes
-/// idle. The schema's own scans (index builds, on a new database) read no
-/// rows.
-async fn scans_after_updates(pool: &sqlx::PgPool, relname: &str, updates: i64) -> i64 {
+/// Waits until the statistics show `updates` rows updated in the packets'
+/// partitions (the marks below): a backend reports its counts, its scans
+/// with them, when it goes idle.
+async fn wait_for_updates(pool: &sqlx::PgPool, updates: i64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let updated: i64 = sqlx::query_scalar(
@@ -21,7 +19,7 @@ async fn scans_after_updates(pool: &sqlx::PgPool, relname: &str, updates: i64) -
         .await
         .expect("pg_stat_user_tables");
         if updated >= updates {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -29,6 +27,11 @@ async fn scans_after_updates(pool: &sqlx::PgPool, relname: &str, updates: i64) -
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Rows read by sequential scans of `relname` (a `LIKE` pattern) so far.
+/// The schema's own scans (index builds, on a new database) read no rows.
+async fn rows_scanned(pool: &sqlx::PgPool, relname: &str) -> i64 {
     sqlx::query_scalar(
         "SELECT COALESCE(SUM(seq_tup_read), 0)::int8 FROM pg_stat_user_tables WHERE relname LIKE $1",
     )
@@ -64,8 +67,9 @@ async fn marks_on_a_new_database_look_packets_up_by_key() {
     let pool = sqlx::PgPool::connect(&db.url)
         .await
         .expect("the test database");
-    let ids = scans_after_updates(&pool, "packet\\_ids", PACKETS as i64).await;
-    let days = scans_after_updates(&pool, "packets\\_%", PACKETS as i64).await;
+    wait_for_updates(&pool, PACKETS as i64).await;
+    let ids = rows_scanned(&pool, "packet\\_ids").await;
+    let days = rows_scanned(&pool, "packets\\_%").await;
     let by_table: Vec<(String, i64)> = sqlx::query_as(
         "SELECT relname::text, seq_tup_read FROM pg_stat_user_tables WHERE seq_tup_read > 0 \
          ORDER BY 1",
