@@ -16,6 +16,7 @@ use rusqlite::{Connection, params};
 
 use crate::disk::thread_cpu;
 use crate::proc_stats;
+use crate::users::UserSpread;
 
 pub struct TablesPlan {
     pub dir: std::path::PathBuf,
@@ -85,8 +86,8 @@ fn one(plan: &TablesPlan, path: &std::path::Path, indexes: &str) -> Result<Measu
     ))?;
     let body = format!("{{\"raw_signals\":\"{}\"}}", "x".repeat(380));
     let mut seq: i64 = 0;
-    let mut rng = Lcg(0x9e37_79b9_7f4a_7c15);
-    let mut write = |conn: &Connection, seq: &mut i64| -> Result<()> {
+    let users = UserSpread::new(plan.users);
+    let write = |conn: &Connection, seq: &mut i64| -> Result<()> {
         let tx = conn.unchecked_transaction()?;
         {
             let mut insert = tx.prepare_cached(
@@ -94,12 +95,11 @@ fn one(plan: &TablesPlan, path: &std::path::Path, indexes: &str) -> Result<Measu
             )?;
             for _ in 0..plan.rate {
                 *seq += 1;
-                let id = uuid::Uuid::from_u128(rng.u128() & !(0xf << 76) | (0x4 << 76));
-                let user = format!("user-{}", rng.u64() % plan.users.max(1));
+                // Random (v4) ids: each lands on its own leaf of the index.
                 insert.execute(params![
                     *seq,
-                    id.hyphenated().to_string(),
-                    user,
+                    uuid::Uuid::new_v4().hyphenated().to_string(),
+                    users.user_id(*seq as u64),
                     "2026-12-04T15:00:00.000000Z",
                     body
                 ])?;
@@ -139,22 +139,4 @@ fn one(plan: &TablesPlan, path: &std::path::Path, indexes: &str) -> Result<Measu
 /// Bytes this thread caused to be written.
 fn thread_write_bytes() -> u64 {
     proc_stats::thread_io().map_or(0, |io| io.write_bytes)
-}
-
-/// Ids and users without a random number crate: a 64-bit LCG is plenty to
-/// spread rows over leaves.
-struct Lcg(u64);
-
-impl Lcg {
-    fn u64(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 ^ (self.0 >> 29)
-    }
-
-    fn u128(&mut self) -> u128 {
-        (u128::from(self.u64()) << 64) | u128::from(self.u64())
-    }
 }
