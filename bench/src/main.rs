@@ -114,6 +114,14 @@ struct FloorArgs {
     /// Where to listen
     #[arg(long, default_value = "127.0.0.1:3960")]
     listen: std::net::SocketAddr,
+    /// Also sync each packet and mark to a log in this directory before
+    /// answering, and keep the packets in SQLite tables there (the
+    /// bucket's obligations, nothing else of it)
+    #[arg(long)]
+    durable: Option<PathBuf>,
+    /// With --durable: the log writer's wait for company, in µs
+    #[arg(long, default_value_t = 4000)]
+    wait_us: u64,
 }
 
 #[derive(Args, Debug)]
@@ -530,7 +538,8 @@ async fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Floor(a) => {
-            floor::serve(a.listen).await?;
+            let durable = a.durable.map(|dir| (dir, Duration::from_micros(a.wait_us)));
+            floor::serve(a.listen, durable).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Disk(a) => {

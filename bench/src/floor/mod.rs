@@ -14,11 +14,20 @@
 //! Run it as its own process (`bucket-bench floor --listen ADDR`) and point
 //! `e2e --url http://ADDR --pid PID` at it: the server CPU, syscalls and
 //! bytes that e2e reports are then the protocol's share of the bucket's.
+//!
+//! With `--durable DIR` ([`durable`]) it also does what the bucket must do
+//! for each packet and nothing more: the packet and the marks synced to a
+//! log before they are answered, and the packets in indexed SQLite tables
+//! once a second.
+mod durable;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bucket::proto::bucket::v1 as pb;
@@ -31,22 +40,29 @@ type Deliveries = Pin<Box<dyn Stream<Item = Result<pb::StreamPendingResponse, St
 type Consuming = Pin<Box<dyn Stream<Item = Result<pb::ConsumeResponse, Status>> + Send>>;
 
 /// Serves until the process is stopped.
-pub async fn serve(listen: SocketAddr) -> Result<()> {
+pub async fn serve(listen: SocketAddr, durable: Option<(PathBuf, Duration)>) -> Result<()> {
+    let durable = match durable {
+        Some((dir, wait)) => Some(Arc::new(durable::Durable::start(&dir, wait)?)),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     eprintln!("floor: the contract with nothing behind it, on {listen}");
     tonic::transport::Server::builder()
-        .add_service(BucketServiceServer::new(Floor::default()))
+        .add_service(BucketServiceServer::new(Floor {
+            shared: Arc::default(),
+            durable,
+        }))
         .serve_with_incoming(incoming)
         .await
         .context("serving")
 }
 
-#[derive(Default)]
 struct Floor {
     shared: Arc<Shared>,
+    durable: Option<Arc<durable::Durable>>,
 }
 
 #[derive(Default)]
@@ -128,6 +144,31 @@ fn packet(input: pb::PacketInput) -> pb::Packet {
     }
 }
 
+/// The answer to one Consume request: every mark recorded.
+fn answer(shared: &Shared, request: &pb::ConsumeRequest) -> pb::ConsumeResponse {
+    let marks: Vec<pb::ConsumeResult> = request
+        .marks
+        .iter()
+        .enumerate()
+        .map(|(i, m)| pb::ConsumeResult {
+            index: i as u32,
+            outcome: Some(pb::consume_result::Outcome::Marked(
+                shared.mark(&m.lease_token),
+            )),
+            lease_ended: false,
+        })
+        .collect();
+    let answer = pb::ConsumeAnswer {
+        marked: marks.len() as u32,
+        marks,
+        ..Default::default()
+    };
+    pb::ConsumeResponse {
+        deliveries: Vec::new(),
+        answer: Some(answer),
+    }
+}
+
 fn room(max_in_flight: u32) -> Arc<Semaphore> {
     Arc::new(Semaphore::new(if max_in_flight == 0 {
         64
@@ -147,6 +188,9 @@ impl BucketService for Floor {
             .packet
             .ok_or_else(|| Status::invalid_argument("packet is required"))?;
         let packet = packet(input);
+        if let Some(durable) = &self.durable {
+            durable.ingested(&packet).await;
+        }
         let response = pb::IngestResponse {
             status: "ingested".into(),
             packet_id: packet.packet_id.clone(),
@@ -190,9 +234,11 @@ impl BucketService for Floor {
         &self,
         request: Request<pb::MarkProcessedRequest>,
     ) -> Result<Response<pb::MarkProcessedResponse>, Status> {
-        Ok(Response::new(
-            self.shared.mark(&request.into_inner().packet_id),
-        ))
+        let packet_id = request.into_inner().packet_id;
+        if let Some(durable) = &self.durable {
+            let _ = durable.marks(vec![packet_id.clone()]).await;
+        }
+        Ok(Response::new(self.shared.mark(&packet_id)))
     }
 
     async fn mark_processed_batch(
@@ -244,35 +290,41 @@ impl BucketService for Floor {
             }
         });
         let shared = self.shared.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(request)) = requests.message().await {
-                let marks: Vec<pb::ConsumeResult> = request
-                    .marks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, m)| pb::ConsumeResult {
-                        index: i as u32,
-                        outcome: Some(pb::consume_result::Outcome::Marked(
-                            shared.mark(&m.lease_token),
-                        )),
-                        lease_ended: false,
-                    })
-                    .collect();
-                let answer = pb::ConsumeAnswer {
-                    marked: marks.len() as u32,
-                    marks,
-                    ..Default::default()
-                };
-                let message = pb::ConsumeResponse {
-                    deliveries: Vec::new(),
-                    answer: Some(answer),
-                };
-                if tx.send(message).await.is_err() {
-                    break;
-                }
+        match self.durable.clone() {
+            None => {
+                tokio::spawn(async move {
+                    while let Ok(Some(request)) = requests.message().await {
+                        if tx.send(answer(&shared, &request)).await.is_err() {
+                            break;
+                        }
+                    }
+                    delivering.abort();
+                });
             }
-            delivering.abort();
-        });
+            Some(durable) => {
+                // Requests keep being read while their marks sync, so the
+                // marks of several go in one block; answers go in order.
+                let (synced_tx, mut synced_rx) = mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    while let Ok(Some(request)) = requests.message().await {
+                        let tokens = request.marks.iter().map(|m| m.lease_token.clone());
+                        let synced = durable.marks(tokens.collect());
+                        if synced_tx.send((synced, request)).is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    while let Some((synced, request)) = synced_rx.recv().await {
+                        let _ = synced.await;
+                        if tx.send(answer(&shared, &request)).await.is_err() {
+                            break;
+                        }
+                    }
+                    delivering.abort();
+                });
+            }
+        }
         let responses = stream::unfold(rx, |mut rx| async move {
             let message = rx.recv().await?;
             Some((Ok(message), rx))
