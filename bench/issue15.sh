@@ -1,9 +1,10 @@
 #!/bin/bash
 # Issue 15's table in one sitting: the bucket binary BIN on SQLite beside
 # NATS JetStream (alternated, unary marks and acks on the stream, twice),
-# the floor, sustained delivery, and PostgreSQL + Redis. Prints each run's
-# throughput, ingest→delivery latency, CPU, writes and memory lines.
-# BENCHMARKS.md, tenth session.
+# the floor (the protocol alone, then with the bucket's obligations:
+# `floor --durable`), sustained delivery, and PostgreSQL + Redis. Prints
+# each run's throughput, ingest→delivery latency, CPU, writes and memory
+# lines. BENCHMARKS.md, tenth and fourteenth sessions.
 #
 #   cargo build --release -p bucket -p bucket-bench --bins
 #   bash bench/issue15.sh target/release/bucket
@@ -30,6 +31,12 @@ for m in unary stream; do
   echo "## floor, --marks $m"
   $B e2e --url http://127.0.0.1:3960 --pid $FP --rate 5000 --duration 8 --marks $m 2>&1 | lines
   kill $FP; wait $FP 2>/dev/null
+  D=$(mktemp -d -p target)
+  $B floor --listen 127.0.0.1:3961 --durable "$D" > /dev/null 2>&1 & FP=$!
+  sleep 1
+  echo "## durable floor, --marks $m"
+  $B e2e --url http://127.0.0.1:3961 --pid $FP --rate 5000 --duration 8 --marks $m 2>&1 | lines
+  kill $FP; wait $FP 2>/dev/null; rm -rf "$D"
 done
 for _ in 1 2; do
   echo "## bucket, sustained, --marks stream"
