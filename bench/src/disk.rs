@@ -5,10 +5,10 @@
 //! rate: their latency (the tail every such commit inherits) and the CPU
 //! the writing thread spends per append (the kernel's share of a commit).
 //! Nothing of the bucket runs.
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -36,19 +36,7 @@ pub fn run(plan: &DiskPlan) -> Result<()> {
     }
     let dir = tempfile::tempdir_in(&plan.dir)
         .with_context(|| format!("a directory in {}", plan.dir.display()))?;
-    let path = dir.path().join("appends");
-    let open = |flags| {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(flags)
-            .open(&path)
-    };
-    let (file, direct) = match open(libc::O_DSYNC | libc::O_DIRECT) {
-        Ok(file) => (file, true),
-        Err(_) => (open(libc::O_DSYNC)?, false),
-    };
+    let (file, direct) = open_synced(&dir.path().join("appends"))?;
     let mut buf = vec![0u8; plan.bytes + ALIGN];
     let start = buf.as_ptr().align_offset(ALIGN);
     let block = &mut buf[start..start + plan.bytes];
@@ -130,6 +118,24 @@ pub fn run(plan: &DiskPlan) -> Result<()> {
         cpu.system * 1e6 / p.count as f64,
     );
     Ok(())
+}
+
+/// A new file (truncated if there was one) whose writes return once on
+/// disk: O_DSYNC, with direct I/O where the file system takes it (the
+/// second value says whether it did), as the record log opens its segments.
+pub fn open_synced(path: &Path) -> Result<(File, bool)> {
+    let open = |flags| {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    Ok(match open(libc::O_DSYNC | libc::O_DIRECT) {
+        Ok(file) => (file, true),
+        Err(_) => (open(libc::O_DSYNC)?, false),
+    })
 }
 
 fn io_kind(direct: bool) -> &'static str {

@@ -16,8 +16,8 @@
 //! released, no counts: every figure it gives is below what a bucket that
 //! acknowledges only what is on disk can spend.
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc as sync_mpsc;
@@ -118,18 +118,7 @@ impl Durable {
 }
 
 fn open_log(path: &Path) -> Result<(File, bool)> {
-    let open = |flags| {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(flags)
-            .open(path)
-    };
-    let (file, direct) = match open(libc::O_DSYNC | libc::O_DIRECT) {
-        Ok(file) => (file, true),
-        Err(_) => (open(libc::O_DSYNC)?, false),
-    };
+    let (file, direct) = crate::disk::open_synced(path)?;
     // SAFETY: fallocate on a descriptor we own, in-range values.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, ALLOCATE_AHEAD as i64) };
     if rc != 0 {
