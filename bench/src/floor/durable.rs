@@ -13,8 +13,8 @@
 //! state where its mark came in time and updated by id where it came
 //! later, with the unique packet id and (user_id, seq) indexes UserPackets
 //! and a retried Ingest need. No leases run out, no log is replayed or
-//! released, no counts: every figure it gives is below what a bucket that
-//! acknowledges only what is on disk can spend.
+//! released, no counts, no dedup on ingest: a bucket built this way (a
+//! synced record log, SQLite tables) spends at least what it spends.
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
