@@ -35,7 +35,7 @@ const ALLOCATE_AHEAD: u64 = 32 << 20;
 
 /// The durable half: the record log's writer and the tables' thread.
 pub struct Durable {
-    jobs: Mutex<sync_mpsc::Sender<Job>>,
+    jobs: sync_mpsc::Sender<Job>,
 }
 
 struct Job {
@@ -79,9 +79,7 @@ impl Durable {
         std::thread::Builder::new()
             .name("floor-tables".into())
             .spawn(move || fold_every_second(&tables, &to_fold))?;
-        Ok(Self {
-            jobs: Mutex::new(jobs),
-        })
+        Ok(Self { jobs })
     }
 
     /// Returns once the packet's record is on disk.
@@ -109,8 +107,6 @@ impl Durable {
             synced,
         };
         self.jobs
-            .lock()
-            .expect("jobs lock")
             .send(job)
             .expect("the writer thread runs for as long as the process");
         on_disk
