@@ -287,7 +287,7 @@ pub fn fold_once(
     let (mut new, mut changed): (Vec<_>, Vec<_>) = snapshot
         .entries
         .iter()
-        .partition(|(_, e)| matches!(e.kind, Kind::New(_)));
+        .partition(|(_, e)| matches!(e.kind, Kind::New { .. }));
     new.sort_by_key(|(_, e)| e.seq);
     changed.sort_by_key(|(_, e)| e.seq);
     insert_new(&tx, &new)?;
@@ -356,7 +356,11 @@ fn insert_new(
     new: &[&(PacketId, Entry)],
 ) -> Result<(), StoreError> {
     in_chunks(tx, new, insert_sql, |bind, (id, entry)| {
-        let Kind::New(p) = &entry.kind else {
+        let Kind::New {
+            packet: p,
+            raw_signals,
+        } = &entry.kind
+        else {
             unreachable!("partitioned: new entries only");
         };
         bind(&entry.seq)?;
@@ -375,7 +379,7 @@ fn insert_new(
         bind(&p.away_seconds)?;
         bind(&p.focus_score)?;
         bind(&p.integrity_score)?;
-        bind(&serde_json::to_string(&p.raw_signals).expect("JSON values encode"))?;
+        bind(&&**raw_signals)?;
         bind(&text_time(entry.received_at))?;
         bind_state(bind, &entry.state)
     })
@@ -638,6 +642,11 @@ mod tests {
     use super::*;
     use crate::domain::Packet;
 
+    /// A packet's raw_signals as the log and the rows hold them.
+    fn json(packet: &Packet) -> Arc<str> {
+        Arc::from(serde_json::to_string(&packet.raw_signals).unwrap())
+    }
+
     /// Packets per status, as (status, n) rows.
     type PerStatus = Vec<(String, i64)>;
 
@@ -672,7 +681,7 @@ mod tests {
         let seq = {
             let mut overlay = shared.overlay.lock().unwrap();
             let seq = overlay.next_seq;
-            overlay.insert(seq, packet.clone(), at);
+            overlay.insert(seq, packet.clone(), json(&packet), at);
             overlay.next_seq = seq + 1;
             seq
         };
@@ -685,7 +694,7 @@ mod tests {
 
         {
             let mut overlay = shared.overlay.lock().unwrap();
-            overlay.insert(seq, packet.clone(), at);
+            overlay.insert(seq, packet.clone(), json(&packet), at);
             let processed = State {
                 status: DeliveryStatus::Processed,
                 processed_at: Some(at),

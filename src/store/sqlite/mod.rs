@@ -33,6 +33,7 @@ pub mod log;
 mod overlay;
 mod reads;
 pub mod record;
+mod time_text;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use prost::Message;
 use rusqlite::OptionalExtension;
 use sqlx::ConnectOptions;
@@ -54,12 +55,13 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use self::fold::Folder;
 use self::log::RecordLog;
 use self::overlay::{Kind, Known, Overlay, State};
-use self::record::{ChangeRecord, GroupRecord, InsertRecord};
+use self::record::{ChangeRecord, GroupRecord, InsertView};
+use self::time_text::text_time;
 use super::{
     Applied, Backend, Counts, Group, Inserted, MarkOutcome, PendingPacket, Pruned, Released,
     Requeue, StoreError, StoredPacket, UserQuery, Writers,
 };
-use crate::domain::{DeliveryStatus, PacketId};
+use crate::domain::{DeliveryStatus, Packet, PacketId};
 
 /// Bytes of one log segment file.
 const SEGMENT_BYTES: u64 = 32 << 20;
@@ -127,11 +129,6 @@ fn log_dir(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push("-records");
     PathBuf::from(name)
-}
-
-/// How sqlx stores a date-time in SQLite: rows written here read back alike.
-fn text_time(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::AutoSi, false)
 }
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
@@ -282,10 +279,11 @@ fn replay(
     }
     for insert in group.inserts {
         let seq = insert.seq;
+        let raw_signals = Arc::from(insert.raw_signals.as_str());
         let (packet, received_at) = insert.into_packet().map_err(internal)?;
         if overlay.get(&packet.packet_id).is_none() {
             overlay.next_seq = overlay.next_seq.max(seq + 1);
-            overlay.insert(seq, Arc::new(packet), received_at);
+            overlay.insert(seq, Arc::new(packet), raw_signals, received_at);
         }
     }
     Ok(())
@@ -342,9 +340,18 @@ fn look_up(conn: &rusqlite::Connection, id: PacketId) -> Result<Option<Current>,
     .transpose()
 }
 
+/// A packet a group stores for the first time.
+struct New<'g> {
+    seq: i64,
+    packet: &'g Arc<Packet>,
+    /// Its raw_signals as JSON: logged now, and the fold's column later.
+    raw_signals: Arc<str>,
+}
+
 /// A commit group decided: what to log, and each write's answer.
-struct Decided {
-    record: GroupRecord,
+struct Decided<'g> {
+    new: Vec<New<'g>>,
+    records: Vec<ChangeRecord>,
     changes: Vec<(PacketId, State, Option<Known>)>,
     marks: Vec<MarkOutcome>,
     ends: Vec<Released>,
@@ -355,11 +362,11 @@ struct Decided {
 /// Decides a group against the overlay and the tables: marks first, then
 /// lease ends, then inserts, each seeing the ones before it (as the rows of
 /// one transaction would).
-fn decide(
+fn decide<'g>(
     overlay: &Overlay,
     lookup: &rusqlite::Connection,
-    group: &Group<'_>,
-) -> Result<Decided, StoreError> {
+    group: &Group<'g>,
+) -> Result<Decided<'g>, StoreError> {
     // Packets this group changed or stored, as they are after it so far.
     let mut seen: HashMap<PacketId, Current> = HashMap::new();
     let current = |seen: &HashMap<PacketId, Current>, id: PacketId| {
@@ -380,14 +387,14 @@ fn decide(
             false => Ok(None),
         }
     };
-    let mut record = GroupRecord::default();
+    let mut records = Vec::new();
     let mut changes = Vec::new();
     let mut change = |seen: &mut HashMap<PacketId, Current>,
                       id: PacketId,
                       was: Current,
                       state: State,
-                      record: &mut GroupRecord| {
-        record.changes.push(ChangeRecord {
+                      records: &mut Vec<ChangeRecord>| {
+        records.push(ChangeRecord {
             seq: was.seq,
             packet_id: id.as_uuid().as_bytes().to_vec(),
             status: state.status.as_str().to_owned(),
@@ -430,7 +437,7 @@ fn decide(
                     ),
                     error_message: m.error_message.as_deref().map(Arc::from),
                 };
-                change(&mut seen, m.packet_id, c, state, &mut record);
+                change(&mut seen, m.packet_id, c, state, &mut records);
                 MarkOutcome::Applied
             }
         });
@@ -453,17 +460,18 @@ fn decide(
             packet_id: e.packet_id,
             status: state.status,
         });
-        change(&mut seen, e.packet_id, c, state, &mut record);
+        change(&mut seen, e.packet_id, c, state, &mut records);
     }
 
     let mut next_seq = overlay.next_seq;
+    let mut new = Vec::new();
     let inserts = if !group.inserts.is_empty() && overlay.len() >= MAX_UNFOLDED {
         Err(StoreError::Unavailable(
             "the tables are behind the record log; retry with backoff".into(),
         ))
     } else {
         let mut receipts = Vec::with_capacity(group.inserts.len());
-        for packet in &group.inserts {
+        for &packet in &group.inserts {
             let packet_id = packet.packet_id;
             receipts.push(match current(&seen, packet_id)? {
                 // Stored before (a retry, or twice in one group): its receipt.
@@ -476,9 +484,13 @@ fn decide(
                 None => {
                     let seq = next_seq;
                     next_seq += 1;
-                    record
-                        .inserts
-                        .push(InsertRecord::new(seq, packet, group.at));
+                    new.push(New {
+                        seq,
+                        packet,
+                        raw_signals: Arc::from(
+                            serde_json::to_string(&packet.raw_signals).expect("JSON values encode"),
+                        ),
+                    });
                     seen.insert(
                         packet_id,
                         Current {
@@ -501,7 +513,8 @@ fn decide(
         Ok(receipts)
     };
     Ok(Decided {
-        record,
+        new,
+        records,
         changes,
         marks,
         ends,
@@ -530,8 +543,19 @@ impl Backend for SqliteBackend {
             Ok(decided) => decided,
             Err(e) => return failed(e),
         };
-        if !decided.record.changes.is_empty() || !decided.record.inserts.is_empty() {
-            let payload = decided.record.encode_to_vec();
+        if !decided.records.is_empty() || !decided.new.is_empty() {
+            let at = record::micros(group.at);
+            let views: Vec<InsertView<'_>> = decided
+                .new
+                .iter()
+                .map(|n| InsertView {
+                    seq: n.seq,
+                    packet: n.packet,
+                    raw_signals: &n.raw_signals,
+                    received_at_us: at,
+                })
+                .collect();
+            let payload = record::encode_group(&views, &decided.records);
             let end = match side.log.append(&payload) {
                 Ok(end) => end,
                 Err(e) => {
@@ -545,12 +569,8 @@ impl Backend for SqliteBackend {
         for (id, state, known) in decided.changes {
             overlay.change(id, state, known);
         }
-        if let Ok(receipts) = &decided.inserts {
-            for (packet, receipt) in group.inserts.iter().zip(receipts) {
-                if receipt.created {
-                    overlay.insert(receipt.seq, Arc::clone(packet), receipt.received_at);
-                }
-            }
+        for new in decided.new {
+            overlay.insert(new.seq, Arc::clone(new.packet), new.raw_signals, group.at);
         }
         if overlay.len() >= fold::FOLD_AT {
             self.folder.soon();
@@ -611,7 +631,7 @@ impl Backend for SqliteBackend {
             .expect("overlay lock")
             .after(i64::MIN)
             .map(|(_, e)| e)
-            .find(|e| matches!(e.kind, Kind::New(_)) && e.received_at >= since)
+            .find(|e| matches!(e.kind, Kind::New { .. }) && e.received_at >= since)
             .map(|e| e.seq);
         let folded = self.folder.first_seq_since(since).await?;
         Ok(folded.into_iter().chain(newest).min())

@@ -52,8 +52,12 @@ impl State {
 /// Where an entry's packet is.
 #[derive(Debug, Clone)]
 pub enum Kind {
-    /// Not in the tables yet: the whole packet is here.
-    New(Arc<Packet>),
+    /// Not in the tables yet: the whole packet is here, with its
+    /// raw_signals as the log has them (JSON), for the fold's row.
+    New {
+        packet: Arc<Packet>,
+        raw_signals: Arc<str>,
+    },
     /// In the tables; only its state is newer here.
     Folded { user_id: Arc<str> },
 }
@@ -70,7 +74,7 @@ pub struct Entry {
 impl Entry {
     pub fn user_id(&self) -> &str {
         match &self.kind {
-            Kind::New(packet) => &packet.user_id,
+            Kind::New { packet, .. } => &packet.user_id,
             Kind::Folded { user_id } => user_id,
         }
     }
@@ -131,7 +135,13 @@ impl Overlay {
     }
 
     /// A newly stored packet, pending.
-    pub fn insert(&mut self, seq: i64, packet: Arc<Packet>, received_at: DateTime<Utc>) {
+    pub fn insert(
+        &mut self,
+        seq: i64,
+        packet: Arc<Packet>,
+        raw_signals: Arc<str>,
+        received_at: DateTime<Utc>,
+    ) {
         let version = self.bump();
         let id = packet.packet_id;
         count(&mut self.counts, DeliveryStatus::Pending, 1);
@@ -141,7 +151,10 @@ impl Overlay {
             Entry {
                 seq,
                 received_at,
-                kind: Kind::New(packet),
+                kind: Kind::New {
+                    packet,
+                    raw_signals,
+                },
                 state: State::pending(0),
                 version,
             },
@@ -197,7 +210,7 @@ impl Overlay {
     /// ones stay, now in the tables.
     pub fn folded(&mut self, folded: &[(PacketId, Entry)]) {
         for (id, was) in folded {
-            if let Kind::New(packet) = &was.kind {
+            if let Kind::New { packet, .. } = &was.kind {
                 let id = *packet.packet_id.as_uuid();
                 if self.max_folded_id.is_none_or(|max| id > max) {
                     self.max_folded_id = Some(id);
@@ -209,7 +222,7 @@ impl Overlay {
             if entry.version == was.version {
                 self.by_seq.remove(&entry.seq);
                 self.entries.remove(id);
-            } else if let Kind::New(packet) = &entry.kind {
+            } else if let Kind::New { packet, .. } = &entry.kind {
                 entry.kind = Kind::Folded {
                     user_id: Arc::from(packet.user_id.as_str()),
                 };
@@ -274,8 +287,8 @@ mod tests {
     fn a_fold_removes_what_it_wrote_and_keeps_what_changed_since() {
         let mut overlay = Overlay::default();
         let (a, b) = (packet(), packet());
-        overlay.insert(1, a.clone(), Utc::now());
-        overlay.insert(2, b.clone(), Utc::now());
+        overlay.insert(1, a.clone(), Arc::from("{}"), Utc::now());
+        overlay.insert(2, b.clone(), Arc::from("{}"), Utc::now());
         let snapshot = overlay.snapshot();
         // b is marked while the fold writes.
         overlay.change(b.packet_id, processed(), None);

@@ -98,7 +98,9 @@ struct PendingView {
 impl PendingView {
     fn add(&mut self, entry: &Entry) {
         match (&entry.kind, entry.state.status) {
-            (Kind::New(packet), DeliveryStatus::Pending) => self.new.push(pending(entry, packet)),
+            (Kind::New { packet, .. }, DeliveryStatus::Pending) => {
+                self.new.push(pending(entry, packet))
+            }
             (Kind::Folded { .. }, DeliveryStatus::Pending) => {
                 self.attempts.insert(entry.seq, entry.state.attempts);
             }
@@ -234,7 +236,7 @@ pub async fn user_packets(
         let mut folded = HashMap::new();
         for entry in overlay.of_user(&query.user_id).filter(|e| e.seq < before) {
             match &entry.kind {
-                Kind::New(packet) => out.push(StoredPacket {
+                Kind::New { packet, .. } => out.push(StoredPacket {
                     seq: entry.seq,
                     packet: (**packet).clone(),
                     received_at: entry.received_at,
