@@ -20,6 +20,7 @@ use super::leases::{Holder, Lease, Leases};
 use super::subscription::Subscription;
 use super::{ConsumerInfo, Delivery, Held, LeaseChange, SubscribeOptions, backlog, expiry};
 use crate::domain::lease_token::LeaseToken;
+use crate::domain::packet_id::IdSet;
 use crate::domain::{DeliveryStatus, PacketId};
 use crate::error::Error;
 use crate::queue::memory::MemoryQueue;
@@ -68,7 +69,7 @@ struct Stream {
     tx: mpsc::Sender<Sent>,
     max_in_flight: u32,
     lease: Duration,
-    held: HashSet<PacketId>,
+    held: IdSet,
     connected_at: DateTime<Utc>,
     /// Takes nothing more (a Consume stream whose client ended its side
     /// keeps its leases until its last marks are recorded).
@@ -159,6 +160,8 @@ impl Core {
         let mut out = Pumped::default();
         let (mut delivered, mut redelivered) = (0u64, 0u64);
         let mut full = 0;
+        // One reading of the clocks for the whole pump: it runs in one go.
+        let (now, instant) = (Utc::now(), Instant::now());
         while !self.queue.is_empty() && !self.rotation.is_empty() && full < self.rotation.len() {
             self.turn %= self.rotation.len();
             let sid = self.rotation[self.turn];
@@ -178,13 +181,13 @@ impl Core {
                 packet: queued.pending.packet.clone(),
                 received_at: queued.pending.received_at,
                 attempt,
-                lease_expires_at: Utc::now() + stream.lease,
+                lease_expires_at: now + stream.lease,
                 lease_token: token(&self.node, self.leases.next_grant(), attempt, queued.id()),
             };
             match stream.tx.try_send(Ok(delivery)) {
                 Ok(()) => {
                     stream.held.insert(queued.id());
-                    let expires = Instant::now() + stream.lease;
+                    let expires = instant + stream.lease;
                     out.expiry_changed |=
                         self.leases
                             .grant(queued, Holder::Stream(sid), attempt, expires);
@@ -540,7 +543,7 @@ impl Dispatcher {
                 tx,
                 max_in_flight: options.max_in_flight,
                 lease: options.lease,
-                held: HashSet::new(),
+                held: IdSet::default(),
                 connected_at: Utc::now(),
                 paused: false,
             },

@@ -1,9 +1,10 @@
 //! The leases this node granted: which packet is leased to whom, until when.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use tokio::time::Instant;
 
 use crate::domain::PacketId;
+use crate::domain::packet_id::IdMap;
 use crate::queue::Queued;
 
 /// Who holds a lease.
@@ -27,7 +28,7 @@ pub struct Lease {
 
 #[derive(Default)]
 pub struct Leases {
-    by_id: HashMap<PacketId, Lease>,
+    by_id: IdMap<Lease>,
     /// Expiry order; one entry per lease, removed with it.
     by_expiry: BTreeMap<(Instant, u64), PacketId>,
     granted: u64,

@@ -25,6 +25,16 @@ use super::packet::quoted;
 #[sqlx(transparent)]
 pub struct PacketId(Uuid);
 
+/// The hasher of the maps the hot path keeps by packet id: foldhash
+/// (hashbrown's own default), seeded per process, where std's SipHash-1-3
+/// was about half a microsecond per packet over the ten or so look-ups
+/// each one takes (BENCHMARKS.md, fifteenth session).
+pub type IdHasher = foldhash::fast::RandomState;
+/// A map by packet id (see [`IdHasher`]).
+pub type IdMap<V> = std::collections::HashMap<PacketId, V, IdHasher>;
+/// A set of packet ids (see [`IdHasher`]).
+pub type IdSet = std::collections::HashSet<PacketId, IdHasher>;
+
 impl PacketId {
     /// A fresh id for a packet sent without one: UUIDv7, so ids the bucket
     /// makes sort by when they were made.

@@ -13,17 +13,18 @@
 //! go back through the database ([`MemoryQueue::begin_hand_back`]): only
 //! what is still pending reaches the stream, and the buffer keeps no copy
 //! another node could deliver and mark without this one hearing of it.
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use super::Queued;
 use crate::domain::PacketId;
+use crate::domain::packet_id::IdMap;
 use crate::store::PendingPacket;
 
 pub struct MemoryQueue {
     /// Hand-out order. Ids no longer waiting (settled meanwhile) are
     /// skipped when they reach the front.
     order: VecDeque<PacketId>,
-    waiting: HashMap<PacketId, Queued>,
+    waiting: IdMap<Queued>,
     window: usize,
     /// Some(seq): pending packets after `seq` may be in the database only.
     spilled: Option<i64>,
@@ -69,7 +70,7 @@ impl MemoryQueue {
     pub fn new(window: usize) -> Self {
         MemoryQueue {
             order: VecDeque::new(),
-            waiting: HashMap::new(),
+            waiting: IdMap::default(),
             window: window.max(2),
             spilled: Some(0),
             rewound: None,
@@ -86,7 +87,7 @@ impl MemoryQueue {
     pub fn buffer(window: usize) -> Self {
         MemoryQueue {
             order: VecDeque::new(),
-            waiting: HashMap::new(),
+            waiting: IdMap::default(),
             window: window.max(2),
             spilled: None,
             rewound: None,

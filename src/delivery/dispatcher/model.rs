@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use super::{Core, Sent, Stream};
 use crate::delivery::{Delivery, LeaseChange};
+use crate::domain::packet_id::IdSet;
 use crate::domain::{DeliveryStatus, Packet, PacketId};
 use crate::queue::Queued;
 use crate::queue::memory::{MemoryQueue, Refill};
@@ -333,7 +334,7 @@ impl Sut {
                         tx,
                         max_in_flight,
                         lease: Duration::from_millis(lease_ms),
-                        held: HashSet::new(),
+                        held: IdSet::default(),
                         connected_at: Utc::now(),
                         paused: false,
                     },
@@ -721,7 +722,7 @@ impl Sut {
         }
         for (sid, stream) in &core.streams {
             assert!(stream.held.len() <= stream.max_in_flight as usize);
-            let mine: HashSet<PacketId> = self
+            let mine: IdSet = self
                 .live
                 .iter()
                 .filter(|(_, l)| l.sid == *sid)

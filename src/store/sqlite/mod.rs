@@ -35,7 +35,6 @@ mod reads;
 pub mod record;
 mod time_text;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -55,12 +54,13 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use self::fold::Folder;
 use self::log::RecordLog;
 use self::overlay::{Kind, Known, Overlay, State};
-use self::record::{ChangeRecord, GroupRecord, InsertView};
+use self::record::{ChangeView, GroupRecord, InsertView};
 use self::time_text::text_time;
 use super::{
     Applied, Backend, Counts, Group, Inserted, MarkOutcome, PendingPacket, Pruned, Released,
     Requeue, StoreError, StoredPacket, UserQuery, Writers,
 };
+use crate::domain::packet_id::IdMap;
 use crate::domain::{DeliveryStatus, Packet, PacketId};
 
 /// Bytes of one log segment file.
@@ -348,11 +348,35 @@ struct New<'g> {
     raw_signals: Arc<str>,
 }
 
+/// A packet whose state a group changes.
+struct Change {
+    id: PacketId,
+    seq: i64,
+    state: State,
+    /// How the tables have it, when the overlay does not.
+    known: Option<Known>,
+}
+
+impl Change {
+    fn view(&self) -> ChangeView<'_> {
+        let s = &self.state;
+        ChangeView {
+            seq: self.seq,
+            packet_id: &self.id,
+            status: s.status,
+            delivery_attempts: s.attempts,
+            processed_at_us: s.processed_at.map(record::micros),
+            processed_by_karma: s.processed_by_karma,
+            karma_actions: &s.karma_actions,
+            error_message: s.error_message.as_deref(),
+        }
+    }
+}
+
 /// A commit group decided: what to log, and each write's answer.
 struct Decided<'g> {
     new: Vec<New<'g>>,
-    records: Vec<ChangeRecord>,
-    changes: Vec<(PacketId, State, Option<Known>)>,
+    changes: Vec<Change>,
     marks: Vec<MarkOutcome>,
     ends: Vec<Released>,
     inserts: Result<Vec<Inserted>, StoreError>,
@@ -368,8 +392,8 @@ fn decide<'g>(
     group: &Group<'g>,
 ) -> Result<Decided<'g>, StoreError> {
     // Packets this group changed or stored, as they are after it so far.
-    let mut seen: HashMap<PacketId, Current> = HashMap::new();
-    let current = |seen: &HashMap<PacketId, Current>, id: PacketId| {
+    let mut seen: IdMap<Current> = IdMap::default();
+    let current = |seen: &IdMap<Current>, id: PacketId| {
         if let Some(c) = seen.get(&id) {
             return Ok(Some(c.clone()));
         }
@@ -387,23 +411,8 @@ fn decide<'g>(
             false => Ok(None),
         }
     };
-    let mut records = Vec::new();
     let mut changes = Vec::new();
-    let mut change = |seen: &mut HashMap<PacketId, Current>,
-                      id: PacketId,
-                      was: Current,
-                      state: State,
-                      records: &mut Vec<ChangeRecord>| {
-        records.push(ChangeRecord {
-            seq: was.seq,
-            packet_id: id.as_uuid().as_bytes().to_vec(),
-            status: state.status.as_str().to_owned(),
-            delivery_attempts: state.attempts,
-            processed_at_us: state.processed_at.map(record::micros),
-            processed_by_karma: state.processed_by_karma,
-            karma_actions: state.karma_actions.to_string(),
-            error_message: state.error_message.as_deref().map(str::to_owned),
-        });
+    let mut change = |seen: &mut IdMap<Current>, id: PacketId, was: Current, state: State| {
         let known = was.user_id.is_some().then(|| was.known());
         seen.insert(
             id,
@@ -413,7 +422,12 @@ fn decide<'g>(
                 ..was
             },
         );
-        changes.push((id, state, known));
+        changes.push(Change {
+            id,
+            seq: was.seq,
+            state,
+            known,
+        });
     };
 
     let mut marks = Vec::with_capacity(group.marks.len());
@@ -437,7 +451,7 @@ fn decide<'g>(
                     ),
                     error_message: m.error_message.as_deref().map(Arc::from),
                 };
-                change(&mut seen, m.packet_id, c, state, &mut records);
+                change(&mut seen, m.packet_id, c, state);
                 MarkOutcome::Applied
             }
         });
@@ -460,7 +474,7 @@ fn decide<'g>(
             packet_id: e.packet_id,
             status: state.status,
         });
-        change(&mut seen, e.packet_id, c, state, &mut records);
+        change(&mut seen, e.packet_id, c, state);
     }
 
     let mut next_seq = overlay.next_seq;
@@ -514,7 +528,6 @@ fn decide<'g>(
     };
     Ok(Decided {
         new,
-        records,
         changes,
         marks,
         ends,
@@ -543,7 +556,7 @@ impl Backend for SqliteBackend {
             Ok(decided) => decided,
             Err(e) => return failed(e),
         };
-        if !decided.records.is_empty() || !decided.new.is_empty() {
+        if !decided.changes.is_empty() || !decided.new.is_empty() {
             let at = record::micros(group.at);
             let views: Vec<InsertView<'_>> = decided
                 .new
@@ -555,7 +568,8 @@ impl Backend for SqliteBackend {
                     received_at_us: at,
                 })
                 .collect();
-            let payload = record::encode_group(&views, &decided.records);
+            let changes: Vec<ChangeView<'_>> = decided.changes.iter().map(Change::view).collect();
+            let payload = record::encode_group(&views, &changes);
             let end = match side.log.append(&payload) {
                 Ok(end) => end,
                 Err(e) => {
@@ -566,7 +580,10 @@ impl Backend for SqliteBackend {
             overlay.lsn = end;
         }
         overlay.next_seq = decided.next_seq;
-        for (id, state, known) in decided.changes {
+        for Change {
+            id, state, known, ..
+        } in decided.changes
+        {
             overlay.change(id, state, known);
         }
         for new in decided.new {

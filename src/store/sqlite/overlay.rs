@@ -14,12 +14,13 @@
 //! - `counts` are every stored packet's statuses, tables and overlay
 //!   together, kept exact by whoever changes a state (the writer, and the
 //!   fold thread's retention and requeue).
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::domain::packet_id::IdMap;
 use crate::domain::{DeliveryStatus, Packet, PacketId};
 use crate::store::Counts;
 
@@ -90,7 +91,7 @@ pub struct Snapshot {
 
 #[derive(Default)]
 pub struct Overlay {
-    entries: HashMap<PacketId, Entry>,
+    entries: IdMap<Entry>,
     by_seq: BTreeMap<i64, PacketId>,
     versions: u64,
     /// Where the log ends for what the entries show.

@@ -187,26 +187,45 @@ pub struct InsertView<'a> {
     pub received_at_us: i64,
 }
 
+/// A packet's state after the group, encoded from the writer's own
+/// values: the bytes of the [`ChangeRecord`] with them.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangeView<'a> {
+    pub seq: i64,
+    pub packet_id: &'a PacketId,
+    pub status: DeliveryStatus,
+    pub delivery_attempts: u32,
+    pub processed_at_us: Option<i64>,
+    pub processed_by_karma: bool,
+    pub karma_actions: &'a str,
+    pub error_message: Option<&'a str>,
+}
+
 /// The bytes of a [`GroupRecord`] with these inserts and changes.
-pub fn encode_group(inserts: &[InsertView<'_>], changes: &[ChangeRecord]) -> Vec<u8> {
+pub fn encode_group(inserts: &[InsertView<'_>], changes: &[ChangeView<'_>]) -> Vec<u8> {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-    let lens: Vec<usize> = inserts.iter().map(InsertView::encoded_len).collect();
+    let lens: Vec<(u32, usize)> = inserts
+        .iter()
+        .map(|i| (1, encoded_len(i.fields())))
+        .chain(changes.iter().map(|c| (2, encoded_len(c.fields()))))
+        .collect();
     let total = lens
         .iter()
-        .map(|len| key_len(1) + encoded_len_varint(*len as u64) + len)
-        .sum::<usize>()
-        + changes
-            .iter()
-            .map(|c| prost::encoding::message::encoded_len(2, c))
-            .sum::<usize>();
+        .map(|(tag, len)| key_len(*tag) + encoded_len_varint(*len as u64) + len)
+        .sum();
     let mut buf = Vec::with_capacity(total);
-    for (insert, len) in inserts.iter().zip(lens) {
-        encode_key(1, WireType::LengthDelimited, &mut buf);
-        encode_varint(len as u64, &mut buf);
-        insert.encode_raw(&mut buf);
+    let mut lens = lens.into_iter();
+    let mut record = |buf: &mut Vec<u8>, fields| {
+        let (tag, len) = lens.next().expect("one length per record");
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(len as u64, buf);
+        encode_fields(fields, buf);
+    };
+    for insert in inserts {
+        record(&mut buf, Fields::Insert(insert.fields()));
     }
     for change in changes {
-        prost::encoding::message::encode(2, change, &mut buf);
+        record(&mut buf, Fields::Change(change.fields()));
     }
     buf
 }
@@ -252,44 +271,86 @@ impl<'a> InsertView<'a> {
         .into_iter()
         .flatten()
     }
+}
 
-    fn encoded_len(&self) -> usize {
-        use prost::encoding::{encoded_len_varint, key_len};
-        self.fields()
-            .map(|(tag, field)| {
-                key_len(tag)
-                    + match field {
-                        Field::Int(v) => encoded_len_varint(v),
-                        Field::Text(v) => encoded_len_varint(v.len() as u64) + v.len(),
-                        Field::Bytes(v) => encoded_len_varint(v.len() as u64) + v.len(),
-                        Field::Double(_) => 8,
-                    }
-            })
-            .sum()
+impl<'a> ChangeView<'a> {
+    /// As [`InsertView::fields`], for a [`ChangeRecord`].
+    fn fields(&self) -> impl Iterator<Item = (u32, Field<'a>)> + use<'a> {
+        let int = |tag, v: i64| (v != 0).then_some((tag, Field::Int(v as u64)));
+        let text = |tag, v: &'a str| (!v.is_empty()).then_some((tag, Field::Text(v)));
+        [
+            int(1, self.seq),
+            Some((2, Field::Bytes(self.packet_id.as_uuid().as_bytes()))),
+            text(3, self.status.as_str()),
+            int(4, i64::from(self.delivery_attempts)),
+            self.processed_at_us.map(|v| (5, Field::Int(v as u64))),
+            int(6, i64::from(self.processed_by_karma)),
+            text(7, self.karma_actions),
+            self.error_message.map(|v| (8, Field::Text(v))),
+        ]
+        .into_iter()
+        .flatten()
     }
+}
 
-    fn encode_raw(&self, buf: &mut Vec<u8>) {
-        use prost::encoding::{WireType, encode_key, encode_varint};
-        for (tag, field) in self.fields() {
-            match field {
-                Field::Int(v) => {
-                    encode_key(tag, WireType::Varint, buf);
-                    encode_varint(v, buf);
+/// The fields of one record, whichever its kind.
+enum Fields<I, C> {
+    Insert(I),
+    Change(C),
+}
+
+impl<'a, I, C> Iterator for Fields<I, C>
+where
+    I: Iterator<Item = (u32, Field<'a>)>,
+    C: Iterator<Item = (u32, Field<'a>)>,
+{
+    type Item = (u32, Field<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Fields::Insert(i) => i.next(),
+            Fields::Change(c) => c.next(),
+        }
+    }
+}
+
+/// Bytes the fields take, keys included.
+fn encoded_len<'a>(fields: impl Iterator<Item = (u32, Field<'a>)>) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    fields
+        .map(|(tag, field)| {
+            key_len(tag)
+                + match field {
+                    Field::Int(v) => encoded_len_varint(v),
+                    Field::Text(v) => encoded_len_varint(v.len() as u64) + v.len(),
+                    Field::Bytes(v) => encoded_len_varint(v.len() as u64) + v.len(),
+                    Field::Double(_) => 8,
                 }
-                Field::Text(v) => {
-                    encode_key(tag, WireType::LengthDelimited, buf);
-                    encode_varint(v.len() as u64, buf);
-                    buf.extend_from_slice(v.as_bytes());
-                }
-                Field::Bytes(v) => {
-                    encode_key(tag, WireType::LengthDelimited, buf);
-                    encode_varint(v.len() as u64, buf);
-                    buf.extend_from_slice(v);
-                }
-                Field::Double(v) => {
-                    encode_key(tag, WireType::SixtyFourBit, buf);
-                    buf.extend_from_slice(&v.to_le_bytes());
-                }
+        })
+        .sum()
+}
+
+fn encode_fields<'a>(fields: impl Iterator<Item = (u32, Field<'a>)>, buf: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    for (tag, field) in fields {
+        match field {
+            Field::Int(v) => {
+                encode_key(tag, WireType::Varint, buf);
+                encode_varint(v, buf);
+            }
+            Field::Text(v) => {
+                encode_key(tag, WireType::LengthDelimited, buf);
+                encode_varint(v.len() as u64, buf);
+                buf.extend_from_slice(v.as_bytes());
+            }
+            Field::Bytes(v) => {
+                encode_key(tag, WireType::LengthDelimited, buf);
+                encode_varint(v.len() as u64, buf);
+                buf.extend_from_slice(v);
+            }
+            Field::Double(v) => {
+                encode_key(tag, WireType::SixtyFourBit, buf);
+                buf.extend_from_slice(&v.to_le_bytes());
             }
         }
     }
@@ -401,24 +462,33 @@ mod tests {
             }
         }
 
-        fn change() -> impl Strategy<Value = ChangeRecord> {
+        fn change() -> impl Strategy<
+            Value = (
+                i64,
+                PacketId,
+                DeliveryStatus,
+                u32,
+                Option<i64>,
+                bool,
+                String,
+                Option<String>,
+            ),
+        > {
             (
                 any::<i64>(),
-                any::<u128>(),
-                any::<u32>(),
+                any::<u128>().prop_map(|id| PacketId::from(Uuid::from_u128(id))),
+                proptest::sample::select(vec![
+                    DeliveryStatus::Pending,
+                    DeliveryStatus::Processed,
+                    DeliveryStatus::Failed,
+                    DeliveryStatus::DeadLetter,
+                ]),
+                prop_oneof![Just(0u32), any::<u32>()],
                 proptest::option::of(any::<i64>()),
+                any::<bool>(),
                 text(),
+                proptest::option::of(text()),
             )
-                .prop_map(|(seq, id, attempts, at, actions)| ChangeRecord {
-                    seq,
-                    packet_id: Uuid::from_u128(id).as_bytes().to_vec(),
-                    status: "processed".into(),
-                    delivery_attempts: attempts,
-                    processed_at_us: at,
-                    processed_by_karma: attempts % 2 == 0,
-                    karma_actions: actions,
-                    error_message: at.map(|_| "e".into()),
-                })
         }
 
         proptest! {
@@ -427,7 +497,7 @@ mod tests {
             #[test]
             fn a_group_encodes_as_prost_encodes_it(
                 inserts in proptest::collection::vec((any::<i64>(), packet(), any::<i64>()), 0..4),
-                changes in proptest::collection::vec(change(), 0..3),
+                changes in proptest::collection::vec(change(), 0..4),
             ) {
                 let json: Vec<String> = inserts
                     .iter()
@@ -443,6 +513,19 @@ mod tests {
                         received_at_us: *at,
                     })
                     .collect();
+                let change_views: Vec<ChangeView<'_>> = changes
+                    .iter()
+                    .map(|(seq, id, status, attempts, at, karma, actions, error)| ChangeView {
+                        seq: *seq,
+                        packet_id: id,
+                        status: *status,
+                        delivery_attempts: *attempts,
+                        processed_at_us: *at,
+                        processed_by_karma: *karma,
+                        karma_actions: actions,
+                        error_message: error.as_deref(),
+                    })
+                    .collect();
                 let prost = GroupRecord {
                     inserts: inserts
                         .iter()
@@ -452,9 +535,21 @@ mod tests {
                             ..InsertRecord::new(*seq, packet, Utc::now())
                         })
                         .collect(),
-                    changes: changes.clone(),
+                    changes: changes
+                        .iter()
+                        .map(|(seq, id, status, attempts, at, karma, actions, error)| ChangeRecord {
+                            seq: *seq,
+                            packet_id: id.as_uuid().as_bytes().to_vec(),
+                            status: status.as_str().to_owned(),
+                            delivery_attempts: *attempts,
+                            processed_at_us: *at,
+                            processed_by_karma: *karma,
+                            karma_actions: actions.clone(),
+                            error_message: error.clone(),
+                        })
+                        .collect(),
                 };
-                prop_assert_eq!(encode_group(&views, &changes), prost.encode_to_vec());
+                prop_assert_eq!(encode_group(&views, &change_views), prost.encode_to_vec());
             }
         }
     }
