@@ -253,7 +253,8 @@ impl Bucket {
                     valid.push(Mark {
                         packet_id,
                         success,
-                        karma_actions,
+                        karma_actions: serde_json::value::to_raw_value(&karma_actions)
+                            .expect("JSON values encode"),
                         error_message,
                         at,
                         attempt: MarkedDelivery::Attempt(0),

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use crate::domain::{DeliveryStatus, Packet, PacketId};
@@ -144,7 +145,12 @@ pub struct Inserted {
 pub struct Mark {
     pub packet_id: PacketId,
     pub success: bool,
-    pub karma_actions: Vec<Value>,
+    /// The list as JSON, encoded where the mark was read: the writer
+    /// stores the text as it is, and the parsed values are freed by the
+    /// thread that made them (freeing them on the writer thread, another
+    /// thread's memory, was a tenth of its time; BENCHMARKS.md, fifteenth
+    /// session).
+    pub karma_actions: Box<RawValue>,
     pub error_message: Option<String>,
     pub at: DateTime<Utc>,
     /// The delivery being marked, counted with the outcome.

@@ -705,7 +705,7 @@ mod tests {
         WriteOp::Mark(Mark {
             packet_id: PacketId::new(),
             success: true,
-            karma_actions: Vec::new(),
+            karma_actions: serde_json::value::to_raw_value(&[(); 0]).unwrap(),
             error_message: None,
             at: Utc::now(),
             attempt: crate::store::MarkedDelivery::Attempt(1),

@@ -446,9 +446,7 @@ fn decide<'g>(
                         .count(c.attempts, c.status == DeliveryStatus::Pending),
                     processed_at: Some(m.at),
                     processed_by_karma: m.success,
-                    karma_actions: Arc::from(
-                        serde_json::to_string(&m.karma_actions).expect("JSON values encode"),
-                    ),
+                    karma_actions: Arc::from(m.karma_actions.get()),
                     error_message: m.error_message.as_deref().map(Arc::from),
                 };
                 change(&mut seen, m.packet_id, c, state);

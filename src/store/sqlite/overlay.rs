@@ -15,7 +15,7 @@
 //!   together, kept exact by whoever changes a state (the writer, and the
 //!   fold thread's retention and requeue).
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -36,6 +36,12 @@ pub struct State {
     pub error_message: Option<Arc<str>>,
 }
 
+/// `[]`, shared: every stored packet starts with it.
+fn no_actions() -> Arc<str> {
+    static EMPTY: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("[]"));
+    Arc::clone(&EMPTY)
+}
+
 impl State {
     /// A packet waiting for delivery, with `attempts` deliveries spent.
     pub fn pending(attempts: u32) -> State {
@@ -44,7 +50,7 @@ impl State {
             attempts,
             processed_at: None,
             processed_by_karma: false,
-            karma_actions: Arc::from("[]"),
+            karma_actions: no_actions(),
             error_message: None,
         }
     }
