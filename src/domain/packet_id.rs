@@ -26,9 +26,9 @@ use super::packet::quoted;
 pub struct PacketId(Uuid);
 
 /// The hasher of the maps the hot path keeps by packet id: foldhash
-/// (hashbrown's own default), seeded per process, where std's SipHash-1-3
-/// was about half a microsecond per packet over the ten or so look-ups
-/// each one takes (BENCHMARKS.md, fifteenth session).
+/// (hashbrown's own default), seeded per process. A packet takes ten or
+/// so look-ups; in a map of 4,096 ids std's SipHash-1-3 took ~11 ns each,
+/// foldhash ~4 (BENCHMARKS.md, fifteenth session).
 pub type IdHasher = foldhash::fast::RandomState;
 /// A map by packet id (see [`IdHasher`]).
 pub type IdMap<V> = std::collections::HashMap<PacketId, V, IdHasher>;

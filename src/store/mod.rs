@@ -147,9 +147,9 @@ pub struct Mark {
     pub success: bool,
     /// The list as JSON, encoded where the mark was read: the writer
     /// stores the text as it is, and the parsed values are freed by the
-    /// thread that made them (freeing them on the writer thread, another
-    /// thread's memory, was a tenth of its time; BENCHMARKS.md, fifteenth
-    /// session).
+    /// thread that made them. Encoding them on the writer thread and
+    /// freeing them there (another thread's memory) was about a quarter of
+    /// its own time (BENCHMARKS.md, fifteenth session).
     pub karma_actions: Box<RawValue>,
     pub error_message: Option<String>,
     pub at: DateTime<Utc>,

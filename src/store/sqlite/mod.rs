@@ -33,7 +33,6 @@ pub mod log;
 mod overlay;
 mod reads;
 pub mod record;
-mod time_text;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -41,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use prost::Message;
 use rusqlite::OptionalExtension;
 use sqlx::ConnectOptions;
@@ -55,7 +54,6 @@ use self::fold::Folder;
 use self::log::RecordLog;
 use self::overlay::{Kind, Known, Overlay, State};
 use self::record::{ChangeView, GroupRecord, InsertView};
-use self::time_text::text_time;
 use super::{
     Applied, Backend, Counts, Group, Inserted, MarkOutcome, PendingPacket, Pruned, Released,
     Requeue, StoreError, StoredPacket, UserQuery, Writers,
@@ -129,6 +127,11 @@ fn log_dir(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push("-records");
     PathBuf::from(name)
+}
+
+/// How sqlx stores a date-time in SQLite: rows written here read back alike.
+fn text_time(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::AutoSi, false)
 }
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
