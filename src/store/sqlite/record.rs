@@ -4,6 +4,11 @@
 //! A record states a packet's state after the group, not the request that
 //! led to it: replaying a record twice, or over a table that already has
 //! it, leaves the same row.
+//!
+//! The writer encodes a group from its own values ([`InsertView`],
+//! [`ChangeView`], [`encode_group`]) into exactly the bytes prost writes
+//! for the [`GroupRecord`] with them (a property test holds the two
+//! alike); the prost structs are what the log is read back into.
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -204,34 +209,25 @@ pub struct ChangeView<'a> {
 
 /// The bytes of a [`GroupRecord`] with these inserts and changes.
 pub fn encode_group(inserts: &[InsertView<'_>], changes: &[ChangeView<'_>]) -> Vec<u8> {
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-    let lens: Vec<(u32, usize)> = inserts
-        .iter()
-        .map(|i| (1, encoded_len(i.fields())))
-        .chain(changes.iter().map(|c| (2, encoded_len(c.fields()))))
-        .collect();
-    let total = lens
-        .iter()
-        .map(|(tag, len)| key_len(*tag) + encoded_len_varint(*len as u64) + len)
+    use prost::encoding::{encoded_len_varint, key_len};
+    let insert_lens: Vec<usize> = inserts.iter().map(|i| encoded_len(i.fields())).collect();
+    let change_lens: Vec<usize> = changes.iter().map(|c| encoded_len(c.fields())).collect();
+    let total: usize = [(1, &insert_lens), (2, &change_lens)]
+        .into_iter()
+        .flat_map(|(tag, lens)| lens.iter().map(move |len| (tag, *len)))
+        .map(|(tag, len)| key_len(tag) + encoded_len_varint(len as u64) + len)
         .sum();
     let mut buf = Vec::with_capacity(total);
-    let mut lens = lens.into_iter();
-    let mut record = |buf: &mut Vec<u8>, fields| {
-        let (tag, len) = lens.next().expect("one length per record");
-        encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(len as u64, buf);
-        encode_fields(fields, buf);
-    };
-    for insert in inserts {
-        record(&mut buf, Fields::Insert(insert.fields()));
+    for (insert, len) in inserts.iter().zip(insert_lens) {
+        put_record(&mut buf, 1, len, insert.fields());
     }
-    for change in changes {
-        record(&mut buf, Fields::Change(change.fields()));
+    for (change, len) in changes.iter().zip(change_lens) {
+        put_record(&mut buf, 2, len, change.fields());
     }
     buf
 }
 
-/// A field of an [`InsertRecord`], as prost writes it.
+/// A field of a record, as prost writes it.
 enum Field<'a> {
     Int(u64),
     Text(&'a str),
@@ -294,25 +290,17 @@ impl<'a> ChangeView<'a> {
     }
 }
 
-/// The fields of one record, whichever its kind.
-enum Fields<I, C> {
-    Insert(I),
-    Change(C),
-}
-
-impl<'a, I, C> Iterator for Fields<I, C>
-where
-    I: Iterator<Item = (u32, Field<'a>)>,
-    C: Iterator<Item = (u32, Field<'a>)>,
-{
-    type Item = (u32, Field<'a>);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        match self {
-            Fields::Insert(i) => i.next(),
-            Fields::Change(c) => c.next(),
-        }
-    }
+/// One record of the group: its key, its length, its fields.
+fn put_record<'a>(
+    buf: &mut Vec<u8>,
+    tag: u32,
+    len: usize,
+    fields: impl Iterator<Item = (u32, Field<'a>)>,
+) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+    encode_fields(fields, buf);
 }
 
 /// Bytes the fields take, keys included.
