@@ -33,7 +33,7 @@ def field(tag, wire, value):
 def insert(seq, user, raw='{"k":[1.5,{"b":null}]}'):
     return b"".join([
         field(1, 0, seq), field(2, 2, uuid.uuid4().bytes), field(3, 2, user),
-        field(7, 2, "lms"), field(8, 2, "student"),
+        field(7, 2, "gurukul"), field(8, 2, "student"),
         field(9, 0, 1_700_000_000), field(10, 0, 123_456_789),
         field(11, 2, "FOCUSED"), field(13, 1, 4.5), field(14, 1, 0.5),
         field(15, 1, 0.0), field(16, 1, 54.78), field(17, 1, 0.9),

@@ -521,8 +521,9 @@ fn same_value(sent: &prost_types::Value, got: &Value) {
 /// thing that is not a block, and every block it returns is exactly what
 /// encoding its payload at its position writes. As a payload: written as a
 /// block and scanned, it comes back whole and alone. Either way a payload
-/// decoded as a commit group's record never panics, and a packet read from
-/// one reads back the same after the store writes it again.
+/// decoded as a commit group's record never panics, a packet read from
+/// one reads back the same after the store writes it again, and the
+/// writer's own encoding of what was read is prost's, byte for byte.
 pub fn record_log(data: &[u8]) {
     use bucket::store::record_log::{block, scan};
 
@@ -551,7 +552,9 @@ pub fn record_log(data: &[u8]) {
 
 /// A block's payload as the record of one commit group.
 fn group_record(payload: &[u8]) {
-    use bucket::store::log_record::{GroupRecord, InsertRecord, from_micros, packet_id};
+    use bucket::store::log_record::{
+        ChangeView, GroupRecord, InsertRecord, InsertView, encode_group, from_micros, packet_id,
+    };
 
     let Ok(group) = GroupRecord::decode(payload) else {
         return;
@@ -568,10 +571,44 @@ fn group_record(payload: &[u8]) {
             .expect("a record the store wrote reads back");
         let twice = InsertRecord::new(seq, &again, again_at);
         assert_eq!(once.encode_to_vec(), twice.encode_to_vec(), "a fixed point");
+        let view = InsertView {
+            seq,
+            packet: &packet,
+            raw_signals: &once.raw_signals,
+            received_at_us: once.received_at_us,
+        };
+        let prost = GroupRecord {
+            inserts: vec![once.clone()],
+            changes: Vec::new(),
+        };
+        assert_eq!(
+            encode_group(&[view], &[]),
+            prost.encode_to_vec(),
+            "the writer encodes an insert as prost does"
+        );
     }
     for change in group.changes {
-        let _ = change.status();
-        let _ = packet_id(&change.packet_id);
+        if let (Ok(status), Ok(id)) = (change.status(), packet_id(&change.packet_id)) {
+            let view = ChangeView {
+                seq: change.seq,
+                packet_id: &id,
+                status,
+                delivery_attempts: change.delivery_attempts,
+                processed_at_us: change.processed_at_us,
+                processed_by_karma: change.processed_by_karma,
+                karma_actions: &change.karma_actions,
+                error_message: change.error_message.as_deref(),
+            };
+            let prost = GroupRecord {
+                inserts: Vec::new(),
+                changes: vec![change.clone()],
+            };
+            assert_eq!(
+                encode_group(&[], &[view]),
+                prost.encode_to_vec(),
+                "the writer encodes a change as prost does"
+            );
+        }
         if let Some(us) = change.processed_at_us {
             let _ = from_micros(us);
         }
