@@ -240,8 +240,6 @@ impl<'a> InsertView<'a> {
     /// a plain field when it is not its default, an optional one when set.
     fn fields(&self) -> impl Iterator<Item = (u32, Field<'a>)> + use<'a> {
         let p = self.packet;
-        let int = |tag, v: i64| (v != 0).then_some((tag, Field::Int(v as u64)));
-        let text = |tag, v: &'a str| (!v.is_empty()).then_some((tag, Field::Text(v)));
         let some = |tag, v: Option<&'a str>| v.map(|v| (tag, Field::Text(v)));
         let double = |tag, v: f64| (v != 0.0).then_some((tag, Field::Double(v)));
         [
@@ -273,8 +271,6 @@ impl<'a> InsertView<'a> {
 impl<'a> ChangeView<'a> {
     /// As [`InsertView::fields`], for a [`ChangeRecord`].
     fn fields(&self) -> impl Iterator<Item = (u32, Field<'a>)> + use<'a> {
-        let int = |tag, v: i64| (v != 0).then_some((tag, Field::Int(v as u64)));
-        let text = |tag, v: &'a str| (!v.is_empty()).then_some((tag, Field::Text(v)));
         [
             int(1, self.seq),
             Some((2, Field::Bytes(self.packet_id.as_uuid().as_bytes()))),
@@ -288,6 +284,16 @@ impl<'a> ChangeView<'a> {
         .into_iter()
         .flatten()
     }
+}
+
+/// A plain integer field, written unless 0 (proto3's default).
+fn int<'a>(tag: u32, v: i64) -> Option<(u32, Field<'a>)> {
+    (v != 0).then_some((tag, Field::Int(v as u64)))
+}
+
+/// A plain string field, written unless empty (proto3's default).
+fn text(tag: u32, v: &str) -> Option<(u32, Field<'_>)> {
+    (!v.is_empty()).then_some((tag, Field::Text(v)))
 }
 
 /// One record of the group: its key, its length, its fields.
