@@ -1,10 +1,11 @@
 //! The application: what every front door calls.
 mod consume;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, Utc};
+use metrics::{Counter, Histogram};
 
 use crate::config::{Config, DeliveryConfig};
 use crate::delivery::{
@@ -24,6 +25,21 @@ use crate::store::{
 };
 
 pub use consume::{Answer, ConsumeEvent, ConsumeRequest, Consumption, StreamMark, StreamMarked};
+
+// The hot path's metrics, each handle made at its first use and kept: the
+// macros build the key and look it up in the registry on every call. First
+// used after `telemetry::metrics()` installs the recorder (the first step of
+// `Application::build`), so none is a handle of no recorder.
+static INGESTED: LazyLock<Counter> =
+    LazyLock::new(|| metrics::counter!("bucket_packets_ingested_total"));
+static INGEST_SECONDS: LazyLock<Histogram> =
+    LazyLock::new(|| metrics::histogram!("bucket_ingest_seconds"));
+static INGEST_BATCH_SECONDS: LazyLock<Histogram> =
+    LazyLock::new(|| metrics::histogram!("bucket_ingest_batch_seconds"));
+static MARKED_PROCESSED: LazyLock<Counter> =
+    LazyLock::new(|| metrics::counter!("bucket_packets_marked_total", "outcome" => "processed"));
+static MARKED_FAILED: LazyLock<Counter> =
+    LazyLock::new(|| metrics::counter!("bucket_packets_marked_total", "outcome" => "failed"));
 
 pub struct Bucket {
     store: Store,
@@ -114,8 +130,8 @@ impl Bucket {
             .await
             .pop()
             .expect("one receipt per packet")?;
-        metrics::counter!("bucket_packets_ingested_total").increment(1);
-        metrics::histogram!("bucket_ingest_seconds").record(started.elapsed().as_secs_f64());
+        INGESTED.increment(1);
+        INGEST_SECONDS.record(started.elapsed().as_secs_f64());
         Ok(receipt)
     }
 
@@ -144,8 +160,8 @@ impl Bucket {
         for (i, result) in valid_at.into_iter().zip(stored) {
             results[i] = Some(result.map_err(Error::from));
         }
-        metrics::counter!("bucket_packets_ingested_total").increment(ingested as u64);
-        metrics::histogram!("bucket_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
+        INGESTED.increment(ingested as u64);
+        INGEST_BATCH_SECONDS.record(started.elapsed().as_secs_f64());
         Ok(results
             .into_iter()
             .map(|r| r.expect("every item answered"))
@@ -317,12 +333,10 @@ impl Bucket {
         }
         self.dispatcher.settled(&settled).await;
         if processed > 0 {
-            metrics::counter!("bucket_packets_marked_total", "outcome" => "processed")
-                .increment(processed);
+            MARKED_PROCESSED.increment(processed);
         }
         if failed > 0 {
-            metrics::counter!("bucket_packets_marked_total", "outcome" => "failed")
-                .increment(failed);
+            MARKED_FAILED.increment(failed);
         }
         results
             .into_iter()

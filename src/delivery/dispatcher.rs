@@ -7,7 +7,7 @@
 //! Only the database writes (lease ends) and Redis commands wait, outside
 //! the lock.
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -27,6 +27,13 @@ use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::RedisQueue;
 use crate::queue::{QueueError, QueueSink, Queued};
 use crate::store::{CommitListener, LeaseEnd, MarkedDelivery, PendingPacket, Released, Store};
+
+// Counted at every pump: the handles are made at first use and kept (see
+// `crate::bucket`'s metrics), since the macro looks its key up every call.
+static DELIVERIES: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!("bucket_deliveries_total"));
+static REDELIVERIES: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!("bucket_redeliveries_total"));
 
 #[cfg(test)]
 mod model;
@@ -205,10 +212,10 @@ impl Core {
             }
         }
         if delivered > 0 {
-            metrics::counter!("bucket_deliveries_total").increment(delivered);
+            DELIVERIES.increment(delivered);
         }
         if redelivered > 0 {
-            metrics::counter!("bucket_redeliveries_total").increment(redelivered);
+            REDELIVERIES.increment(redelivered);
         }
         out
     }
@@ -626,7 +633,7 @@ impl Dispatcher {
         if expiry_changed {
             self.expiry_changed.notify_one();
         }
-        metrics::counter!("bucket_deliveries_total").increment(out.len() as u64);
+        DELIVERIES.increment(out.len() as u64);
         Ok(out)
     }
 

@@ -3,6 +3,8 @@
 //! Every front door (gRPC, gRPC-web, the JSON gateway) fills a
 //! [`PacketDraft`] with what the caller sent and calls [`Packet::parse`], so
 //! they all accept and reject exactly the same packets.
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -276,8 +278,12 @@ impl Packet {
     }
 }
 
+/// [`MIN_TIMESTAMP`], parsed once: every packet is checked against it, and
+/// chrono's `FromStr` runs its general format parser.
 fn min_timestamp() -> DateTime<Utc> {
-    MIN_TIMESTAMP.parse().expect("a valid RFC 3339 constant")
+    static MIN: LazyLock<DateTime<Utc>> =
+        LazyLock::new(|| MIN_TIMESTAMP.parse().expect("a valid RFC 3339 constant"));
+    *MIN
 }
 
 /// Characters of a rejected value that a description quotes: enough to

@@ -11,8 +11,8 @@
 //! retried one write at a time, so a single bad write cannot fail its
 //! neighbours (unless the database itself is away, which fails them all at
 //! once).
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -26,6 +26,13 @@ use super::{
     Released, StoreError,
 };
 use crate::domain::{Packet, PacketId};
+
+// Recorded at every commit: the handles are made at first use and kept
+// (the macro looks its key up every call), after the recorder is installed.
+static COMMIT_SECONDS: LazyLock<metrics::Histogram> =
+    LazyLock::new(|| metrics::histogram!("bucket_commit_seconds"));
+static COMMIT_WRITES: LazyLock<metrics::Histogram> =
+    LazyLock::new(|| metrics::histogram!("bucket_commit_writes"));
 
 /// One write.
 #[derive(Debug, Clone)]
@@ -458,8 +465,8 @@ async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
         });
         let _ = reply_tx.send(answer);
     }
-    metrics::histogram!("bucket_commit_seconds").record(started.elapsed().as_secs_f64());
-    metrics::histogram!("bucket_commit_writes").record(count as f64);
+    COMMIT_SECONDS.record(started.elapsed().as_secs_f64());
+    COMMIT_WRITES.record(count as f64);
 }
 
 /// Whether the group held lease ends only.
