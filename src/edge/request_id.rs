@@ -15,14 +15,23 @@ pub fn given(headers: &HeaderMap) -> Option<HeaderValue> {
     let ok = !value.is_empty()
         && value.len() <= 128
         && value.as_bytes().iter().all(|b| b.is_ascii_graphic());
-    ok.then(|| value.clone())
+    ok.then(|| never_indexed(value.clone()))
 }
 
 /// A new id: a UUIDv7, so ids sort by time in logs.
 pub fn new_id() -> HeaderValue {
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let text = Uuid::now_v7().hyphenated().encode_lower(&mut text);
-    HeaderValue::from_str(text).expect("a UUID is a header value")
+    never_indexed(HeaderValue::from_str(text).expect("a UUID is a header value"))
+}
+
+/// An id is sent once: HTTP/2's header compression (HPACK) would add each
+/// one to the connection's table, where it is never used again and pushes
+/// out the headers every response repeats. Marked sensitive, h2 sends it
+/// as a literal that is never indexed.
+fn never_indexed(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
 }
 
 /// What a request's path names, with a bounded set of labels for metrics
@@ -127,6 +136,16 @@ impl Method {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_stay_out_of_the_header_table() {
+        assert!(new_id().is_sensitive());
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER, HeaderValue::from_static("abc-123"));
+        let echoed = given(&headers).expect("a visible ASCII id is echoed");
+        assert!(echoed.is_sensitive());
+        assert_eq!(echoed, "abc-123");
+    }
 
     #[test]
     fn labels_stay_few() {
