@@ -6,6 +6,12 @@
 //! that send nothing, or stop inside the HTTP/2 preface, were held open for
 //! good before.
 //!
+//! Writes wait one turn while other requests on the connection are under
+//! way: answers that finish together (a commit group's acks wake them all
+//! at once) then leave in one write instead of one each. With tokio's LIFO
+//! slot, the connection's task would otherwise run, and write, right after
+//! each answer's task.
+//!
 //! The timers live in the connection's reads: a connection past its
 //! deadline fails its next read, and hyper closes it. Whether a request is
 //! under way is told by the edge layer (`Peer::request`), which sees every
@@ -116,7 +122,24 @@ pub struct Connection {
     limits: ConnectionLimits,
     // Boxed so the connection is Unpin, as hyper wants its streams.
     timer: Pin<Box<Sleep>>,
+    /// This flush's write has waited its turn.
+    waited: bool,
     _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Connection {
+    /// Whether a write should wait one turn first: once per flush, and only
+    /// while another request is under way (its answer may be about to
+    /// join). Waking the task before Pending puts it at the back of the
+    /// worker's run queue, behind the answers already woken.
+    fn wait_a_turn(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.waited || self.peer.activity.active.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.waited = true;
+        cx.waker().wake_by_ref();
+        true
+    }
 }
 
 impl Connected for Connection {
@@ -181,7 +204,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if this.wait_a_turn(cx) {
+            return Poll::Pending;
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -192,7 +219,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if this.wait_a_turn(cx) {
+            return Poll::Pending;
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
@@ -206,10 +237,15 @@ impl AsyncWrite for Connection {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let flushed = match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_flush(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        };
+        if flushed.is_ready() {
+            this.waited = false;
         }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -289,6 +325,7 @@ pub fn incoming(
                     peer: Peer { addr, activity },
                     limits,
                     timer: Box::pin(tokio::time::sleep_until(first)),
+                    waited: false,
                     _permit: permit,
                 };
                 let _ = tx.send(Ok(connection)).await;
@@ -338,5 +375,74 @@ mod tests {
             ..LIMITS
         };
         assert_eq!(a.deadline(&off), None);
+    }
+
+    /// Counts its wakes: a write that returns Pending must have woken its
+    /// task, or the connection would hang.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_waits_one_turn_while_other_requests_are_under_way() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let peer = Peer {
+            addr: None,
+            activity: Arc::new(activity()),
+        };
+        let mut conn = Connection {
+            io: Io::Plain(server),
+            peer: peer.clone(),
+            limits: LIMITS,
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(60))),
+            waited: false,
+            _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+        };
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut conn = Pin::new(&mut conn);
+
+        // Nothing else under way: written at once.
+        assert!(matches!(
+            conn.as_mut().poll_write(&mut cx, b"one"),
+            Poll::Ready(Ok(3))
+        ));
+        assert!(conn.as_mut().poll_flush(&mut cx).is_ready());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+
+        // Another request under way: one turn's wait (woken), then written,
+        // and every write until the flush goes at once.
+        let _under_way = peer.request();
+        assert!(conn.as_mut().poll_write(&mut cx, b"two").is_pending());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert!(matches!(
+            conn.as_mut().poll_write(&mut cx, b"two"),
+            Poll::Ready(Ok(3))
+        ));
+        let bufs = [std::io::IoSlice::new(b"three")];
+        assert!(matches!(
+            conn.as_mut().poll_write_vectored(&mut cx, &bufs),
+            Poll::Ready(Ok(5))
+        ));
+        assert!(conn.as_mut().poll_flush(&mut cx).is_ready());
+        // The next flush's first write waits again.
+        assert!(conn.as_mut().poll_write(&mut cx, b"four").is_pending());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+        assert!(conn.as_mut().poll_write(&mut cx, b"four").is_ready());
+
+        let mut got = [0u8; 15];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"onetwothreefour");
     }
 }
