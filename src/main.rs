@@ -18,8 +18,9 @@ fn main() -> anyhow::Result<()> {
     // Before any thread or SQLite connection exists.
     #[cfg(not(target_os = "linux"))]
     bucket::allocator::tune();
-    // SAFETY: no other thread exists yet, so none uses SQLite.
-    unsafe { bucket::store::before_first_connection() };
+    // SAFETY: no other thread exists yet, so none uses SQLite. Nothing has
+    // opened it either, so the settings hold.
+    let _ = unsafe { bucket::store::before_first_connection() };
     serve()
 }
 

@@ -29,10 +29,13 @@
 //! writer while it commits them.
 mod chains;
 mod fold;
+mod library;
 pub mod log;
 mod overlay;
 mod reads;
 pub mod record;
+
+pub use library::before_first_connection;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -89,21 +92,6 @@ struct WriterSide {
     log: RecordLog,
     /// Reads folded packets for look-ups (the writer thread only).
     lookup: rusqlite::Connection,
-}
-
-/// Turns off SQLite's global memory statistics, which nothing here reads:
-/// while they are kept, every allocation of every connection takes one
-/// process-wide mutex, and under a sustained load the fold thread spent a
-/// twentieth of its time waking threads that waited on it. Once a
-/// connection has opened SQLite refuses the setting, and they stay on.
-///
-/// # Safety
-/// No other thread may use SQLite during the call (`sqlite3_config`'s
-/// rule): `main` calls it before it starts any.
-pub unsafe fn before_first_connection() {
-    use rusqlite::ffi;
-    // SAFETY: the caller's promise above; the setting is one int.
-    unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::os::raw::c_int) };
 }
 
 /// Applies every SQLite migration to `conn`, as files, without sqlx's
