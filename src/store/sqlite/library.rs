@@ -1,8 +1,9 @@
 //! SQLite's process-wide settings, made before its first connection.
 //!
 //! - Its memory comes from mimalloc, the process's allocator, instead of
-//!   the C library's malloc: the fold thread spent a tenth of its time in
-//!   glibc's malloc and free (a twentieth in mimalloc).
+//!   the C library's malloc: glibc's malloc and free took 6–7 % of the
+//!   fold thread's samples, and with mimalloc's the thread's samples fell
+//!   by a ninth (BENCHMARKS.md, seventeenth session).
 //! - It keeps no memory statistics, which nothing here reads: while they
 //!   are kept, every allocation of every connection takes one process-wide
 //!   mutex, and under a sustained load the fold thread spent a twentieth
