@@ -16,9 +16,6 @@ use sqlx::postgres::{PgConnection, PgPool};
 /// a few hundred rows at 5,000 packets/s.
 pub(super) const FOLD_EVERY: Duration = Duration::from_secs(1);
 
-/// Held by a fold and by a day's drop (any fixed key).
-const COUNTS_LOCK: i64 = 0x636f_756e_7473;
-
 /// How a statement counts what it changed: `changed` (a CTE before this)
 /// has one row per packet, with `received_at`, its status before (`was`,
 /// NULL for a packet stored or deleted) and after (`now`, NULL for one
@@ -39,21 +36,25 @@ pub(super) const COUNTS: &str = "SELECT status, SUM(n)::int8 FROM (\
      SELECT status, n FROM packet_counts UNION ALL SELECT status, n FROM packet_count_deltas) c \
      GROUP BY status";
 
+/// The fold's statement; `$1` is [`COUNTS_LOCK`].
+pub(super) const FOLD: &str = "WITH moved AS (DELETE FROM packet_count_deltas \
+     WHERE (SELECT pg_try_advisory_xact_lock($1)) RETURNING day, status, n) \
+     INSERT INTO packet_counts AS c (day, status, n) \
+     SELECT day, status, SUM(n) FROM moved GROUP BY 1, 2 ORDER BY 1, 2 \
+     ON CONFLICT (day, status) DO UPDATE SET n = c.n + EXCLUDED.n";
+
+/// Held by a fold and by a day's drop (any fixed key).
+pub(super) const COUNTS_LOCK: i64 = 0x636f_756e_7473;
+
 /// Moves the appended deltas into `packet_counts`, unless a fold or a
 /// drop holds the lock (it is then done by them, or on the next pass).
 /// Rows appended by statements still running stay for the next fold.
 pub(super) async fn fold(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH moved AS (DELETE FROM packet_count_deltas \
-         WHERE (SELECT pg_try_advisory_xact_lock($1)) RETURNING day, status, n) \
-         INSERT INTO packet_counts AS c (day, status, n) \
-         SELECT day, status, SUM(n) FROM moved GROUP BY 1, 2 ORDER BY 1, 2 \
-         ON CONFLICT (day, status) DO UPDATE SET n = c.n + EXCLUDED.n",
-    )
-    .bind(COUNTS_LOCK)
-    .execute(pool)
-    .await
-    .map(drop)
+    sqlx::query(FOLD)
+        .bind(COUNTS_LOCK)
+        .execute(pool)
+        .await
+        .map(drop)
 }
 
 /// Folds every `every` until aborted; a failed fold is tried again on the

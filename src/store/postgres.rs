@@ -77,6 +77,30 @@ impl Doubt {
 /// The longest wait for a pooled connection (see [`PgBackend::connect`]).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How the pool's connections plan.
+///
+/// Every statement the bucket sends finds its rows by key. A prepared
+/// statement's generic plan is made once per connection, about its sixth
+/// use: on a new database the tables are then nearly empty, and the plan (a
+/// hash join over a sequential scan of packet_ids and of each day's
+/// partition) is kept as they grow, until autovacuum's first ANALYZE. At
+/// 5,000 packets/s every mark group read the whole of packet_ids:
+/// PostgreSQL's backends 122 µs per packet, 68-88 without sequential scans
+/// (BENCHMARKS.md, thirteenth session). Where no index serves a statement,
+/// a sequential scan is still its plan.
+///
+/// Such a plan costs more than 10^10 (what PostgreSQL adds to a path it
+/// was told not to take), far past `jit_above_cost`, so PostgreSQL compiled
+/// it with LLVM each time it ran: the counts' fold (a scan of
+/// `packet_count_deltas`, which has no index) took 100-270 ms of a backend's
+/// CPU every second. The bucket's statements are short; none gains from
+/// compiling. Without JIT: PostgreSQL's backends 69 and 60 µs per packet at
+/// 5,000/s against 83 and 90, p99 14 and 13 ms against 24 and 17
+/// (BENCHMARKS.md, eighteenth session).
+fn pool_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(url)?.options([("enable_seqscan", "off"), ("jit", "off")]))
+}
+
 impl PgBackend {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let doubt = Arc::new(Doubt::default());
@@ -87,17 +111,6 @@ impl PgBackend {
             .run(&mut plain)
             .await?;
         plain.close().await?;
-        // Every statement the bucket sends finds its rows by key. A
-        // prepared statement's generic plan is made once per connection,
-        // about its sixth use: on a new database the tables are then nearly
-        // empty, and the plan (a hash join over a sequential scan of
-        // packet_ids and of each day's partition) is kept as they grow,
-        // until autovacuum's first ANALYZE. At 5,000 packets/s every mark
-        // group read the whole of packet_ids: PostgreSQL's backends 122 µs
-        // per packet, 68-88 without sequential scans (BENCHMARKS.md,
-        // thirteenth session). Where no index serves a statement, a
-        // sequential scan is still its plan.
-        let options = PgConnectOptions::from_str(url)?.options([("enable_seqscan", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             // While the database is away sqlx retries a refused connection
@@ -112,7 +125,7 @@ impl PgBackend {
                 let in_doubt = in_doubt.clone();
                 Box::pin(async move { Ok(!in_doubt.active() || conn.ping().await.is_ok()) })
             })
-            .connect_with(options)
+            .connect_with(pool_options(url)?)
             .await?;
         // Until the days are there, packets go to the default partition,
         // which takes them; the retention task tries again every minute.
@@ -650,6 +663,64 @@ impl Backend for PgBackend {
             per_companion: Duration::from_micros(300),
             // A commit is a round trip: larger groups, fewer of them.
             max_commit: 1000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan of the counts' fold, run on `conn`, as JSON.
+    async fn explained_fold(conn: &mut PgConnection) -> String {
+        let plan: serde_json::Value = sqlx::query_scalar(&format!(
+            "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+            pg_counts::FOLD
+        ))
+        .bind(pg_counts::COUNTS_LOCK)
+        .fetch_one(&mut *conn)
+        .await
+        .expect("EXPLAIN the counts' fold");
+        plan.to_string()
+    }
+
+    /// The fold scans a table without an index, which the pool's
+    /// connections price past `jit_above_cost` (see `pool_options`); on
+    /// them it runs as it is, where PostgreSQL's defaults compile it.
+    #[tokio::test]
+    async fn the_pools_connections_never_compile_a_plan() {
+        let url = std::env::var("BUCKET_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let mut conn = PgConnection::connect_with(&pool_options(&url).expect("the URL"))
+            .await
+            .expect("PostgreSQL for tests (BUCKET_TEST_POSTGRES_URL)");
+        // The fold's tables as this session's own: they hide any others.
+        sqlx::raw_sql(
+            "CREATE TEMP TABLE packet_count_deltas (day DATE NOT NULL, status TEXT NOT NULL, \
+             n BIGINT NOT NULL); \
+             CREATE TEMP TABLE packet_counts (day DATE NOT NULL, status TEXT NOT NULL, \
+             n BIGINT NOT NULL, PRIMARY KEY (day, status)); \
+             INSERT INTO packet_count_deltas VALUES (CURRENT_DATE, 'pending', 3)",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("the fold's tables");
+        let plan = explained_fold(&mut conn).await;
+        assert!(!plan.contains("\"JIT\""), "compiled: {plan}");
+
+        // The same connection with PostgreSQL's default compiles it, where
+        // this server can compile at all (which asks for `jit` on too).
+        sqlx::raw_sql("SET jit = on")
+            .execute(&mut conn)
+            .await
+            .expect("SET jit");
+        let can: bool = sqlx::query_scalar("SELECT pg_jit_available()")
+            .fetch_one(&mut conn)
+            .await
+            .expect("pg_jit_available");
+        if can {
+            let plan = explained_fold(&mut conn).await;
+            assert!(plan.contains("\"JIT\""), "not compiled: {plan}");
         }
     }
 }
