@@ -269,8 +269,7 @@ impl Bucket {
                     valid.push(Mark {
                         packet_id,
                         success,
-                        karma_actions: serde_json::value::to_raw_value(&karma_actions)
-                            .expect("JSON values encode"),
+                        karma_actions,
                         error_message,
                         at,
                         attempt: MarkedDelivery::Attempt(0),

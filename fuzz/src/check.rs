@@ -215,9 +215,13 @@ fn mark_body(value: &Value) {
         Ok(mark) => {
             assert_eq!(Ok(mark.packet_id), PacketId::parse(&sent.packet_id));
             assert_eq!(mark.success, sent.success);
-            assert!(json::encoded_len(&mark.karma_actions) <= MAX_KARMA_ACTIONS_BYTES);
-            assert!(!mark.karma_actions.iter().any(json::contains_nul));
-            assert_eq!(mark.karma_actions, sent.karma_actions);
+            // Stored as compact JSON: within the limit, and the list sent.
+            assert!(mark.karma_actions.get().len() <= MAX_KARMA_ACTIONS_BYTES);
+            let stored: Vec<Value> = serde_json::from_str(mark.karma_actions.get())
+                .expect("karma_actions are stored as JSON");
+            assert_eq!(mark.karma_actions.get().len(), json::encoded_len(&stored));
+            assert!(!stored.iter().any(json::contains_nul));
+            assert_eq!(stored, sent.karma_actions);
             if let Some(m) = &mark.error_message {
                 assert!(!m.is_empty() && m.len() <= MAX_ERROR_MESSAGE_BYTES && !m.contains('\0'));
             }

@@ -387,9 +387,9 @@ impl Core {
     }
 }
 
-fn token(node: &str, grant: u64, attempt: u32, packet_id: PacketId) -> LeaseToken {
+fn token(node: &Arc<str>, grant: u64, attempt: u32, packet_id: PacketId) -> LeaseToken {
     LeaseToken {
-        node: node.to_owned(),
+        node: Arc::clone(node),
         grant,
         attempt,
         packet_id,
@@ -716,7 +716,7 @@ impl Dispatcher {
         // Grouped by node, one call each, in token order within a node.
         let mut by_node: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, t) in tokens.iter().enumerate() {
-            by_node.entry(t.node.as_str()).or_default().push(i);
+            by_node.entry(&*t.node).or_default().push(i);
         }
         for (holder, at) in by_node {
             let mine: Vec<LeaseToken> = at.iter().map(|&i| tokens[i].clone()).collect();

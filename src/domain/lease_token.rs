@@ -2,6 +2,7 @@
 //! both the dispatcher that grants leases and the Redis queue that carries
 //! ExtendLease between nodes, so neither names the other's layer.
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -25,7 +26,8 @@ pub enum LeaseChange {
 /// opaque string: `{node}.{grant, hex}.{attempt, hex}.{packet id, 32 hex}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseToken {
-    pub node: String,
+    /// Shared by every token its node grants (one per delivery).
+    pub node: Arc<str>,
     pub grant: u64,
     /// 1 for the first delivery; 0 in a token from before tokens said it
     /// (`{node}.{grant}.{packet id}`, still taken while such nodes run).
@@ -39,11 +41,12 @@ const MAX_NODE_CHARS: usize = 64;
 impl LeaseToken {
     /// A token this server makes, or None.
     pub fn parse(text: &str) -> Option<LeaseToken> {
-        let parts: Vec<&str> = text.split('.').collect();
-        let (node, grant, attempt, packet) = match parts[..] {
-            [node, grant, attempt, packet] => (node, grant, Some(attempt), packet),
-            [node, grant, packet] => (node, grant, None, packet),
-            _ => return None,
+        let mut parts = text.split('.');
+        let (node, grant, third) = (parts.next()?, parts.next()?, parts.next()?);
+        let (attempt, packet) = match (parts.next(), parts.next()) {
+            (Some(packet), None) => (Some(third), packet),
+            (None, _) => (None, third),
+            (Some(_), Some(_)) => return None,
         };
         if node.is_empty()
             || node.len() > MAX_NODE_CHARS
@@ -60,7 +63,7 @@ impl LeaseToken {
             None => 0,
         };
         Some(LeaseToken {
-            node: node.to_owned(),
+            node: Arc::from(node),
             grant: u64::from_str_radix(grant, 16).ok()?,
             attempt,
             packet_id: PacketId::parse(packet).ok()?,
@@ -97,7 +100,7 @@ mod tests {
         assert!(text.len() <= 128, "{text}");
         assert_eq!(LeaseToken::parse(&text), Some(token.clone()));
         let longest = LeaseToken {
-            node: "n".repeat(MAX_NODE_CHARS),
+            node: "n".repeat(MAX_NODE_CHARS).into(),
             grant: u64::MAX,
             attempt: u32::MAX,
             ..token.clone()

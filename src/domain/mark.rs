@@ -3,6 +3,7 @@
 use super::packet::MAX_RAW_SIGNALS_BYTES;
 use super::{FieldViolation, PacketId, json};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// Longest accepted `error_message`, in bytes.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
@@ -20,11 +21,13 @@ pub struct MarkRequest {
 }
 
 /// An outcome that satisfies every rule.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ValidMark {
     pub packet_id: PacketId,
     pub success: bool,
-    pub karma_actions: Vec<Value>,
+    /// The list as compact JSON, as it is stored: encoded once, where its
+    /// size is checked.
+    pub karma_actions: Box<RawValue>,
     /// Absent when empty.
     pub error_message: Option<String>,
 }
@@ -42,7 +45,9 @@ impl MarkRequest {
                 "karma_actions must not contain U+0000 (NUL)",
             ));
         }
-        let actions_len = json::encoded_len(&self.karma_actions);
+        let actions =
+            serde_json::value::to_raw_value(&self.karma_actions).expect("JSON values encode");
+        let actions_len = actions.get().len();
         if actions_len > MAX_KARMA_ACTIONS_BYTES {
             violations.push(FieldViolation::new(
                 "karma_actions",
@@ -71,7 +76,7 @@ impl MarkRequest {
             Some(packet_id) if violations.is_empty() => Ok(ValidMark {
                 packet_id,
                 success: self.success,
-                karma_actions: self.karma_actions,
+                karma_actions: actions,
                 error_message,
             }),
             _ => Err(violations),

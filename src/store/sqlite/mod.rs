@@ -382,8 +382,13 @@ fn decide<'g>(
     lookup: &rusqlite::Connection,
     group: &Group<'g>,
 ) -> Result<Decided<'g>, StoreError> {
-    // Packets this group changed or stored, as they are after it so far.
-    let mut seen: IdMap<Current> = IdMap::default();
+    // Packets this group changed or stored, as they are after it so far;
+    // sized for the group, so it never grows while the writer holds the
+    // overlay.
+    let mut seen: IdMap<Current> = IdMap::with_capacity_and_hasher(
+        group.marks.len() + group.ends.len() + group.inserts.len(),
+        Default::default(),
+    );
     let current = |seen: &IdMap<Current>, id: PacketId| {
         if let Some(c) = seen.get(&id) {
             return Ok(Some(c.clone()));
