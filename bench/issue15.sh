@@ -6,8 +6,12 @@
 # each run's throughput, ingest→delivery latency, CPU, writes and memory
 # lines. BENCHMARKS.md, tenth and fourteenth sessions.
 #
+# PAIRS=N alternates N times instead of twice (the machine's noise is
+# ±10-15 % from run to run; compare medians).
+#
 #   cargo build --release -p bucket -p bucket-bench --bins
 #   bash bench/issue15.sh target/release/bucket
+#   PAIRS=6 bash bench/issue15.sh target/release/bucket
 set -uo pipefail
 BIN=$(realpath "$1")
 cd "$(dirname "$0")/.."
@@ -17,7 +21,7 @@ lines() {
   grep -E "throughput|ingest→delivery|server CPU|server writes|server memory|store CPU|PostgreSQL WAL" |
     sed 's/  */ /g'
 }
-for _ in 1 2; do
+for _ in $(seq "${PAIRS:-2}"); do
   for m in unary stream; do
     echo "## bucket, --marks $m"
     $B e2e --target sqlite --server-bin "$BIN" --rate 5000 --duration 8 --marks $m 2>&1 | lines

@@ -7,6 +7,7 @@
 //! load generator) skips it. CORS has nothing to say to those, and its
 //! `Vary` headers cost ~1 µs of the ~65 µs the runtime spends on a call
 //! (BENCHMARKS.md, seventh session).
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,22 +18,32 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, Any, Cors, CorsLayer};
 
 /// CORS for what browsers send, nothing for native gRPC callers.
 #[derive(Clone)]
-pub struct BrowserCors(CorsLayer);
+pub struct BrowserCors(Arc<CorsLayer>);
 
 impl<S> Layer<S> for BrowserCors {
     type Service = BrowserCorsService<S>;
 
     fn layer(&self, inner: S) -> BrowserCorsService<S> {
-        BrowserCorsService(self.0.layer(inner))
+        BrowserCorsService {
+            inner,
+            cors: Arc::clone(&self.0),
+        }
     }
 }
 
+/// The layer is shared, not held: the server clones the service stack for
+/// every request, and a `CorsLayer` clones its lists (an allocation and a
+/// few reference counts per native gRPC call, which never needs it). A
+/// browser's request gets a `Cors` of its own.
 #[derive(Clone)]
-pub struct BrowserCorsService<S>(Cors<S>);
+pub struct BrowserCorsService<S> {
+    inner: S,
+    cors: Arc<CorsLayer>,
+}
 
 impl<S, B, R> Service<Request<B>> for BrowserCorsService<S>
 where
-    S: Service<Request<B>, Response = Response<R>>,
+    S: Service<Request<B>, Response = Response<R>> + Clone,
     R: Default,
 {
     type Response = Response<R>;
@@ -41,14 +52,17 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         // The same inner service answers either way.
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if from_a_browser(&request) {
-            Either::Left(self.0.call(request))
+            // The service polled ready goes to the request; a clone stays.
+            let clone = self.inner.clone();
+            let ready = std::mem::replace(&mut self.inner, clone);
+            Either::Left(self.cors.layer(ready).call(request))
         } else {
-            Either::Right(self.0.get_mut().call(request))
+            Either::Right(self.inner.call(request))
         }
     }
 }
@@ -67,7 +81,7 @@ fn from_a_browser<B>(request: &Request<B>) -> bool {
 }
 
 pub fn layer(origins: &[String]) -> BrowserCors {
-    BrowserCors(cors(origins))
+    BrowserCors(Arc::new(cors(origins)))
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
