@@ -29,6 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Read and written as the JSON object it stands for (see
+        // src/proto/json_struct.rs), not as prost's tree of its own.
+        .extern_path(".google.protobuf.Struct", "crate::proto::JsonStruct")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result};
 use bucket_client::{Acker, Client, Consumer, Received, pb};
 use uuid::Uuid;
 
-use crate::consumers::{ConsumerSpec, Consumers, karma_action};
+use crate::consumers::{ConsumerSpec, Consumers, karma_action_struct};
 use crate::tracker::Tracker;
 
 /// Opens `spec.streams` Consume streams on the bucket at `url`; returns once
@@ -111,7 +111,7 @@ async fn serve(mut consumer: Consumer, acker: Acker, tracker: &Tracker) -> Resul
                     .mark(pb::ConsumeMark {
                         lease_token: delivery.lease_token,
                         success: true,
-                        karma_actions: vec![karma_action().clone()],
+                        karma_actions: vec![karma_action_struct().clone()],
                         error_message: String::new(),
                     })
                     .await

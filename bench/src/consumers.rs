@@ -211,16 +211,25 @@ async fn run_stream(
 
 /// The karma action examples/karma_consumer.rs records for ON_TASK, so a mark
 /// stores what a real one would.
-pub fn karma_action() -> &'static prost_types::Struct {
+fn karma_action_json() -> serde_json::Map<String, serde_json::Value> {
+    let serde_json::Value::Object(map) = serde_json::json!(
+        {"action": "completing_lessons", "reward": 5, "token": "DharmaPoints"}
+    ) else {
+        unreachable!("an object")
+    };
+    map
+}
+
+/// [`karma_action_json`] in the server crate's messages (unary marks).
+pub fn karma_action() -> &'static bucket::proto::JsonStruct {
+    static A: OnceLock<bucket::proto::JsonStruct> = OnceLock::new();
+    A.get_or_init(|| bucket::proto::json_to_struct(&karma_action_json()))
+}
+
+/// [`karma_action_json`] in bucket-client's messages (Consume streams).
+pub fn karma_action_struct() -> &'static prost_types::Struct {
     static A: OnceLock<prost_types::Struct> = OnceLock::new();
-    A.get_or_init(|| {
-        let serde_json::Value::Object(map) = serde_json::json!(
-            {"action": "completing_lessons", "reward": 5, "token": "DharmaPoints"}
-        ) else {
-            unreachable!("an object")
-        };
-        bucket::proto::json_to_struct(&map)
-    })
+    A.get_or_init(|| bucket_client::json_to_struct(&karma_action_json()))
 }
 
 fn mark_request(id: Uuid) -> pb::MarkProcessedRequest {

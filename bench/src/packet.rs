@@ -91,8 +91,8 @@ fn raw_signals() -> Value {
 }
 
 /// Built once: every packet carries the same raw_signals.
-fn raw_signals_struct() -> &'static prost_types::Struct {
-    static S: OnceLock<prost_types::Struct> = OnceLock::new();
+fn raw_signals_struct() -> &'static bucket::proto::JsonStruct {
+    static S: OnceLock<bucket::proto::JsonStruct> = OnceLock::new();
     S.get_or_init(|| {
         let Value::Object(map) = raw_signals() else {
             unreachable!("raw_signals is an object")

@@ -16,7 +16,7 @@ use bucket::domain::packet::{
 };
 use bucket::domain::{FieldViolation, Packet, PacketId, json};
 use bucket::proto::bucket::v1 as pb;
-use bucket::proto::{from_timestamp, json_to_struct, struct_to_json, timestamp};
+use bucket::proto::{JsonStruct, from_timestamp, timestamp};
 use chrono::{DateTime, Utc};
 use prost::Message;
 use prost_types::value::Kind;
@@ -281,7 +281,14 @@ fn proto_item(input: pb::PacketInput, now: DateTime<Utc>) {
     match Packet::parse(bucket::grpc::draft(input), now) {
         Ok(packet) => {
             accepted(&packet, &sent, now);
-            let sent_signals = raw_signals.expect("raw_signals is required");
+            // What was sent, as prost's own Struct reads it.
+            let sent_signals = prost_types::Struct::decode(
+                raw_signals
+                    .expect("raw_signals is required")
+                    .encode_to_vec()
+                    .as_slice(),
+            )
+            .expect("a Struct written is read back");
             same_struct(&sent_signals, &packet.raw_signals);
             let ts = sent_timestamp.expect("timestamp is required");
             assert_eq!(
@@ -399,7 +406,12 @@ fn accepted(p: &Packet, sent: &Sent, now: DateTime<Utc>) {
     let len = serde_json::to_vec(&signals).expect("a Value encodes").len();
     assert!(len <= MAX_RAW_SIGNALS_BYTES, "raw_signals {len} bytes");
     assert!(!holds_nul(&signals), "raw_signals holds a NUL");
-    let back = Value::Object(struct_to_json(json_to_struct(&p.raw_signals)));
+    let wire = prost::Message::encode_to_vec(&JsonStruct(p.raw_signals.clone()));
+    let back = Value::Object(
+        <JsonStruct as prost::Message>::decode(wire.as_slice())
+            .expect("a Struct written is read back")
+            .0,
+    );
     assert!(
         same_json(&signals, &back),
         "raw_signals changed through a protobuf Struct: {signals} -> {back}"

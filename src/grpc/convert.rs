@@ -8,7 +8,7 @@ use crate::domain::packet::TimestampInput;
 use crate::domain::{DeliveryStatus, Packet, PacketDraft, PacketId, SenderRole, SystemType};
 use crate::error::Error;
 use crate::proto::bucket::v1 as pb;
-use crate::proto::{action_to_struct, from_timestamp, json_to_struct, struct_to_json, timestamp};
+use crate::proto::{JsonStruct, action_to_struct, from_timestamp, timestamp};
 use crate::store::{HistoryEntry, Inserted, RequeueReason, StoredPacket};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -87,7 +87,7 @@ pub fn draft(p: pb::PacketInput) -> PacketDraft {
         away_seconds: Some(p.away_seconds),
         focus_score: p.focus_score,
         integrity_score: p.integrity_score,
-        raw_signals: p.raw_signals.map(|s| Value::Object(struct_to_json(s))),
+        raw_signals: p.raw_signals.map(|s| Value::Object(s.0)),
         // Protobuf decoding already enforced the types.
         wrong_types: Vec::new(),
     }
@@ -111,11 +111,8 @@ pub fn mark_request(req: pb::MarkProcessedRequest) -> MarkRequest {
     }
 }
 
-fn karma_actions(actions: Vec<prost_types::Struct>) -> Vec<Value> {
-    actions
-        .into_iter()
-        .map(|s| Value::Object(struct_to_json(s)))
-        .collect()
+fn karma_actions(actions: Vec<JsonStruct>) -> Vec<Value> {
+    actions.into_iter().map(|s| Value::Object(s.0)).collect()
 }
 
 /// A Consume request after the first (its settings already taken);
@@ -282,7 +279,7 @@ fn packet_base(p: &Packet, received_at: DateTime<Utc>) -> pb::Packet {
         away_seconds: p.away_seconds,
         focus_score: p.focus_score,
         integrity_score: p.integrity_score,
-        raw_signals: Some(json_to_struct(&p.raw_signals)),
+        raw_signals: Some(JsonStruct(p.raw_signals.clone())),
         received_at: Some(timestamp(received_at)),
         ..Default::default()
     }

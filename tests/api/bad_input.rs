@@ -125,7 +125,7 @@ fn body_loc(field: &str) -> Value {
     json!([["body", field]])
 }
 
-fn struct_of(v: Value) -> prost_types::Struct {
+fn struct_of(v: Value) -> bucket::proto::JsonStruct {
     json_to_struct(v.as_object().expect("an object"))
 }
 
