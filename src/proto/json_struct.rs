@@ -301,13 +301,13 @@ fn merge_kind(
             *value = Value::Bool(b);
         }
         STRUCT_VALUE => {
-            if !value.is_object() {
-                *value = Value::Object(Map::new());
-            }
-            let Value::Object(map) = value else {
-                unreachable!("made an object above")
+            // Merged into the object read before, if one was.
+            let mut read = match std::mem::take(value) {
+                Value::Object(map) => JsonStruct(map),
+                _ => JsonStruct::default(),
             };
-            encoding::message::merge(wire_type, &mut StructSlot(map), buf, ctx)?;
+            encoding::message::merge(wire_type, &mut read, buf, ctx)?;
+            *value = Value::Object(read.0);
         }
         LIST_VALUE => {
             if !value.is_array() {
@@ -321,34 +321,6 @@ fn merge_kind(
         _ => skip_field(wire_type, tag, buf, ctx)?,
     }
     Ok(())
-}
-
-/// A `Struct` inside a value, being read.
-#[derive(Debug)]
-struct StructSlot<'a>(&'a mut Map<String, Value>);
-
-impl Message for StructSlot<'_> {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        encode_fields(self.0, buf);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        merge_struct_field(self.0, tag, wire_type, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        fields_len(self.0)
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
-    }
 }
 
 /// A `ListValue` being read: each value read is appended.
