@@ -406,9 +406,9 @@ fn accepted(p: &Packet, sent: &Sent, now: DateTime<Utc>) {
     let len = serde_json::to_vec(&signals).expect("a Value encodes").len();
     assert!(len <= MAX_RAW_SIGNALS_BYTES, "raw_signals {len} bytes");
     assert!(!holds_nul(&signals), "raw_signals holds a NUL");
-    let wire = prost::Message::encode_to_vec(&JsonStruct(p.raw_signals.clone()));
+    let wire = JsonStruct(p.raw_signals.clone()).encode_to_vec();
     let back = Value::Object(
-        <JsonStruct as prost::Message>::decode(wire.as_slice())
+        JsonStruct::decode(wire.as_slice())
             .expect("a Struct written is read back")
             .0,
     );
