@@ -26,12 +26,6 @@ use serde_json::{Map, Number, Value};
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct JsonStruct(pub Map<String, Value>);
 
-impl From<Map<String, Value>> for JsonStruct {
-    fn from(map: Map<String, Value>) -> Self {
-        JsonStruct(map)
-    }
-}
-
 impl Message for JsonStruct {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         encode_fields(&self.0, buf);
