@@ -111,14 +111,7 @@ struct Shared {
     /// The highest seq an insert of this store was answered with: every
     /// packet a group stores after reading it gets a higher one.
     newest: AtomicI64,
-    /// Where a writer on a thread of its own hands a group's answers, to
-    /// be sent from within the runtime (see [`answer`]); None: the writer
-    /// answers itself.
-    answerer: Option<mpsc::UnboundedSender<Answers>>,
 }
-
-/// A group's answers, each with its waiter, in the order they are sent.
-type Answers = Vec<(oneshot::Sender<Reply>, Reply)>;
 
 impl Writer {
     /// A writer that refuses every write (before the tasks start).
@@ -139,13 +132,6 @@ impl Writer {
         listener: Arc<dyn CommitListener>,
     ) {
         let writers = backend.writers();
-        let mut tasks = JoinSet::new();
-        let on_a_thread = writers.delivery == 0 && writers.blocking;
-        let answerer = on_a_thread.then(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tasks.spawn(answer(rx));
-            tx
-        });
         let shared = Arc::new(Shared {
             backend,
             gate,
@@ -156,10 +142,10 @@ impl Writer {
             max_linger: limits.linger.unwrap_or(writers.max_linger),
             per_companion: writers.per_companion,
             newest: AtomicI64::new(0),
-            answerer,
         });
         let (ingest_tx, ingest_rx) = mpsc::unbounded_channel::<Job>();
         let (delivery_tx, delivery_rx) = mpsc::unbounded_channel::<Job>();
+        let mut tasks = JoinSet::new();
         if writers.delivery == 0 {
             let writer = run_combined(shared, delivery_rx, ingest_rx);
             if writers.blocking {
@@ -461,12 +447,11 @@ async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
         }
         other => other,
     };
-    let mut answers: Answers = Vec::with_capacity(count);
     for ((_, reply_tx), answer) in inserts.into_iter().zip(inserted) {
-        answers.push((reply_tx, answer.map(WriteReply::Inserted)));
+        let _ = reply_tx.send(answer.map(WriteReply::Inserted));
     }
     for ((_, reply_tx), answer) in marks.into_iter().zip(marked) {
-        answers.push((reply_tx, answer.map(WriteReply::Marked)));
+        let _ = reply_tx.send(answer.map(WriteReply::Marked));
     }
     // Lease ends are the dispatcher's own writes, retried by it on failure.
     for (mine, reply_tx) in ends {
@@ -478,35 +463,10 @@ async fn commit(shared: &Shared, jobs: &mut Vec<Job>) {
                     .collect(),
             )
         });
-        answers.push((reply_tx, answer));
-    }
-    let answers = match &shared.answerer {
-        Some(answerer) => answerer.send(answers).err().map(|unsent| unsent.0),
-        None => Some(answers),
-    };
-    send(answers.unwrap_or_default());
-    COMMIT_SECONDS.record(started.elapsed().as_secs_f64());
-    COMMIT_WRITES.record(count as f64);
-}
-
-/// Sends each answer to its waiter (one gone is no matter).
-fn send(answers: Answers) {
-    for (reply_tx, answer) in answers {
         let _ = reply_tx.send(answer);
     }
-}
-
-/// Sends, from within the runtime, the answers a writer on a thread of its
-/// own hands over, a group at a time and in order; ends when that writer
-/// has stopped. Woken from outside the runtime, each waiter's task is
-/// queued where any worker may take it, and a sleeping worker is woken for
-/// it (a syscall each, on this machine through the hypervisor); the writer
-/// wakes this task once per group instead, and the waiters it wakes from
-/// here are queued on its worker (BENCHMARKS.md, twentieth session).
-async fn answer(mut groups: mpsc::UnboundedReceiver<Answers>) {
-    while let Some(answers) = groups.recv().await {
-        send(answers);
-    }
+    COMMIT_SECONDS.record(started.elapsed().as_secs_f64());
+    COMMIT_WRITES.record(count as f64);
 }
 
 /// Whether the group held lease ends only.
