@@ -55,7 +55,7 @@ pub fn json_to_struct(map: &Map<String, Value>) -> JsonStruct {
 /// any JSON) is wrapped as `{"value": …}`.
 pub fn action_to_struct(action: &Value) -> JsonStruct {
     match action {
-        Value::Object(map) => JsonStruct(map.clone()),
+        Value::Object(map) => json_to_struct(map),
         other => JsonStruct(Map::from_iter([("value".to_owned(), other.clone())])),
     }
 }

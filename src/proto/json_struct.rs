@@ -117,21 +117,32 @@ fn encode_fields(map: &Map<String, Value>, buf: &mut impl BufMut) {
     for (key, value) in map {
         encode_key(STRUCT_FIELDS, WireType::LengthDelimited, buf);
         encode_varint(entry_len(key, value) as u64, buf);
-        if !key.is_empty() {
-            encoding::string::encode(ENTRY_KEY, key, buf);
-        }
-        encode_key(ENTRY_VALUE, WireType::LengthDelimited, buf);
-        encode_varint(value_len(value) as u64, buf);
-        encode_value(value, buf);
+        encode_entry(key, value, buf);
     }
+}
+
+/// A map entry's content (see [`entry_len`]).
+fn encode_entry(key: &str, value: &Value, buf: &mut impl BufMut) {
+    if !key.is_empty() {
+        // prost's string::encode, which takes a `&String`.
+        encode_key(ENTRY_KEY, WireType::LengthDelimited, buf);
+        encode_varint(key.len() as u64, buf);
+        buf.put_slice(key.as_bytes());
+    }
+    encode_value_field(ENTRY_VALUE, value, buf);
 }
 
 fn encode_list(items: &[Value], buf: &mut impl BufMut) {
     for item in items {
-        encode_key(LIST_VALUES, WireType::LengthDelimited, buf);
-        encode_varint(value_len(item) as u64, buf);
-        encode_value(item, buf);
+        encode_value_field(LIST_VALUES, item, buf);
     }
+}
+
+/// A `Value` message as field `tag`: its key, its length, its content.
+fn encode_value_field(tag: u32, value: &Value, buf: &mut impl BufMut) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(value_len(value) as u64, buf);
+    encode_value(value, buf);
 }
 
 /// A `Value` message's content.
@@ -197,12 +208,7 @@ struct Entry<'a> {
 
 impl Message for Entry<'_> {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        if !self.key.is_empty() {
-            encoding::string::encode(ENTRY_KEY, self.key, buf);
-        }
-        encode_key(ENTRY_VALUE, WireType::LengthDelimited, buf);
-        encode_varint(value_len(self.value) as u64, buf);
-        encode_value(self.value, buf);
+        encode_entry(self.key, self.value, buf);
     }
 
     fn merge_field(
