@@ -34,6 +34,7 @@ pub mod log;
 mod overlay;
 mod reads;
 pub mod record;
+mod row_text;
 
 pub use library::before_first_connection;
 
@@ -43,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use prost::Message;
 use rusqlite::OptionalExtension;
 use sqlx::ConnectOptions;
@@ -57,6 +58,7 @@ use self::fold::Folder;
 use self::log::RecordLog;
 use self::overlay::{Kind, Known, Overlay, State};
 use self::record::{ChangeView, GroupRecord, InsertView};
+use self::row_text::{id_text, text_time};
 use super::{
     Applied, Backend, Counts, Group, Inserted, MarkOutcome, PendingPacket, Pruned, Released,
     Requeue, StoreError, StoredPacket, UserQuery, Writers,
@@ -117,19 +119,10 @@ fn log_dir(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// How sqlx stores a date-time in SQLite: rows written here read back alike.
-fn text_time(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::AutoSi, false)
-}
-
 fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| StoreError::Internal(format!("time {text:?} in the database: {e}").into()))
-}
-
-fn id_text(id: PacketId) -> String {
-    id.as_uuid().hyphenated().to_string()
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
