@@ -179,7 +179,7 @@ impl Bucket {
                     None => Err(not_a_token()),
                     Some(token) => {
                         marks.push(MarkRequest {
-                            packet_id: token.packet_id.to_string(),
+                            packet_id: token.packet_id.text(),
                             success: m.success,
                             karma_actions: m.karma_actions,
                             error_message: m.error_message,

@@ -71,22 +71,77 @@ impl LeaseToken {
     }
 }
 
+impl LeaseToken {
+    /// The token as clients see it, made straight: every delivery carries
+    /// one, and through `write!` (four arguments, the text growing from
+    /// empty) it cost several times as much.
+    pub fn text(&self) -> String {
+        let mut text = String::with_capacity(self.node.len() + 3 + 16 + 8 + 32);
+        text.push_str(&self.node);
+        text.push('.');
+        push_hex(&mut text, self.grant);
+        text.push('.');
+        push_hex(&mut text, u64::from(self.attempt));
+        text.push('.');
+        let mut buffer = uuid::Uuid::encode_buffer();
+        text.push_str(self.packet_id.as_uuid().simple().encode_lower(&mut buffer));
+        text
+    }
+}
+
+/// `value` in lowercase hex without leading zeros, as `{:x}` writes it.
+fn push_hex(text: &mut String, mut value: u64) {
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[(value & 0xf) as usize];
+        value >>= 4;
+        if value == 0 {
+            break;
+        }
+    }
+    text.push_str(std::str::from_utf8(&digits[at..]).expect("hex digits are ASCII"));
+}
+
 impl fmt::Display for LeaseToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}.{:x}.{:x}.{}",
-            self.node,
-            self.grant,
-            self.attempt,
-            self.packet_id.as_uuid().simple()
-        )
+        f.write_str(&self.text())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn text_is_what_the_format_wrote(
+            node in "[a-z0-9-]{1,64}",
+            grant in any::<u64>(),
+            attempt in any::<u32>(),
+            id in any::<u128>(),
+        ) {
+            let token = LeaseToken {
+                node: Arc::from(node.as_str()),
+                grant,
+                attempt,
+                packet_id: PacketId::from(uuid::Uuid::from_u128(id)),
+            };
+            let written = format!(
+                "{}.{:x}.{:x}.{}",
+                node,
+                grant,
+                attempt,
+                token.packet_id.as_uuid().simple()
+            );
+            prop_assert_eq!(token.text(), written.clone());
+            prop_assert_eq!(token.to_string(), written.clone());
+            prop_assert_eq!(LeaseToken::parse(&written), Some(token));
+        }
+    }
 
     #[test]
     fn tokens_round_trip_and_refuse_anything_else() {

@@ -57,6 +57,15 @@ impl PacketId {
     pub fn as_uuid(&self) -> &Uuid {
         &self.0
     }
+
+    /// The id as its `Display` writes it, made straight: through `Display`
+    /// (`to_string`) an id took ~700 instructions, and the hot path writes
+    /// one per answer, delivery and fold row (BENCHMARKS.md, twenty-first
+    /// and twenty-second sessions).
+    pub fn text(self) -> String {
+        let mut buffer = Uuid::encode_buffer();
+        self.0.hyphenated().encode_lower(&mut buffer).to_owned()
+    }
 }
 
 impl From<Uuid> for PacketId {
@@ -84,6 +93,14 @@ mod tests {
         let fresh = PacketId::new();
         assert_eq!(fresh.as_uuid().get_version_num(), 7);
         assert_eq!(fresh.to_string(), fresh.as_uuid().to_string());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn text_is_what_display_writes(id in proptest::prelude::any::<u128>()) {
+            let id = PacketId::from(Uuid::from_u128(id));
+            proptest::prop_assert_eq!(id.text(), id.to_string());
+        }
     }
 
     #[test]

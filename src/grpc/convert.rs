@@ -96,7 +96,7 @@ pub fn draft(p: pb::PacketInput) -> PacketDraft {
 pub fn receipt(r: Inserted) -> pb::IngestResponse {
     pb::IngestResponse {
         status: "ingested".to_owned(),
-        packet_id: r.packet_id.to_string(),
+        packet_id: r.packet_id.text(),
         received_at: Some(timestamp(r.received_at)),
         created: r.created,
     }
@@ -201,7 +201,7 @@ fn consume_answer(a: Answer) -> pb::ConsumeAnswer {
 
 pub fn extended_lease(packet_id: PacketId, change: LeaseChange) -> pb::ExtendedLease {
     pb::ExtendedLease {
-        packet_id: packet_id.to_string(),
+        packet_id: packet_id.text(),
         lease_expires_at: match change {
             LeaseChange::Extended(until) => Some(timestamp(until)),
             LeaseChange::Ended => None,
@@ -213,7 +213,7 @@ pub fn marked(m: Marked) -> pb::MarkProcessedResponse {
     pb::MarkProcessedResponse {
         status: "ok".to_owned(),
         message: m.message().to_owned(),
-        packet_id: m.packet_id.to_string(),
+        packet_id: m.packet_id.text(),
         already_processed: m.already_processed,
     }
 }
@@ -264,7 +264,7 @@ pub fn status_filter(raw: i32) -> Result<Option<DeliveryStatus>, Error> {
 /// The packet as sent; the caller fills in its delivery state.
 fn packet_base(p: &Packet, received_at: DateTime<Utc>) -> pb::Packet {
     pb::Packet {
-        packet_id: p.packet_id.to_string(),
+        packet_id: p.packet_id.text(),
         user_id: p.user_id.clone(),
         employee_id: p.employee_id.clone().unwrap_or_default(),
         session_id: p.session_id.clone().unwrap_or_default(),
@@ -360,7 +360,7 @@ pub fn delivery(d: Delivery) -> pb::StreamPendingResponse {
     pb::StreamPendingResponse {
         delivery_attempt: d.attempt,
         lease_expires_at: Some(timestamp(d.lease_expires_at)),
-        lease_token: d.lease_token.to_string(),
+        lease_token: d.lease_token.text(),
         packet: Some(pb::Packet {
             status: pb::PacketStatus::Leased as i32,
             delivery_attempts: d.attempt,

@@ -90,7 +90,7 @@ pub struct Receipt {
 impl From<&Inserted> for Receipt {
     fn from(r: &Inserted) -> Self {
         Receipt {
-            packet_id: r.packet_id.to_string(),
+            packet_id: r.packet_id.text(),
             received_at: time(r.received_at),
             status: IngestedTag::Ingested,
         }
@@ -285,7 +285,7 @@ impl From<&Delivery> for LeasedPacket {
             idle_seconds: p.idle_seconds,
             lease_expires_at: time(d.lease_expires_at),
             lesson_id: p.lesson_id.clone(),
-            packet_id: p.packet_id.to_string(),
+            packet_id: p.packet_id.text(),
             raw_signals: p.raw_signals.clone(),
             received_at: time(d.received_at),
             session_id: p.session_id.clone(),
@@ -439,7 +439,7 @@ impl From<&Marked> for MarkedAnswer {
         MarkedAnswer {
             already_processed: marked.already_processed,
             message: marked.message().to_owned(),
-            packet_id: marked.packet_id.to_string(),
+            packet_id: marked.packet_id.text(),
             status: OkTag::Ok,
         }
     }
@@ -586,7 +586,7 @@ impl From<&StoredPacket> for UserPacket {
             idle_seconds: p.idle_seconds,
             karma_actions: s.karma_actions.clone(),
             lesson_id: p.lesson_id.clone(),
-            packet_id: p.packet_id.to_string(),
+            packet_id: p.packet_id.text(),
             processed_at: s.processed_at.map(time),
             processed_by_karma: s.processed_by_karma,
             received_at: time(s.received_at),

@@ -79,7 +79,7 @@ fn failed(e: &fred::error::Error) -> Failed {
 /// An entry's fields as the reader reads them, whichever way it is added.
 fn entry(item: &Outgoing) -> [(&'static str, Value); 2] {
     [
-        (ID, item.pending.packet.packet_id.to_string().into()),
+        (ID, item.pending.packet.packet_id.text().into()),
         (BODY, Value::Bytes(codec::encode(&item.pending).into())),
     ]
 }

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use super::chains::{self, Numbers};
 use super::log::Releaser;
 use super::overlay::{Entry, Kind, State};
-use super::{Shared, id_text, text_time};
+use super::{Shared, text_time};
 use crate::domain::{DeliveryStatus, PacketId};
 use crate::store::{Counts, Requeue, StoreError, rows};
 
@@ -364,7 +364,7 @@ fn insert_new(
             unreachable!("partitioned: new entries only");
         };
         bind(&entry.seq)?;
-        bind(&id_text(*id))?;
+        bind(&id.text())?;
         bind(&p.user_id)?;
         bind(&p.employee_id)?;
         bind(&p.session_id)?;

@@ -58,7 +58,7 @@ use self::fold::Folder;
 use self::log::RecordLog;
 use self::overlay::{Kind, Known, Overlay, State};
 use self::record::{ChangeView, GroupRecord, InsertView};
-use self::row_text::{id_text, text_time};
+use self::row_text::text_time;
 use super::{
     Applied, Backend, Counts, Group, Inserted, MarkOutcome, PendingPacket, Pruned, Released,
     Requeue, StoreError, StoredPacket, UserQuery, Writers,
@@ -306,7 +306,7 @@ fn look_up(conn: &rusqlite::Connection, id: PacketId) -> Result<Option<Current>,
          WHERE packet_id = ?1",
     )?;
     let row: Option<(i64, String, String, i64, String)> = statement
-        .query_row([id_text(id)], |r| {
+        .query_row([id.text()], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
         .optional()?;

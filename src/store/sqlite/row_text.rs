@@ -1,31 +1,47 @@
-//! Values as the tables hold them in text: a packet id hyphenated and in
-//! lowercase, and a date-time as sqlx writes a `DateTime<Utc>` in SQLite
-//! (`to_rfc3339_opts(SecondsFormat::AutoSi, false)`), so rows the fold
-//! writes and rows sqlx wrote read back alike.
+//! A date-time as the tables hold it in text, as sqlx writes a
+//! `DateTime<Utc>` in SQLite (`to_rfc3339_opts(SecondsFormat::AutoSi,
+//! false)`), so rows the fold writes and rows sqlx wrote read back alike.
+//! (A packet id's text is `PacketId::text`.)
 //!
-//! Invariant: each returns exactly the text of the general formatter it
-//! stands for (tests hold them alike). They are written straight because
-//! the fold writes an id and three times a row: through `Display` an id
-//! took ~700 instructions, and chrono's formatter ~745 a time, together
-//! ~6 % of the fold thread's instructions (callgrind, twenty-first
-//! session). Years outside 0-9999 and leap seconds go to chrono.
+//! Invariant: returns exactly chrono's text (tests hold them alike). It is
+//! written straight because the fold writes three times a row: chrono's
+//! formatter took ~745 instructions a time, 4.5 % of the fold thread's
+//! instructions (callgrind, twenty-first session). Years outside 0-9999
+//! and leap seconds go to chrono.
 use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 
-use crate::domain::PacketId;
-
-pub fn id_text(id: PacketId) -> String {
-    let mut buffer = uuid::Uuid::encode_buffer();
-    id.as_uuid()
-        .hyphenated()
-        .encode_lower(&mut buffer)
-        .to_owned()
+/// A time's text, held where it was made: the fold binds three a row, and
+/// SQLite copies what it is given, so a `String` each was an allocation
+/// and a free for nothing.
+pub enum TimeText {
+    /// The text's bytes, the first `len` of them.
+    Short([u8; 35], u8),
+    /// chrono's, for the times it alone writes.
+    Long(String),
 }
 
-pub fn text_time(at: DateTime<Utc>) -> String {
+impl TimeText {
+    pub fn as_str(&self) -> &str {
+        match self {
+            TimeText::Short(text, len) => {
+                std::str::from_utf8(&text[..usize::from(*len)]).expect("ASCII")
+            }
+            TimeText::Long(text) => text,
+        }
+    }
+}
+
+impl rusqlite::ToSql for TimeText {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(rusqlite::types::ToSqlOutput::from(self.as_str()))
+    }
+}
+
+pub fn text_time(at: DateTime<Utc>) -> TimeText {
     let year = at.year();
     let nanos = at.nanosecond();
     if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
-        return at.to_rfc3339_opts(SecondsFormat::AutoSi, false);
+        return TimeText::Long(at.to_rfc3339_opts(SecondsFormat::AutoSi, false));
     }
     let mut text = *b"0000-00-00T00:00:00.000000000+00:00";
     put_digits(&mut text[0..4], year as u32);
@@ -47,10 +63,8 @@ pub fn text_time(at: DateTime<Utc>) -> String {
         put_digits(&mut text[20..29], nanos);
         10
     };
-    let mut out = String::with_capacity(25 + fraction);
-    out.push_str(std::str::from_utf8(&text[..19 + fraction]).expect("ASCII"));
-    out.push_str("+00:00");
-    out
+    text.copy_within(29..35, 19 + fraction);
+    TimeText::Short(text, (25 + fraction) as u8)
 }
 
 /// `value` in the slot's decimal digits, zero-padded (it fits).
@@ -87,7 +101,7 @@ mod tests {
             (253_402_300_800, 0),           // year 10000: chrono's
         ] {
             let at = Utc.timestamp_opt(secs, nanos).unwrap();
-            assert_eq!(text_time(at), chrono_s(at), "{secs}.{nanos:09}");
+            assert_eq!(text_time(at).as_str(), chrono_s(at), "{secs}.{nanos:09}");
         }
     }
 
@@ -98,16 +112,10 @@ mod tests {
             .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
             .unwrap()
             .and_utc();
-        assert_eq!(text_time(leap), chrono_s(leap));
+        assert_eq!(text_time(leap).as_str(), chrono_s(leap));
     }
 
     proptest! {
-        #[test]
-        fn an_id_is_written_as_display_writes_it(id in any::<u128>()) {
-            let id = PacketId::from(uuid::Uuid::from_u128(id));
-            prop_assert_eq!(id_text(id), id.as_uuid().hyphenated().to_string());
-        }
-
         #[test]
         fn any_time_is_written_as_chrono_writes_it(
             secs in prop_oneof![
@@ -122,7 +130,8 @@ mod tests {
             ],
         ) {
             let at = Utc.timestamp_opt(secs, nanos).unwrap();
-            prop_assert_eq!(text_time(at), chrono_s(at));
+            let text = text_time(at);
+            prop_assert_eq!(text.as_str(), chrono_s(at));
         }
     }
 }
