@@ -77,6 +77,10 @@ struct Stream {
     max_in_flight: u32,
     lease: Duration,
     held: IdSet,
+    /// Of `held`, those whose mark came in and is being written: the
+    /// consumer is done with them, so they leave its room while they keep
+    /// their leases (a failed write counts them again).
+    marking: IdSet,
     connected_at: DateTime<Utc>,
     /// Takes nothing more (a Consume stream whose client ended its side
     /// keeps its leases until its last marks are recorded).
@@ -89,7 +93,18 @@ impl Stream {
         if self.paused {
             return 0;
         }
-        (self.max_in_flight as usize).saturating_sub(self.held.len())
+        (self.max_in_flight as usize).saturating_sub(self.in_flight())
+    }
+
+    /// Delivered and not yet marked.
+    fn in_flight(&self) -> usize {
+        debug_assert!(self.marking.is_subset(&self.held));
+        self.held.len().saturating_sub(self.marking.len())
+    }
+
+    fn release(&mut self, id: &PacketId) {
+        self.held.remove(id);
+        self.marking.remove(id);
     }
 }
 
@@ -243,7 +258,7 @@ impl Core {
                 if let Holder::Stream(sid) = lease.holder
                     && let Some(stream) = self.streams.get_mut(&sid)
                 {
-                    stream.held.remove(&lease.queued.id());
+                    stream.release(&lease.queued.id());
                 }
                 let end = LeaseEnd {
                     packet_id: lease.queued.id(),
@@ -317,13 +332,33 @@ impl Core {
         out
     }
 
+    /// Marks came in for these packets (`on`), or their writes failed:
+    /// the streams holding their leases count them out of, or back into,
+    /// what they have in flight.
+    fn marking(&mut self, ids: &[PacketId], on: bool) {
+        for id in ids {
+            let Some(Holder::Stream(sid)) = self.leases.get(id).map(|l| &l.holder) else {
+                continue;
+            };
+            if let Some(stream) = self.streams.get_mut(sid)
+                && stream.held.contains(id)
+            {
+                if on {
+                    stream.marking.insert(*id);
+                } else {
+                    stream.marking.remove(id);
+                }
+            }
+        }
+    }
+
     fn settle(&mut self, id: &PacketId, done: &mut Vec<String>) -> bool {
         self.queue.finished(*id);
         if let Some(lease) = self.leases.end(id) {
             if let Holder::Stream(sid) = lease.holder
                 && let Some(stream) = self.streams.get_mut(&sid)
             {
-                stream.held.remove(id);
+                stream.release(id);
             }
             done.extend(lease.queued.entry);
         } else if let Some(queued) = self.queue.remove(id) {
@@ -551,6 +586,7 @@ impl Dispatcher {
                 max_in_flight: options.max_in_flight,
                 lease: options.lease,
                 held: IdSet::default(),
+                marking: IdSet::default(),
                 connected_at: Utc::now(),
                 paused: false,
             },
@@ -676,6 +712,25 @@ impl Dispatcher {
                 }
             })
             .collect()
+    }
+
+    /// Marks of these packets came in and are being written: the streams
+    /// holding them may be handed more meanwhile (max_in_flight bounds what
+    /// a consumer has not marked; the wait for the commit is the bucket's).
+    /// Answered by [`Dispatcher::settled`], or [`Dispatcher::unmarked`] for
+    /// those whose outcome was not recorded.
+    pub fn marking(self: &Arc<Self>, ids: &[PacketId]) {
+        let mut core = self.lock();
+        core.marking(ids, true);
+        self.pump(core);
+    }
+
+    /// The outcomes of these packets were not recorded: their deliveries
+    /// are in flight again.
+    pub fn unmarked(&self, ids: &[PacketId]) {
+        if !ids.is_empty() {
+            self.lock().marking(ids, false);
+        }
     }
 
     /// These packets' outcomes are recorded: their leases end and they are
@@ -860,7 +915,7 @@ impl Dispatcher {
             .values()
             .map(|s| ConsumerInfo {
                 consumer: s.consumer.clone(),
-                in_flight: s.held.len() as u32,
+                in_flight: s.in_flight() as u32,
                 max_in_flight: s.max_in_flight,
                 connected_at: s.connected_at,
             })

@@ -1,5 +1,6 @@
 //! The dispatcher's [`Core`] driven by random interleavings of what happens
-//! to it (commits, deliveries, marks, extensions, nacks, expiries, lease
+//! to it (commits, deliveries, marks (recorded at once, or begun and then
+//! recorded or failed), extensions, nacks, expiries, lease
 //! ends the database counts or refuses, backlog reads, redrives, streams
 //! ending) and checked after every step against a model of what the README
 //! promises: a packet is never both queued and leased, never delivered
@@ -60,6 +61,18 @@ pub enum Op {
         pick: usize,
         success: bool,
     },
+    /// The consumer of a stream marks one delivery it holds, and the
+    /// outcome's write starts (the stream has room for another at once)...
+    MarkBegin {
+        stream: usize,
+        pick: usize,
+        success: bool,
+    },
+    /// ... and the oldest such write is recorded, or fails (the delivery
+    /// is in flight again, its lease unchanged).
+    MarkEnd {
+        recorded: bool,
+    },
     /// A mark of any packet, through any door (late, or sent twice).
     MarkAny {
         packet: usize,
@@ -119,6 +132,8 @@ impl ReferenceStateMachine for Machine {
             (3, Just(Op::EndOk).boxed()),
             (1, Just(Op::EndFail).boxed()),
             (1, Just(Op::RefillRead).boxed()),
+            (2, Just(Op::MarkEnd { recorded: true }).boxed()),
+            (1, Just(Op::MarkEnd { recorded: false }).boxed()),
             (1, Just(Op::RefillApply).boxed()),
             (
                 1,
@@ -145,6 +160,16 @@ impl ReferenceStateMachine for Machine {
                     5,
                     (s.clone(), any::<usize>(), prop::bool::weighted(0.8))
                         .prop_map(|(stream, pick, success)| Op::Mark {
+                            stream,
+                            pick,
+                            success,
+                        })
+                        .boxed(),
+                ),
+                (
+                    2,
+                    (s.clone(), any::<usize>(), any::<bool>())
+                        .prop_map(|(stream, pick, success)| Op::MarkBegin {
                             stream,
                             pick,
                             success,
@@ -187,6 +212,7 @@ impl ReferenceStateMachine for Machine {
             Op::Commit(_) | Op::CommitLost(_) => !shape.reading,
             Op::Subscribe { .. } => shape.streams < MAX_STREAMS,
             Op::Mark { stream, .. }
+            | Op::MarkBegin { stream, .. }
             | Op::Extend { stream, .. }
             | Op::Nack { stream, .. }
             | Op::Unsubscribe(stream)
@@ -240,6 +266,8 @@ pub struct Sut {
     clients: Vec<Client>,
     /// Lease ends handed to the database and not yet answered.
     ends: Vec<Vec<LeaseEnd>>,
+    /// Marks whose writes are under way, oldest first.
+    marking: Vec<(PacketId, bool)>,
     read: Option<(Refill, Vec<PendingPacket>)>,
     /// The model's leases.
     live: HashMap<PacketId, Live>,
@@ -268,6 +296,7 @@ impl Sut {
             db: BTreeMap::new(),
             clients: Vec::new(),
             ends: Vec::new(),
+            marking: Vec::new(),
             read: None,
             live: HashMap::new(),
             last_attempt: HashMap::new(),
@@ -335,6 +364,7 @@ impl Sut {
                         max_in_flight,
                         lease: Duration::from_millis(lease_ms),
                         held: IdSet::default(),
+                        marking: IdSet::default(),
                         connected_at: Utc::now(),
                         paused: false,
                     },
@@ -369,6 +399,31 @@ impl Sut {
                 }
                 let delivery = inbox.remove(pick % inbox.len());
                 self.mark(delivery.packet.packet_id, success);
+            }
+            Op::MarkBegin {
+                stream,
+                pick,
+                success,
+            } => {
+                let inbox = &mut self.clients[stream].inbox;
+                if inbox.is_empty() {
+                    return;
+                }
+                let id = inbox.remove(pick % inbox.len()).packet.packet_id;
+                self.core.marking(&[id], true);
+                self.marking.push((id, success));
+                self.pump();
+            }
+            Op::MarkEnd { recorded } => {
+                if self.marking.is_empty() {
+                    return;
+                }
+                let (id, success) = self.marking.remove(0);
+                if recorded {
+                    self.mark(id, success);
+                } else {
+                    self.core.marking(&[id], false);
+                }
             }
             Op::MarkAny { packet, success } => {
                 let id = self.id(packet);
@@ -721,7 +776,11 @@ impl Sut {
             assert_eq!(core.leases.attempt(id), Some(l.attempt));
         }
         for (sid, stream) in &core.streams {
-            assert!(stream.held.len() <= stream.max_in_flight as usize);
+            assert!(stream.in_flight() <= stream.max_in_flight as usize);
+            assert!(
+                stream.marking.is_subset(&stream.held),
+                "stream {sid} marks what it does not hold"
+            );
             let mine: IdSet = self
                 .live
                 .iter()
@@ -761,6 +820,9 @@ impl Sut {
     /// bounded number of rounds every packet is finished and nothing is
     /// held.
     fn drain(&mut self) {
+        while !self.marking.is_empty() {
+            self.step(Op::MarkEnd { recorded: true });
+        }
         for client in &mut self.clients {
             client.rx = None;
         }
