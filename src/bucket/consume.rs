@@ -6,10 +6,11 @@
 //! in the next store call (one per group, not one per request, so a busy
 //! stream costs a write per group); the stream is never leased more than
 //! its `max_in_flight` unsettled deliveries (the dispatcher's flow control:
-//! a mark, nack or expiry frees a slot); when the requests end (the client
-//! closed its side, or sent something that ends the stream) nothing more is
-//! delivered, what was read is applied and answered, and only then are the
-//! leases still held handed back, as when a StreamPending stream ends.
+//! a mark as it comes in, a nack or an expiry frees a slot); when the
+//! requests end (the client closed its side, or sent something that ends
+//! the stream) nothing more is delivered, what was read is applied and
+//! answered, and only then are the leases still held handed back, as when
+//! a StreamPending stream ends.
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
