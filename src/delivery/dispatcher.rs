@@ -79,7 +79,8 @@ struct Stream {
     held: IdSet,
     /// Of `held`, those whose mark came in and is being written: the
     /// consumer is done with them, so they leave its room while they keep
-    /// their leases (a failed write counts them again).
+    /// their leases (until the outcome is recorded, or, if it cannot be,
+    /// the lease ends as if nacked).
     marking: IdSet,
     connected_at: DateTime<Utc>,
     /// Takes nothing more (a Consume stream whose client ended its side
@@ -332,10 +333,9 @@ impl Core {
         out
     }
 
-    /// Marks came in for these packets (`on`), or their writes failed:
-    /// the streams holding their leases count them out of, or back into,
-    /// what they have in flight.
-    fn marking(&mut self, ids: &[PacketId], on: bool) {
+    /// Marks came in for these packets: the streams holding their leases
+    /// count them out of what they have in flight.
+    fn marking(&mut self, ids: &[PacketId]) {
         for id in ids {
             let Some(Holder::Stream(sid)) = self.leases.get(id).map(|l| &l.holder) else {
                 continue;
@@ -343,13 +343,30 @@ impl Core {
             if let Some(stream) = self.streams.get_mut(sid)
                 && stream.held.contains(id)
             {
-                if on {
-                    stream.marking.insert(*id);
-                } else {
-                    stream.marking.remove(id);
-                }
+                stream.marking.insert(*id);
             }
         }
+    }
+
+    /// The marks of these packets could not be recorded: the leases still
+    /// counted out for them end (to be counted and handed out again, as a
+    /// nack's), so a stream never holds more than `max_in_flight` of what
+    /// it was not told is recorded.
+    fn unmarked(&mut self, ids: &[PacketId]) -> Vec<Lease> {
+        let mut ended = Vec::new();
+        for id in ids {
+            let Some(Holder::Stream(sid)) = self.leases.get(id).map(|l| &l.holder) else {
+                continue;
+            };
+            if self
+                .streams
+                .get(sid)
+                .is_some_and(|stream| stream.marking.contains(id))
+            {
+                ended.extend(self.leases.end(id));
+            }
+        }
+        ended
     }
 
     fn settle(&mut self, id: &PacketId, done: &mut Vec<String>) -> bool {
@@ -717,19 +734,27 @@ impl Dispatcher {
     /// Marks of these packets came in and are being written: the streams
     /// holding them may be handed more meanwhile (max_in_flight bounds what
     /// a consumer has not marked; the wait for the commit is the bucket's).
-    /// Answered by [`Dispatcher::settled`], or [`Dispatcher::unmarked`] for
+    /// Followed by [`Dispatcher::settled`], or [`Dispatcher::unmarked`] for
     /// those whose outcome was not recorded.
     pub fn marking(self: &Arc<Self>, ids: &[PacketId]) {
         let mut core = self.lock();
-        core.marking(ids, true);
+        core.marking(ids);
         self.pump(core);
     }
 
-    /// The outcomes of these packets were not recorded: their deliveries
-    /// are in flight again.
-    pub fn unmarked(&self, ids: &[PacketId]) {
-        if !ids.is_empty() {
-            self.lock().marking(ids, false);
+    /// The outcomes of these packets were not recorded: the deliveries
+    /// counted out for them end unmarked, as nacked ones do.
+    pub fn unmarked(self: &Arc<Self>, ids: &[PacketId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut core = self.lock();
+        let ended = core.unmarked(ids);
+        let ends = core.begin_ending(ended);
+        self.pump(core);
+        if !ends.is_empty() {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.finish(ends).await });
         }
     }
 
@@ -1125,6 +1150,80 @@ impl From<QueueError> for Error {
                 Error::Unavailable("the queue is unavailable; retry with backoff".into())
             }
         }
+    }
+}
+
+/// A stream's slots while marks are written.
+#[cfg(test)]
+mod marking_tests {
+    use super::*;
+
+    /// A core with one stream of `max_in_flight` 1 and `packets` queued.
+    fn one_slot(packets: i64) -> (Core, mpsc::Receiver<Sent>) {
+        let mut core = Core::new("n".into(), MemoryQueue::buffer(64));
+        for seq in 1..=packets {
+            core.queue.offer(PendingPacket::sample(seq));
+        }
+        let (tx, rx) = mpsc::channel(2);
+        core.streams.insert(
+            1,
+            Stream {
+                consumer: "c".into(),
+                tx,
+                max_in_flight: 1,
+                lease: Duration::from_secs(30),
+                held: IdSet::default(),
+                marking: IdSet::default(),
+                connected_at: Utc::now(),
+                paused: false,
+            },
+        );
+        core.rotation.push(1);
+        (core, rx)
+    }
+
+    fn delivered(rx: &mut mpsc::Receiver<Sent>) -> PacketId {
+        rx.try_recv()
+            .expect("a delivery")
+            .expect("not an error")
+            .packet
+            .packet_id
+    }
+
+    #[tokio::test]
+    async fn a_mark_coming_in_frees_its_slot_and_a_failed_one_ends_the_lease() {
+        let (mut core, mut rx) = one_slot(3);
+        core.pump();
+        let first = delivered(&mut rx);
+        core.pump();
+        assert!(rx.try_recv().is_err(), "one slot, taken");
+        // Its mark comes in: the slot frees while the lease lives on.
+        core.marking(&[first]);
+        core.pump();
+        let second = delivered(&mut rx);
+        let stream = &core.streams[&1];
+        assert_eq!(stream.held.len(), 2);
+        assert_eq!(stream.in_flight(), 1);
+        assert!(core.leases.contains(&first));
+        // The mark could not be recorded: its lease ends, as a nack's.
+        let ended = core.unmarked(&[first]);
+        assert_eq!(ended.len(), 1);
+        let ends = core.begin_ending(ended);
+        assert_eq!(ends[0].packet_id, first);
+        assert!(!core.leases.contains(&first));
+        assert_eq!(core.streams[&1].in_flight(), 1);
+        core.pump();
+        assert!(rx.try_recv().is_err(), "still one in flight: {second}");
+        // A mark of a delivery not counted out ends nothing.
+        assert!(core.unmarked(&[second]).is_empty());
+        // Recorded: settled, the slot stays free.
+        core.marking(&[second]);
+        let mut done = Vec::new();
+        assert!(core.settle(&second, &mut done));
+        let stream = &core.streams[&1];
+        assert!(stream.held.is_empty() && stream.marking.is_empty());
+        core.pump();
+        delivered(&mut rx);
     }
 }
 

@@ -68,8 +68,8 @@ pub enum Op {
         pick: usize,
         success: bool,
     },
-    /// ... and the oldest such write is recorded, or fails (the delivery
-    /// is in flight again, its lease unchanged).
+    /// ... and the oldest such write is recorded, or fails (the lease, if
+    /// the stream still holds it, ends as a nack's).
     MarkEnd {
         recorded: bool,
     },
@@ -410,7 +410,7 @@ impl Sut {
                     return;
                 }
                 let id = inbox.remove(pick % inbox.len()).packet.packet_id;
-                self.core.marking(&[id], true);
+                self.core.marking(&[id]);
                 self.marking.push((id, success));
                 self.pump();
             }
@@ -421,9 +421,19 @@ impl Sut {
                 let (id, success) = self.marking.remove(0);
                 if recorded {
                     self.mark(id, success);
-                } else {
-                    self.core.marking(&[id], false);
+                    return;
                 }
+                // Counted out while its mark was written: the lease ends
+                // as a nack's does (none if it ended meanwhile).
+                let counted_out = self.core.streams.values().any(|s| s.marking.contains(&id));
+                let ended = self.core.unmarked(&[id]);
+                assert_eq!(ended.len(), usize::from(counted_out), "the lease of {id}");
+                if counted_out {
+                    self.live.remove(&id);
+                }
+                let ends = self.core.begin_ending(ended);
+                self.handed_to_db(ends);
+                self.pump();
             }
             Op::MarkAny { packet, success } => {
                 let id = self.id(packet);
