@@ -62,6 +62,17 @@ pub struct Config {
     #[arg(long, env = "BUCKET_COMMIT_LINGER_US")]
     pub commit_linger_us: Option<u64>,
 
+    /// Threads serving the doors (the async runtime's workers); unset: on
+    /// SQLite one fewer than the cores, at least one (the record log's
+    /// writer and the fold are threads of their own), on PostgreSQL one a
+    /// core. Two workers on 2 cores split each commit's answers between
+    /// them (a wake of the other worker, a socket write each): at 5,000
+    /// packets/s ~1 syscall and 6-12 µs of CPU a packet more than one
+    /// worker, which delivers as much at saturation (BENCHMARKS.md,
+    /// twenty-second session).
+    #[arg(long, env = "BUCKET_WORKER_THREADS", value_parser = usize_in::<1, 1024>)]
+    pub worker_threads: Option<usize>,
+
     /// Finished packets (processed, failed, dead_letter) older than this, by
     /// received_at, are deleted: `30d`, `12h`, `90m`, or `off` to keep
     /// everything. Pending packets are never deleted.
@@ -285,6 +296,19 @@ impl DeliveryConfig {
 }
 
 impl Config {
+    /// The runtime's workers: `worker_threads`, else the default for the
+    /// store on a machine of `cores`.
+    pub fn runtime_workers(&self, cores: usize) -> usize {
+        self.worker_threads.unwrap_or(
+            if self.database_url.starts_with("sqlite:") {
+                cores.saturating_sub(1)
+            } else {
+                cores
+            }
+            .max(1),
+        )
+    }
+
     /// Defaults with no flags and no environment, for tests: a `BUCKET_*`,
     /// `DATABASE_URL` or `REDIS_*` in the shell that runs them changes
     /// nothing.
@@ -350,6 +374,23 @@ fn usize_in<const MIN: usize, const MAX: usize>(text: &str) -> Result<usize, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_leave_a_core_to_sqlite_s_threads_unless_set() {
+        let mut config = Config::defaults();
+        assert_eq!(config.worker_threads, None);
+        assert_eq!(config.runtime_workers(1), 1);
+        assert_eq!(config.runtime_workers(2), 1);
+        assert_eq!(config.runtime_workers(8), 7);
+        config.database_url = "postgres://bucket@db/bucket".into();
+        assert_eq!(config.runtime_workers(1), 1);
+        assert_eq!(config.runtime_workers(2), 2);
+        config.worker_threads = Some(3);
+        assert_eq!(config.runtime_workers(2), 3);
+        let parsed = Config::try_parse_from(["bucket", "--worker-threads", "2"]).unwrap();
+        assert_eq!(parsed.worker_threads, Some(2));
+        assert!(Config::try_parse_from(["bucket", "--worker-threads", "0"]).is_err());
+    }
 
     #[test]
     fn defaults_ignore_the_environment() {

@@ -21,12 +21,16 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: no other thread exists yet, so none uses SQLite. Nothing has
     // opened it either, so the settings hold.
     let _ = unsafe { bucket::store::before_first_connection() };
-    serve()
+    let config = Config::parse();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime_workers(cores))
+        .enable_all()
+        .build()?
+        .block_on(serve(config))
 }
 
-#[tokio::main]
-async fn serve() -> anyhow::Result<()> {
-    let config = Config::parse();
+async fn serve(config: Config) -> anyhow::Result<()> {
     telemetry::init_logs(config.log_json);
     let app = Application::build(config).await?;
     app.run(shutdown_signal()).await
