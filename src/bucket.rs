@@ -300,9 +300,10 @@ impl Bucket {
             valid.iter().map(|m| (m.packet_id, m.success)).collect();
         // The consumer is done with these deliveries: its stream may be
         // handed more while the outcomes wait for their commit (a stream's
-        // window counts what its consumer has not marked; with it held
-        // until the commit, 4 streams × 64 delivered ~22 % less under a
-        // closed loop on one runtime worker, BENCHMARKS.md).
+        // window counts what its consumer has not marked; held until the
+        // commit, 4 streams × 64 delivered a third less under a closed
+        // loop on one runtime worker, BENCHMARKS.md, twenty-second
+        // session).
         self.dispatcher.marking(&ids);
         let outcomes = self.store.mark_many(valid).await;
         // Asked after the write, just before the leases end: a lease that

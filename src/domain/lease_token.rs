@@ -69,9 +69,7 @@ impl LeaseToken {
             packet_id: PacketId::parse(packet).ok()?,
         })
     }
-}
 
-impl LeaseToken {
     /// The token as clients see it, made straight: every delivery carries
     /// one, and through `write!` (four arguments, the text growing from
     /// empty) it cost several times as much.
