@@ -393,26 +393,20 @@ impl Sut {
                 pick,
                 success,
             } => {
-                let inbox = &mut self.clients[stream].inbox;
-                if inbox.is_empty() {
-                    return;
+                if let Some(id) = self.picked(stream, pick) {
+                    self.mark(id, success);
                 }
-                let delivery = inbox.remove(pick % inbox.len());
-                self.mark(delivery.packet.packet_id, success);
             }
             Op::MarkBegin {
                 stream,
                 pick,
                 success,
             } => {
-                let inbox = &mut self.clients[stream].inbox;
-                if inbox.is_empty() {
-                    return;
+                if let Some(id) = self.picked(stream, pick) {
+                    self.core.marking(&[id]);
+                    self.marking.push((id, success));
+                    self.pump();
                 }
-                let id = inbox.remove(pick % inbox.len()).packet.packet_id;
-                self.core.marking(&[id]);
-                self.marking.push((id, success));
-                self.pump();
             }
             Op::MarkEnd { recorded } => {
                 if self.marking.is_empty() {
@@ -563,6 +557,13 @@ impl Sut {
 
     /// A mark: the outcome committed, then the dispatcher told (as
     /// Bucket::mark_processed_batch).
+    /// The delivery a stream's consumer picks from those it holds, taken
+    /// out of its hands; None if it holds none.
+    fn picked(&mut self, stream: usize, pick: usize) -> Option<PacketId> {
+        let inbox = &mut self.clients[stream].inbox;
+        (!inbox.is_empty()).then(|| inbox.remove(pick % inbox.len()).packet.packet_id)
+    }
+
     fn mark(&mut self, id: PacketId, success: bool) {
         // Ends handed to the writer before this mark commit before it.
         while !self.ends.is_empty() {
