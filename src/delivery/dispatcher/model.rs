@@ -1,13 +1,15 @@
 //! The dispatcher's [`Core`] driven by random interleavings of what happens
 //! to it (commits, deliveries, marks (recorded at once, or begun and then
-//! recorded or failed), extensions, nacks, expiries, lease
-//! ends the database counts or refuses, backlog reads, redrives, streams
-//! ending) and checked after every step against a model of what the README
+//! recorded or failed), extensions, nacks, expiries, lease ends the
+//! database counts or refuses, backlog reads, redrives, streams ending)
+//! and checked after every step against a model of what the README
 //! promises: a packet is never both queued and leased, never delivered
 //! while a lease on it lives, never delivered once finished or beyond
 //! `max_deliveries`, each delivery one attempt higher than the last one
 //! that ended unmarked, leases expire when they were granted to (or
-//! extended to), and every pending packet is held or will be read back.
+//! extended to), a stream never has more than `max_in_flight` deliveries
+//! whose marks have not come in, and every pending packet is held or will
+//! be read back.
 //! At the end of each case a bounded drain (one consumer marking
 //! everything, leases left to expire) must finish every packet: none stuck.
 //!
@@ -555,8 +557,6 @@ impl Sut {
         }
     }
 
-    /// A mark: the outcome committed, then the dispatcher told (as
-    /// Bucket::mark_processed_batch).
     /// The delivery a stream's consumer picks from those it holds, taken
     /// out of its hands; None if it holds none.
     fn picked(&mut self, stream: usize, pick: usize) -> Option<PacketId> {
@@ -564,6 +564,8 @@ impl Sut {
         (!inbox.is_empty()).then(|| inbox.remove(pick % inbox.len()).packet.packet_id)
     }
 
+    /// A mark: the outcome committed, then the dispatcher told (as
+    /// Bucket::mark_processed_batch).
     fn mark(&mut self, id: PacketId, success: bool) {
         // Ends handed to the writer before this mark commit before it.
         while !self.ends.is_empty() {
