@@ -333,14 +333,20 @@ impl Core {
         out
     }
 
+    /// The stream holding `id`'s lease, if a stream does.
+    fn holder(&self, id: &PacketId) -> Option<u64> {
+        match self.leases.get(id)?.holder {
+            Holder::Stream(sid) => Some(sid),
+            Holder::Poll => None,
+        }
+    }
+
     /// Marks came in for these packets: the streams holding their leases
     /// count them out of what they have in flight.
     fn marking(&mut self, ids: &[PacketId]) {
         for id in ids {
-            let Some(Holder::Stream(sid)) = self.leases.get(id).map(|l| &l.holder) else {
-                continue;
-            };
-            if let Some(stream) = self.streams.get_mut(sid)
+            if let Some(sid) = self.holder(id)
+                && let Some(stream) = self.streams.get_mut(&sid)
                 && stream.held.contains(id)
             {
                 stream.marking.insert(*id);
@@ -355,13 +361,11 @@ impl Core {
     fn unmarked(&mut self, ids: &[PacketId]) -> Vec<Lease> {
         let mut ended = Vec::new();
         for id in ids {
-            let Some(Holder::Stream(sid)) = self.leases.get(id).map(|l| &l.holder) else {
-                continue;
-            };
-            if self
-                .streams
-                .get(sid)
-                .is_some_and(|stream| stream.marking.contains(id))
+            if let Some(sid) = self.holder(id)
+                && self
+                    .streams
+                    .get(&sid)
+                    .is_some_and(|stream| stream.marking.contains(id))
             {
                 ended.extend(self.leases.end(id));
             }
@@ -568,10 +572,7 @@ impl Dispatcher {
         {
             redis.demand();
         }
-        if !ends.is_empty() {
-            let me = self.clone();
-            self.tasks.spawn(async move { me.finish(ends).await });
-        }
+        self.finish_soon(ends);
     }
 
     pub fn subscribe(self: &Arc<Self>, options: SubscribeOptions) -> Result<Subscription, Error> {
@@ -619,10 +620,7 @@ impl Dispatcher {
         let ended = core.remove_stream(sid);
         let ends = core.begin_ending(ended);
         drop(core);
-        if !ends.is_empty() {
-            let me = self.clone();
-            self.tasks.spawn(async move { me.finish(ends).await });
-        }
+        self.finish_soon(ends);
     }
 
     /// Leases up to `limit` waiting packets at once, without a stream: the
@@ -752,10 +750,7 @@ impl Dispatcher {
         let ended = core.unmarked(ids);
         let ends = core.begin_ending(ended);
         self.pump(core);
-        if !ends.is_empty() {
-            let me = self.clone();
-            self.tasks.spawn(async move { me.finish(ends).await });
-        }
+        self.finish_soon(ends);
     }
 
     /// These packets' outcomes are recorded: their leases end and they are
@@ -835,9 +830,8 @@ impl Dispatcher {
         }
         if !ends.is_empty() {
             metrics::counter!("bucket_leases_nacked_total").increment(ends.len() as u64);
-            let me = self.clone();
-            self.tasks.spawn(async move { me.finish(ends).await });
         }
+        self.finish_soon(ends);
         results
     }
 
@@ -872,10 +866,17 @@ impl Dispatcher {
         self.pump(core);
         if !ends.is_empty() {
             tracing::debug!(count = ends.len(), "leases ended unmarked");
+        }
+        self.finish_soon(ends);
+        next
+    }
+
+    /// [`Dispatcher::finish`] on a task of its own, if anything ended.
+    fn finish_soon(self: &Arc<Self>, ends: Vec<LeaseEnd>) {
+        if !ends.is_empty() {
             let me = self.clone();
             self.tasks.spawn(async move { me.finish(ends).await });
         }
-        next
     }
 
     /// Has the database count ended leases, then queues what is pending again.
@@ -968,10 +969,7 @@ impl Dispatcher {
         }
         let ends = core.begin_ending(ended);
         drop(core);
-        if !ends.is_empty() {
-            let me = self.clone();
-            self.tasks.spawn(async move { me.finish(ends).await });
-        }
+        self.finish_soon(ends);
     }
 
     /// Ends every stream and lease, records the ended leases, hands what
