@@ -104,12 +104,17 @@ def test_retries_unavailable_with_the_same_id(make_bucket: Callable[..., Bucket]
     bucket = make_bucket()
     bucket.stop()
     # The bucket comes back while the client is retrying.
-    threading.Timer(1.0, bucket.start).start()
+    comeback = threading.Timer(1.0, bucket.start)
+    comeback.start()
     packet_id = str(uuid7())
     retry = Retry(attempts=30, initial=0.1, maximum=0.5)
     with IngestClient(bucket.target, retry=retry) as client:
         receipt = client.ingest(packet(packet_id=packet_id))
         batch = client.ingest_batch([packet("b1"), packet("b2")])
+    # start() is still waiting for the bucket to answer Status: the
+    # fixture must not stop it under that wait (the timer's thread then
+    # failed on a process already gone, reported under a later test).
+    comeback.join()
     assert receipt.packet_id == packet_id
     assert all(isinstance(r, Receipt) for r in batch)
     assert bucket.status().total_packets == 3
