@@ -17,14 +17,23 @@
 //!   for the one before to be on disk.
 //! - Positions below what [`RecordLog::release`] was given are folded into
 //!   SQLite's tables for good; whole segments below it are reused (renamed
-//!   to the next segment's name: their space stays allocated, so a write
+//!   to the next segment's name: their space stays written, so a write
 //!   there changes no file metadata) or deleted.
+//! - On a disk (not tmpfs), a segment is written with zeros to its full
+//!   size before its first block, so no block write changes file
+//!   metadata.
 //!
 //! Blocks go to disk with direct I/O where the file system allows it (not
 //! tmpfs): the write is exactly the block's sectors, where a buffered write
 //! followed by a sync writes back the whole 4 KiB page of the log's tail at
-//! every commit. Space is allocated ahead a MiB at a time, so most writes
-//! change no metadata either.
+//! every commit. Space is written before it is used, not only allocated:
+//! on ext4 a synced write into allocated but never written space converts
+//! its extent and writes that metadata too, which took the write's system
+//! time from ~30 to ~50-80 µs and its p99 from ~0.3 to ~2-4 ms here
+//! (BENCHMARKS.md, twenty-third session). A segment file thus needs its
+//! full size free before its first block (a bucket does not start on a
+//! disk without it), and then never runs out mid-segment. In memory
+//! (tmpfs: no extents to convert) a segment grows as blocks are written.
 pub mod block;
 
 use std::fs::{File, OpenOptions};
@@ -35,8 +44,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// How far ahead of the write position space is allocated.
-const ALLOCATE_AHEAD: u64 = 1 << 20;
+/// Bytes of zeros written at a time when a segment is filled.
+const FILL_CHUNK: usize = 1 << 20;
 
 /// Buffers handed to direct I/O start at this alignment.
 const ALIGN: usize = 4096;
@@ -61,8 +70,6 @@ pub struct RecordLog {
 struct Segment {
     index: u64,
     file: File,
-    /// Bytes of the file with space allocated.
-    allocated: u64,
 }
 
 /// What [`RecordLog::open`] found after the position it was given.
@@ -116,7 +123,8 @@ impl RecordLog {
     /// position `from` on; writing resumes where they end.
     pub fn open(dir: &Path, segment_size: u64, from: u64) -> io::Result<(RecordLog, Replayed)> {
         assert!(
-            segment_size >= 4 * ALLOCATE_AHEAD && segment_size.is_multiple_of(block::SECTOR as u64),
+            segment_size >= 4 * FILL_CHUNK as u64
+                && segment_size.is_multiple_of(block::SECTOR as u64),
             "segment size"
         );
         if !dir.exists() {
@@ -127,7 +135,7 @@ impl RecordLog {
         let replayed = replay(dir, segment_size, from)?;
         let index = replayed.end / segment_size;
         let direct = probe_direct(dir);
-        let current = open_segment(dir, index, direct)?;
+        let current = open_segment(dir, index, segment_size, direct)?;
         let log = RecordLog {
             dir: dir.to_owned(),
             segment_size,
@@ -190,9 +198,6 @@ impl RecordLog {
             self.move_to(index)?;
         }
         let offset = at - index * self.segment_size;
-        if offset + size > self.current.allocated {
-            self.allocate(offset + size)?;
-        }
         let buf = aligned(&mut self.buf, size as usize);
         block::encode(at, payload, buf);
         let written = self.current.file.write_at(buf, offset)?;
@@ -206,30 +211,6 @@ impl RecordLog {
         Ok(self.end)
     }
 
-    /// Space for the current segment up to at least `upto` bytes.
-    fn allocate(&mut self, upto: u64) -> io::Result<()> {
-        let want = (upto + ALLOCATE_AHEAD).min(self.segment_size);
-        let from = self.current.allocated;
-        // SAFETY: fallocate on a file descriptor we own, with in-range values.
-        let rc = unsafe {
-            libc::fallocate(
-                self.current.file.as_raw_fd(),
-                0,
-                from as libc::off_t,
-                (want - from) as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            // A file system without fallocate grows the file as it writes.
-            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(e);
-            }
-        }
-        self.current.allocated = want;
-        Ok(())
-    }
-
     /// Starts writing segment `index`, reusing a released segment file
     /// where there is one.
     fn move_to(&mut self, index: u64) -> io::Result<()> {
@@ -241,7 +222,7 @@ impl RecordLog {
                 sync_dir(&self.dir)?;
             }
         }
-        self.current = open_segment(&self.dir, index, self.direct)?;
+        self.current = open_segment(&self.dir, index, self.segment_size, self.direct)?;
         self.drop_released()
     }
 
@@ -318,7 +299,11 @@ fn probe_direct(dir: &Path) -> bool {
     opened.is_ok()
 }
 
-fn open_segment(dir: &Path, index: u64, direct: bool) -> io::Result<Segment> {
+/// Opens segment `index`; on a disk, first writes zeros over
+/// whatever part of its `size` bytes the file does not have yet: a new
+/// file, or one whose filling a crash cut short.
+fn open_segment(dir: &Path, index: u64, size: u64, direct: bool) -> io::Result<Segment> {
+    let on_disk = !in_memory(dir)?;
     let path = dir.join(name(index));
     let created = !path.exists();
     let flags = libc::O_DSYNC | if direct { libc::O_DIRECT } else { 0 };
@@ -331,12 +316,46 @@ fn open_segment(dir: &Path, index: u64, direct: bool) -> io::Result<Segment> {
     if created {
         sync_dir(dir)?;
     }
-    let allocated = file.metadata()?.len();
-    Ok(Segment {
-        index,
-        file,
-        allocated,
-    })
+    if on_disk {
+        fill(&file, file.metadata()?.len(), size)?;
+    }
+    Ok(Segment { index, file })
+}
+
+/// Whether `dir` is on a file system kept in memory (tmpfs, ramfs), where
+/// space has no extents to convert and zeros would only take memory.
+fn in_memory(dir: &Path) -> io::Result<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the log's path"))?;
+    // SAFETY: statfs writes into the zeroed struct we hand it.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs by target
+    let kind = stat.f_type as i64;
+    Ok(kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
+}
+
+/// Writes zeros from `from` (rounded up to [`ALIGN`], as direct I/O
+/// needs; a shorter tail fills as blocks are written) to `to`. The file
+/// is opened O_DSYNC: each write is on disk, size included, when it
+/// returns.
+fn fill(file: &File, from: u64, to: u64) -> io::Result<()> {
+    let mut at = from.next_multiple_of(ALIGN as u64);
+    if at >= to {
+        return Ok(());
+    }
+    let mut zeros = vec![0u8; FILL_CHUNK + ALIGN];
+    let zeros = aligned(&mut zeros, FILL_CHUNK);
+    while at < to {
+        let len = usize::try_from(to - at).map_or(FILL_CHUNK, |left| left.min(FILL_CHUNK));
+        file.write_all_at(&zeros[..len], at)?;
+        at += len as u64;
+    }
+    Ok(())
 }
 
 /// Every block from `from` on, and where they end.
@@ -352,12 +371,11 @@ fn replay(dir: &Path, segment_size: u64, from: u64) -> io::Result<Replayed> {
         pos = end;
         // The writer starts the next segment when a block does not fit; if
         // that one begins with its first block, go on there.
-        let next = read_segment(dir, index + 1)?;
         let start = base + segment_size;
-        if block::decode(&next, start).is_ok() {
+        if first_block_is(dir, index + 1, start)? {
             index += 1;
             pos = start;
-            bytes = next;
+            bytes = read_segment(dir, index)?;
             continue;
         }
         if pos - base < bytes.len() as u64 && why != block::NotABlock::NoMagic {
@@ -386,6 +404,41 @@ pub fn scan(bytes: &[u8], base: u64, from: u64) -> (Vec<&[u8]>, u64, block::NotA
             Err(why) => return (payloads, pos, why),
         }
     }
+}
+
+/// Whether segment `index` begins with the block of position `lsn`. Reads
+/// that block only: a segment file is written full size before use, and
+/// reading all of the next one (zeros, or a reused file's past) would
+/// double what a start holds in memory.
+fn first_block_is(dir: &Path, index: u64, lsn: u64) -> io::Result<bool> {
+    let file = match File::open(dir.join(name(index))) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let mut header = [0u8; block::HEADER];
+    let read = read_at_most(&file, &mut header, 0)?;
+    match block::decode(&header[..read], lsn) {
+        Err(block::NotABlock::Short) if read == block::HEADER => {}
+        found => return Ok(found.is_ok()),
+    }
+    let mut whole = vec![0u8; block::announced(&header)];
+    let read = read_at_most(&file, &mut whole, 0)?;
+    Ok(block::decode(&whole[..read], lsn).is_ok())
+}
+
+/// Fills `buf` from `offset` on, short only at the end of the file.
+fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut read = 0;
+    while read < buf.len() {
+        match file.read_at(&mut buf[read..], offset + read as u64) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(read)
 }
 
 /// A segment file's bytes (none if it does not exist).
@@ -500,5 +553,145 @@ mod tests {
         let (_, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
         assert_eq!(replayed.payloads.len(), 6);
         assert_eq!(replayed.payloads[5], b"after");
+    }
+
+    /// Bytes of `path` that are holes or allocated but never written
+    /// (FIEMAP's unwritten extents); None where the file system does not
+    /// map extents.
+    fn not_written(path: &Path) -> Option<u64> {
+        const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+        const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
+        const EXTENTS: usize = 512;
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Extent {
+            logical: u64,
+            physical: u64,
+            length: u64,
+            reserved64: [u64; 2],
+            flags: u32,
+            reserved: [u32; 3],
+        }
+        #[repr(C)]
+        struct Map {
+            start: u64,
+            length: u64,
+            flags: u32,
+            mapped: u32,
+            count: u32,
+            reserved: u32,
+            extents: [Extent; EXTENTS],
+        }
+        let file = File::open(path).unwrap();
+        let len = file.metadata().unwrap().len();
+        let mut map = Box::new(Map {
+            start: 0,
+            length: len,
+            flags: 1, // FIEMAP_FLAG_SYNC
+            mapped: 0,
+            count: EXTENTS as u32,
+            reserved: 0,
+            extents: [Extent::default(); EXTENTS],
+        });
+        // SAFETY: FS_IOC_FIEMAP fills at most `count` extents of `map`.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut *map as *mut Map) };
+        if rc != 0 {
+            return None;
+        }
+        assert!(
+            (map.mapped as usize) < EXTENTS,
+            "more extents than asked for"
+        );
+        let written: u64 = map.extents[..map.mapped as usize]
+            .iter()
+            .filter(|e| e.flags & FIEMAP_EXTENT_UNWRITTEN == 0)
+            .map(|e| e.length.min(len.saturating_sub(e.logical)))
+            .sum();
+        Some(len - written)
+    }
+
+    /// Segment `index` is its full size and written through, where the
+    /// file system can tell.
+    fn assert_filled(dir: &Path, index: u64) {
+        if in_memory(dir).unwrap() {
+            return; // tmpfs: nothing to fill (see the header)
+        }
+        let path = dir.join(name(index));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), SEGMENT);
+        if let Some(left) = not_written(&path) {
+            assert_eq!(left, 0, "segment {index}: bytes only allocated");
+        }
+    }
+
+    #[test]
+    fn every_segment_is_written_in_full_before_its_first_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        assert_filled(dir.path(), 0);
+        let written: Vec<Vec<u8>> = (0..20).map(|i| payload(i, 300 << 10)).collect();
+        for p in &written {
+            log.append(p).unwrap();
+        }
+        assert_eq!(segments(dir.path()).unwrap(), [0, 1]);
+        assert_filled(dir.path(), 1);
+        drop(log);
+        let (_, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        assert_eq!(replayed.payloads, written);
+    }
+
+    #[test]
+    fn a_segment_whose_filling_a_crash_cut_short_is_filled_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        let written: Vec<Vec<u8>> = (0..8).map(|i| payload(i, 5000)).collect();
+        for p in &written {
+            log.append(p).unwrap();
+        }
+        drop(log);
+        // The blocks, then the zeros' first MiB only: then the crash.
+        let path = dir.path().join(name(0));
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let (mut log, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        assert_eq!(replayed.payloads, written);
+        assert_filled(dir.path(), 0);
+        log.append(b"after").unwrap();
+        drop(log);
+        let (_, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        assert_eq!(replayed.payloads.len(), 9);
+        assert_eq!(replayed.payloads[8], b"after");
+    }
+
+    #[test]
+    fn a_torn_first_block_of_the_next_segment_ends_the_log_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        // 13 blocks of 300 KiB fill segment 0; the 14th starts segment 1.
+        let mut ends = Vec::new();
+        for i in 0..14 {
+            ends.push(log.append(&payload(i, 300 << 10)).unwrap());
+        }
+        drop(log);
+        assert_eq!(segments(dir.path()).unwrap(), [0, 1]);
+        // Only its first sectors reached the disk.
+        let file = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(name(1)))
+            .unwrap();
+        file.write_at(&vec![0u8; 200 << 10], 4096).unwrap();
+        drop(file);
+        let (mut log, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        assert_eq!(replayed.payloads.len(), 13);
+        assert_eq!(replayed.end, ends[12]);
+        // The next block starts segment 1 again, over the torn one.
+        log.append(b"again").unwrap();
+        drop(log);
+        let (_, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        assert_eq!(replayed.payloads.len(), 14);
+        assert_eq!(replayed.payloads[13], b"again");
     }
 }
