@@ -55,7 +55,7 @@ pub struct Config {
 
     /// How long a writer lets writes gather before a commit when they come
     /// in company (every commit costs an fsync), in microseconds; unset:
-    /// on SQLite 300, growing with the company to 4,000 (there also the
+    /// on SQLite 300, growing with the company to 3,500 (there also the
     /// least time between two commits in company); on PostgreSQL 1,000,
     /// growing to 5,000.
     /// Set, the wait is fixed; 0 turns it off.
