@@ -6,7 +6,8 @@
 //! record (the packet as its protobuf, a mark as its lease token); a
 //! writer thread takes what waits after a fixed wait for company, writes it
 //! as one block with one `pwrite` (O_DSYNC, direct I/O where the file
-//! system takes it, into space allocated ahead), and only then are the
+//! system takes it, into space written with zeros ahead, as the record
+//! log's segments are), and only then are the
 //! callers answered and the packets offered. Once a second a table thread
 //! writes the second's packets into SQLite in one transaction (WAL,
 //! `synchronous=FULL`, a PASSIVE checkpoint after), each in its final
@@ -18,7 +19,6 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc as sync_mpsc;
 use std::sync::{Arc, Mutex};
@@ -115,10 +115,13 @@ impl Durable {
 
 fn open_log(path: &Path) -> Result<(File, bool)> {
     let (file, direct) = crate::disk::open_synced(path)?;
-    // SAFETY: fallocate on a descriptor we own, in-range values.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, ALLOCATE_AHEAD as i64) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("fallocate");
+    // Written, not only allocated: a synced write into allocated space
+    // converts its extent on ext4 and writes that metadata too.
+    let zeros = vec![0u8; (1 << 20) + ALIGN];
+    let start = zeros.as_ptr().align_offset(ALIGN);
+    let zeros = &zeros[start..start + (1 << 20)];
+    for at in (0..ALLOCATE_AHEAD).step_by(zeros.len()) {
+        file.write_all_at(zeros, at).context("writing the log's zeros")?;
     }
     Ok((file, direct))
 }
