@@ -9,6 +9,12 @@
 # PAIRS=N alternates N times instead of twice (the machine's noise is
 # ±10-15 % from run to run; compare medians).
 #
+# The p99 floor: the durable floor at waits of 1.5, 2.5 and 3.5 ms beside
+# NATS (acks on the stream), and, with NATS_SYNC_BIN=/path/to/nats-server
+# (2.10 or later: Debian's 2.9 cannot sync each message), JetStream with
+# `sync_interval: always`, the peer under the bucket's obligation
+# (BENCHMARKS.md, twenty-third session).
+#
 #   cargo build --release -p bucket -p bucket-bench --bins
 #   bash bench/issue15.sh target/release/bucket
 #   PAIRS=6 bash bench/issue15.sh target/release/bucket
@@ -42,6 +48,28 @@ for m in unary stream; do
   $B e2e --url http://127.0.0.1:3961 --pid $FP --rate 5000 --duration 8 --marks $m 2>&1 | lines
   kill $FP; wait $FP 2>/dev/null; rm -rf "$D"
 done
+for w in 1500 2500 3500; do
+  D=$(mktemp -d -p target)
+  $B floor --listen 127.0.0.1:3961 --durable "$D" --wait-us $w > /dev/null 2>&1 & FP=$!
+  sleep 1
+  echo "## durable floor, wait $w µs, --marks stream"
+  $B e2e --url http://127.0.0.1:3961 --pid $FP --rate 5000 --duration 8 --marks stream 2>&1 | lines
+  kill $FP; wait $FP 2>/dev/null; rm -rf "$D"
+  echo "## NATS, --marks stream"
+  $B e2e --target nats --rate 5000 --duration 8 --marks stream 2>&1 | lines
+done
+if [ -n "${NATS_SYNC_BIN:-}" ]; then
+  for m in unary stream; do
+    D=$(mktemp -d -p target)
+    printf 'listen: 127.0.0.1:4333\njetstream {\n store_dir: "%s/js"\n sync_interval: always\n}\n' \
+      "$(realpath "$D")" > "$D/nats.conf"
+    "$NATS_SYNC_BIN" -c "$D/nats.conf" > "$D/log" 2>&1 & NP=$!
+    sleep 1
+    echo "## NATS, sync_interval: always, --marks $m"
+    $B e2e --nats-url nats://127.0.0.1:4333 --pid $NP --rate 5000 --duration 8 --marks $m 2>&1 | lines
+    kill $NP; wait $NP 2>/dev/null; rm -rf "$D"
+  done
+fi
 for _ in 1 2; do
   echo "## bucket, sustained, --marks stream"
   $B e2e --target sqlite --server-bin "$BIN" $S --marks stream 2>&1 | lines

@@ -121,7 +121,8 @@ fn open_log(path: &Path) -> Result<(File, bool)> {
     let start = zeros.as_ptr().align_offset(ALIGN);
     let zeros = &zeros[start..start + (1 << 20)];
     for at in (0..ALLOCATE_AHEAD).step_by(zeros.len()) {
-        file.write_all_at(zeros, at).context("writing the log's zeros")?;
+        file.write_all_at(zeros, at)
+            .context("writing the log's zeros")?;
     }
     Ok((file, direct))
 }
