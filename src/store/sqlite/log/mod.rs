@@ -28,12 +28,16 @@
 //! followed by a sync writes back the whole 4 KiB page of the log's tail at
 //! every commit. Space is written before it is used, not only allocated:
 //! on ext4 a synced write into allocated but never written space converts
-//! its extent and writes that metadata too, which took the write's system
-//! time from ~30 to ~50-80 µs and its p99 from ~0.3 to ~2-4 ms here
-//! (BENCHMARKS.md, twenty-third session). A segment file thus needs its
-//! full size free before its first block (a bucket does not start on a
-//! disk without it), and then never runs out mid-segment. In memory
-//! (tmpfs: no extents to convert) a segment grows as blocks are written.
+//! its extent and writes that metadata too (back to back, 8 KiB writes took
+//! ~50-80 µs of system time each instead of ~30; in the bucket at 5,000
+//! packets/s the median fell ~0.1 ms: BENCHMARKS.md, twenty-third
+//! session). A segment file thus needs its full size free before its first
+//! block (a bucket does not start on a disk without it), and then never
+//! runs out mid-segment. Filling one takes ~25-50 ms here, at start and
+//! when the writer moves to a segment with no released file to reuse (the
+//! second of a new log, or when the fold is a whole segment behind): the
+//! commits wait that long. In memory (tmpfs: no extents to convert) a
+//! segment grows as blocks are written.
 pub mod block;
 
 use std::fs::{File, OpenOptions};
