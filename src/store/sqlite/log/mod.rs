@@ -33,11 +33,13 @@
 //! packets/s the median fell ~0.1 ms: BENCHMARKS.md, twenty-third
 //! session). A segment file thus needs its full size free before its first
 //! block (a bucket does not start on a disk without it), and then never
-//! runs out mid-segment. Filling one takes ~25-50 ms here, at start and
-//! when the writer moves to a segment with no released file to reuse (the
-//! second of a new log, or when the fold is a whole segment behind): the
-//! commits wait that long. In memory (tmpfs: no extents to convert) a
-//! segment grows as blocks are written.
+//! runs out mid-segment. Filling one takes ~25-50 ms here: a new log's
+//! first segment is filled before the log opens, and the next segment,
+//! where no released file will be renamed to it, on a thread of its own
+//! while the current one is written (the move to it waits for that thread,
+//! which has long finished; no other process may open the log while it
+//! runs). In memory (tmpfs: no extents to convert) a segment grows as
+//! blocks are written.
 pub mod block;
 
 use std::fs::{File, OpenOptions};
@@ -69,6 +71,11 @@ pub struct RecordLog {
     /// The write buffer, over-allocated so an aligned slice fits.
     buf: Vec<u8>,
     direct: bool,
+    /// Whether segments are written with zeros before use (on a disk).
+    on_disk: bool,
+    /// The next segment's zeros, being written on a thread of their own
+    /// (see [`RecordLog::prepare_next`]).
+    preparing: Option<std::thread::JoinHandle<()>>,
 }
 
 struct Segment {
@@ -139,8 +146,9 @@ impl RecordLog {
         let replayed = replay(dir, segment_size, from)?;
         let index = replayed.end / segment_size;
         let direct = probe_direct(dir);
-        let current = open_segment(dir, index, segment_size, direct)?;
-        let log = RecordLog {
+        let on_disk = !in_memory(dir)?;
+        let current = open_segment(dir, index, segment_size, direct, on_disk)?;
+        let mut log = RecordLog {
             dir: dir.to_owned(),
             segment_size,
             current,
@@ -149,8 +157,11 @@ impl RecordLog {
             lock: Some(lock),
             buf: Vec::new(),
             direct,
+            on_disk,
+            preparing: None,
         };
         log.drop_released()?;
+        log.prepare_next();
         Ok((log, replayed))
     }
 
@@ -168,6 +179,9 @@ impl RecordLog {
     /// Lets go of the log: appends fail from now on, and another process
     /// may open it.
     pub fn close(&mut self) {
+        // A thread still writing zeros must not outlive the lock: the next
+        // owner may already write blocks in that file.
+        self.settle_next();
         self.lock = None;
     }
 
@@ -218,16 +232,63 @@ impl RecordLog {
     /// Starts writing segment `index`, reusing a released segment file
     /// where there is one.
     fn move_to(&mut self, index: u64) -> io::Result<()> {
+        self.settle_next();
         let path = self.dir.join(name(index));
-        if !path.exists() {
-            let free = self.released.load(Ordering::Acquire) / self.segment_size;
-            if let Some(old) = segments(&self.dir)?.into_iter().find(|i| *i < free) {
-                std::fs::rename(self.dir.join(name(old)), &path)?;
-                sync_dir(&self.dir)?;
-            }
+        if !path.exists()
+            && let Some(old) = self.reusable()?
+        {
+            std::fs::rename(self.dir.join(name(old)), &path)?;
+            sync_dir(&self.dir)?;
         }
-        self.current = open_segment(&self.dir, index, self.segment_size, self.direct)?;
-        self.drop_released()
+        self.current = open_segment(
+            &self.dir,
+            index,
+            self.segment_size,
+            self.direct,
+            self.on_disk,
+        )?;
+        self.drop_released()?;
+        self.prepare_next();
+        Ok(())
+    }
+
+    /// A released segment file, to be renamed to the next one's name.
+    fn reusable(&self) -> io::Result<Option<u64>> {
+        let free = self.released.load(Ordering::Acquire) / self.segment_size;
+        Ok(segments(&self.dir)?.into_iter().find(|i| *i < free))
+    }
+
+    /// Writes the next segment's zeros on a thread of its own, so the move
+    /// to it does not make the commits wait ~25-50 ms; not where a released
+    /// file will be renamed to it, nor in memory. Where it cannot, the move
+    /// writes them (and fails the append if that fails).
+    fn prepare_next(&mut self) {
+        let next = self.current.index + 1;
+        // A file cut short by a crash while it was written ahead is not.
+        let ready = std::fs::metadata(self.dir.join(name(next)))
+            .is_ok_and(|file| file.len() >= self.segment_size);
+        if !self.on_disk || ready || !matches!(self.reusable(), Ok(None)) {
+            return;
+        }
+        let (dir, size, direct) = (self.dir.clone(), self.segment_size, self.direct);
+        let spawned = std::thread::Builder::new()
+            .name("bucket-log-ahead".into())
+            .spawn(move || {
+                if let Err(e) = open_segment(&dir, next, size, direct, true) {
+                    tracing::warn!(segment = next, error = %e, "could not write the next log segment ahead; the writer will when it gets there");
+                }
+            });
+        match spawned {
+            Ok(thread) => self.preparing = Some(thread),
+            Err(e) => tracing::warn!(error = %e, "no thread to write the next log segment ahead"),
+        }
+    }
+
+    /// Waits for the next segment's zeros, if a thread is writing them.
+    fn settle_next(&mut self) {
+        if let Some(thread) = self.preparing.take() {
+            let _ = thread.join();
+        }
     }
 
     /// Deletes released segment files but one, kept for reuse.
@@ -244,6 +305,12 @@ impl RecordLog {
             sync_dir(&self.dir)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for RecordLog {
+    fn drop(&mut self) {
+        self.settle_next(); // before the lock goes (see `close`)
     }
 }
 
@@ -306,8 +373,13 @@ fn probe_direct(dir: &Path) -> bool {
 /// Opens segment `index`; on a disk, first writes zeros over
 /// whatever part of its `size` bytes the file does not have yet: a new
 /// file, or one whose filling a crash cut short.
-fn open_segment(dir: &Path, index: u64, size: u64, direct: bool) -> io::Result<Segment> {
-    let on_disk = !in_memory(dir)?;
+fn open_segment(
+    dir: &Path,
+    index: u64,
+    size: u64,
+    direct: bool,
+    on_disk: bool,
+) -> io::Result<Segment> {
     let path = dir.join(name(index));
     let created = !path.exists();
     let flags = libc::O_DSYNC | if direct { libc::O_DIRECT } else { 0 };
@@ -501,21 +573,35 @@ mod tests {
         for p in &written {
             ends.push(log.append(p).unwrap());
         }
-        assert_eq!(segments(dir.path()).unwrap(), [0, 1, 2, 3]);
         drop(log);
+        // Segment 4 was written ahead while 3 was written.
+        let expect_ahead = |mut expected: Vec<u64>| {
+            if in_memory(dir.path()).unwrap() {
+                expected.pop(); // tmpfs: nothing is written ahead
+            }
+            assert_eq!(segments(dir.path()).unwrap(), expected);
+        };
+        expect_ahead(vec![0, 1, 2, 3, 4]);
         // Read from the middle, across segments.
         let (mut log, replayed) = RecordLog::open(dir.path(), SEGMENT, ends[9]).unwrap();
         assert_eq!(replayed.payloads, written[10..]);
-        // Folded up to the third segment: the first two are free; moving
-        // to segment 4 renames one of them, and the other stays spare.
+        // Folded up to the third segment: the first two are free. The move
+        // to segment 4 (there already) deletes one and keeps the other
+        // spare, and nothing is written ahead for 5: the spare is renamed
+        // to it at the move, after which 6 is written ahead.
         log.releaser().release(2 * SEGMENT);
         for i in 40..60 {
             log.append(&payload(i, 300 << 10)).unwrap();
         }
-        assert_eq!(segments(dir.path()).unwrap(), [1, 2, 3, 4]);
+        let moved = segments(dir.path()).unwrap();
+        assert_eq!(moved, [1, 2, 3, 4], "nothing written ahead for 5");
+        for i in 60..70 {
+            log.append(&payload(i, 300 << 10)).unwrap();
+        }
         drop(log);
+        expect_ahead(vec![2, 3, 4, 5, 6]);
         let (_, replayed) = RecordLog::open(dir.path(), SEGMENT, ends[30]).unwrap();
-        let expected: Vec<Vec<u8>> = (31..60).map(|i| payload(i, 300 << 10)).collect();
+        let expected: Vec<Vec<u8>> = (31..70).map(|i| payload(i, 300 << 10)).collect();
         assert_eq!(
             replayed.payloads, expected,
             "nothing of the reused file's past read"
@@ -636,9 +722,13 @@ mod tests {
         for p in &written {
             log.append(p).unwrap();
         }
-        assert_eq!(segments(dir.path()).unwrap(), [0, 1]);
         assert_filled(dir.path(), 1);
         drop(log);
+        // and the one after it, written ahead while 1 was written
+        if !in_memory(dir.path()).unwrap() {
+            assert_eq!(segments(dir.path()).unwrap(), [0, 1, 2]);
+            assert_filled(dir.path(), 2);
+        }
         let (_, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
         assert_eq!(replayed.payloads, written);
     }
@@ -671,6 +761,28 @@ mod tests {
     }
 
     #[test]
+    fn a_next_segment_cut_short_while_written_ahead_is_written_again_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        if in_memory(dir.path()).unwrap() {
+            return; // tmpfs: nothing is written ahead
+        }
+        let (mut log, _) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        log.append(b"first").unwrap();
+        drop(log);
+        // The crash came while segment 1's zeros were being written.
+        OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(name(1)))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let (log, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
+        assert_eq!(replayed.payloads, [b"first"]);
+        drop(log);
+        assert_filled(dir.path(), 1);
+    }
+
+    #[test]
     fn a_torn_first_block_of_the_next_segment_ends_the_log_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
@@ -680,7 +792,6 @@ mod tests {
             ends.push(log.append(&payload(i, 300 << 10)).unwrap());
         }
         drop(log);
-        assert_eq!(segments(dir.path()).unwrap(), [0, 1]);
         // Only its first sectors reached the disk.
         let file = OpenOptions::new()
             .write(true)
@@ -691,7 +802,7 @@ mod tests {
         let (mut log, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
         assert_eq!(replayed.payloads.len(), 13);
         assert_eq!(replayed.end, ends[12]);
-        // The next block starts segment 1 again, over the torn one.
+        // The next block goes on after the last whole one.
         log.append(b"again").unwrap();
         drop(log);
         let (_, replayed) = RecordLog::open(dir.path(), SEGMENT, 0).unwrap();
