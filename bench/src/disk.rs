@@ -32,6 +32,23 @@ pub struct DiskPlan {
 const WRITTEN_AHEAD: u64 = 32 << 20;
 const ALIGN: usize = 4096;
 
+/// Writes zeros over the first `len` bytes of `file` (a MiB at a time,
+/// from an aligned buffer, as direct I/O needs).
+pub fn write_zeros(file: &File, len: u64) -> Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK + ALIGN];
+    let start = zeros.as_ptr().align_offset(ALIGN);
+    let zeros = &zeros[start..start + CHUNK];
+    let mut at = 0;
+    while at < len {
+        let n = usize::try_from(len - at).map_or(CHUNK, |left| left.min(CHUNK));
+        file.write_all_at(&zeros[..n], at)
+            .context("writing zeros ahead")?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 pub fn run(plan: &DiskPlan) -> Result<()> {
     if plan.bytes == 0 || !plan.bytes.is_multiple_of(512) {
         bail!("--bytes must be a positive multiple of 512");
@@ -48,11 +65,7 @@ pub fn run(plan: &DiskPlan) -> Result<()> {
     let mut worst_second = (0u64, 0usize);
     let mut this_second = Histogram::<u64>::new(3)?;
     let (mut over_10ms, mut over_50ms) = (0u64, 0u64);
-    let zeros = vec![0u8; WRITTEN_AHEAD as usize + ALIGN];
-    let at = zeros.as_ptr().align_offset(ALIGN);
-    file.write_all_at(&zeros[at..at + WRITTEN_AHEAD as usize], 0)
-        .context("writing the zeros ahead")?;
-    drop(zeros);
+    write_zeros(&file, WRITTEN_AHEAD)?;
     let mut offset = 0u64;
     let every = Duration::from_secs_f64(1.0 / plan.rate);
     let cpu_before = thread_cpu();

@@ -117,13 +117,7 @@ fn open_log(path: &Path) -> Result<(File, bool)> {
     let (file, direct) = crate::disk::open_synced(path)?;
     // Written, not only allocated: a synced write into allocated space
     // converts its extent on ext4 and writes that metadata too.
-    let zeros = vec![0u8; (1 << 20) + ALIGN];
-    let start = zeros.as_ptr().align_offset(ALIGN);
-    let zeros = &zeros[start..start + (1 << 20)];
-    for at in (0..ALLOCATE_AHEAD).step_by(zeros.len()) {
-        file.write_all_at(zeros, at)
-            .context("writing the log's zeros")?;
-    }
+    crate::disk::write_zeros(&file, ALLOCATE_AHEAD)?;
     Ok((file, direct))
 }
 
