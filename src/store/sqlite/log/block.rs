@@ -86,14 +86,6 @@ impl fmt::Display for NotABlock {
     }
 }
 
-/// The bytes [`decode`] needs to judge the block whose header begins
-/// `header` (at least [`HEADER`] bytes): the header and the payload it
-/// announces.
-pub fn announced(header: &[u8]) -> usize {
-    let len = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")) as usize;
-    HEADER + len.min(MAX_PAYLOAD)
-}
-
 /// The block at the start of `bytes`, if one is there for position `lsn`:
 /// its payload, and the block's whole size.
 pub fn decode(bytes: &[u8], lsn: u64) -> Result<(&[u8], usize), NotABlock> {
@@ -142,7 +134,6 @@ mod tests {
             assert!(bytes.len() >= HEADER + len);
             let (read, total) = decode(&bytes, 4096).unwrap();
             assert_eq!((read, total), (&payload[..], bytes.len()));
-            assert_eq!(announced(&bytes[..HEADER]), HEADER + len);
             assert_eq!(
                 decode(&bytes, 4608),
                 Err(NotABlock::Elsewhere { lsn: 4096 })

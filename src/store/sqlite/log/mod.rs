@@ -43,7 +43,7 @@
 pub mod block;
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -436,28 +436,78 @@ fn fill(file: &File, from: u64, to: u64) -> io::Result<()> {
 
 /// Every block from `from` on, and where they end.
 fn replay(dir: &Path, segment_size: u64, from: u64) -> io::Result<Replayed> {
-    let mut payloads = Vec::new();
-    let mut pos = from;
-    let mut index = pos / segment_size;
-    let mut bytes = read_segment(dir, index)?;
+    let mut index = from / segment_size;
+    let mut last = read_blocks(dir, segment_size, index, from)?;
+    let mut payloads = std::mem::take(&mut last.payloads);
     loop {
-        let base = index * segment_size;
-        let (found, end, why) = scan(&bytes, base, pos);
-        payloads.extend(found.into_iter().map(<[u8]>::to_vec));
-        pos = end;
         // The writer starts the next segment when a block does not fit; if
         // that one begins with its first block, go on there.
-        let start = base + segment_size;
-        if first_block_is(dir, index + 1, start)? {
+        let mut next = read_blocks(dir, segment_size, index + 1, (index + 1) * segment_size)?;
+        if !next.payloads.is_empty() {
             index += 1;
-            pos = start;
-            bytes = read_segment(dir, index)?;
+            payloads.append(&mut next.payloads);
+            last = next;
             continue;
         }
-        if pos - base < bytes.len() as u64 && why != block::NotABlock::NoMagic {
-            tracing::info!(position = pos, why = %why, "the record log ends with an unfinished write; it was never acknowledged");
+        if last.more && last.why != block::NotABlock::NoMagic {
+            tracing::info!(position = last.end, why = %last.why, "the record log ends with an unfinished write; it was never acknowledged");
         }
-        return Ok(Replayed { payloads, end: pos });
+        return Ok(Replayed {
+            payloads,
+            end: last.end,
+        });
+    }
+}
+
+/// What [`read_blocks`] found in one segment.
+struct Blocks {
+    payloads: Vec<Vec<u8>>,
+    /// Where they end.
+    end: u64,
+    /// Why reading stopped there.
+    why: block::NotABlock,
+    /// Whether the file has bytes there (a torn write, zeros, a reused
+    /// file's past) rather than ending.
+    more: bool,
+}
+
+/// Bytes a start reads of a segment at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+/// The blocks of segment `index` from position `from` on, read a chunk at a
+/// time only as far as they go: a segment file is written full size before
+/// use, and its zeros (or a reused file's past) need not be read. Nothing
+/// if the file does not exist.
+fn read_blocks(dir: &Path, segment_size: u64, index: u64, from: u64) -> io::Result<Blocks> {
+    let mut found = Blocks {
+        payloads: Vec::new(),
+        end: from,
+        why: block::NotABlock::Short,
+        more: false,
+    };
+    let file = match File::open(dir.join(name(index))) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e),
+    };
+    // `bytes` holds the file from position `from` on.
+    let offset = from - index * segment_size;
+    let mut bytes = Vec::new();
+    loop {
+        let had = bytes.len();
+        bytes.resize(had + READ_CHUNK, 0);
+        let read = read_at_most(&file, &mut bytes[had..], offset + had as u64)?;
+        bytes.truncate(had + read);
+        let (payloads, end, why) = scan(&bytes, from, found.end);
+        found
+            .payloads
+            .extend(payloads.into_iter().map(<[u8]>::to_vec));
+        (found.end, found.why) = (end, why);
+        // Short: the block goes on past what was read, if the file does.
+        if read < READ_CHUNK || why != block::NotABlock::Short {
+            found.more = end - from < bytes.len() as u64;
+            return Ok(found);
+        }
     }
 }
 
@@ -482,27 +532,6 @@ pub fn scan(bytes: &[u8], base: u64, from: u64) -> (Vec<&[u8]>, u64, block::NotA
     }
 }
 
-/// Whether segment `index` begins with the block of position `lsn`. Reads
-/// that block only: a segment file is written full size before use, and
-/// reading all of the next one (zeros, or a reused file's past) would
-/// double what a start holds in memory.
-fn first_block_is(dir: &Path, index: u64, lsn: u64) -> io::Result<bool> {
-    let file = match File::open(dir.join(name(index))) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    let mut header = [0u8; block::HEADER];
-    let read = read_at_most(&file, &mut header, 0)?;
-    match block::decode(&header[..read], lsn) {
-        Err(block::NotABlock::Short) if read == block::HEADER => {}
-        found => return Ok(found.is_ok()),
-    }
-    let mut whole = vec![0u8; block::announced(&header)];
-    let read = read_at_most(&file, &mut whole, 0)?;
-    Ok(block::decode(&whole[..read], lsn).is_ok())
-}
-
 /// Fills `buf` from `offset` on, short only at the end of the file.
 fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut read = 0;
@@ -515,19 +544,6 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         }
     }
     Ok(read)
-}
-
-/// A segment file's bytes (none if it does not exist).
-fn read_segment(dir: &Path, index: u64) -> io::Result<Vec<u8>> {
-    match File::open(dir.join(name(index))) {
-        Ok(mut file) => {
-            let mut bytes = Vec::new();
-            file.read_to_end(&mut bytes)?;
-            Ok(bytes)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
 }
 
 #[cfg(test)]
